@@ -1,0 +1,60 @@
+//! Addresses are carried as 16 bytes everywhere: IPv6 as is, IPv4 as IPv4-mapped IPv6
+//! (`::ffff:a.b.c.d`), so one key and one value type serve both families.
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The 12-byte prefix of an IPv4-mapped IPv6 address.
+pub const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+/// `a.b.c.d` as `::ffff:a.b.c.d`.
+#[inline(always)]
+pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+/// Whether a 16-byte address holds an IPv4 address.
+#[inline(always)]
+pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[..12] == V4_MAPPED_PREFIX
+}
+
+/// The IPv4 part of a mapped address.
+#[inline(always)]
+pub const fn v4_part(a: &[u8; 16]) -> [u8; 4] {
+    [a[12], a[13], a[14], a[15]]
+}
+
+/// Host-side conversion from `IpAddr`.
+pub fn to_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Host-side conversion back to `IpAddr` (mapped addresses become IPv4).
+pub fn from_bytes(a: [u8; 16]) -> IpAddr {
+    if is_v4_mapped(&a) {
+        IpAddr::V4(Ipv4Addr::from(v4_part(&a)))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        for ip in ["10.1.2.3", "0.0.0.0", "fd00::1", "::1", "::ffff:1.2.3.4"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let back = from_bytes(to_bytes(ip));
+            assert_eq!(back, ip.to_canonical());
+        }
+        assert!(is_v4_mapped(&to_bytes("192.0.2.1".parse().unwrap())));
+        assert!(!is_v4_mapped(&to_bytes("2001:db8::1".parse().unwrap())));
+    }
+}

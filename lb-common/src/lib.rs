@@ -1,0 +1,12 @@
+//! Types and logic shared by the XDP program (`lb-ebpf`) and userspace (`lb-userspace`).
+//!
+//! Everything here is `no_std` and free of allocation so the same code runs in the kernel
+//! and on the host, where it is tested.
+#![no_std]
+
+pub mod addr;
+pub mod encap;
+pub mod hash;
+pub mod limits;
+pub mod maps;
+pub mod stats;

@@ -1,0 +1,19 @@
+//! Limits of the data plane. Map sizes follow from these; userspace checks configs and
+//! commands against them before it touches a map (see docs/limits.md).
+
+/// Services (VIP, port, protocol) one node can serve.
+pub const MAX_SERVICES: u32 = 1024;
+/// Backend slots on one node, over all services.
+pub const MAX_BACKENDS: u32 = 16384;
+/// Backends of one service.
+pub const MAX_BACKENDS_PER_SERVICE: u32 = 4096;
+/// Smallest and largest table of one service, as powers of two.
+pub const MIN_TABLE_BITS: u32 = 4;
+pub const MAX_TABLE_BITS: u32 = 20;
+/// The table size when a service names none.
+pub const DEFAULT_TABLE_BITS: u32 = 16;
+/// Buckets in the shared bucket map when the agent's config names no size: room for
+/// 16 services with default tables, each double-buffered.
+pub const DEFAULT_BUCKET_SLOTS: u32 = 1 << 21;
+/// The largest weight of a backend.
+pub const MAX_WEIGHT: u32 = 65535;

@@ -1,0 +1,122 @@
+//! Keys and values of the BPF maps. All `#[repr(C)]` with explicit padding; sizes are
+//! asserted because the kernel and userspace must agree byte for byte.
+
+/// Key of the `SERVICES` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// The VIP (see `addr`).
+    pub addr: [u8; 16],
+    /// Port, network byte order.
+    pub port_be: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the `SERVICES` map. Userspace replaces the whole value to flip a service to
+/// a newly written table, so the data plane sees either the old table or the new one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Index into the per-service counters.
+    pub id: u32,
+    /// First bucket of this service's live table in `BUCKETS`.
+    pub table_offset: u32,
+    /// The table holds `1 << table_bits` buckets.
+    pub table_bits: u32,
+    /// `SERVICE_*` flags.
+    pub flags: u32,
+}
+
+/// One bucket of a forwarding table: backend indices into `BACKENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Bucket {
+    /// The backend that owns the bucket now.
+    pub first: u32,
+    /// The backend that owned it before (daisy chaining), or [`NO_BACKEND`].
+    pub second: u32,
+}
+
+/// An empty slot in a [`Bucket`].
+pub const NO_BACKEND: u32 = u32::MAX;
+
+impl Bucket {
+    pub const EMPTY: Bucket = Bucket {
+        first: NO_BACKEND,
+        second: NO_BACKEND,
+    };
+}
+
+/// Value of the `BACKENDS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// The backend's GUE address (see `addr`).
+    pub addr: [u8; 16],
+    /// `BACKEND_*` flags.
+    pub flags: u32,
+}
+
+/// The slot holds a backend.
+pub const BACKEND_PRESENT: u32 = 1;
+
+/// The one value of the `NODE` array: this node's identity and settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Fleet-wide flow hash seed.
+    pub hash_seed: u32,
+    /// The UDP port GUE packets are sent to and received on, network byte order.
+    pub gue_port_be: u16,
+    pub _pad: u16,
+    /// This node's IPv4 address for GUE (source of what it sends, destination of what it
+    /// decapsulates); all zero when it has none.
+    pub addr_v4: [u8; 4],
+    /// The same for IPv6.
+    pub addr_v6: [u8; 16],
+    /// `NODE_*` flags.
+    pub flags: u32,
+}
+
+/// The node has been configured; until then the program passes everything.
+pub const NODE_CONFIGURED: u32 = 1;
+
+/// Packet and byte counters (per CPU in the maps; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<Bucket>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend>() == 20);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<Counters>() == 16);
+
+/// Names of the maps in the object file (also their pin names).
+pub mod names {
+    pub const SERVICES: &str = "SERVICES";
+    pub const BUCKETS: &str = "BUCKETS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const NODE: &str = "NODE";
+    pub const REASON_STATS: &str = "REASON_STATS";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `repr(C)` data with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for Counters {}
+}

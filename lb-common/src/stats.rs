@@ -1,0 +1,98 @@
+//! Why the XDP program did what it did: one per-CPU counter per reason in `REASON_STATS`.
+//! Every packet the program sees ends in exactly one reason (docs/counters.md).
+
+/// The outcome of one packet. The discriminant is the index in `REASON_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): passed untouched.
+    PassNotIp = 0,
+    /// IP, but not to a configured service nor GUE to this node: passed untouched.
+    PassNotService,
+    /// The node is not configured yet: passed untouched.
+    PassUnconfigured,
+    /// Headers cut short or inconsistent, in a packet to a VIP or to the GUE port: dropped.
+    DropMalformed,
+    /// An IPv4 fragment to a VIP: dropped (its ports are unknown, so its backend is too).
+    DropFragment,
+    /// Would exceed the egress MTU once encapsulated: dropped.
+    DropTooBig,
+    /// The service's bucket has no backend: dropped.
+    DropNoBackend,
+    /// No route or neighbour to the next hop: dropped.
+    DropFibMiss,
+    /// This node has no address of the family the outer header needs: dropped.
+    DropNoSource,
+    /// Forwarded, encapsulated, to the bucket's first backend.
+    Encapsulated,
+    /// An ICMP "fragmentation needed" / ICMPv6 "packet too big" for a VIP, forwarded to
+    /// the backend owning the quoted flow.
+    IcmpForwarded,
+    /// GUE received and accepted: a SYN (new connection).
+    AcceptSyn,
+    /// GUE received and accepted: a local socket owns the flow.
+    AcceptSocket,
+    /// GUE received and accepted: no hops left (the stack answers for itself).
+    AcceptLastHop,
+    /// GUE received, not ours, passed on to the next hop (daisy chaining).
+    SecondHop,
+    /// GUE to this node's port that is not lb's format: dropped.
+    DropBadGue,
+}
+
+impl Reason {
+    pub const COUNT: usize = 16;
+
+    pub const ALL: [Reason; Reason::COUNT] = [
+        Reason::PassNotIp,
+        Reason::PassNotService,
+        Reason::PassUnconfigured,
+        Reason::DropMalformed,
+        Reason::DropFragment,
+        Reason::DropTooBig,
+        Reason::DropNoBackend,
+        Reason::DropFibMiss,
+        Reason::DropNoSource,
+        Reason::Encapsulated,
+        Reason::IcmpForwarded,
+        Reason::AcceptSyn,
+        Reason::AcceptSocket,
+        Reason::AcceptLastHop,
+        Reason::SecondHop,
+        Reason::DropBadGue,
+    ];
+
+    /// The metric label of the reason.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotService => "pass_not_service",
+            Reason::PassUnconfigured => "pass_unconfigured",
+            Reason::DropMalformed => "drop_malformed",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropTooBig => "drop_too_big",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropFibMiss => "drop_fib_miss",
+            Reason::DropNoSource => "drop_no_source",
+            Reason::Encapsulated => "encapsulated",
+            Reason::IcmpForwarded => "icmp_forwarded",
+            Reason::AcceptSyn => "accept_syn",
+            Reason::AcceptSocket => "accept_socket",
+            Reason::AcceptLastHop => "accept_last_hop",
+            Reason::SecondHop => "second_hop",
+            Reason::DropBadGue => "drop_bad_gue",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reason;
+
+    #[test]
+    fn all_is_complete_and_ordered() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{}", r.name());
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The program's maps (names in `lb_common::maps::names`) and counter helpers.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use lb_common::{
+    limits::{DEFAULT_BUCKET_SLOTS, MAX_BACKENDS, MAX_SERVICES},
+    maps::{Backend, Bucket, Counters, NodeConfig, ServiceKey, ServiceValue},
+    stats::Reason,
+};
+
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// All services' tables, each a slice at its `table_offset` (resized by the loader).
+#[map]
+pub static BUCKETS: Array<Bucket> = Array::with_max_entries(DEFAULT_BUCKET_SLOTS, 0);
+
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static REASON_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(Reason::COUNT as u32, 0);
+
+#[map]
+pub static SERVICE_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Counts one packet under `reason`.
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(c) = REASON_STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Adds a packet of `bytes` to a per-service or per-backend counter.
+#[inline(always)]
+pub fn add(map: &PerCpuArray<Counters>, index: u32, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: as in `count`.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}

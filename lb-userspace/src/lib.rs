@@ -1,0 +1,4 @@
+//! The userspace of lb: loading and attaching the XDP program, writing its maps, the
+//! forwarding-table builder, the agent and the operator commands.
+
+pub mod ebpf;

@@ -1,0 +1,3 @@
+fn main() {
+    println!("lb: {} bytes of XDP object", lb::ebpf::object().len());
+}

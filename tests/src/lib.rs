@@ -1,0 +1,1 @@
+//! Test support for lb: see the tests/ folder.
