@@ -105,7 +105,7 @@ mod tests {
     fn known_value_is_stable() {
         // Pinned so that a change to the hash, which would move every flow of a running
         // fleet, cannot go unnoticed.
-        assert_eq!(flow_hash(0, &tuple(40000)), 0xeafd_0153);
+        assert_eq!(flow_hash(0, &tuple(40000)), 0xeafd_d353);
     }
 
     #[test]
