@@ -1,1 +1,66 @@
-fn main() {}
+//! Developer and CI tasks for lb, run as `cargo xtask <command>` (alias in .cargo/config.toml).
+
+mod build;
+mod lint;
+mod proc;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test and lint lb")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (apt packages, bpf-linker, bpffs); idempotent.
+    Setup,
+    /// Build the workspace; the `lb` binary embeds the XDP object.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test suite (host, fixtures, e2e), installing what is missing first.
+    Test {
+        /// Run only this suite.
+        #[arg(long, value_enum)]
+        suite: Option<test::Suite>,
+    },
+    /// Clippy with warnings as errors, for the host crates and the XDP crate.
+    Clippy,
+    /// Format the workspace, or with --check only report what would change.
+    Fmt {
+        #[arg(long)]
+        check: bool,
+    },
+    /// A running namespace topology for manual exploration: `lab up`, `lab down [--all]`.
+    #[command(disable_help_flag = true)]
+    Lab {
+        /// Passed through to the `lab` binary of the tests crate.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<ExitCode> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::run(setup::Mode::Install).map(|_| ExitCode::SUCCESS),
+        Cmd::Build { release } => build::run(release).map(|()| ExitCode::SUCCESS),
+        Cmd::Test { suite } => test::run(suite),
+        Cmd::Clippy => lint::clippy().map(|()| ExitCode::SUCCESS),
+        Cmd::Fmt { check } => lint::fmt(check).map(|()| ExitCode::SUCCESS),
+        Cmd::Lab { args } => {
+            let mut cmd = proc::cargo();
+            cmd.args(["run", "--quiet", "--locked", "-p", "tests", "--bin", "lab", "--"])
+                .args(args);
+            proc::run(&mut cmd).map(|()| ExitCode::SUCCESS)
+        }
+    }
+}
