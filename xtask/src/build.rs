@@ -28,6 +28,9 @@ pub fn run(release: bool) -> Result<()> {
             .join("target/ebpf/bpfel-unknown-none/release/lb-ebpf")
             .display()
     );
-    println!("  lb binary:  {}", target.join(profile).join("lb").display());
+    println!(
+        "  lb binary:  {}",
+        target.join(profile).join("lb").display()
+    );
     Ok(())
 }

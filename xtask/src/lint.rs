@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use crate::{proc, setup};
 
@@ -15,10 +15,18 @@ pub fn clippy() -> Result<()> {
     println!("clippy: host crates");
     let mut host = proc::cargo();
     // lb-ebpf only compiles for the BPF target; it is linted below.
-    host.args(["clippy", "--workspace", "--exclude", "lb-ebpf", "--all-targets", "--locked"])
-        .args(["--", "-D", "warnings"]);
+    host.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--all-targets",
+        "--locked",
+    ])
+    .args(["--", "-D", "warnings"]);
     setup.apply(&mut host);
-    proc::run(&mut host)?;
+    // Both halves run even when the first fails, so one run shows every finding.
+    let host = proc::run(&mut host);
 
     println!("clippy: lb-ebpf (bpfel-unknown-none)");
     let mut bpf = Command::new("/usr/bin/cargo");
@@ -40,9 +48,20 @@ pub fn clippy() -> Result<()> {
         .args(["--target", "bpfel-unknown-none", "--target-dir"])
         .arg(proc::target_dir().join("ebpf-clippy"))
         .args(["--", "-D", "warnings"]);
-    proc::run(&mut bpf)?;
-    println!("clippy: clean");
-    Ok(())
+    let bpf = proc::run(&mut bpf);
+    match (host, bpf) {
+        (Ok(()), Ok(())) => {
+            println!("clippy: clean");
+            Ok(())
+        }
+        (host, bpf) => {
+            let failed: Vec<&str> = [("host", host), ("lb-ebpf", bpf)]
+                .into_iter()
+                .filter_map(|(name, r)| r.is_err().then_some(name))
+                .collect();
+            bail!("clippy found problems in: {}", failed.join(", "))
+        }
+    }
 }
 
 /// rustfmt.toml uses nightly-only options (import grouping and merging), so this prefers

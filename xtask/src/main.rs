@@ -49,8 +49,17 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<ExitCode> {
-    match Cli::parse().cmd {
+fn main() -> ExitCode {
+    // Printed here rather than returned: anyhow would add a backtrace when RUST_BACKTRACE
+    // is set, which buries the one line that matters.
+    dispatch(Cli::parse().cmd).unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+fn dispatch(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
         Cmd::Setup => setup::run(setup::Mode::Install).map(|_| ExitCode::SUCCESS),
         Cmd::Build { release } => build::run(release).map(|()| ExitCode::SUCCESS),
         Cmd::Test { suite } => test::run(suite),
@@ -58,8 +67,10 @@ fn main() -> Result<ExitCode> {
         Cmd::Fmt { check } => lint::fmt(check).map(|()| ExitCode::SUCCESS),
         Cmd::Lab { args } => {
             let mut cmd = proc::cargo();
-            cmd.args(["run", "--quiet", "--locked", "-p", "tests", "--bin", "lab", "--"])
-                .args(args);
+            cmd.args([
+                "run", "--quiet", "--locked", "-p", "tests", "--bin", "lab", "--",
+            ])
+            .args(args);
             proc::run(&mut cmd).map(|()| ExitCode::SUCCESS)
         }
     }

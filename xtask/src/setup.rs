@@ -252,7 +252,8 @@ struct Privileges {
 
 impl Privileges {
     fn current() -> Result<Self> {
-        let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+        let status =
+            fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
         let field = |name: &str| {
             status
                 .lines()
@@ -284,7 +285,10 @@ impl Privileges {
         let agent = if lacks.is_empty() {
             "enough to run the agent (CAP_BPF + CAP_NET_ADMIN)".to_owned()
         } else {
-            format!("running the agent needs root or CAP_BPF + CAP_NET_ADMIN, lacking {}", lacks.join(" + "))
+            format!(
+                "running the agent needs root or CAP_BPF + CAP_NET_ADMIN, lacking {}",
+                lacks.join(" + ")
+            )
         };
         let tests = if self.has(CAP_SYS_ADMIN) {
             ""

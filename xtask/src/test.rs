@@ -76,11 +76,16 @@ struct Outcome {
 pub fn run(only: Option<Suite>) -> Result<ExitCode> {
     let setup = setup::run(setup::Mode::Install)?;
     if !setup.root {
-        println!("test: not root: the fixture and namespace suites need root and will fail or skip");
+        println!(
+            "test: not root: the fixture and namespace suites need root and will fail or skip"
+        );
     }
     let targets = test_targets()?;
     let mut outcomes = Vec::new();
-    for suite in Suite::ALL.into_iter().filter(|s| only.is_none_or(|o| o == *s)) {
+    for suite in Suite::ALL
+        .into_iter()
+        .filter(|s| only.is_none_or(|o| o == *s))
+    {
         let result = match suite.args(&targets) {
             Err(why) => {
                 println!("== {}: skipped, {why}", suite.name());
@@ -107,7 +112,11 @@ pub fn run(only: Option<Suite>) -> Result<ExitCode> {
             Ok((count, ok, secs)) => {
                 // A suite that failed without a failing test (a build error, a crash) still
                 // counts as one failure, so the total never reads as green.
-                let failures = if *ok { count.failed } else { count.failed.max(1) };
+                let failures = if *ok {
+                    count.failed
+                } else {
+                    count.failed.max(1)
+                };
                 let verdict = if *ok { "ok" } else { "FAILED" };
                 println!(
                     "== {}: {verdict}, {} passed, {} failed, {} ignored in {secs:.1} s",
@@ -213,7 +222,10 @@ mod tests {
             &mut c,
             "FAILED. 3 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s",
         );
-        add_result(&mut c, "ok. 4 passed; 0 failed; 0 ignored; 0 measured; 5 filtered out");
+        add_result(
+            &mut c,
+            "ok. 4 passed; 0 failed; 0 ignored; 0 measured; 5 filtered out",
+        );
         assert_eq!((c.passed, c.failed, c.ignored), (7, 1, 2));
     }
 }
