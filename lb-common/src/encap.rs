@@ -64,3 +64,178 @@ const _: () = assert!(ENCAP_LEN_V4 == 52 && ENCAP_LEN_V6 == 72);
 
 /// The GUE port when the config names none (the port Linux's own GUE examples use).
 pub const DEFAULT_GUE_PORT: u16 = 6080;
+
+/// What goes into the outer headers of one packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outer {
+    /// Outer source and destination (see `addr`): both IPv4-mapped or both IPv6.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// UDP source port (from the flow hash) and destination port (the GUE port).
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Length of the inner IP packet.
+    pub inner_len: u16,
+    /// The inner packet is IPv6.
+    pub inner_v6: bool,
+    /// Inner DSCP/ECN byte, copied so the path treats the tunnel like the flow.
+    pub tos: u8,
+    /// IPv6 flow label (low 20 bits used), from the flow hash so routers spread flows.
+    pub flow_label: u32,
+    pub hops_left: u8,
+    pub flags: u8,
+    pub next_hop: [u8; 16],
+}
+
+/// Outer TTL / hop limit.
+pub const OUTER_TTL: u8 = 64;
+const IPPROTO_UDP: u8 = 17;
+
+/// Writes UDP, GUE and the hop list (32 bytes) for `o`.
+#[inline(always)]
+fn write_udp_gue(o: &Outer, out: &mut [u8]) {
+    let udp_len = (UDP_LEN + GUE_HEADER_LEN + HOP_LIST_LEN) as u16 + o.inner_len;
+    out[0..2].copy_from_slice(&o.src_port.to_be_bytes());
+    out[2..4].copy_from_slice(&o.dst_port.to_be_bytes());
+    out[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    // Zero UDP checksum: the receiver is lb's own XDP program, and the inner packet
+    // carries its own checksum (RFC 6935/6936 allow this for tunnels over IPv6 too).
+    out[6] = 0;
+    out[7] = 0;
+    out[8] = GUE_FIRST_BYTE;
+    out[9] = if o.inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+    out[10] = 0;
+    out[11] = 0;
+    out[12..14].copy_from_slice(&HOP_LIST_TYPE);
+    out[14] = o.hops_left;
+    out[15] = o.flags;
+    out[16..32].copy_from_slice(&o.next_hop);
+}
+
+/// The outer IPv4 + UDP + GUE + hop list headers of `o` (addresses IPv4-mapped).
+#[inline(always)]
+pub fn write_outer_v4(o: &Outer, out: &mut [u8; ENCAP_LEN_V4]) {
+    let tot_len = ENCAP_LEN_V4 as u16 + o.inner_len;
+    out[0] = 0x45;
+    out[1] = o.tos;
+    out[2..4].copy_from_slice(&tot_len.to_be_bytes());
+    out[4] = 0;
+    out[5] = 0;
+    // Don't fragment: a too-big tunnel packet must be refused, not split.
+    out[6] = 0x40;
+    out[7] = 0;
+    out[8] = OUTER_TTL;
+    out[9] = IPPROTO_UDP;
+    out[10] = 0;
+    out[11] = 0;
+    out[12..16].copy_from_slice(&o.src[12..16]);
+    out[16..20].copy_from_slice(&o.dst[12..16]);
+    let mut ip = [0u8; IPV4_LEN];
+    ip.copy_from_slice(&out[..IPV4_LEN]);
+    out[10..12].copy_from_slice(&ipv4_checksum(&ip).to_be_bytes());
+    write_udp_gue(o, &mut out[IPV4_LEN..]);
+}
+
+/// The outer IPv6 + UDP + GUE + hop list headers of `o`.
+#[inline(always)]
+pub fn write_outer_v6(o: &Outer, out: &mut [u8; ENCAP_LEN_V6]) {
+    let payload_len = (ENCAP_LEN_V6 - IPV6_LEN) as u16 + o.inner_len;
+    let vcf = (6u32 << 28) | ((o.tos as u32) << 20) | (o.flow_label & 0x000f_ffff);
+    out[0..4].copy_from_slice(&vcf.to_be_bytes());
+    out[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    out[6] = IPPROTO_UDP;
+    out[7] = OUTER_TTL;
+    out[8..24].copy_from_slice(&o.src);
+    out[24..40].copy_from_slice(&o.dst);
+    write_udp_gue(o, &mut out[IPV6_LEN..]);
+}
+
+/// The IPv4 header checksum of a 20-byte header (its checksum field taken as zero or
+/// as it is: a header with a correct checksum sums to 0).
+#[inline(always)]
+pub fn ipv4_checksum(h: &[u8; IPV4_LEN]) -> u16 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < IPV4_LEN {
+        if i != 10 {
+            sum += u16::from_be_bytes([h[i], h[i + 1]]) as u32;
+        }
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::v4_mapped;
+
+    fn outer(src: [u8; 16], dst: [u8; 16]) -> Outer {
+        Outer {
+            src,
+            dst,
+            src_port: 50000,
+            dst_port: DEFAULT_GUE_PORT,
+            inner_len: 60,
+            inner_v6: false,
+            tos: 0x10,
+            flow_label: 0x12345,
+            hops_left: 1,
+            flags: 0,
+            next_hop: v4_mapped([10, 0, 2, 2]),
+        }
+    }
+
+    #[test]
+    fn ipv4_checksum_matches_a_known_header() {
+        // The worked example of RFC 1071's usual illustration (checksum 0xb861).
+        let h = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(ipv4_checksum(&h), 0xb861);
+    }
+
+    #[test]
+    fn v4_outer_layout() {
+        let mut b = [0u8; ENCAP_LEN_V4];
+        write_outer_v4(
+            &outer(v4_mapped([10, 0, 1, 2]), v4_mapped([10, 0, 3, 2])),
+            &mut b,
+        );
+        assert_eq!(b[0], 0x45);
+        assert_eq!(u16::from_be_bytes([b[2], b[3]]), 52 + 60);
+        assert_eq!(&b[12..20], &[10, 0, 1, 2, 10, 0, 3, 2]);
+        let mut ip = [0u8; 20];
+        ip.copy_from_slice(&b[..20]);
+        assert_eq!(ipv4_checksum(&ip), u16::from_be_bytes([b[10], b[11]]));
+        // UDP
+        assert_eq!(u16::from_be_bytes([b[20], b[21]]), 50000);
+        assert_eq!(u16::from_be_bytes([b[22], b[23]]), DEFAULT_GUE_PORT);
+        assert_eq!(u16::from_be_bytes([b[24], b[25]]), 32 + 60);
+        // GUE + hop list
+        assert_eq!(&b[28..32], &[GUE_HLEN, IPPROTO_IPIP, 0, 0]);
+        assert_eq!(&b[32..36], &[b'l', b'b', 1, 0]);
+        assert_eq!(&b[36..52], &v4_mapped([10, 0, 2, 2]));
+    }
+
+    #[test]
+    fn v6_outer_layout() {
+        let src: [u8; 16] = core::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1).octets();
+        let dst: [u8; 16] = core::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2).octets();
+        let mut b = [0u8; ENCAP_LEN_V6];
+        write_outer_v6(&outer(src, dst), &mut b);
+        assert_eq!(
+            u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            0x6101_2345,
+            "version, traffic class, flow label"
+        );
+        assert_eq!(u16::from_be_bytes([b[4], b[5]]), 32 + 60);
+        assert_eq!(b[6], 17);
+        assert_eq!(&b[8..24], &src);
+        assert_eq!(&b[24..40], &dst);
+        assert_eq!(&b[48..52], &[GUE_HLEN, IPPROTO_IPIP, 0, 0]);
+    }
+}

@@ -29,6 +29,11 @@ pub struct ServiceValue {
     pub flags: u32,
 }
 
+/// Value of the `VIPS` map (key: the VIP as 16 bytes): how many services use the VIP.
+/// Consulted only for packets whose ports cannot be read (fragments, cut-short headers),
+/// to tell "for lb, drop" from "not for lb, pass".
+pub type VipRefs = u32;
+
 /// One bucket of a forwarding table: backend indices into `BACKENDS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -101,6 +106,7 @@ const _: () = assert!(core::mem::size_of::<Counters>() == 16);
 /// Names of the maps in the object file (also their pin names).
 pub mod names {
     pub const SERVICES: &str = "SERVICES";
+    pub const VIPS: &str = "VIPS";
     pub const BUCKETS: &str = "BUCKETS";
     pub const BACKENDS: &str = "BACKENDS";
     pub const NODE: &str = "NODE";

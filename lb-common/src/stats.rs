@@ -11,6 +11,9 @@ pub enum Reason {
     PassNotService,
     /// The node is not configured yet: passed untouched.
     PassUnconfigured,
+    /// Too short or broken to tell whether it is for lb (no readable IP header): passed
+    /// to the stack, which drops what it cannot use.
+    PassUnparsed,
     /// Headers cut short or inconsistent, in a packet to a VIP or to the GUE port: dropped.
     DropMalformed,
     /// An IPv4 fragment to a VIP: dropped (its ports are unknown, so its backend is too).
@@ -41,12 +44,13 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 17;
 
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::PassNotIp,
         Reason::PassNotService,
         Reason::PassUnconfigured,
+        Reason::PassUnparsed,
         Reason::DropMalformed,
         Reason::DropFragment,
         Reason::DropTooBig,
@@ -68,6 +72,7 @@ impl Reason {
             Reason::PassNotIp => "pass_not_ip",
             Reason::PassNotService => "pass_not_service",
             Reason::PassUnconfigured => "pass_unconfigured",
+            Reason::PassUnparsed => "pass_unparsed",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropFragment => "drop_fragment",
             Reason::DropTooBig => "drop_too_big",

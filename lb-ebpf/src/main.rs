@@ -3,20 +3,72 @@
 //!   the bucket's backend (`client.rs`);
 //! - backend path: a GUE packet to this node is decapsulated and accepted, or passed on to
 //!   the bucket's previous owner when no local socket owns its flow (`backend.rs`).
-//! Everything else is passed to the stack untouched.
+//!
+//! Everything else is passed to the stack untouched. Every packet is counted under exactly
+//! one reason (`lb_common::stats::Reason`).
 #![no_std]
 #![no_main]
 
+mod backend;
+mod client;
+mod forward;
 mod maps;
+mod parse;
+mod ptr;
+mod socket;
+mod verdict;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::stats::Reason;
+use lb_common::{
+    addr::v4_mapped,
+    maps::{NODE_CONFIGURED, NodeConfig},
+    stats::Reason,
+};
+use parse::{ETH_P_IPV6, IPPROTO_UDP, Ip};
+use verdict::{Verdict, pass};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let _ = ctx;
-    maps::count(Reason::PassNotIp);
-    xdp_action::XDP_PASS
+    let v = process(&ctx);
+    maps::count(v.reason_index());
+    v.action()
+}
+
+#[inline(always)]
+fn process(ctx: &XdpContext) -> Verdict {
+    let Some(node) = maps::NODE.get(0) else {
+        return pass(Reason::PassUnconfigured);
+    };
+    if node.flags & NODE_CONFIGURED == 0 {
+        return pass(Reason::PassUnconfigured);
+    }
+    let l2 = match parse::ethernet(ctx) {
+        Ok(Some(l2)) => l2,
+        Ok(None) => return pass(Reason::PassNotIp),
+        Err(_) => return pass(Reason::PassUnparsed),
+    };
+    let mut ip = Ip::EMPTY;
+    if parse::ip(ctx, l2.l3_off, l2.ether_type == ETH_P_IPV6, &mut ip).is_err() {
+        return pass(Reason::PassUnparsed);
+    }
+    if is_gue_to_me(ctx, node, &ip) {
+        return backend::handle(ctx, &ip);
+    }
+    client::handle(ctx, node, &l2, &ip)
+}
+
+/// UDP to this node's GUE address and port.
+#[inline(always)]
+fn is_gue_to_me(ctx: &XdpContext, node: &NodeConfig, ip: &Ip) -> bool {
+    if ip.proto != IPPROTO_UDP || ip.fragment || ip.bad_ihl {
+        return false;
+    }
+    let mine = if ip.v6 {
+        node.addr_v6 != [0; 16] && ip.dst == node.addr_v6
+    } else {
+        node.addr_v4 != [0; 4] && ip.dst == v4_mapped(node.addr_v4)
+    };
+    mine && ptr::read_be16(ctx, ip.l4_off + 2) == Some(u16::from_be(node.gue_port_be))
 }
 
 /// Returns XDP_PASS and nothing else: the floor of the benchmarks, and the program put on

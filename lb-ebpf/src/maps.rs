@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     limits::{DEFAULT_BUCKET_SLOTS, MAX_BACKENDS, MAX_SERVICES},
-    maps::{Backend, Bucket, Counters, NodeConfig, ServiceKey, ServiceValue},
+    maps::{Backend, Bucket, Counters, NodeConfig, ServiceKey, ServiceValue, VipRefs},
     stats::Reason,
 };
 
@@ -36,10 +36,10 @@ pub static SERVICE_STATS: PerCpuArray<Counters> =
 pub static BACKEND_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
-/// Counts one packet under `reason`.
+/// Counts one packet under the reason with index `reason`.
 #[inline(always)]
-pub fn count(reason: Reason) {
-    if let Some(c) = REASON_STATS.get_ptr_mut(reason as u32) {
+pub fn count(reason: u32) {
+    if let Some(c) = REASON_STATS.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *c += 1 };
     }
@@ -55,4 +55,14 @@ pub fn add(map: &PerCpuArray<Counters>, index: u32, bytes: u64) {
             (*c).bytes += bytes;
         }
     }
+}
+
+/// VIPs of all services: see `lb_common::maps::VipRefs`.
+#[map]
+pub static VIPS: HashMap<[u8; 16], VipRefs> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// Whether `addr` is the VIP of any service.
+#[inline(always)]
+pub fn is_vip(addr: &[u8; 16]) -> bool {
+    VIPS.get_ptr(addr).is_some()
 }

@@ -2,3 +2,4 @@
 //! forwarding-table builder, the agent and the operator commands.
 
 pub mod ebpf;
+pub mod dataplane;

@@ -1,0 +1,170 @@
+//! The backend path: a GUE packet to this node. Accept it (strip the outer headers and
+//! pass the inner packet to the stack) when it opens a connection or a local socket owns
+//! its flow; otherwise pass it on to the next hop of its hop list (daisy chaining), and
+//! accept it when no hop is left.
+
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
+};
+use lb_common::{
+    addr::is_v4_mapped,
+    encap::{
+        ETH_LEN, FLAG_FORWARD_SYN, GUE_FIRST_BYTE, GUE_HEADER_LEN, HOP_LIST_LEN, HOP_LIST_TYPE,
+        IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN, MAX_HOPS, OUTER_TTL, UDP_LEN, ipv4_checksum,
+    },
+    stats::Reason,
+};
+
+use crate::{
+    forward::{self, NextHop},
+    parse::{self, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, Flow, Ip, TCP_ACK, TCP_SYN},
+    ptr, socket,
+    verdict::{Verdict, drop},
+};
+
+/// The GUE base header and hop list as they arrive.
+const GUE_LEN: usize = GUE_HEADER_LEN + HOP_LIST_LEN;
+
+#[inline(never)]
+pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
+    let gue_off = outer.l4_off + UDP_LEN;
+    let Some(g) = ptr::read::<[u8; GUE_LEN]>(ctx, gue_off) else {
+        return drop(Reason::DropMalformed);
+    };
+    let inner_v6 = match g[1] {
+        IPPROTO_IPIP => false,
+        IPPROTO_IPV6 => true,
+        _ => return drop(Reason::DropBadGue),
+    };
+    if g[0] != GUE_FIRST_BYTE || g[4..6] != HOP_LIST_TYPE || g[6] > MAX_HOPS {
+        return drop(Reason::DropBadGue);
+    }
+    let hops_left = g[6];
+    let flags = g[7];
+    let mut next_hop = [0u8; 16];
+    next_hop.copy_from_slice(&g[8..24]);
+
+    let inner_off = gue_off + GUE_LEN;
+    let mut inner = Ip::EMPTY;
+    if parse::ip(ctx, inner_off, inner_v6, &mut inner).is_err() {
+        return drop(Reason::DropMalformed);
+    }
+    if inner.bad_ihl {
+        return drop(Reason::DropMalformed);
+    }
+    if !inner.fragment {
+        let mut f = Flow::EMPTY;
+        match parse::flow(ctx, &inner, &mut f) {
+            Err(_) => return drop(Reason::DropMalformed),
+            Ok(false) => {}
+            Ok(true) => {
+                let syn = f.tuple.proto == IPPROTO_TCP
+                    && !f.icmp
+                    && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                if syn && flags & FLAG_FORWARD_SYN == 0 {
+                    return accept(ctx, inner_off, inner_v6, Reason::AcceptSyn);
+                }
+                if socket::owns(ctx, &f, &inner) {
+                    return accept(ctx, inner_off, inner_v6, Reason::AcceptSocket);
+                }
+            }
+        }
+    }
+    // Pass it on while a hop is left, it is of the outer family and not this node itself.
+    if hops_left > 0 && next_hop != outer.dst && is_v4_mapped(&next_hop) != outer.v6 {
+        return second_hop(ctx, outer, gue_off, &next_hop);
+    }
+    accept(ctx, inner_off, inner_v6, Reason::AcceptLastHop)
+}
+
+/// Strips everything before the inner IP packet but the Ethernet addresses, and passes it.
+/// Not inlined: LLVM would otherwise reuse bounds checks made for other offsets, which
+/// the verifier cannot follow.
+#[inline(never)]
+fn accept(ctx: &XdpContext, inner_off: usize, inner_v6: bool, reason: Reason) -> Verdict {
+    let Some(macs) = ptr::read::<[u8; 12]>(ctx, 0) else {
+        return drop(Reason::DropMalformed);
+    };
+    // SAFETY: plain helper call; packet pointers are derived anew afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, (inner_off - ETH_LEN) as i32) } != 0 {
+        return drop(Reason::DropMalformed);
+    }
+    let Some(eth) = ptr::at::<[u8; ETH_LEN]>(ctx, 0) else {
+        return drop(Reason::DropMalformed);
+    };
+    let ether_type = if inner_v6 { ETH_P_IPV6 } else { ETH_P_IP };
+    let mut h = [0u8; ETH_LEN];
+    h[..12].copy_from_slice(&macs);
+    h[12..].copy_from_slice(&ether_type.to_be_bytes());
+    // SAFETY: bounds checked by `ptr::at`.
+    unsafe { eth.write_unaligned(h) };
+    Verdict::new(xdp_action::XDP_PASS, reason)
+}
+
+/// Sends the packet on to `next_hop`: outer destination rewritten, this node as the
+/// source, one hop fewer in the hop list.
+#[inline(never)]
+fn second_hop(
+    ctx: &XdpContext,
+    outer: &Ip,
+    gue_off: usize,
+    next_hop: &[u8; 16],
+) -> Verdict {
+    let tot_len = ctx.data_end() - ctx.data() - outer.l3_off;
+    let mut hop = NextHop::EMPTY;
+    if let Err(r) = forward::lookup(ctx, &outer.dst, next_hop, tot_len as u16, &mut hop) {
+        return drop(r);
+    }
+    if let Some(hops) = ptr::at::<u8>(ctx, gue_off + GUE_HEADER_LEN + 2) {
+        // SAFETY: bounds checked; `handle` saw it at most MAX_HOPS and above 0.
+        unsafe { *hops -= 1 };
+    } else {
+        return drop(Reason::DropMalformed);
+    }
+    let rewritten = if outer.v6 {
+        rewrite_v6(ctx, outer.l3_off, &outer.dst, next_hop)
+    } else if outer.l4_off == outer.l3_off + IPV4_LEN {
+        rewrite_v4(ctx, outer.l3_off, &outer.dst, next_hop)
+    } else {
+        // lb never sends outer IPv4 options; a header with them is not of its making.
+        return drop(Reason::DropBadGue);
+    };
+    if rewritten.is_none() {
+        return drop(Reason::DropMalformed);
+    }
+    // Drop a VLAN tag, if any: the Ethernet header is written anew for the egress.
+    let vlan = (outer.l3_off - ETH_LEN) as i32;
+    // SAFETY: plain helper call; packet pointers are derived anew afterwards.
+    if vlan != 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, vlan) } != 0 {
+        return drop(Reason::DropMalformed);
+    }
+    let ether_type = if outer.v6 { ETH_P_IPV6 } else { ETH_P_IP };
+    match forward::send(ctx, &hop, ether_type) {
+        Some(action) => Verdict::new(action, Reason::SecondHop),
+        None => drop(Reason::DropMalformed),
+    }
+}
+
+#[inline(always)]
+fn rewrite_v4(ctx: &XdpContext, off: usize, src: &[u8; 16], dst: &[u8; 16]) -> Option<()> {
+    let p = ptr::at::<[u8; IPV4_LEN]>(ctx, off)?;
+    // SAFETY: bounds checked by `ptr::at`.
+    let h = unsafe { &mut *p };
+    h[8] = OUTER_TTL;
+    h[12..16].copy_from_slice(&src[12..16]);
+    h[16..20].copy_from_slice(&dst[12..16]);
+    let sum = ipv4_checksum(h);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
+    Some(())
+}
+
+#[inline(always)]
+fn rewrite_v6(ctx: &XdpContext, off: usize, src: &[u8; 16], dst: &[u8; 16]) -> Option<()> {
+    let p = ptr::at::<[u8; 40]>(ctx, off)?;
+    // SAFETY: bounds checked by `ptr::at`.
+    let h = unsafe { &mut *p };
+    h[7] = OUTER_TTL;
+    h[8..24].copy_from_slice(src);
+    h[24..40].copy_from_slice(dst);
+    Some(())
+}

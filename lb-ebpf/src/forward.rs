@@ -1,0 +1,118 @@
+//! Sending a rewritten packet on: the next hop's MAC from the kernel's FIB and neighbour
+//! tables (`bpf_fib_lookup`, which also checks the egress MTU), then XDP_TX when it
+//! leaves by the interface it came in on, else a redirect.
+
+use core::mem::{size_of, zeroed};
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+        xdp_action,
+    },
+    helpers::generated::{bpf_fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use lb_common::{
+    addr::{is_v4_mapped, v4_part},
+    stats::Reason,
+};
+
+use crate::ptr;
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const IPPROTO_UDP: u8 = 17;
+
+/// Where a packet to `dst` leaves: interface and MAC addresses.
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+impl NextHop {
+    pub const EMPTY: NextHop = NextHop {
+        ifindex: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
+}
+
+/// Looks up the route and neighbour for an outer packet of `tot_len` bytes (from the IP
+/// header on) from `src` to `dst`, into `out`. Not inlined: its 64-byte parameter block
+/// would otherwise sit in the caller's frame, and BPF frames are small.
+#[inline(never)]
+pub fn lookup(
+    ctx: &XdpContext,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    tot_len: u16,
+    out: &mut NextHop,
+) -> Result<(), Reason> {
+    // SAFETY: a plain C struct, all zero is its "unset" state.
+    let mut p: FibParams = unsafe { zeroed() };
+    p.l4_protocol = IPPROTO_UDP;
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    if is_v4_mapped(dst) {
+        p.family = AF_INET;
+        p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(v4_part(src));
+        p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(v4_part(dst));
+    } else {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = words(src);
+        p.__bindgen_anon_4.ipv6_dst = words(dst);
+    }
+    // SAFETY: `p` is a valid, initialised parameter block of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            *out = NextHop {
+                ifindex: p.ifindex,
+                smac: p.smac,
+                dmac: p.dmac,
+            };
+            Ok(())
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropTooBig),
+        _ => Err(Reason::DropFibMiss),
+    }
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// Writes the Ethernet header at the start of the packet and sends it towards `hop`.
+/// Returns `None` if the packet is too short for an Ethernet header.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, hop: &NextHop, ether_type: u16) -> Option<u32> {
+    let eth = ptr::at::<[u8; 14]>(ctx, 0)?;
+    let mut h = [0u8; 14];
+    h[0..6].copy_from_slice(&hop.dmac);
+    h[6..12].copy_from_slice(&hop.smac);
+    h[12..14].copy_from_slice(&ether_type.to_be_bytes());
+    // SAFETY: bounds checked by `ptr::at`.
+    unsafe { eth.write_unaligned(h) };
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+        Some(xdp_action::XDP_TX)
+    } else {
+        // SAFETY: plain helper call.
+        Some(unsafe { bpf_redirect(hop.ifindex, 0) } as u32)
+    }
+}

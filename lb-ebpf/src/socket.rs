@@ -1,0 +1,119 @@
+//! Does a socket on this host own a flow? The backend path asks before it accepts a
+//! packet that is not a new connection.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{bpf_sock, bpf_sock_tuple},
+    helpers::generated::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie},
+    programs::XdpContext,
+};
+use lb_common::{addr::v4_part, hash::FlowTuple};
+
+use crate::{
+    parse::{Flow, IPPROTO_TCP, IPPROTO_UDP, Ip, TCP_ACK},
+    ptr,
+};
+
+/// `BPF_F_CURRENT_NETNS` (-1) as the helpers' u64 argument.
+const CURRENT_NETNS: u64 = u64::MAX;
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_LISTEN: u32 = 10;
+
+/// True when a local socket owns `flow`: for TCP an established (or handshaking or
+/// closing) socket, or a listener for which the packet carries a valid SYN cookie; for
+/// UDP a connected socket.
+#[inline(never)]
+pub fn owns(ctx: &XdpContext, flow: &Flow, inner: &Ip) -> bool {
+    // SAFETY: a plain C union; zero is valid.
+    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = fill(&mut t, &flow.tuple, inner.v6);
+    let ctx_ptr = ctx.as_ptr();
+    match flow.tuple.proto {
+        IPPROTO_TCP => {
+            // SAFETY: the tuple is initialised for `size` bytes; the returned reference is
+            // released below on every path.
+            let sk = unsafe { bpf_skc_lookup_tcp(ctx_ptr, &mut t, size, CURRENT_NETNS, 0) };
+            if sk.is_null() {
+                return false;
+            }
+            // SAFETY: non-null socket from the helper; `state` is readable on sock_common.
+            let state = unsafe { (*sk).state };
+            let owned = state != TCP_LISTEN
+                || (!flow.icmp && flow.tcp_flags & TCP_ACK != 0 && syncookie_ok(ctx, sk, inner));
+            // SAFETY: releases the reference taken above.
+            unsafe { bpf_sk_release(sk.cast()) };
+            owned
+        }
+        IPPROTO_UDP => {
+            // SAFETY: as above.
+            let sk = unsafe { bpf_sk_lookup_udp(ctx_ptr, &mut t, size, CURRENT_NETNS, 0) };
+            if sk.is_null() {
+                return false;
+            }
+            // SAFETY: as above.
+            let state = unsafe { (*sk).state };
+            // SAFETY: as above.
+            unsafe { bpf_sk_release(sk.cast()) };
+            state == TCP_ESTABLISHED
+        }
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn fill(t: &mut bpf_sock_tuple, f: &FlowTuple, v6: bool) -> u32 {
+    // SAFETY: writing the union member that the size passed to the helper selects.
+    unsafe {
+        if v6 {
+            let s = &mut t.__bindgen_anon_1.ipv6;
+            s.saddr = words(&f.src);
+            s.daddr = words(&f.dst);
+            s.sport = f.src_port.to_be();
+            s.dport = f.dst_port.to_be();
+            size_of::<[u32; 9]>() as u32
+        } else {
+            let s = &mut t.__bindgen_anon_1.ipv4;
+            s.saddr = u32::from_ne_bytes(v4_part(&f.src));
+            s.daddr = u32::from_ne_bytes(v4_part(&f.dst));
+            s.sport = f.src_port.to_be();
+            s.dport = f.dst_port.to_be();
+            size_of::<[u32; 3]>() as u32
+        }
+    }
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// An ACK to a listener completes a handshake whose SYN was answered with a cookie.
+/// The helper reads only the fixed headers, so copies on the stack serve.
+#[inline(never)]
+fn syncookie_ok(ctx: &XdpContext, sk: *mut bpf_sock, inner: &Ip) -> bool {
+    let Some(mut th) = ptr::read::<[u8; 20]>(ctx, inner.l4_off) else {
+        return false;
+    };
+    // SAFETY: the helper reads `iph_len` / `th_len` bytes of the stack copies.
+    let rc = unsafe {
+        if inner.v6 {
+            let Some(mut iph) = ptr::read::<[u8; 40]>(ctx, inner.l3_off) else {
+                return false;
+            };
+            bpf_tcp_check_syncookie(sk.cast(), iph.as_mut_ptr().cast(), 40, th.as_mut_ptr().cast(), 20)
+        } else {
+            let Some(mut iph) = ptr::read::<[u8; 20]>(ctx, inner.l3_off) else {
+                return false;
+            };
+            bpf_tcp_check_syncookie(sk.cast(), iph.as_mut_ptr().cast(), 20, th.as_mut_ptr().cast(), 20)
+        }
+    };
+    rc == 0
+}

@@ -1,0 +1,213 @@
+//! The data plane as userspace sees it: the loaded XDP object, its programs and maps.
+//! Everything that writes the maps goes through here so the layout rules (see
+//! `lb_common::maps`) live in one place.
+
+use std::net::IpAddr;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{ProgramError, Xdp},
+};
+use lb_common::{
+    addr,
+    maps::{
+        Backend, Bucket, Counters, NODE_CONFIGURED, NodeConfig, ServiceKey, ServiceValue,
+        VipRefs, names,
+    },
+    stats::Reason,
+};
+
+use crate::ebpf;
+
+/// Errors from loading the program or touching its maps.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP object failed")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel refused program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name} is missing from the object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// How to load the object.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Entries of the shared bucket map (all services' tables, double-buffered).
+    pub bucket_slots: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            bucket_slots: lb_common::limits::DEFAULT_BUCKET_SLOTS,
+        }
+    }
+}
+
+/// The loaded object: the main program verified and loaded, maps created.
+pub struct Dataplane {
+    ebpf: Ebpf,
+}
+
+impl Dataplane {
+    /// Loads the embedded object and the main program (runs the verifier).
+    pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::BUCKETS, opts.bucket_slots)
+            .load(ebpf::object())
+            .map_err(DataplaneError::Load)?;
+        load_program(&mut ebpf, ebpf::PROGRAM)?;
+        Ok(Dataplane { ebpf })
+    }
+
+    /// The main XDP program.
+    pub fn program(&mut self) -> &mut Xdp {
+        xdp(&mut self.ebpf, ebpf::PROGRAM)
+    }
+
+    /// The object, for callers that need other programs or raw map access.
+    pub fn ebpf(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Writes the node's settings; until this is done the program passes everything.
+    pub fn set_node(&mut self, node: &Node) -> Result<(), DataplaneError> {
+        let mut cfg = NodeConfig {
+            hash_seed: node.hash_seed,
+            gue_port_be: node.gue_port.to_be(),
+            _pad: 0,
+            addr_v4: [0; 4],
+            addr_v6: [0; 16],
+            flags: NODE_CONFIGURED,
+        };
+        if let Some(v4) = node.addr_v4 {
+            cfg.addr_v4 = v4.octets();
+        }
+        if let Some(v6) = node.addr_v6 {
+            cfg.addr_v6 = v6.octets();
+        }
+        let mut m: Array<&mut MapData, NodeConfig> = self.map_mut(names::NODE)?;
+        m.set(0, cfg, 0).map_err(|source| map_err(names::NODE, source))
+    }
+
+    /// Writes backend slot `index`.
+    pub fn set_backend(&mut self, index: u32, ip: IpAddr) -> Result<(), DataplaneError> {
+        let value = Backend {
+            addr: addr::to_bytes(ip),
+            flags: lb_common::maps::BACKEND_PRESENT,
+        };
+        let mut m: Array<&mut MapData, Backend> = self.map_mut(names::BACKENDS)?;
+        m.set(index, value, 0)
+            .map_err(|source| map_err(names::BACKENDS, source))
+    }
+
+    /// Writes `buckets` at `offset` of the bucket map. Not visible to the data plane until a
+    /// service points at it (see `set_service`).
+    pub fn write_table(&mut self, offset: u32, buckets: &[Bucket]) -> Result<(), DataplaneError> {
+        let mut m: Array<&mut MapData, Bucket> = self.map_mut(names::BUCKETS)?;
+        for (i, b) in buckets.iter().enumerate() {
+            m.set(offset + i as u32, *b, 0)
+                .map_err(|source| map_err(names::BUCKETS, source))?;
+        }
+        Ok(())
+    }
+
+    /// Points a service at a table: one map update, so packets see the old table or the
+    /// new one, never a mix. Also registers its VIP.
+    pub fn set_service(
+        &mut self,
+        key: &ServiceKey,
+        value: &ServiceValue,
+    ) -> Result<(), DataplaneError> {
+        let vips: HashMap<&mut MapData, [u8; 16], VipRefs> = self.map_mut(names::VIPS)?;
+        let refs = vips.get(&key.addr, 0).unwrap_or(0);
+        let is_new = {
+            let services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+                self.map_mut(names::SERVICES)?;
+            services.get(key, 0).is_err()
+        };
+        if is_new {
+            let mut vips: HashMap<&mut MapData, [u8; 16], VipRefs> = self.map_mut(names::VIPS)?;
+            vips.insert(key.addr, refs + 1, 0)
+                .map_err(|source| map_err(names::VIPS, source))?;
+        }
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+            self.map_mut(names::SERVICES)?;
+        services
+            .insert(key, value, 0)
+            .map_err(|source| map_err(names::SERVICES, source))
+    }
+
+    /// The per-reason counters, summed over CPUs.
+    pub fn reason_counts(&mut self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
+        let m: PerCpuArray<&mut MapData, u64> = self.map_mut(names::REASON_STATS)?;
+        Reason::ALL
+            .iter()
+            .map(|r| {
+                let per_cpu = m
+                    .get(&(*r as u32), 0)
+                    .map_err(|source| map_err(names::REASON_STATS, source))?;
+                Ok((*r, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// A per-service or per-backend counter, summed over CPUs.
+    pub fn counters(&mut self, map: &'static str, index: u32) -> Result<Counters, DataplaneError> {
+        let m: PerCpuArray<&mut MapData, Counters> = self.map_mut(map)?;
+        let per_cpu = m.get(&index, 0).map_err(|source| map_err(map, source))?;
+        Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }))
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DataplaneError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })?;
+        T::try_from(map).map_err(|source| map_err(name, source))
+    }
+}
+
+/// This node's identity as the data plane needs it.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub hash_seed: u32,
+    pub gue_port: u16,
+    pub addr_v4: Option<std::net::Ipv4Addr>,
+    pub addr_v6: Option<std::net::Ipv6Addr>,
+}
+
+fn map_err(name: &'static str, source: aya::maps::MapError) -> DataplaneError {
+    DataplaneError::Map { name, source }
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> &'a mut Xdp {
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .unwrap_or_else(|| panic!("the embedded object has no XDP program {name}"))
+}
+
+/// Loads XDP program `name` of `ebpf` into the kernel.
+pub fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneError> {
+    xdp(ebpf, name)
+        .load()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
