@@ -1,0 +1,329 @@
+//! `lab`: a test-bed topology that stays up for manual exploration.
+//! `lab up` builds one, `lab down [NAME]` removes it, `lab down --all` removes every
+//! test-bed leftover. `cargo xtask lab ...` runs this.
+
+use std::{
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use tests::{link::fmt_mac, netns, topology::PREFIX, Spec, Topology, VIP_V4, VIP_V6};
+
+/// Where lab records are kept.
+const RECORD_DIR: &str = "/run/lb-lab";
+/// Where the router's `lb_pass` links are pinned, one directory per lab.
+const PIN_DIR: &str = "/sys/fs/bpf/lb-lab";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Parser)]
+#[command(
+    name = "lab",
+    about = "A network-namespace topology for trying lb by hand"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build a topology that stays up, and print how to enter it.
+    Up {
+        /// Name of the lab (letters and digits, starting with a letter).
+        #[arg(long, default_value = "lab")]
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        #[arg(long, default_value_t = 1)]
+        lbs: usize,
+        #[arg(long, default_value_t = 2)]
+        backends: usize,
+        /// MTU of every link.
+        #[arg(long, default_value_t = 1500)]
+        mtu: u32,
+        /// A VIP (repeatable); default 10.100.0.1 and fd00:100::1.
+        #[arg(long = "vip")]
+        vips: Vec<IpAddr>,
+        /// Do not attach lb_pass on the router's LB and backend ends (native XDP_TX on
+        /// veth then goes nowhere).
+        #[arg(long)]
+        no_router_pass: bool,
+    },
+    /// Remove a lab (default `lab`), or with --all every test-bed leftover.
+    Down {
+        name: Option<String>,
+        /// Remove every lbt-* namespace and interface and every lab record, including
+        /// those of running tests.
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
+    },
+    /// List the labs that are up.
+    List,
+}
+
+/// What `down` needs to find a lab again.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    name: String,
+    spec: Spec,
+    namespaces: Vec<String>,
+    pin_dir: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // SAFETY: geteuid cannot fail.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "lab needs root (network namespaces, XDP)"
+    );
+    match cli.cmd {
+        Cmd::Up {
+            name,
+            clients,
+            lbs,
+            backends,
+            mtu,
+            vips,
+            no_router_pass,
+        } => {
+            let vips = if vips.is_empty() {
+                vec![VIP_V4.into(), VIP_V6.into()]
+            } else {
+                vips
+            };
+            let spec = Spec::new(clients, lbs, backends)
+                .mtu(mtu)
+                .vips(vips)
+                .router_pass(!no_router_pass);
+            up(&name, spec)
+        }
+        Cmd::Down { all: true, .. } => down_all(),
+        Cmd::Down { name, all: false } => down(name.as_deref().unwrap_or("lab")),
+        Cmd::List => list(),
+    }
+}
+
+fn check_name(name: &str) -> Result<()> {
+    // A leading letter keeps lab names apart from test ids (`<pid>-<n>`), and no '-'
+    // keeps `lbt-<name>-` from matching another lab's namespaces.
+    ensure!(
+        name.starts_with(|c: char| c.is_ascii_alphabetic())
+            && name.chars().all(|c| c.is_ascii_alphanumeric())
+            && name.len() <= 20,
+        "lab name {name:?}: letters and digits, starting with a letter, at most 20"
+    );
+    Ok(())
+}
+
+fn record_path(name: &str) -> PathBuf {
+    Path::new(RECORD_DIR).join(format!("{name}.json"))
+}
+
+fn up(name: &str, spec: Spec) -> Result<()> {
+    check_name(name)?;
+    let prefix = format!("{PREFIX}{name}-");
+    if record_path(name).exists() || netns::list()?.iter().any(|n| n.starts_with(&prefix)) {
+        bail!("lab {name} is up already; `cargo xtask lab down {name}` first");
+    }
+    let mut topo = Topology::build_with_id(name, spec)?;
+    let pin_dir = if topo.spec.router_pass {
+        ensure_bpffs()?;
+        let dir = Path::new(PIN_DIR).join(name);
+        topo.pin_router_pass(&dir)?;
+        Some(dir)
+    } else {
+        None
+    };
+    let record = Record {
+        name: name.to_owned(),
+        spec: topo.spec.clone(),
+        namespaces: topo.namespaces(),
+        pin_dir,
+    };
+    fs::create_dir_all(RECORD_DIR)?;
+    fs::write(record_path(name), serde_json::to_vec_pretty(&record)?)?;
+    print_lab(&topo, &record);
+    topo.keep();
+    Ok(())
+}
+
+fn print_lab(topo: &Topology, record: &Record) {
+    let name = &record.name;
+    println!("lab {name} is up: {} namespaces.", record.namespaces.len());
+    println!();
+    println!(
+        "{:<5} {:<16} {:<5} {:<14} {:<16} {:<18} router end",
+        "node", "namespace", "if", "IPv4", "IPv6", "MAC"
+    );
+    println!(
+        "{:<5} {:<16} {:<5} {:<14} {:<16} {:<18} forwarding, ECMP by L4",
+        "r",
+        topo.router.name(),
+        "",
+        "",
+        "",
+        ""
+    );
+    for n in topo.nodes() {
+        println!(
+            "{:<5} {:<16} {:<5} {:<14} {:<16} {:<18} {} {} {} mtu {}",
+            n.name,
+            n.ns.name(),
+            n.ifname,
+            format!("{}/24", n.v4),
+            format!("{}/64", n.v6),
+            fmt_mac(&n.mac),
+            n.router_ifname,
+            n.router_v4,
+            n.router_v6,
+            n.mtu,
+        );
+    }
+    println!();
+    let vips: Vec<String> = topo.spec.vips.iter().map(|v| v.to_string()).collect();
+    let lbs: Vec<&str> = topo.lbs.iter().map(|n| n.name.as_str()).collect();
+    println!(
+        "VIPs {} on the backends' lo, routed by the router through {}.",
+        vips.join(" "),
+        if lbs.is_empty() {
+            "nothing (no LB nodes)".to_owned()
+        } else {
+            lbs.join(" ")
+        }
+    );
+    match &record.pin_dir {
+        Some(dir) => println!(
+            "lb_pass is attached to the router's LB and backend ends (links pinned in {}).",
+            dir.display()
+        ),
+        None => println!("No XDP program on the router's ends."),
+    }
+    println!();
+    println!(
+        "Enter a node:     ip netns exec {} bash",
+        topo.nodes()
+            .next()
+            .map_or(topo.router.name(), |n| n.ns.name())
+    );
+    println!("Remove the lab:   cargo xtask lab down {name}");
+}
+
+fn read_record(path: &Path) -> Result<Record> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn down(name: &str) -> Result<()> {
+    check_name(name)?;
+    let path = record_path(name);
+    let record = path.exists().then(|| read_record(&path)).transpose()?;
+    let mut removed = 0;
+    if let Some(r) = &record {
+        for ns in &r.namespaces {
+            if Path::new(netns::NETNS_DIR).join(ns).exists() {
+                netns::delete(ns)?;
+                removed += 1;
+            }
+        }
+    }
+    // Whatever else carries the lab's prefix (a record lost, a half-built lab).
+    let prefix = format!("{name}-");
+    let swept = tests::sweep(|rest| rest.starts_with(&prefix))?;
+    removed += swept.namespaces.len();
+    let pins = Path::new(PIN_DIR).join(name);
+    remove_dir(&pins)?;
+    if path.exists() {
+        fs::remove_file(&path)?;
+    }
+    if removed == 0 && record.is_none() {
+        println!("no lab {name}");
+    } else {
+        println!("lab {name} removed ({removed} namespaces)");
+    }
+    Ok(())
+}
+
+fn down_all() -> Result<()> {
+    let swept = tests::sweep_all()?;
+    for dir in [RECORD_DIR, PIN_DIR] {
+        remove_dir(Path::new(dir))?;
+    }
+    println!(
+        "removed {} namespaces{}",
+        swept.namespaces.len(),
+        if swept.links.is_empty() {
+            String::new()
+        } else {
+            format!(" and interfaces {}", swept.links.join(" "))
+        }
+    );
+    for n in &swept.namespaces {
+        println!("  {n}");
+    }
+    Ok(())
+}
+
+fn list() -> Result<()> {
+    let Ok(dir) = fs::read_dir(RECORD_DIR) else {
+        println!("no labs");
+        return Ok(());
+    };
+    let mut any = false;
+    for e in dir.filter_map(|e| e.ok()) {
+        if let Ok(r) = read_record(&e.path()) {
+            any = true;
+            println!(
+                "{}: {} clients, {} LB nodes, {} backends; namespaces {}",
+                r.name,
+                r.spec.clients,
+                r.spec.lbs,
+                r.spec.backends,
+                r.namespaces.join(" ")
+            );
+        }
+    }
+    if !any {
+        println!("no labs");
+    }
+    Ok(())
+}
+
+/// Removes a directory tree (pinned links are files in bpffs: removing them detaches).
+fn remove_dir(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Mounts bpffs on /sys/fs/bpf when nothing is mounted there yet.
+fn ensure_bpffs() -> Result<()> {
+    let path = c"/sys/fs/bpf";
+    // SAFETY: zeroed statfs is a valid out buffer; `path` is a C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    // SAFETY: plain mount(2) with C strings.
+    let ret = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            path.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error()).context("mounting bpffs on /sys/fs/bpf");
+    }
+    Ok(())
+}

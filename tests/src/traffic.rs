@@ -1,0 +1,298 @@
+//! TCP and UDP servers and clients that run inside namespaces, in threads.
+//!
+//! The protocol says who answered, so tests can see which backend got a flow:
+//! - TCP: on accept the server writes `<name>\n`, then echoes everything until EOF.
+//! - UDP: each datagram is answered with `<name>\n` followed by the datagram.
+
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::Netns;
+
+/// How often server threads look at their stop flag.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Servers stop and are joined when dropped.
+#[derive(Debug)]
+struct Stopper {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TCP server answering with its name then echoing (see the module docs).
+#[derive(Debug)]
+pub struct TcpServer {
+    accepted: Arc<AtomicU64>,
+    addrs: Vec<SocketAddr>,
+    _stopper: Stopper,
+}
+
+impl TcpServer {
+    /// Listens on each of `addrs` inside `ns` (`[::]:port` takes IPv4 and IPv6 on every
+    /// address, the VIPs on `lo` included).
+    pub fn start(ns: &Netns, name: &str, addrs: &[SocketAddr]) -> Result<Self> {
+        let listeners = ns.run(|| {
+            addrs
+                .iter()
+                .map(|a| {
+                    let l = TcpListener::bind(a).with_context(|| format!("binding TCP {a}"))?;
+                    l.set_nonblocking(true)?;
+                    Ok(l)
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let addrs = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<io::Result<_>>()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        // Listening sockets stay in the namespace they were made in; the accept loops
+        // can run anywhere.
+        let threads = listeners
+            .into_iter()
+            .map(|l| {
+                let (stop, accepted, name) = (stop.clone(), accepted.clone(), name.to_owned());
+                std::thread::spawn(move || accept_loop(l, &name, &stop, &accepted))
+            })
+            .collect();
+        Ok(Self {
+            accepted,
+            addrs,
+            _stopper: Stopper { stop, threads },
+        })
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+}
+
+fn accept_loop(l: TcpListener, name: &str, stop: &Arc<AtomicBool>, accepted: &AtomicU64) {
+    let mut conns = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match l.accept() {
+            Ok((s, _)) => {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                let (stop, name) = (stop.clone(), name.to_owned());
+                conns.push(std::thread::spawn(move || {
+                    let _ = serve_conn(s, &name, &stop);
+                }));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
+            Err(_) => std::thread::sleep(POLL),
+        }
+        conns.retain(|c: &JoinHandle<()>| !c.is_finished());
+    }
+    for c in conns {
+        let _ = c.join();
+    }
+}
+
+fn serve_conn(mut s: TcpStream, name: &str, stop: &AtomicBool) -> io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(POLL))?;
+    s.write_all(format!("{name}\n").as_bytes())?;
+    let mut buf = [0u8; 16 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => s.write_all(&buf[..n])?,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A UDP server answering each datagram with its name and the datagram.
+#[derive(Debug)]
+pub struct UdpServer {
+    received: Arc<AtomicU64>,
+    addrs: Vec<SocketAddr>,
+    _stopper: Stopper,
+}
+
+impl UdpServer {
+    /// Binds each of `addrs` inside `ns`. Bind the exact addresses (VIPs included, see
+    /// [`Topology::backend_sockaddrs`](crate::Topology::backend_sockaddrs)) rather than
+    /// a wildcard, so answers leave from the address the client sent to.
+    pub fn start(ns: &Netns, name: &str, addrs: &[SocketAddr]) -> Result<Self> {
+        let sockets = ns.run(|| {
+            addrs
+                .iter()
+                .map(|a| {
+                    let s = UdpSocket::bind(a).with_context(|| format!("binding UDP {a}"))?;
+                    s.set_read_timeout(Some(POLL))?;
+                    Ok(s)
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let addrs = sockets
+            .iter()
+            .map(|s| s.local_addr())
+            .collect::<io::Result<_>>()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(AtomicU64::new(0));
+        let threads = sockets
+            .into_iter()
+            .map(|s| {
+                let (stop, received) = (stop.clone(), received.clone());
+                let prefix = format!("{name}\n").into_bytes();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((n, from)) = s.recv_from(&mut buf[prefix.len()..]) {
+                            received.fetch_add(1, Ordering::Relaxed);
+                            buf[..prefix.len()].copy_from_slice(&prefix);
+                            let _ = s.send_to(&buf[..prefix.len() + n], from);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Ok(Self {
+            received,
+            addrs,
+            _stopper: Stopper { stop, threads },
+        })
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+}
+
+/// A TCP connection made from inside a namespace to a [`TcpServer`].
+#[derive(Debug)]
+pub struct TcpConn {
+    /// The name of the server that accepted the connection.
+    pub server: String,
+    reader: BufReader<TcpStream>,
+}
+
+impl TcpConn {
+    /// Connects from `ns` to `dst` and reads the server's name.
+    pub fn connect(ns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<Self> {
+        let stream = ns.run(|| {
+            TcpStream::connect_timeout(&dst, timeout)
+                .with_context(|| format!("TCP connect to {dst} from {}", ns.name()))
+        })?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut reader = BufReader::new(stream);
+        let mut server = String::new();
+        reader
+            .read_line(&mut server)
+            .with_context(|| format!("reading the server name from {dst}"))?;
+        if !server.ends_with('\n') {
+            bail!("{dst} closed before naming itself");
+        }
+        server.pop();
+        Ok(Self { server, reader })
+    }
+
+    /// Sends `data` and checks it comes back (the connection still works end to end).
+    pub fn echo(&mut self, data: &[u8]) -> Result<()> {
+        self.reader.get_mut().write_all(data)?;
+        let mut back = vec![0u8; data.len()];
+        self.reader
+            .read_exact(&mut back)
+            .context("reading the echo")?;
+        if back != data {
+            bail!("echo differs from what was sent");
+        }
+        Ok(())
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        self.reader.get_ref()
+    }
+}
+
+/// Connects from `ns` to `dst` and returns the name of the server that answered.
+pub fn tcp_request(ns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<String> {
+    Ok(TcpConn::connect(ns, dst, timeout)?.server)
+}
+
+/// Sends `payload` from `ns` to `dst` from a fresh socket (a new source port, so a new
+/// flow) and returns the name of the server that answered.
+pub fn udp_request(
+    ns: &Netns,
+    dst: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<String> {
+    let sock = ns.run(|| {
+        let s = UdpSocket::bind(unspecified_for(dst))?;
+        s.connect(dst)?;
+        Ok(s)
+    })?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.send(payload)?;
+    let mut buf = vec![0u8; payload.len() + 256];
+    let n = sock
+        .recv(&mut buf)
+        .with_context(|| format!("no UDP answer from {dst} within {timeout:?}"))?;
+    let reply = &buf[..n];
+    let Some(nl) = reply.iter().position(|&b| b == b'\n') else {
+        bail!("malformed answer from {dst}");
+    };
+    if &reply[nl + 1..] != payload {
+        bail!("answer from {dst} does not echo the request");
+    }
+    Ok(String::from_utf8_lossy(&reply[..nl]).into_owned())
+}
+
+/// Sends one datagram to `dst` from each of `flows` fresh sockets (distinct source
+/// ports), without waiting for answers.
+pub fn udp_send(ns: &Netns, dst: SocketAddr, payload: &[u8], flows: usize) -> Result<()> {
+    ns.run(|| {
+        for _ in 0..flows {
+            let s = UdpSocket::bind(unspecified_for(dst))?;
+            s.send_to(payload, dst)
+                .with_context(|| format!("sending to {dst}"))?;
+        }
+        Ok(())
+    })
+}
+
+fn unspecified_for(dst: SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse().expect("valid"),
+        SocketAddr::V6(_) => "[::]:0".parse().expect("valid"),
+    }
+}
