@@ -16,7 +16,7 @@ pub use cleanup::{sweep, sweep_all, sweep_stale, Swept};
 pub use netns::{Netns, NsChild};
 pub use topology::{LinkPlan, Node, Role, Spec, Topology, VIP_V4, VIP_V6};
 pub use traffic::{tcp_request, udp_request, udp_send, TcpConn, TcpServer, UdpServer};
-pub use xdp::{reason_counts, ReasonCounts, XdpProgram};
+pub use xdp::{attach_in, reason_counts, ReasonCounts, XdpProgram};
 
 /// Set to make tests that need root fail instead of skipping (CI runs as root).
 pub const REQUIRE_ROOT_ENV: &str = "LB_TESTS_REQUIRE_ROOT";

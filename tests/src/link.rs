@@ -17,7 +17,7 @@ use futures::TryStreamExt;
 use netlink_packet_route::{
     address::{AddressAttribute, AddressFlags},
     link::{InfoData, InfoVeth, LinkAttribute},
-    route::RouteNextHop,
+    route::{RouteNextHop, RouteType},
 };
 use rtnetlink::{
     Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder, RouteNextHopBuilder,
@@ -212,6 +212,25 @@ pub async fn add_route(
         .execute()
         .await
         .with_context(|| format!("adding route {dst}/{prefix} via {gateways:?}"))
+}
+
+/// Adds a blackhole route to `dst/prefix`: matching packets are dropped silently.
+pub async fn add_blackhole(h: &Handle, dst: IpAddr, prefix: u8) -> Result<()> {
+    let msg = match dst {
+        IpAddr::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(d, prefix)
+            .kind(RouteType::BlackHole)
+            .build(),
+        IpAddr::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(d, prefix)
+            .kind(RouteType::BlackHole)
+            .build(),
+    };
+    h.route()
+        .add(msg)
+        .execute()
+        .await
+        .with_context(|| format!("adding blackhole route {dst}/{prefix}"))
 }
 
 /// Adds a permanent neighbour entry. The XDP program resolves next-hop MACs with

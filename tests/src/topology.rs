@@ -82,6 +82,11 @@ pub struct Spec {
     /// Attach `lb_pass` to the router's ends of the LB and backend links: native
     /// XDP_TX/redirect on veth delivers only when the peer has an XDP program too.
     pub router_pass: bool,
+    /// Turn IP forwarding on in the LB and backend nodes: `bpf_fib_lookup` (without
+    /// `BPF_FIB_LOOKUP_OUTPUT`) refuses to route for an ingress interface that does not
+    /// forward. LB nodes then also get blackhole routes for the VIPs, so a VIP packet the
+    /// program passes is dropped there instead of bouncing back to the router.
+    pub forwarding: bool,
 }
 
 /// The default VIPs.
@@ -90,7 +95,8 @@ pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
 
 impl Spec {
     /// `clients`, `lbs` and `backends` nodes, MTU 1500, VIPs [`VIP_V4`] and [`VIP_V6`],
-    /// `lb_pass` on the router's LB and backend ends.
+    /// `lb_pass` on the router's LB and backend ends, forwarding on in LB and backend
+    /// nodes.
     pub fn new(clients: usize, lbs: usize, backends: usize) -> Self {
         Self {
             clients,
@@ -100,6 +106,7 @@ impl Spec {
             link_mtus: Vec::new(),
             vips: vec![VIP_V4.into(), VIP_V6.into()],
             router_pass: true,
+            forwarding: true,
         }
     }
 
@@ -124,6 +131,11 @@ impl Spec {
 
     pub fn router_pass(mut self, on: bool) -> Self {
         self.router_pass = on;
+        self
+    }
+
+    pub fn forwarding(mut self, on: bool) -> Self {
+        self.forwarding = on;
         self
     }
 
@@ -251,6 +263,12 @@ impl Node {
         let mut prog = XdpProgram::load(lb::ebpf::PROGRAM)?;
         prog.attach(&self.ns, &self.ifname)?;
         Ok(prog)
+    }
+
+    /// Attaches a loaded XDP program (e.g. `Dataplane::program()`) to the node's
+    /// interface, native mode.
+    pub fn attach(&self, prog: &mut aya::programs::Xdp) -> Result<()> {
+        crate::xdp::attach_in(&self.ns, prog, &self.ifname).map(drop)
     }
 
     /// Sets the node's interface up or down (the router's end keeps its state).
@@ -413,9 +431,14 @@ impl Topology {
         })?;
 
         let vips = &self.spec.vips;
+        let forwarding = self.spec.forwarding;
         for n in self.nodes() {
-            let backend = n.role == Role::Backend;
+            let role = n.role;
             n.ns.netlink(|h| async move {
+                if forwarding && role != Role::Client {
+                    link::sysctl("net/ipv4/conf/all/forwarding", "1")?;
+                    link::sysctl("net/ipv6/conf/all/forwarding", "1")?;
+                }
                 up_lo(&h).await?;
                 let idx = link::index(&h, &n.ifname).await?;
                 link::tx_checksum_off(&n.ifname)?;
@@ -428,10 +451,15 @@ impl Topology {
                 let gw6 = [(IpAddr::from(n.router_v6), idx)];
                 link::add_route(&h, Ipv4Addr::UNSPECIFIED.into(), 0, &gw4).await?;
                 link::add_route(&h, Ipv6Addr::UNSPECIFIED.into(), 0, &gw6).await?;
-                if backend {
-                    let lo = link::index(&h, "lo").await?;
-                    for &vip in vips {
-                        link::add_addr(&h, lo, vip, if vip.is_ipv4() { 32 } else { 128 }).await?;
+                for &vip in vips {
+                    let prefix = if vip.is_ipv4() { 32 } else { 128 };
+                    match role {
+                        Role::Backend => {
+                            let lo = link::index(&h, "lo").await?;
+                            link::add_addr(&h, lo, vip, prefix).await?;
+                        }
+                        Role::Lb if forwarding => link::add_blackhole(&h, vip, prefix).await?,
+                        _ => {}
                     }
                 }
                 Ok(())

@@ -6,7 +6,7 @@ use std::{fmt, fs, path::Path};
 use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::PerCpuArray,
-    programs::{links::FdLink, Xdp, XdpMode},
+    programs::{links::FdLink, xdp::XdpLinkId, Xdp, XdpMode},
     Ebpf,
 };
 use lb_common::{maps::names, stats::Reason};
@@ -21,7 +21,7 @@ pub struct XdpProgram {
     program: String,
     /// (namespace, interface) of each attachment, for messages and pin names.
     attached: Vec<(String, String)>,
-    links: Vec<aya::programs::xdp::XdpLinkId>,
+    links: Vec<XdpLinkId>,
 }
 
 impl fmt::Debug for XdpProgram {
@@ -64,9 +64,7 @@ impl XdpProgram {
             .program_mut(program)
             .context("program vanished")?
             .try_into()?;
-        let id = ns
-            .run(|| Ok(prog.attach(ifname, XdpMode::Default)?))
-            .with_context(|| format!("attaching {program} to {ifname} in {}", ns.name()))?;
+        let id = attach_in(ns, prog, ifname)?;
         self.links.push(id);
         self.attached
             .push((ns.name().to_owned(), ifname.to_owned()));
@@ -97,6 +95,14 @@ impl XdpProgram {
     pub fn reasons(&self) -> Result<ReasonCounts> {
         reason_counts(&self.ebpf)
     }
+}
+
+/// Attaches a loaded XDP program (e.g. `lb::dataplane::Dataplane::program()`) to
+/// `ifname` in `ns`, native mode (`XdpMode::Default` is native on veth). Interface names
+/// resolve in the calling thread's namespace, and so does the attach, hence the thread.
+pub fn attach_in(ns: &Netns, prog: &mut Xdp, ifname: &str) -> Result<XdpLinkId> {
+    ns.run(|| Ok(prog.attach(ifname, XdpMode::Default)?))
+        .with_context(|| format!("attaching XDP to {ifname} in {}", ns.name()))
 }
 
 /// Reads `REASON_STATS` of a loaded object, summed over CPUs.

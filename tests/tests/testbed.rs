@@ -127,6 +127,23 @@ fn links_are_configured_as_described() {
         })
         .unwrap();
 
+    // LB nodes forward (bpf_fib_lookup needs it) and blackhole what they pass to a VIP.
+    let lb = &topo.lbs[0];
+    let out = lb
+        .exec(&["ip", "-4", "route", "show", "type", "blackhole"])
+        .unwrap();
+    assert!(out.contains(&topo.vip_v4().to_string()), "{out}");
+    let out = lb
+        .exec(&["ip", "-6", "route", "show", "type", "blackhole"])
+        .unwrap();
+    assert!(out.contains(&topo.vip_v6().to_string()), "{out}");
+    lb.run(|| {
+        assert_eq!(link::sysctl_get("net/ipv4/conf/eth0/forwarding")?, "1");
+        assert_eq!(link::sysctl_get("net/ipv6/conf/eth0/forwarding")?, "1");
+        Ok(())
+    })
+    .unwrap();
+
     // Permanent neighbours both ways.
     let out = topo
         .router
