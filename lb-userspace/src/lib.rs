@@ -2,4 +2,5 @@
 //! forwarding-table builder, the agent and the operator commands.
 
 pub mod ebpf;
+pub mod config;
 pub mod dataplane;

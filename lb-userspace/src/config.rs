@@ -1,0 +1,573 @@
+//! The agent's configuration: JSON, unknown fields rejected, validated as a whole so that
+//! one run names every problem and an invalid file changes nothing.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use lb_common::{
+    encap::DEFAULT_GUE_PORT,
+    limits::{
+        DEFAULT_BUCKET_SLOTS, DEFAULT_TABLE_BITS, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE,
+        MAX_SERVICES, MAX_TABLE_BITS, MAX_WEIGHT, MIN_TABLE_BITS,
+    },
+};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// Services this node load-balances (empty on a pure backend).
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+    /// VIPs this node serves as a backend: put on `lo` so the stack accepts them.
+    #[serde(default)]
+    pub backend_vips: Vec<IpAddr>,
+}
+
+/// This node's place in the network.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Interfaces the XDP program is attached to.
+    pub interfaces: Vec<String>,
+    /// The node's addresses for GUE: source of what it sends, destination of what it
+    /// receives. At least one.
+    #[serde(default)]
+    pub address_v4: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub address_v6: Option<Ipv6Addr>,
+    #[serde(default = "default_gue_port")]
+    pub gue_port: u16,
+    /// The flow hash seed: the same on every LB node of a fleet.
+    #[serde(default)]
+    pub hash_seed: u32,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+}
+
+/// How the program is attached.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// In the driver (fast; needs driver support, which veth and most NICs have).
+    #[default]
+    Native,
+    /// Generic mode, after the skb is built (works everywhere, slower).
+    Skb,
+}
+
+/// Where the agent keeps its state and serves its API.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The operator API's Unix socket (mode 0600, root only).
+    #[serde(default = "default_api_socket")]
+    pub api_socket: PathBuf,
+    /// Prometheus metrics address; `null` turns metrics off.
+    #[serde(default = "default_metrics")]
+    pub metrics: Option<SocketAddr>,
+    /// bpffs directory where maps and links are pinned.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Entries of the shared bucket map (all tables, double-buffered).
+    #[serde(default = "default_bucket_slots")]
+    pub bucket_slots: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            api_socket: default_api_socket(),
+            metrics: default_metrics(),
+            pin_dir: default_pin_dir(),
+            bucket_slots: default_bucket_slots(),
+        }
+    }
+}
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(format!("unknown protocol {s:?} (tcp or udp)")),
+        }
+    }
+}
+
+/// One service: a VIP, port and protocol, and its backends.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// A name operators use in commands; unique.
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// log2 of the table size.
+    #[serde(default = "default_table_bits")]
+    pub table_bits: u32,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+}
+
+/// A backend of a service.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// The backend's GUE address (where encapsulated packets go).
+    pub address: IpAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Draining: keeps its connections, gets no new ones.
+    #[serde(default)]
+    pub drain: bool,
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+}
+
+/// A backend's health check.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    pub kind: CheckKind,
+    /// The HTTP path (`http` only).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Port to check; the service port when absent.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Successes in a row that bring a down backend back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Failures in a row that take a backend down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+/// What a health check does.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// An HTTP GET whose status must be 2xx or 3xx.
+    Http,
+}
+
+impl HealthConfig {
+    /// The HTTP path to get (`/` when unset).
+    pub fn http_path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
+
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+fn default_gue_port() -> u16 {
+    DEFAULT_GUE_PORT
+}
+fn default_api_socket() -> PathBuf {
+    PathBuf::from("/run/lb/lb.sock")
+}
+fn default_metrics() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9640)))
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/lb")
+}
+fn default_bucket_slots() -> u32 {
+    DEFAULT_BUCKET_SLOTS
+}
+fn default_table_bits() -> u32 {
+    DEFAULT_TABLE_BITS
+}
+fn default_weight() -> u32 {
+    100
+}
+fn default_interval_ms() -> u64 {
+    1000
+}
+fn default_timeout_ms() -> u64 {
+    500
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+/// Everything wrong with a configuration, one line each.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: invalid configuration:\n  - {}", problems.join("\n  - "))]
+    Invalid { path: PathBuf, problems: Vec<String> },
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let config: Config = serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.into(),
+                problems,
+            })
+        }
+    }
+
+    /// Every problem of the configuration as a whole (empty when valid).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let n = &self.node;
+        if n.interfaces.is_empty() {
+            p.push("node.interfaces: name at least one interface".into());
+        }
+        for i in &n.interfaces {
+            if i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
+                p.push(format!("node.interfaces: {i:?} is not a valid interface name"));
+            }
+        }
+        if n.address_v4.is_none() && n.address_v6.is_none() {
+            p.push("node: set address_v4 or address_v6 (the node's GUE address)".into());
+        }
+        if let Some(a) = n.address_v4 {
+            if a.is_unspecified() || a.is_multicast() || a.is_broadcast() {
+                p.push(format!("node.address_v4: {a} cannot be a node address"));
+            }
+        }
+        if let Some(a) = n.address_v6 {
+            if a.is_unspecified() || a.is_multicast() {
+                p.push(format!("node.address_v6: {a} cannot be a node address"));
+            }
+        }
+        if n.gue_port == 0 {
+            p.push("node.gue_port: 0 is not a port".into());
+        }
+        let a = &self.agent;
+        if a.bucket_slots == 0 || a.bucket_slots > 1 << 26 {
+            p.push(format!(
+                "agent.bucket_slots: {} is out of range (1 to {})",
+                a.bucket_slots,
+                1u32 << 26
+            ));
+        }
+        if self.services.len() > MAX_SERVICES as usize {
+            p.push(format!(
+                "services: {} services, at most {MAX_SERVICES}",
+                self.services.len()
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut keys = BTreeSet::new();
+        let mut all_backends = BTreeSet::new();
+        let mut slots_needed = 0u64;
+        for (i, s) in self.services.iter().enumerate() {
+            let at = format!("services[{i}] ({})", s.name);
+            p.extend(service_problems(s).into_iter().map(|m| format!("{at}: {m}")));
+            if !names.insert(s.name.clone()) {
+                p.push(format!("{at}: the name {:?} is used twice", s.name));
+            }
+            if !keys.insert((s.vip, s.port, s.protocol)) {
+                p.push(format!(
+                    "{at}: {} {}:{} is defined twice",
+                    s.protocol, s.vip, s.port
+                ));
+            }
+            all_backends.extend(s.backends.iter().map(|b| b.address));
+            slots_needed += 2u64 << s.table_bits.min(MAX_TABLE_BITS);
+            for b in &s.backends {
+                if b.address.is_ipv4() && n.address_v4.is_none() {
+                    p.push(format!(
+                        "{at}: backend {} is IPv4 but the node has no address_v4",
+                        b.address
+                    ));
+                }
+                if b.address.is_ipv6() && n.address_v6.is_none() {
+                    p.push(format!(
+                        "{at}: backend {} is IPv6 but the node has no address_v6",
+                        b.address
+                    ));
+                }
+            }
+        }
+        if all_backends.len() > MAX_BACKENDS as usize {
+            p.push(format!(
+                "services: {} distinct backends, at most {MAX_BACKENDS}",
+                all_backends.len()
+            ));
+        }
+        if slots_needed > u64::from(a.bucket_slots) {
+            p.push(format!(
+                "services: the tables need {slots_needed} buckets (each double-buffered), \
+                 agent.bucket_slots is {}",
+                a.bucket_slots
+            ));
+        }
+        let mut vips = BTreeSet::new();
+        for v in &self.backend_vips {
+            if !vips.insert(v) {
+                p.push(format!("backend_vips: {v} is listed twice"));
+            }
+            if v.is_unspecified() || v.is_multicast() {
+                p.push(format!("backend_vips: {v} cannot be a VIP"));
+            }
+        }
+        p
+    }
+}
+
+/// Problems of one service on its own (also used for `lb service add`).
+pub fn service_problems(s: &ServiceConfig) -> Vec<String> {
+    let mut p = Vec::new();
+    if s.name.is_empty()
+        || s.name.len() > 64
+        || !s
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        p.push(format!(
+            "name {:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
+            s.name
+        ));
+    }
+    if s.vip.is_unspecified() || s.vip.is_multicast() {
+        p.push(format!("vip: {} cannot be a VIP", s.vip));
+    }
+    if s.port == 0 {
+        p.push("port: 0 is not a port".into());
+    }
+    if !(MIN_TABLE_BITS..=MAX_TABLE_BITS).contains(&s.table_bits) {
+        p.push(format!(
+            "table_bits: {} is out of range ({MIN_TABLE_BITS} to {MAX_TABLE_BITS})",
+            s.table_bits
+        ));
+    }
+    if s.backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
+        p.push(format!(
+            "backends: {} backends, at most {MAX_BACKENDS_PER_SERVICE}",
+            s.backends.len()
+        ));
+    }
+    if s.backends.len() > (1usize << s.table_bits.min(MAX_TABLE_BITS)) {
+        p.push(format!(
+            "backends: {} backends do not fit a table of {} buckets",
+            s.backends.len(),
+            1u32 << s.table_bits.min(MAX_TABLE_BITS)
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for b in &s.backends {
+        p.extend(backend_problems(b).into_iter());
+        if !seen.insert(b.address) {
+            p.push(format!("backend {} is listed twice", b.address));
+        }
+    }
+    p
+}
+
+/// Problems of one backend on its own (also used for `lb backend add`).
+pub fn backend_problems(b: &BackendConfig) -> Vec<String> {
+    let mut p = Vec::new();
+    let a = b.address;
+    if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+        p.push(format!("backend {a}: not a usable backend address"));
+    }
+    if b.weight > MAX_WEIGHT {
+        p.push(format!(
+            "backend {a}: weight {} is above the maximum {MAX_WEIGHT}",
+            b.weight
+        ));
+    }
+    if let Some(h) = &b.health {
+        if h.interval_ms < 10 || h.interval_ms > 3_600_000 {
+            p.push(format!(
+                "backend {a}: health.interval_ms {} is out of range (10 to 3600000)",
+                h.interval_ms
+            ));
+        }
+        if h.timeout_ms == 0 || h.timeout_ms > h.interval_ms {
+            p.push(format!(
+                "backend {a}: health.timeout_ms {} must be above 0 and at most interval_ms",
+                h.timeout_ms
+            ));
+        }
+        if h.rise == 0 || h.rise > 100 || h.fall == 0 || h.fall > 100 {
+            p.push(format!(
+                "backend {a}: health.rise and health.fall must be 1 to 100"
+            ));
+        }
+        match (&h.kind, &h.path) {
+            (CheckKind::Http, Some(path))
+                if !path.starts_with('/') || path.contains(char::is_whitespace) =>
+            {
+                p.push(format!(
+                    "backend {a}: health.path {path:?} must start with '/' and hold no spaces"
+                ));
+            }
+            (CheckKind::Tcp, Some(_)) => {
+                p.push(format!("backend {a}: health.path is for kind \"http\" only"));
+            }
+            _ => {}
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{
+        "node": { "interfaces": ["eth0"], "address_v4": "10.0.0.2" },
+        "services": [
+            { "name": "web", "vip": "10.100.0.1", "port": 80, "protocol": "tcp",
+              "backends": [
+                { "address": "10.0.3.2", "weight": 100,
+                  "health": { "kind": "http", "path": "/health", "interval_ms": 500 } },
+                { "address": "10.0.4.2" }
+              ] }
+        ]
+    }"#;
+
+    fn parse(s: &str) -> Result<Config, String> {
+        let c: Config = serde_json::from_str(s).map_err(|e| e.to_string())?;
+        let p = c.problems();
+        if p.is_empty() { Ok(c) } else { Err(p.join("\n")) }
+    }
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.node.gue_port, DEFAULT_GUE_PORT);
+        assert_eq!(c.services[0].table_bits, DEFAULT_TABLE_BITS);
+        assert_eq!(c.services[0].backends[1].weight, 100);
+        let h = c.services[0].backends[0].health.as_ref().unwrap();
+        assert_eq!((h.kind, h.http_path()), (CheckKind::Http, "/health"));
+        assert_eq!((h.rise, h.fall, h.timeout_ms), (2, 3, 500));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let bad = GOOD.replace("\"weight\": 100", "\"wieght\": 100");
+        let e = parse(&bad).unwrap_err();
+        assert!(e.contains("unknown field `wieght`"), "{e}");
+        let bad = GOOD.replace("\"interfaces\"", "\"colour\": 1, \"interfaces\"");
+        assert!(parse(&bad).unwrap_err().contains("unknown field `colour`"));
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let bad = r#"{
+            "node": { "interfaces": [] },
+            "services": [
+                { "name": "a", "vip": "0.0.0.0", "port": 0, "protocol": "tcp", "table_bits": 30,
+                  "backends": [ { "address": "10.0.0.9", "weight": 70000 },
+                                { "address": "10.0.0.9" } ] },
+                { "name": "a", "vip": "0.0.0.0", "port": 0, "protocol": "tcp" }
+            ]
+        }"#;
+        let e = parse(bad).unwrap_err();
+        for needle in [
+            "node.interfaces: name at least one",
+            "set address_v4 or address_v6",
+            "vip: 0.0.0.0 cannot be a VIP",
+            "port: 0 is not a port",
+            "table_bits: 30 is out of range",
+            "weight 70000 is above the maximum 65535",
+            "backend 10.0.0.9 is listed twice",
+            "the name \"a\" is used twice",
+            "is defined twice",
+            "backend 10.0.0.9 is IPv4 but the node has no address_v4",
+        ] {
+            assert!(e.contains(needle), "missing {needle:?} in:\n{e}");
+        }
+    }
+
+    #[test]
+    fn bad_addresses_and_missing_fields_are_parse_errors() {
+        let e = parse(&GOOD.replace("10.0.3.2", "10.0.3.256")).unwrap_err();
+        assert!(e.contains("invalid IP address"), "{e}");
+        let e = parse(&GOOD.replace("\"port\": 80, ", "")).unwrap_err();
+        assert!(e.contains("missing field `port`"), "{e}");
+        let e = parse(&GOOD.replace("\"tcp\"", "\"sctp\"")).unwrap_err();
+        assert!(e.contains("unknown variant `sctp`"), "{e}");
+    }
+
+    #[test]
+    fn health_check_limits() {
+        let bad = GOOD.replace("\"interval_ms\": 500", "\"interval_ms\": 500, \"timeout_ms\": 900, \"rise\": 0");
+        let e = parse(&bad).unwrap_err();
+        assert!(e.contains("timeout_ms 900 must be above 0 and at most interval_ms"), "{e}");
+        assert!(e.contains("rise and health.fall must be 1 to 100"), "{e}");
+    }
+}
