@@ -2,5 +2,6 @@
 //! forwarding-table builder, the agent and the operator commands.
 
 pub mod ebpf;
+pub mod api;
 pub mod config;
 pub mod dataplane;

@@ -1,0 +1,165 @@
+//! The operator API between `lb` commands and the agent: one JSON request per line on a
+//! Unix socket, one JSON response per line back.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{BackendConfig, Protocol, ServiceConfig};
+
+/// What an operator asks of the agent.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Services, backends, health, counters.
+    Status,
+    /// The bucket shares of one service's table.
+    Table { service: String },
+    /// Dry run: what `change` would move. Changes nothing.
+    Plan { change: Change },
+    /// Apply `change`.
+    Apply { change: Change },
+    /// Reread the config file (like SIGHUP).
+    Reload,
+    /// Remove the program from the interfaces and the pins, then stop the agent.
+    Detach,
+}
+
+/// A change to the service set.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Change {
+    ServiceAdd { service: ServiceConfig },
+    ServiceRemove { service: String },
+    BackendAdd { service: String, backend: BackendConfig },
+    BackendRemove { service: String, address: IpAddr },
+    SetWeight { service: String, address: IpAddr, weight: u32 },
+    /// `drain: true` drains, `false` undrains.
+    Drain { service: String, address: IpAddr, drain: bool },
+}
+
+/// The agent's answer.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(Status),
+    Table(TableSummary),
+    Plan(PlanSummary),
+    /// A change was applied: what it moved.
+    Applied(PlanSummary),
+    Done { message: String },
+    Error { message: String },
+}
+
+/// Everything `lb list` shows.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct Status {
+    pub services: Vec<ServiceStatus>,
+    /// Per-reason packet counts of the data plane (see docs/counters.md).
+    pub reasons: Vec<ReasonCount>,
+    pub table_rebuilds: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ReasonCount {
+    pub reason: String,
+    pub packets: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub table_bits: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+/// A backend's health as the agent's checks see it.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Up,
+    Down,
+    /// No health check configured: taken as up.
+    Unchecked,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct BackendStatus {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub drain: bool,
+    pub health: Health,
+    /// Buckets the backend owns (first hop) in the live table.
+    pub buckets: u32,
+    /// Packets and bytes forwarded to it (all services it serves on this node).
+    pub packets: u64,
+    pub bytes: u64,
+    /// Health checks done / failed since the agent started.
+    pub checks: u64,
+    pub check_failures: u64,
+}
+
+/// `lb table SERVICE`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct TableSummary {
+    pub service: String,
+    pub buckets: u32,
+    /// Buckets with no backend (no backend active).
+    pub empty: u32,
+    pub backends: Vec<TableShare>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct TableShare {
+    pub address: IpAddr,
+    pub weight: u32,
+    /// Buckets it owns (first hop).
+    pub first: u32,
+    /// Buckets where it is the second hop (it owned them before).
+    pub second: u32,
+}
+
+/// How many buckets a change moves, and between whom.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct PlanSummary {
+    pub service: String,
+    pub buckets: u32,
+    pub moved: u32,
+    pub moves: Vec<Move>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct Move {
+    /// `None`: an empty bucket.
+    pub from: Option<IpAddr>,
+    pub to: Option<IpAddr>,
+    pub buckets: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json() {
+        let r = Request::Apply {
+            change: Change::SetWeight {
+                service: "web".into(),
+                address: "10.0.0.1".parse().unwrap(),
+                weight: 5,
+            },
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            s,
+            r#"{"op":"apply","change":{"kind":"set_weight","service":"web","address":"10.0.0.1","weight":5}}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        assert!(serde_json::from_str::<Request>(r#"{"op":"status","x":1}"#).is_err());
+    }
+}
