@@ -160,6 +160,6 @@ mod tests {
             r#"{"op":"apply","change":{"kind":"set_weight","service":"web","address":"10.0.0.1","weight":5}}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
-        assert!(serde_json::from_str::<Request>(r#"{"op":"status","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"table","service":"w","x":1}"#).is_err());
     }
 }
