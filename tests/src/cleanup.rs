@@ -74,20 +74,18 @@ fn delete_root_link(index: u32) -> Result<()> {
     on_root(|h| async move { link::delete(&h, index).await })
 }
 
-/// Runs `f` with a netlink handle of the calling thread's namespace.
+/// Runs `f` with a netlink handle of the calling thread's namespace, on a runtime of its
+/// own in a new thread (which starts in the caller's namespace), so callers inside an
+/// async runtime work too.
 fn on_root<T, F, Fut>(f: F) -> Result<T>
 where
-    F: FnOnce(rtnetlink::Handle) -> Fut,
+    T: Send,
+    F: FnOnce(rtnetlink::Handle) -> Fut + Send,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        let conn = tokio::spawn(conn);
-        let out = f(handle).await;
-        conn.abort();
-        out
+    std::thread::scope(|s| {
+        s.spawn(|| link::with_netlink(f))
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
 }

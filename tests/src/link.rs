@@ -37,19 +37,27 @@ impl Netns {
         F: FnOnce(Handle) -> Fut + Send,
         Fut: Future<Output = Result<T>>,
     {
-        self.run(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let (conn, handle, _) = rtnetlink::new_connection()?;
-                let conn = tokio::spawn(conn);
-                let out = f(handle).await;
-                conn.abort();
-                out
-            })
-        })
+        self.run(|| with_netlink(f))
     }
+}
+
+/// Runs `f` with an rtnetlink handle of the calling thread's namespace, on a runtime of
+/// its own (so the calling thread must not be inside one).
+pub fn with_netlink<T, F, Fut>(f: F) -> Result<T>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        let conn = tokio::spawn(conn);
+        let out = f(handle).await;
+        conn.abort();
+        out
+    })
 }
 
 /// The index of interface `name`.

@@ -12,7 +12,7 @@ use std::{
     },
     path::{Path, PathBuf},
     process::{Child, Command},
-    sync::{mpsc, Once},
+    sync::{mpsc, OnceLock},
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -307,13 +307,12 @@ fn mount_bind(src: &Path, dst: &Path) -> io::Result<()> {
 /// Makes /run/netns a shared mount point, as iproute2 does, so namespace mounts
 /// propagate to mount namespaces made later (`ip netns exec` makes one).
 fn prepare_run_dir() -> Result<()> {
-    static ONCE: Once = Once::new();
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     fs::create_dir_all(NETNS_DIR).context(NETNS_DIR)?;
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = (|| -> io::Result<()> {
-            let dir = cstr(Path::new(NETNS_DIR))?;
-            let shared = || unsafe {
+    let done = DONE.get_or_init(|| {
+        let dir = cstr(Path::new(NETNS_DIR)).map_err(|e| e.to_string())?;
+        let shared = || {
+            check(unsafe {
                 libc::mount(
                     c"".as_ptr(),
                     dir.as_ptr(),
@@ -321,28 +320,27 @@ fn prepare_run_dir() -> Result<()> {
                     libc::MS_SHARED | libc::MS_REC,
                     std::ptr::null(),
                 )
-            };
-            if shared() == 0 {
-                return Ok(());
+            })
+        };
+        match shared() {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // Not a mount point yet: bind it onto itself first.
+                check(unsafe {
+                    libc::mount(
+                        dir.as_ptr(),
+                        dir.as_ptr(),
+                        c"none".as_ptr(),
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    )
+                })
+                .and_then(|()| shared())
             }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EINVAL) {
-                return Err(err);
-            }
-            // Not a mount point yet: bind it onto itself first.
-            check(unsafe {
-                libc::mount(
-                    dir.as_ptr(),
-                    dir.as_ptr(),
-                    c"none".as_ptr(),
-                    libc::MS_BIND | libc::MS_REC,
-                    std::ptr::null(),
-                )
-            })?;
-            check(shared())
-        })();
+            other => other,
+        }
+        .map_err(|e| format!("making {NETNS_DIR} a shared mount: {e}"))
     });
-    result.context("making /run/netns a shared mount")
+    done.clone().map_err(anyhow::Error::msg)
 }
 
 fn unmount_and_remove(path: &Path) -> Result<()> {

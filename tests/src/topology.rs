@@ -73,7 +73,8 @@ pub struct Spec {
     pub clients: usize,
     pub lbs: usize,
     pub backends: usize,
-    /// MTU of every link not in `link_mtus`.
+    /// MTU of every link not in `link_mtus`. Native XDP on veth needs it at most about
+    /// 3500 (a frame must fit one page), so links with XDP must stay below that.
     pub mtu: u32,
     #[serde(default)]
     pub link_mtus: Vec<LinkMtu>,

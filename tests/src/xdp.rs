@@ -101,8 +101,21 @@ impl XdpProgram {
 /// `ifname` in `ns`, native mode (`XdpMode::Default` is native on veth). Interface names
 /// resolve in the calling thread's namespace, and so does the attach, hence the thread.
 pub fn attach_in(ns: &Netns, prog: &mut Xdp, ifname: &str) -> Result<XdpLinkId> {
-    ns.run(|| Ok(prog.attach(ifname, XdpMode::Default)?))
-        .with_context(|| format!("attaching XDP to {ifname} in {}", ns.name()))
+    ns.run(|| {
+        prog.attach(ifname, XdpMode::Default).map_err(|e| {
+            let erange = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                .filter_map(|e| e.downcast_ref::<std::io::Error>())
+                .any(|e| e.raw_os_error() == Some(libc::ERANGE));
+            let err = anyhow::Error::new(e);
+            if erange {
+                // veth refuses native XDP when a frame may not fit one page.
+                err.context("the MTU is too large for native XDP on veth (at most about 3500)")
+            } else {
+                err
+            }
+        })
+    })
+    .with_context(|| format!("attaching XDP to {ifname} in {}", ns.name()))
 }
 
 /// Reads `REASON_STATS` of a loaded object, summed over CPUs.

@@ -6,6 +6,7 @@ use std::{
     fs,
     net::IpAddr,
     path::{Path, PathBuf},
+    process::ExitCode,
 };
 
 use anyhow::{bail, ensure, Context, Result};
@@ -60,6 +61,10 @@ enum Cmd {
         /// those of running tests.
         #[arg(long, conflicts_with = "name")]
         all: bool,
+        /// Remove only what test runs that no longer exist left behind (safe while
+        /// other tests and labs run).
+        #[arg(long, conflicts_with_all = ["name", "all"])]
+        stale: bool,
     },
     /// List the labs that are up.
     List,
@@ -75,8 +80,17 @@ struct Record {
     pin_dir: Option<PathBuf>,
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     // SAFETY: geteuid cannot fail.
     ensure!(
         unsafe { libc::geteuid() } == 0,
@@ -104,7 +118,8 @@ fn main() -> Result<()> {
             up(&name, spec)
         }
         Cmd::Down { all: true, .. } => down_all(),
-        Cmd::Down { name, all: false } => down(name.as_deref().unwrap_or("lab")),
+        Cmd::Down { stale: true, .. } => report(&tests::sweep_stale()?),
+        Cmd::Down { name, .. } => down(name.as_deref().unwrap_or("lab")),
         Cmd::List => list(),
     }
 }
@@ -254,6 +269,10 @@ fn down_all() -> Result<()> {
     for dir in [RECORD_DIR, PIN_DIR] {
         remove_dir(Path::new(dir))?;
     }
+    report(&swept)
+}
+
+fn report(swept: &tests::Swept) -> Result<()> {
     println!(
         "removed {} namespaces{}",
         swept.namespaces.len(),
