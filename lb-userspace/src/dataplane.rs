@@ -2,12 +2,19 @@
 //! Everything that writes the maps goes through here so the layout rules (see
 //! `lb_common::maps`) live in one place.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{ProgramError, Xdp},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use lb_common::{
     addr,
@@ -39,6 +46,14 @@ pub enum DataplaneError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("attaching to {ifname} failed")]
+    Attach {
+        ifname: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("pin {path}: {message}")]
+    Pin { path: PathBuf, message: String },
 }
 
 /// How to load the object.
@@ -46,30 +61,124 @@ pub enum DataplaneError {
 pub struct LoadOptions {
     /// Entries of the shared bucket map (all services' tables, double-buffered).
     pub bucket_slots: u32,
+    /// bpffs directory to pin maps (`maps/`) and links (`links/`) in. Maps already
+    /// pinned there are reused, so a restarted agent continues with the live state.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             bucket_slots: lb_common::limits::DEFAULT_BUCKET_SLOTS,
+            pin_dir: None,
         }
     }
 }
 
+/// Every map of the object (also the pin names under `maps/`).
+pub const MAP_NAMES: [&str; 8] = [
+    names::SERVICES,
+    names::VIPS,
+    names::BUCKETS,
+    names::BACKENDS,
+    names::NODE,
+    names::REASON_STATS,
+    names::SERVICE_STATS,
+    names::BACKEND_STATS,
+];
+
 /// The loaded object: the main program verified and loaded, maps created.
 pub struct Dataplane {
     ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    adopted: bool,
 }
 
 impl Dataplane {
     /// Loads the embedded object and the main program (runs the verifier).
     pub fn load(opts: &LoadOptions) -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::BUCKETS, opts.bucket_slots)
-            .load(ebpf::object())
-            .map_err(DataplaneError::Load)?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::BUCKETS, opts.bucket_slots);
+        let mut adopted = false;
+        let map_paths: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => {
+                let maps = dir.join("maps");
+                std::fs::create_dir_all(&maps).map_err(|e| DataplaneError::Pin {
+                    path: maps.clone(),
+                    message: e.to_string(),
+                })?;
+                adopted = maps.join(names::SERVICES).exists();
+                MAP_NAMES.iter().map(|n| (*n, maps.join(n))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(ebpf::object()).map_err(DataplaneError::Load)?;
         load_program(&mut ebpf, ebpf::PROGRAM)?;
-        Ok(Dataplane { ebpf })
+        Ok(Dataplane {
+            ebpf,
+            pin_dir: opts.pin_dir.clone(),
+            adopted,
+        })
+    }
+
+    /// Whether the maps were already pinned (a running data plane was taken over).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Attaches the program to `ifname` (in the calling thread's network namespace).
+    /// With a pin directory, the link is pinned there; a link already pinned for that
+    /// interface gets the new program swapped in atomically, so forwarding never stops.
+    pub fn attach(&mut self, ifname: &str, mode: XdpMode) -> Result<(), DataplaneError> {
+        let attach_err = |source| DataplaneError::Attach {
+            ifname: ifname.to_string(),
+            source,
+        };
+        let Some(dir) = self.pin_dir.clone() else {
+            self.program().attach(ifname, mode).map_err(attach_err)?;
+            return Ok(());
+        };
+        let links = dir.join("links");
+        std::fs::create_dir_all(&links).map_err(|e| pin_err(&links, e))?;
+        let path = links.join(ifname);
+        let prog = self.program();
+        let id = if path.exists() {
+            let pinned = PinnedLink::from_pin(&path).map_err(|e| pin_err(&path, e))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| pin_err(&path, e))?;
+            prog.attach_to_link(link).map_err(attach_err)?
+        } else {
+            let id = prog.attach(ifname, mode).map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            let fd = FdLink::try_from(link).map_err(|e| pin_err(&path, e))?;
+            fd.pin(&path).map_err(|e| pin_err(&path, e))?;
+            return Ok(());
+        };
+        // The pin keeps the link (and so the program) alive; this handle may go.
+        let link = prog.take_link(id).map_err(attach_err)?;
+        drop(link);
+        Ok(())
+    }
+
+    /// Removes the pinned links (detaching the program) and the pinned maps.
+    pub fn unpin_all(pin_dir: &Path) -> Result<Vec<PathBuf>, DataplaneError> {
+        let mut removed = Vec::new();
+        for sub in ["links", "maps"] {
+            let dir = pin_dir.join(sub);
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+                removed.push(path);
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        let _ = std::fs::remove_dir(pin_dir);
+        Ok(removed)
     }
 
     /// The main XDP program.
@@ -150,6 +259,68 @@ impl Dataplane {
             .map_err(|source| map_err(names::SERVICES, source))
     }
 
+    /// Removes a service (the data plane passes its packets again) and, with its last
+    /// service, its VIP.
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+            self.map_mut(names::SERVICES)?;
+        if services.remove(key).is_err() {
+            return Ok(());
+        }
+        let mut vips: HashMap<&mut MapData, [u8; 16], VipRefs> = self.map_mut(names::VIPS)?;
+        match vips.get(&key.addr, 0) {
+            Ok(n) if n > 1 => vips
+                .insert(key.addr, n - 1, 0)
+                .map_err(|source| map_err(names::VIPS, source)),
+            _ => {
+                let _ = vips.remove(&key.addr);
+                Ok(())
+            }
+        }
+    }
+
+    /// The services in the map.
+    pub fn services(&mut self) -> Result<Vec<(ServiceKey, ServiceValue)>, DataplaneError> {
+        let services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
+            self.map_mut(names::SERVICES)?;
+        services
+            .iter()
+            .map(|r| r.map_err(|source| map_err(names::SERVICES, source)))
+            .collect()
+    }
+
+    /// The occupied backend slots.
+    pub fn backends(&mut self) -> Result<Vec<(u32, IpAddr)>, DataplaneError> {
+        let m: Array<&mut MapData, Backend> = self.map_mut(names::BACKENDS)?;
+        let mut out = Vec::new();
+        for i in 0..m.len() {
+            let b = m.get(&i, 0).map_err(|source| map_err(names::BACKENDS, source))?;
+            if b.flags & lb_common::maps::BACKEND_PRESENT != 0 {
+                out.push((i, addr::from_bytes(b.addr)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Empties backend slot `index`.
+    pub fn clear_backend(&mut self, index: u32) -> Result<(), DataplaneError> {
+        let empty = Backend {
+            addr: [0; 16],
+            flags: 0,
+        };
+        let mut m: Array<&mut MapData, Backend> = self.map_mut(names::BACKENDS)?;
+        m.set(index, empty, 0)
+            .map_err(|source| map_err(names::BACKENDS, source))
+    }
+
+    /// Reads `len` buckets at `offset`.
+    pub fn read_table(&mut self, offset: u32, len: u32) -> Result<Vec<Bucket>, DataplaneError> {
+        let m: Array<&mut MapData, Bucket> = self.map_mut(names::BUCKETS)?;
+        (offset..offset + len)
+            .map(|i| m.get(&i, 0).map_err(|source| map_err(names::BUCKETS, source)))
+            .collect()
+    }
+
     /// The per-reason counters, summed over CPUs.
     pub fn reason_counts(&mut self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
         let m: PerCpuArray<&mut MapData, u64> = self.map_mut(names::REASON_STATS)?;
@@ -193,6 +364,13 @@ pub struct Node {
     pub gue_port: u16,
     pub addr_v4: Option<std::net::Ipv4Addr>,
     pub addr_v6: Option<std::net::Ipv6Addr>,
+}
+
+fn pin_err(path: &Path, e: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::Pin {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 fn map_err(name: &'static str, source: aya::maps::MapError) -> DataplaneError {
