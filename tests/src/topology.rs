@@ -420,13 +420,8 @@ impl Topology {
                     n.ns.fd(),
                 )
                 .await?;
-                let idx = link::index(&h, &n.router_ifname).await?;
-                link::tx_checksum_off(&n.router_ifname)?;
-                link::set_up(&h, idx).await?;
-                link::add_addr(&h, idx, n.router_v4.into(), 24).await?;
-                link::add_addr(&h, idx, n.router_v6.into(), 64).await?;
-                link::add_neigh(&h, idx, n.v4.into(), n.mac).await?;
-                link::add_neigh(&h, idx, n.v6.into(), n.mac).await?;
+                let local = (n.router_v4, n.router_v6);
+                configure_end(&h, &n.router_ifname, local, (n.v4, n.v6), n.mac).await?;
             }
             Ok(())
         })?;
@@ -441,13 +436,8 @@ impl Topology {
                     link::sysctl("net/ipv6/conf/all/forwarding", "1")?;
                 }
                 up_lo(&h).await?;
-                let idx = link::index(&h, &n.ifname).await?;
-                link::tx_checksum_off(&n.ifname)?;
-                link::set_up(&h, idx).await?;
-                link::add_addr(&h, idx, n.v4.into(), 24).await?;
-                link::add_addr(&h, idx, n.v6.into(), 64).await?;
-                link::add_neigh(&h, idx, n.router_v4.into(), n.router_mac).await?;
-                link::add_neigh(&h, idx, n.router_v6.into(), n.router_mac).await?;
+                let peer = (n.router_v4, n.router_v6);
+                let idx = configure_end(&h, &n.ifname, (n.v4, n.v6), peer, n.router_mac).await?;
                 let gw4 = [(IpAddr::from(n.router_v4), idx)];
                 let gw6 = [(IpAddr::from(n.router_v6), idx)];
                 link::add_route(&h, Ipv4Addr::UNSPECIFIED.into(), 0, &gw4).await?;
@@ -589,6 +579,25 @@ fn host_sysctls() -> Result<()> {
         link::sysctl(&format!("net/ipv6/conf/{conf}/accept_dad"), "0")?;
     }
     Ok(())
+}
+
+/// Sets up one end of a link: checksum offload off, up, its addresses, and permanent
+/// neighbour entries for the other end. Returns the interface index.
+async fn configure_end(
+    h: &rtnetlink::Handle,
+    ifname: &str,
+    (v4, v6): (Ipv4Addr, Ipv6Addr),
+    (peer_v4, peer_v6): (Ipv4Addr, Ipv6Addr),
+    peer_mac: Mac,
+) -> Result<u32> {
+    let idx = link::index(h, ifname).await?;
+    link::tx_checksum_off(ifname)?;
+    link::set_up(h, idx).await?;
+    link::add_addr(h, idx, v4.into(), 24).await?;
+    link::add_addr(h, idx, v6.into(), 64).await?;
+    link::add_neigh(h, idx, peer_v4.into(), peer_mac).await?;
+    link::add_neigh(h, idx, peer_v6.into(), peer_mac).await?;
+    Ok(idx)
 }
 
 async fn up_lo(h: &rtnetlink::Handle) -> Result<()> {

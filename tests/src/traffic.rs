@@ -22,14 +22,49 @@ use crate::Netns;
 /// How often server threads look at their stop flag.
 const POLL: Duration = Duration::from_millis(50);
 
-/// Servers stop and are joined when dropped.
+/// Sockets bound inside a namespace, each served by a thread of its own (sockets stay
+/// in the namespace they were made in, so the threads can run anywhere). Dropping it
+/// stops and joins the threads.
 #[derive(Debug)]
-struct Stopper {
+struct Serving {
+    /// Connections accepted (TCP) or datagrams received (UDP).
+    count: Arc<AtomicU64>,
+    addrs: Vec<SocketAddr>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl Drop for Stopper {
+impl Serving {
+    fn start<S: Send + 'static>(
+        ns: &Netns,
+        addrs: &[SocketAddr],
+        bind: impl Fn(&SocketAddr) -> Result<(S, SocketAddr)> + Sync,
+        serve: impl Fn(S, Arc<AtomicBool>, Arc<AtomicU64>) + Clone + Send + 'static,
+    ) -> Result<Self> {
+        let bound = ns.run(|| addrs.iter().map(&bind).collect::<Result<Vec<_>>>())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let mut local = Vec::new();
+        let mut threads = Vec::new();
+        for (sock, addr) in bound {
+            local.push(addr);
+            let (serve, stop, count) = (serve.clone(), stop.clone(), count.clone());
+            threads.push(std::thread::spawn(move || serve(sock, stop, count)));
+        }
+        Ok(Self {
+            count,
+            addrs: local,
+            stop,
+            threads,
+        })
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Serving {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
@@ -40,55 +75,31 @@ impl Drop for Stopper {
 
 /// A TCP server answering with its name then echoing (see the module docs).
 #[derive(Debug)]
-pub struct TcpServer {
-    accepted: Arc<AtomicU64>,
-    addrs: Vec<SocketAddr>,
-    _stopper: Stopper,
-}
+pub struct TcpServer(Serving);
 
 impl TcpServer {
     /// Listens on each of `addrs` inside `ns` (`[::]:port` takes IPv4 and IPv6 on every
     /// address, the VIPs on `lo` included).
     pub fn start(ns: &Netns, name: &str, addrs: &[SocketAddr]) -> Result<Self> {
-        let listeners = ns.run(|| {
-            addrs
-                .iter()
-                .map(|a| {
-                    let l = TcpListener::bind(a).with_context(|| format!("binding TCP {a}"))?;
-                    l.set_nonblocking(true)?;
-                    Ok(l)
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
-        let addrs = listeners
-            .iter()
-            .map(|l| l.local_addr())
-            .collect::<io::Result<_>>()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicU64::new(0));
-        // Listening sockets stay in the namespace they were made in; the accept loops
-        // can run anywhere.
-        let threads = listeners
-            .into_iter()
-            .map(|l| {
-                let (stop, accepted, name) = (stop.clone(), accepted.clone(), name.to_owned());
-                std::thread::spawn(move || accept_loop(l, &name, &stop, &accepted))
-            })
-            .collect();
-        Ok(Self {
-            accepted,
-            addrs,
-            _stopper: Stopper { stop, threads },
-        })
+        let bind = |a: &SocketAddr| {
+            let l = TcpListener::bind(a).with_context(|| format!("binding TCP {a}"))?;
+            l.set_nonblocking(true)?;
+            let local = l.local_addr()?;
+            Ok((l, local))
+        };
+        let name = name.to_owned();
+        let serve =
+            move |l, stop, accepted: Arc<AtomicU64>| accept_loop(l, &name, &stop, &accepted);
+        Serving::start(ns, addrs, bind, serve).map(Self)
     }
 
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
+        self.0.count()
     }
 
     pub fn local_addrs(&self) -> &[SocketAddr] {
-        &self.addrs
+        &self.0.addrs
     }
 }
 
@@ -103,7 +114,6 @@ fn accept_loop(l: TcpListener, name: &str, stop: &Arc<AtomicBool>, accepted: &At
                     let _ = serve_conn(s, &name, &stop);
                 }));
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
             Err(_) => std::thread::sleep(POLL),
         }
         conns.retain(|c: &JoinHandle<()>| !c.is_finished());
@@ -135,64 +145,40 @@ fn serve_conn(mut s: TcpStream, name: &str, stop: &AtomicBool) -> io::Result<()>
 
 /// A UDP server answering each datagram with its name and the datagram.
 #[derive(Debug)]
-pub struct UdpServer {
-    received: Arc<AtomicU64>,
-    addrs: Vec<SocketAddr>,
-    _stopper: Stopper,
-}
+pub struct UdpServer(Serving);
 
 impl UdpServer {
     /// Binds each of `addrs` inside `ns`. Bind the exact addresses (VIPs included, see
     /// [`Topology::backend_sockaddrs`](crate::Topology::backend_sockaddrs)) rather than
     /// a wildcard, so answers leave from the address the client sent to.
     pub fn start(ns: &Netns, name: &str, addrs: &[SocketAddr]) -> Result<Self> {
-        let sockets = ns.run(|| {
-            addrs
-                .iter()
-                .map(|a| {
-                    let s = UdpSocket::bind(a).with_context(|| format!("binding UDP {a}"))?;
-                    s.set_read_timeout(Some(POLL))?;
-                    Ok(s)
-                })
-                .collect::<Result<Vec<_>>>()
-        })?;
-        let addrs = sockets
-            .iter()
-            .map(|s| s.local_addr())
-            .collect::<io::Result<_>>()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let received = Arc::new(AtomicU64::new(0));
-        let threads = sockets
-            .into_iter()
-            .map(|s| {
-                let (stop, received) = (stop.clone(), received.clone());
-                let prefix = format!("{name}\n").into_bytes();
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 65536];
-                    while !stop.load(Ordering::Relaxed) {
-                        if let Ok((n, from)) = s.recv_from(&mut buf[prefix.len()..]) {
-                            received.fetch_add(1, Ordering::Relaxed);
-                            buf[..prefix.len()].copy_from_slice(&prefix);
-                            let _ = s.send_to(&buf[..prefix.len() + n], from);
-                        }
-                    }
-                })
-            })
-            .collect();
-        Ok(Self {
-            received,
-            addrs,
-            _stopper: Stopper { stop, threads },
-        })
+        let bind = |a: &SocketAddr| {
+            let s = UdpSocket::bind(a).with_context(|| format!("binding UDP {a}"))?;
+            s.set_read_timeout(Some(POLL))?;
+            let local = s.local_addr()?;
+            Ok((s, local))
+        };
+        let prefix = format!("{name}\n").into_bytes();
+        let serve = move |s: UdpSocket, stop: Arc<AtomicBool>, received: Arc<AtomicU64>| {
+            let mut buf = vec![0u8; 65536];
+            buf[..prefix.len()].copy_from_slice(&prefix);
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = s.recv_from(&mut buf[prefix.len()..]) {
+                    received.fetch_add(1, Ordering::Relaxed);
+                    let _ = s.send_to(&buf[..prefix.len() + n], from);
+                }
+            }
+        };
+        Serving::start(ns, addrs, bind, serve).map(Self)
     }
 
     /// Datagrams received so far.
     pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
+        self.0.count()
     }
 
     pub fn local_addrs(&self) -> &[SocketAddr] {
-        &self.addrs
+        &self.0.addrs
     }
 }
 
