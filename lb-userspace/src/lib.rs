@@ -5,3 +5,5 @@ pub mod ebpf;
 pub mod api;
 pub mod config;
 pub mod dataplane;
+pub mod cli;
+pub mod client;
