@@ -7,11 +7,14 @@ use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::PerCpuArray,
     programs::{links::FdLink, xdp::XdpLinkId, Xdp, XdpMode},
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use lb_common::{maps::names, stats::Reason};
 
 use crate::Netns;
+
+/// Bucket map entries of an [`XdpProgram`]: room for a few small tables.
+pub const BUCKET_SLOTS: u32 = 1 << 12;
 
 /// One load of lb's object (its own set of maps) with one program loaded, attached to
 /// any number of interfaces. Dropping it detaches every unpinned attachment.
@@ -35,9 +38,14 @@ impl fmt::Debug for XdpProgram {
 
 impl XdpProgram {
     /// Loads lb's embedded object and the program `name` (`lb::ebpf::PROGRAM` or
-    /// `lb::ebpf::PASS_PROGRAM`) into the kernel, unattached.
+    /// `lb::ebpf::PASS_PROGRAM`) into the kernel, unattached. The bucket map gets
+    /// [`BUCKET_SLOTS`] entries rather than the agent's default (arrays are allocated
+    /// whole, and every load has its own maps).
     pub fn load(name: &str) -> Result<Self> {
-        let mut ebpf = Ebpf::load(lb::ebpf::object()).context("loading lb's XDP object")?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::BUCKETS, BUCKET_SLOTS)
+            .load(lb::ebpf::object())
+            .context("loading lb's XDP object")?;
         let prog: &mut Xdp = ebpf
             .program_mut(name)
             .with_context(|| format!("no program {name} in lb's object"))?
