@@ -7,3 +7,4 @@ pub mod config;
 pub mod dataplane;
 pub mod cli;
 pub mod client;
+pub mod health;
