@@ -8,3 +8,4 @@ pub mod dataplane;
 pub mod cli;
 pub mod client;
 pub mod health;
+pub mod metrics;
