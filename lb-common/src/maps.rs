@@ -3,7 +3,7 @@
 
 /// Key of the `SERVICES` map.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     /// The VIP (see `addr`).
     pub addr: [u8; 16],

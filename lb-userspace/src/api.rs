@@ -102,6 +102,8 @@ pub struct BackendStatus {
     /// Health checks done / failed since the agent started.
     pub checks: u64,
     pub check_failures: u64,
+    /// Up/down transitions since the agent started.
+    pub health_transitions: u64,
 }
 
 /// `lb table SERVICE`.

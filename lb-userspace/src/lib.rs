@@ -9,3 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod health;
 pub mod metrics;
+
+pub mod bpffs;
+pub mod table;
+pub mod agent;

@@ -51,6 +51,7 @@
 //! Errors are `anyhow`: this is test harness code whose errors end in a test failure or
 //! on an operator's terminal, never matched on.
 
+pub mod agent;
 pub mod cleanup;
 pub mod link;
 pub mod netns;

@@ -1,0 +1,267 @@
+//! `lb agent` on a load-balancer node and on backends, driven by the `lb` CLI: health
+//! checks, weights, agent restarts under load, and refused input.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use tests::{
+    Spec, TcpConn, TcpServer, Topology,
+    agent::{Agent, node_config, remove_run_dir},
+    can_run, tcp_request,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+const HEALTH_PORT: u16 = 8080;
+
+/// A lab: LB and backend agents, TCP servers on the VIP (port 80) and health servers
+/// (port 8080) on every backend.
+struct Lab {
+    agents: Vec<Agent>,
+    servers: Vec<Option<TcpServer>>,
+    health: Vec<Option<TcpServer>>,
+    topo: Topology,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.agents.clear();
+        remove_run_dir(&self.topo.id);
+    }
+}
+
+fn service(topo: &Topology, interval_ms: u64, fall: u32) -> Value {
+    let backends: Vec<Value> = topo
+        .backends
+        .iter()
+        .map(|b| {
+            json!({
+                "address": b.v4,
+                "weight": 100,
+                "health": { "kind": "tcp", "port": HEALTH_PORT, "interval_ms": interval_ms,
+                            "timeout_ms": interval_ms / 2, "rise": 2, "fall": fall }
+            })
+        })
+        .collect();
+    json!({ "name": "web", "vip": topo.vip_v4(), "port": 80, "protocol": "tcp",
+            "table_bits": 10, "backends": backends })
+}
+
+fn lb_config(topo: &Topology, interval_ms: u64, fall: u32) -> Value {
+    json!({ "node": node_config(&topo.lbs[0]), "services": [service(topo, interval_ms, fall)] })
+}
+
+fn lab(backends: usize, interval_ms: u64, fall: u32) -> Lab {
+    let topo = Topology::build(Spec::new(1, 1, backends)).unwrap();
+    let mut lab = Lab {
+        agents: Vec::new(),
+        servers: Vec::new(),
+        health: Vec::new(),
+        topo,
+    };
+    let topo = &lab.topo;
+    for b in &topo.backends {
+        let vips: Vec<IpAddr> = vec![topo.vip_v4().into(), topo.vip_v6().into()];
+        let config = json!({ "node": node_config(b), "backend_vips": vips });
+        lab.agents.push(Agent::start(&topo.id, b, config).unwrap());
+        let any: SocketAddr = "[::]:80".parse().unwrap();
+        lab.servers.push(Some(TcpServer::start(b, &b.name, &[any]).unwrap()));
+        let hc: SocketAddr = SocketAddr::new(b.v4.into(), HEALTH_PORT);
+        lab.health.push(Some(TcpServer::start(b, &b.name, &[hc]).unwrap()));
+    }
+    let lb = Agent::start(&topo.id, &topo.lbs[0], lb_config(topo, interval_ms, fall)).unwrap();
+    lab.agents.insert(0, lb);
+    lab
+}
+
+impl Lab {
+    fn lb(&self) -> &Agent {
+        &self.agents[0]
+    }
+    fn vip(&self) -> SocketAddr {
+        SocketAddr::new(self.topo.vip_v4().into(), 80)
+    }
+    /// Opens `n` new connections and counts them per backend.
+    fn spread(&self, n: usize) -> BTreeMap<String, usize> {
+        let mut seen = BTreeMap::new();
+        for _ in 0..n {
+            let who = tcp_request(&self.topo.clients[0], self.vip(), TIMEOUT)
+                .unwrap_or_else(|e| panic!("new connection through the LB failed: {e:#}"));
+            *seen.entry(who).or_default() += 1;
+        }
+        seen
+    }
+}
+
+#[test]
+fn agent_forwards_lists_and_refuses_bad_commands() {
+    if !can_run("agent_forwards_lists_and_refuses_bad_commands") {
+        return;
+    }
+    let lab = lab(2, 200, 2);
+    let seen = lab.spread(40);
+    assert_eq!(seen.len(), 2, "both backends get connections: {seen:?}");
+
+    let list = lab.lb().ok(&["list"]).unwrap();
+    println!("{list}");
+    assert!(list.contains("TCP") && list.contains(":80") && list.contains("web"), "{list}");
+    for b in &lab.topo.backends {
+        assert!(list.contains(&b.v4.to_string()), "{list}");
+    }
+    let before = lab.lb().status().unwrap();
+
+    let web = "web";
+    let b0 = lab.topo.backends[0].v4.to_string();
+    let bad: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["backend", "set-weight", "nope", &b0, "5"], "no service named \"nope\""),
+        (vec!["backend", "set-weight", web, &b0, "70000"], "weight 70000 is above the maximum 65535"),
+        (vec!["backend", "drain", web, "10.9.9.9"], "has no backend 10.9.9.9"),
+        (vec!["backend", "add", web, &b0], "is already in service"),
+        (vec!["backend", "add", web, "127.0.0.1"], "not a usable backend address"),
+        (vec!["service", "remove", "nope"], "no service named"),
+        (vec!["service", "add", "--name", "web", "--vip", "10.100.0.9", "--port", "80"], "a service named \"web\" exists"),
+        (vec!["service", "add", "--name", "dup", "--vip", "10.100.0.1", "--port", "80"], "is already service \"web\""),
+        (vec!["service", "add", "--name", "big", "--vip", "10.100.0.9", "--port", "80", "--table-bits", "25"], "table_bits: 25 is out of range"),
+        (vec!["backend", "set-weight", web, "10.0.0.300", "5"], "invalid value '10.0.0.300'"),
+        (vec!["table", "nope"], "no service named"),
+    ];
+    for (args, want) in bad {
+        let out = lab.lb().lb(&args).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "lb {args:?} should fail");
+        assert!(err.contains(want), "lb {args:?}: {err}");
+        println!("refused: lb {} -> {}", args.join(" "), err.trim());
+    }
+    let after = lab.lb().status().unwrap();
+    assert_eq!(before["services"], after["services"], "refused commands changed nothing");
+
+    // A plan moves nothing; its figure matches what applying then moves.
+    let plan = lab.lb().ok(&["plan", "backend", "set-weight", web, &b0, "50"]).unwrap();
+    let applied = lab.lb().ok(&["backend", "set-weight", web, &b0, "50"]).unwrap();
+    println!("{plan}{applied}");
+    let moved = |s: &str| s.split_whitespace().skip_while(|w| *w != "move" && *w != "moved").nth(1).map(str::to_string);
+    assert_eq!(moved(&plan), moved(&applied), "plan and apply agree");
+    let table = lab.lb().ok(&["table", web]).unwrap();
+    println!("{table}");
+}
+
+#[test]
+fn failed_health_check_removes_a_backend_and_recovery_returns_it() {
+    if !can_run("failed_health_check_removes_a_backend_and_recovery_returns_it") {
+        return;
+    }
+    let (interval, fall) = (200u64, 2u32);
+    let mut lab = lab(3, interval, fall);
+    let seen = lab.spread(60);
+    assert_eq!(seen.len(), 3, "all three backends serve at first: {seen:?}");
+
+    let victim = lab.topo.backends[1].name.clone();
+    lab.health[1] = None; // its health port now refuses connections
+    let failed_at = Instant::now();
+    let limit = Duration::from_millis(interval * u64::from(fall)) + Duration::from_secs(1);
+    // New connections stop reaching it within interval x fall + 1 s.
+    let gone = loop {
+        let s = lab.spread(30);
+        if !s.contains_key(&victim) {
+            break failed_at.elapsed();
+        }
+        assert!(failed_at.elapsed() < limit + Duration::from_secs(2), "{victim} still gets connections: {s:?}");
+    };
+    println!("{victim} stopped getting new connections {gone:?} after its health port closed (limit {limit:?})");
+    assert!(gone <= limit, "took {gone:?}, limit {limit:?}");
+    let st = lab.lb().status().unwrap();
+    let health = &st["services"][0]["backends"][1]["health"];
+    assert_eq!(health, "down", "{st}");
+
+    let b = &lab.topo.backends[1];
+    lab.health[1] = Some(TcpServer::start(b, &b.name, &[SocketAddr::new(b.v4.into(), HEALTH_PORT)]).unwrap());
+    let back = Instant::now();
+    loop {
+        if lab.spread(30).contains_key(&victim) {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(5), "{victim} did not come back");
+    }
+    println!("{victim} back after {:?}", back.elapsed());
+    let log = lab.lb().log();
+    assert!(log.contains("backend down") && log.contains("backend up"), "transitions logged:\n{log}");
+}
+
+#[test]
+fn set_weight_changes_the_share_of_new_connections() {
+    if !can_run("set_weight_changes_the_share_of_new_connections") {
+        return;
+    }
+    let lab = lab(2, 500, 3);
+    let (b0, b1) = (&lab.topo.backends[0], &lab.topo.backends[1]);
+    lab.lb().ok(&["backend", "set-weight", "web", &b0.v4.to_string(), "300"]).unwrap();
+    let n = 400;
+    let seen = lab.spread(n);
+    let share = seen.get(&b0.name).copied().unwrap_or(0) as f64 / n as f64;
+    println!("weights 300:100 -> {seen:?}, share of {} {share:.2}", b0.name);
+    // Expected 0.75; 400 flows give a standard deviation near 0.02.
+    assert!((0.65..=0.85).contains(&share), "share {share:.2}, expected about 0.75");
+
+    lab.lb().ok(&["backend", "set-weight", "web", &b0.v4.to_string(), "0"]).unwrap();
+    let seen = lab.spread(60);
+    assert_eq!(seen.keys().collect::<Vec<_>>(), vec![&b1.name], "weight 0 takes no new connections: {seen:?}");
+}
+
+#[test]
+fn restarting_the_agent_loses_no_connection() {
+    if !can_run("restarting_the_agent_loses_no_connection") {
+        return;
+    }
+    let mut lab = lab(2, 500, 3);
+    // Long-lived connections that keep talking, and a stream of new ones.
+    let stop = Arc::new(AtomicBool::new(false));
+    let broken = Arc::new(AtomicU64::new(0));
+    let opened = Arc::new(AtomicU64::new(0));
+    let mut conns: Vec<TcpConn> = (0..20)
+        .map(|_| TcpConn::connect(&lab.topo.clients[0], lab.vip(), TIMEOUT).unwrap())
+        .collect();
+    let client = tests::Netns::open(lab.topo.clients[0].ns.name()).unwrap();
+    let vip = lab.vip();
+    let (s2, b2, o2) = (stop.clone(), broken.clone(), opened.clone());
+    let opener = std::thread::spawn(move || {
+        while !s2.load(Ordering::Relaxed) {
+            match tcp_request(&client, vip, TIMEOUT) {
+                Ok(_) => o2.fetch_add(1, Ordering::Relaxed),
+                Err(_) => b2.fetch_add(1, Ordering::Relaxed),
+            };
+        }
+    });
+    let mut rounds = 0;
+    let talk = |conns: &mut Vec<TcpConn>| {
+        for c in conns.iter_mut() {
+            c.echo(b"still here").expect("an established connection broke");
+        }
+    };
+    for restart in 0..3 {
+        talk(&mut conns);
+        lab.agents[0].kill().unwrap();
+        // The program keeps forwarding with no agent at all.
+        for _ in 0..5 {
+            talk(&mut conns);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        lab.agents[0].spawn().unwrap();
+        talk(&mut conns);
+        rounds += 1;
+        println!("restart {restart}: ok");
+    }
+    stop.store(true, Ordering::Relaxed);
+    opener.join().unwrap();
+    let (ok, failed) = (opened.load(Ordering::Relaxed), broken.load(Ordering::Relaxed));
+    println!("{rounds} agent restarts; 20 long-lived connections intact; new connections: {ok} ok, {failed} failed");
+    assert_eq!(failed, 0, "new connections failed during restarts");
+    assert!(ok > 0);
+    assert!(lab.lb().log().contains("taking over the running data plane"));
+}
