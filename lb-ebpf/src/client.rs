@@ -50,7 +50,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
         _pad: 0,
     };
     // SAFETY: the value is only read.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
+    let Some(svc) = (unsafe { SERVICES.get(key) }) else {
         return pass(Reason::PassNotService);
     };
     if svc.table_bits > MAX_TABLE_BITS {

@@ -427,7 +427,7 @@ pub fn service_problems(s: &ServiceConfig) -> Vec<String> {
     }
     let mut seen = BTreeSet::new();
     for b in &s.backends {
-        p.extend(backend_problems(b).into_iter());
+        p.extend(backend_problems(b));
         if !seen.insert(b.address) {
             p.push(format!("backend {} is listed twice", b.address));
         }

@@ -25,6 +25,9 @@ use crate::{
 /// The live half of a service's region is the upper one.
 const SERVICE_UPPER_HALF: u32 = 1;
 
+/// A table in backend addresses: (first, second) per bucket, `None` for an empty slot.
+type Owners = Vec<(Option<IpAddr>, Option<IpAddr>)>;
+
 /// A service's backend as the table builder sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Member {
@@ -50,8 +53,8 @@ struct Live {
     base: u32,
     bits: u32,
     upper: bool,
-    /// The live table in backend addresses (`None`: empty slot).
-    table: Vec<(Option<IpAddr>, Option<IpAddr>)>,
+    /// The live table.
+    table: Owners,
 }
 
 impl Live {
@@ -137,7 +140,7 @@ impl Programmer {
     fn compute(
         &self,
         want: &Desired,
-    ) -> Result<Vec<(Option<IpAddr>, Option<IpAddr>)>, ProgramError> {
+    ) -> Result<Owners, ProgramError> {
         const PROVISIONAL: u32 = 1 << 24;
         let mut slot_of = self.slots.clone();
         let mut next = PROVISIONAL;
@@ -221,11 +224,7 @@ impl Programmer {
         Ok(summaries)
     }
 
-    fn write(
-        &mut self,
-        want: &Desired,
-        table: Vec<(Option<IpAddr>, Option<IpAddr>)>,
-    ) -> Result<(), ProgramError> {
+    fn write(&mut self, want: &Desired, table: Owners) -> Result<(), ProgramError> {
         let mut buckets = Vec::with_capacity(table.len());
         for (first, second) in &table {
             let first = match first {
@@ -401,9 +400,7 @@ fn summarize(
     let mut moves: BTreeMap<(Option<IpAddr>, Option<IpAddr>), u32> = BTreeMap::new();
     let mut moved = 0;
     for (i, (to, _)) in next.iter().enumerate() {
-        let from = prev
-            .filter(|p| p.len() == next.len())
-            .map_or(None, |p| p[i].0);
+        let from = prev.filter(|p| p.len() == next.len()).and_then(|p| p[i].0);
         if from != *to {
             moved += 1;
             *moves.entry((from, *to)).or_default() += 1;
