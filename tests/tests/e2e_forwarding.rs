@@ -12,10 +12,10 @@ use lb::dataplane::{Dataplane, LoadOptions, Node as DpNode};
 use lb_common::{
     addr,
     encap::DEFAULT_GUE_PORT,
-    maps::{Bucket, NO_BACKEND, ServiceKey, ServiceValue},
+    maps::{Bucket, ServiceKey, ServiceValue, NO_BACKEND},
     stats::Reason,
 };
-use tests::{Node, Spec, TcpConn, TcpServer, Topology, UdpServer, can_run, udp_request};
+use tests::{can_run, udp_request, Node, Spec, TcpConn, TcpServer, Topology, UdpServer};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 const BITS: u32 = 8;
@@ -130,8 +130,16 @@ fn tcp_and_udp_reach_backends_through_the_lb() {
     }
     println!("answers per backend: {seen:?}");
     for b in &topo.backends {
-        assert!(seen.contains_key(&b.name), "no TCP connection reached {}", b.name);
-        assert!(seen.contains_key(&format!("{}/udp", b.name)), "no UDP reached {}", b.name);
+        assert!(
+            seen.contains_key(&b.name),
+            "no TCP connection reached {}",
+            b.name
+        );
+        assert!(
+            seen.contains_key(&format!("{}/udp", b.name)),
+            "no UDP reached {}",
+            b.name
+        );
     }
     let encapsulated = count(&mut lb, Reason::Encapsulated);
     assert!(encapsulated >= 64, "LB encapsulated {encapsulated} packets");

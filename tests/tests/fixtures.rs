@@ -7,11 +7,9 @@
 //! XDP, BPF_PROG_TEST_RUN with an ingress ifindex, bpf_fib_lookup, bpf_skc_lookup_tcp,
 //! bpf_sk_lookup_udp, bpf_xdp_adjust_head (Linux 5.10 or newer; checked here on 6.18).
 
-use std::{
-    net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket},
-};
+use std::net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{
     IpHeaders, IpNumber, Ipv4Header, Ipv4Options, Ipv6FlowLabel, Ipv6Header, PacketBuilder,
@@ -20,8 +18,8 @@ use lb::dataplane::{Dataplane, LoadOptions, Node};
 use lb_common::{
     addr::v4_mapped,
     encap::{FLAG_FORWARD_SYN, GUE_HLEN, HOP_LIST_TYPE},
-    hash::{FlowTuple, bucket_index, flow_hash, outer_source_port},
-    maps::{Bucket, ServiceKey, ServiceValue, names},
+    hash::{bucket_index, flow_hash, outer_source_port, FlowTuple},
+    maps::{names, Bucket, ServiceKey, ServiceValue},
     stats::Reason,
 };
 use tests::Netns;
@@ -78,18 +76,58 @@ fn services() -> Vec<Svc> {
     let v4 = v4_mapped(VIP4);
     let v6 = vip6().octets();
     vec![
-        Svc { vip: v4, port: 80, proto: TCP, id: 0, v6_backends: false },
-        Svc { vip: v4, port: 53, proto: UDP, id: 1, v6_backends: false },
-        Svc { vip: v6, port: 80, proto: TCP, id: 2, v6_backends: true },
-        Svc { vip: v4, port: 8080, proto: TCP, id: 3, v6_backends: true },
-        Svc { vip: v6, port: 8080, proto: TCP, id: 4, v6_backends: false },
-        Svc { vip: v4, port: 81, proto: TCP, id: 5, v6_backends: false },
+        Svc {
+            vip: v4,
+            port: 80,
+            proto: TCP,
+            id: 0,
+            v6_backends: false,
+        },
+        Svc {
+            vip: v4,
+            port: 53,
+            proto: UDP,
+            id: 1,
+            v6_backends: false,
+        },
+        Svc {
+            vip: v6,
+            port: 80,
+            proto: TCP,
+            id: 2,
+            v6_backends: true,
+        },
+        Svc {
+            vip: v4,
+            port: 8080,
+            proto: TCP,
+            id: 3,
+            v6_backends: true,
+        },
+        Svc {
+            vip: v6,
+            port: 8080,
+            proto: TCP,
+            id: 4,
+            v6_backends: false,
+        },
+        Svc {
+            vip: v4,
+            port: 81,
+            proto: TCP,
+            id: 5,
+            v6_backends: false,
+        },
     ]
 }
 
 /// Backend slots: 0..3 IPv4, 3..6 IPv6.
 fn slot(family_v6: bool, i: u32) -> u32 {
-    if family_v6 { 3 + i } else { i }
+    if family_v6 {
+        3 + i
+    } else {
+        i
+    }
 }
 fn slot_addr(s: u32) -> [u8; 16] {
     if s < 3 {
@@ -124,8 +162,18 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
             })
             .collect();
         dp.write_table(offset, &table)?;
-        let key = ServiceKey { addr: svc.vip, port_be: svc.port.to_be(), proto: svc.proto, _pad: 0 };
-        let value = ServiceValue { id: svc.id, table_offset: offset, table_bits: TABLE_BITS, flags: 0 };
+        let key = ServiceKey {
+            addr: svc.vip,
+            port_be: svc.port.to_be(),
+            proto: svc.proto,
+            _pad: 0,
+        };
+        let value = ServiceValue {
+            id: svc.id,
+            table_offset: offset,
+            table_bits: TABLE_BITS,
+            flags: 0,
+        };
         dp.set_service(&key, &value)?;
     }
     Ok(())
@@ -135,17 +183,30 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
 fn build_namespace() -> Result<Netns> {
     let ns = Netns::create(&format!("lbt-fix-{}", std::process::id()))?;
     let mac = |m: [u8; 6]| {
-        m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
     };
     let cmds: Vec<String> = vec![
-        format!("link add {IF} address {} type veth peer name fx1 address {}", mac(NODE_MAC), mac(GW_MAC)),
+        format!(
+            "link add {IF} address {} type veth peer name fx1 address {}",
+            mac(NODE_MAC),
+            mac(GW_MAC)
+        ),
         format!("link set {IF} up"),
         "link set fx1 up".into(),
         "link set lo up".into(),
         format!("addr add 10.0.0.1/24 dev {IF}"),
         format!("addr add fd00::1/64 dev {IF} nodad"),
-        format!("neigh add 10.0.0.2 lladdr {} dev {IF} nud permanent", mac(GW_MAC)),
-        format!("neigh add fd00::2 lladdr {} dev {IF} nud permanent", mac(GW_MAC)),
+        format!(
+            "neigh add 10.0.0.2 lladdr {} dev {IF} nud permanent",
+            mac(GW_MAC)
+        ),
+        format!(
+            "neigh add fd00::2 lladdr {} dev {IF} nud permanent",
+            mac(GW_MAC)
+        ),
         "route add 10.1.0.0/16 via 10.0.0.2".into(),
         "-6 route add fd01::/64 via fd00::2".into(),
         // Local ends for the socket-lookup cases.
@@ -158,7 +219,12 @@ fn build_namespace() -> Result<Netns> {
         ns.exec(&argv).with_context(|| format!("ip {c}"))?;
     }
     // bpf_fib_lookup answers only for interfaces that forward.
-    ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1", "net.ipv6.conf.all.forwarding=1"])?;
+    ns.exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.all.forwarding=1",
+        "net.ipv6.conf.all.forwarding=1",
+    ])?;
     Ok(ns)
 }
 
@@ -195,7 +261,13 @@ fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> V
 }
 
 fn tuple(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, proto: u8) -> FlowTuple {
-    FlowTuple { src, dst, src_port: sport, dst_port: dport, proto }
+    FlowTuple {
+        src,
+        dst,
+        src_port: sport,
+        dst_port: dport,
+        proto,
+    }
 }
 
 /// Where the fixture table sends a flow of service `svc`: (hash, first, second).
@@ -278,8 +350,22 @@ fn set_flow_label(frame: &mut [u8], hash: u32) {
 /// The frame lb sends for a client packet to a service whose backends are in `v6`.
 fn client_path_output(frame: &[u8], l3: usize, t: &FlowTuple, v6_backends: bool) -> Vec<u8> {
     let (h, first, second) = owner(v6_backends, t);
-    let src = if v6_backends { node6().octets() } else { v4_mapped(NODE4) };
-    let mut out = encapsulated(GW_MAC, NODE_MAC, src, first, outer_source_port(h), 1, 0, second, &frame[l3..]);
+    let src = if v6_backends {
+        node6().octets()
+    } else {
+        v4_mapped(NODE4)
+    };
+    let mut out = encapsulated(
+        GW_MAC,
+        NODE_MAC,
+        src,
+        first,
+        outer_source_port(h),
+        1,
+        0,
+        second,
+        &frame[l3..],
+    );
     if v6_backends {
         set_flow_label(&mut out, h);
     }
@@ -288,7 +374,17 @@ fn client_path_output(frame: &[u8], l3: usize, t: &FlowTuple, v6_backends: bool)
 
 /// A GUE frame from an LB node (10.0.0.5) to this node carrying `inner_frame`'s packet.
 fn gue_to_node(inner_frame: &[u8], hops_left: u8, flags: u8, next_hop: [u8; 16]) -> Vec<u8> {
-    encapsulated(NODE_MAC, PEER_MAC, v4_mapped(LB4), v4_mapped(NODE4), 50000, hops_left, flags, next_hop, &inner_frame[14..])
+    encapsulated(
+        NODE_MAC,
+        PEER_MAC,
+        v4_mapped(LB4),
+        v4_mapped(NODE4),
+        50000,
+        hops_left,
+        flags,
+        next_hop,
+        &inner_frame[14..],
+    )
 }
 
 /// What the backend path passes to the stack: the inner packet behind the frame's MACs.
@@ -321,7 +417,10 @@ struct Case {
 fn run_case(dp: &mut Dataplane, ifindex: u32, c: &Case) -> Result<()> {
     let before = dp.reason_counts()?;
     let counters_before = match c.counted {
-        Some((s, b)) => Some((dp.counters(names::SERVICE_STATS, s)?, dp.counters(names::BACKEND_STATS, b)?)),
+        Some((s, b)) => Some((
+            dp.counters(names::SERVICE_STATS, s)?,
+            dp.counters(names::BACKEND_STATS, b)?,
+        )),
         None => None,
     };
     // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
@@ -340,8 +439,14 @@ fn run_case(dp: &mut Dataplane, ifindex: u32, c: &Case) -> Result<()> {
         bail!("verdict {} , expected {}", res.return_value, c.verdict);
     }
     match &c.output {
-        Out::Same if out != c.input => bail!("packet changed:\n got  {:02x?}\n want {:02x?}", out, c.input),
-        Out::Bytes(want) if &out != want => bail!("output differs:\n got  {:02x?}\n want {:02x?}", out, want),
+        Out::Same if out != c.input => bail!(
+            "packet changed:\n got  {:02x?}\n want {:02x?}",
+            out,
+            c.input
+        ),
+        Out::Bytes(want) if &out != want => {
+            bail!("output differs:\n got  {:02x?}\n want {:02x?}", out, want)
+        }
         _ => {}
     }
     let after = dp.reason_counts()?;
@@ -376,20 +481,75 @@ fn client_cases() -> Vec<Case> {
     let mut encap = |name, input: Vec<u8>, l3: usize, t: FlowTuple, svc: u32, v6b: bool, reason| {
         let (_, first, _) = owner(v6b, &t);
         let output = client_path_output(&input, l3, &t, v6b);
-        cases.push(Case { name, verdict: XDP_TX, output: Out::Bytes(output), reason, counted: Some((svc, slot_of(first))), input });
+        cases.push(Case {
+            name,
+            verdict: XDP_TX,
+            output: Out::Bytes(output),
+            reason,
+            counted: Some((svc, slot_of(first))),
+            input,
+        });
     };
     let syn = tcp4(CLIENT4, VIP4, 40001, 80, true);
-    encap("tcp syn to an IPv4 VIP", syn, 14, tuple(v4(CLIENT4), v4(VIP4), 40001, 80, TCP), 0, false, Reason::Encapsulated);
+    encap(
+        "tcp syn to an IPv4 VIP",
+        syn,
+        14,
+        tuple(v4(CLIENT4), v4(VIP4), 40001, 80, TCP),
+        0,
+        false,
+        Reason::Encapsulated,
+    );
     let ack = tcp4(CLIENT4, VIP4, 40002, 80, false);
-    encap("tcp ack to an IPv4 VIP", ack, 14, tuple(v4(CLIENT4), v4(VIP4), 40002, 80, TCP), 0, false, Reason::Encapsulated);
+    encap(
+        "tcp ack to an IPv4 VIP",
+        ack,
+        14,
+        tuple(v4(CLIENT4), v4(VIP4), 40002, 80, TCP),
+        0,
+        false,
+        Reason::Encapsulated,
+    );
     let udp = udp4(CLIENT4, VIP4, 5353, 53, b"query");
-    encap("udp to an IPv4 VIP", udp, 14, tuple(v4(CLIENT4), v4(VIP4), 5353, 53, UDP), 1, false, Reason::Encapsulated);
+    encap(
+        "udp to an IPv4 VIP",
+        udp,
+        14,
+        tuple(v4(CLIENT4), v4(VIP4), 5353, 53, UDP),
+        1,
+        false,
+        Reason::Encapsulated,
+    );
     let s6 = tcp6(client6(), vip6(), 40003, 80, true);
-    encap("tcp syn to an IPv6 VIP (IPv6 outer)", s6, 14, tuple(client6().octets(), vip6().octets(), 40003, 80, TCP), 2, true, Reason::Encapsulated);
+    encap(
+        "tcp syn to an IPv6 VIP (IPv6 outer)",
+        s6,
+        14,
+        tuple(client6().octets(), vip6().octets(), 40003, 80, TCP),
+        2,
+        true,
+        Reason::Encapsulated,
+    );
     let s46 = tcp4(CLIENT4, VIP4, 40004, 8080, true);
-    encap("IPv4 inner over IPv6 outer", s46, 14, tuple(v4(CLIENT4), v4(VIP4), 40004, 8080, TCP), 3, true, Reason::Encapsulated);
+    encap(
+        "IPv4 inner over IPv6 outer",
+        s46,
+        14,
+        tuple(v4(CLIENT4), v4(VIP4), 40004, 8080, TCP),
+        3,
+        true,
+        Reason::Encapsulated,
+    );
     let s64 = tcp6(client6(), vip6(), 40005, 8080, false);
-    encap("IPv6 inner over IPv4 outer", s64, 14, tuple(client6().octets(), vip6().octets(), 40005, 8080, TCP), 4, false, Reason::Encapsulated);
+    encap(
+        "IPv6 inner over IPv4 outer",
+        s64,
+        14,
+        tuple(client6().octets(), vip6().octets(), 40005, 8080, TCP),
+        4,
+        false,
+        Reason::Encapsulated,
+    );
 
     // One 802.1Q tag: the tag is not carried into the encapsulated frame.
     let mut vlan = Vec::new();
@@ -400,7 +560,15 @@ fn client_cases() -> Vec<Case> {
         .syn()
         .write(&mut vlan, b"")
         .unwrap();
-    encap("VLAN-tagged tcp syn to an IPv4 VIP", vlan, 18, tuple(v4(CLIENT4), v4(VIP4), 40006, 80, TCP), 0, false, Reason::Encapsulated);
+    encap(
+        "VLAN-tagged tcp syn to an IPv4 VIP",
+        vlan,
+        18,
+        tuple(v4(CLIENT4), v4(VIP4), 40006, 80, TCP),
+        0,
+        false,
+        Reason::Encapsulated,
+    );
 
     // IPv4 header with options (IHL 7).
     let mut ip = Ipv4Header::new(0, 64, IpNumber::TCP, CLIENT4, VIP4).unwrap();
@@ -412,7 +580,15 @@ fn client_cases() -> Vec<Case> {
         .syn()
         .write(&mut opts, b"x")
         .unwrap();
-    encap("IPv4 options (IHL 7) to a VIP", opts, 14, tuple(v4(CLIENT4), v4(VIP4), 40007, 80, TCP), 0, false, Reason::Encapsulated);
+    encap(
+        "IPv4 options (IHL 7) to a VIP",
+        opts,
+        14,
+        tuple(v4(CLIENT4), v4(VIP4), 40007, 80, TCP),
+        0,
+        false,
+        Reason::Encapsulated,
+    );
 
     // ICMP "fragmentation needed" quoting a packet the backend sent (VIP:80 -> client).
     let quoted = tcp4(VIP4, CLIENT4, 80, 40008, false);
@@ -424,7 +600,15 @@ fn client_cases() -> Vec<Case> {
         ))
         .write(&mut icmp, &quoted[14..14 + 28])
         .unwrap();
-    encap("ICMP fragmentation-needed to the flow's backend", icmp, 14, tuple(v4(CLIENT4), v4(VIP4), 40008, 80, TCP), 0, false, Reason::IcmpForwarded);
+    encap(
+        "ICMP fragmentation-needed to the flow's backend",
+        icmp,
+        14,
+        tuple(v4(CLIENT4), v4(VIP4), 40008, 80, TCP),
+        0,
+        false,
+        Reason::IcmpForwarded,
+    );
 
     let quoted6 = tcp6(vip6(), client6(), 80, 40009, false);
     let mut icmp6 = Vec::new();
@@ -433,21 +617,63 @@ fn client_cases() -> Vec<Case> {
         .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1400 })
         .write(&mut icmp6, &quoted6[14..14 + 48])
         .unwrap();
-    encap("ICMPv6 packet-too-big to the flow's backend", icmp6, 14, tuple(client6().octets(), vip6().octets(), 40009, 80, TCP), 2, true, Reason::IcmpForwarded);
+    encap(
+        "ICMPv6 packet-too-big to the flow's backend",
+        icmp6,
+        14,
+        tuple(client6().octets(), vip6().octets(), 40009, 80, TCP),
+        2,
+        true,
+        Reason::IcmpForwarded,
+    );
 
-    let pass = |name, input: Vec<u8>, reason| Case { name, input, verdict: XDP_PASS, output: Out::Same, reason, counted: None };
-    let drop = |name, input: Vec<u8>, reason| Case { name, input, verdict: XDP_DROP, output: Out::Any, reason, counted: None };
+    let pass = |name, input: Vec<u8>, reason| Case {
+        name,
+        input,
+        verdict: XDP_PASS,
+        output: Out::Same,
+        reason,
+        counted: None,
+    };
+    let drop = |name, input: Vec<u8>, reason| Case {
+        name,
+        input,
+        verdict: XDP_DROP,
+        output: Out::Any,
+        reason,
+        counted: None,
+    };
 
-    cases.push(pass("tcp to a non-VIP address passes untouched", tcp4(CLIENT4, OTHER4, 40010, 80, true), Reason::PassNotService));
-    cases.push(pass("tcp to a VIP on a port without service passes", tcp4(CLIENT4, VIP4, 40011, 443, true), Reason::PassNotService));
+    cases.push(pass(
+        "tcp to a non-VIP address passes untouched",
+        tcp4(CLIENT4, OTHER4, 40010, 80, true),
+        Reason::PassNotService,
+    ));
+    cases.push(pass(
+        "tcp to a VIP on a port without service passes",
+        tcp4(CLIENT4, VIP4, 40011, 443, true),
+        Reason::PassNotService,
+    ));
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&PEER_MAC);
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
-    cases.push(pass("ARP (not IP) passes untouched", arp, Reason::PassNotIp));
+    cases.push(pass(
+        "ARP (not IP) passes untouched",
+        arp,
+        Reason::PassNotIp,
+    ));
     let mut ping = Vec::new();
-    PacketBuilder::ethernet2(PEER_MAC, NODE_MAC).ipv4(CLIENT4, VIP4, 64).icmpv4_echo_request(1, 1).write(&mut ping, b"ping").unwrap();
-    cases.push(pass("ICMP echo to a VIP passes (the backends' business)", ping, Reason::PassNotService));
+    PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
+        .ipv4(CLIENT4, VIP4, 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut ping, b"ping")
+        .unwrap();
+    cases.push(pass(
+        "ICMP echo to a VIP passes (the backends' business)",
+        ping,
+        Reason::PassNotService,
+    ));
 
     // Truncation at every layer.
     let full = tcp4(CLIENT4, VIP4, 40012, 80, true);
@@ -456,40 +682,93 @@ fn client_cases() -> Vec<Case> {
     let mut vlan_cut = full[..14].to_vec();
     vlan_cut[12..14].copy_from_slice(&[0x81, 0x00]);
     cases.push(pass("VLAN tag cut short", vlan_cut, Reason::PassUnparsed));
-    cases.push(pass("IPv4 header cut short", full[..14 + 12].to_vec(), Reason::PassUnparsed));
-    cases.push(drop("TCP header to a VIP cut short", full[..14 + 20 + 10].to_vec(), Reason::DropMalformed));
+    cases.push(pass(
+        "IPv4 header cut short",
+        full[..14 + 12].to_vec(),
+        Reason::PassUnparsed,
+    ));
+    cases.push(drop(
+        "TCP header to a VIP cut short",
+        full[..14 + 20 + 10].to_vec(),
+        Reason::DropMalformed,
+    ));
     let u = udp4(CLIENT4, VIP4, 5353, 53, b"");
-    cases.push(drop("UDP header to a VIP cut short", u[..14 + 20 + 4].to_vec(), Reason::DropMalformed));
+    cases.push(drop(
+        "UDP header to a VIP cut short",
+        u[..14 + 20 + 4].to_vec(),
+        Reason::DropMalformed,
+    ));
     let f6 = tcp6(client6(), vip6(), 40013, 80, true);
-    cases.push(pass("IPv6 header cut short", f6[..14 + 30].to_vec(), Reason::PassUnparsed));
-    cases.push(drop("TCP header to an IPv6 VIP cut short", f6[..14 + 40 + 8].to_vec(), Reason::DropMalformed));
+    cases.push(pass(
+        "IPv6 header cut short",
+        f6[..14 + 30].to_vec(),
+        Reason::PassUnparsed,
+    ));
+    cases.push(drop(
+        "TCP header to an IPv6 VIP cut short",
+        f6[..14 + 40 + 8].to_vec(),
+        Reason::DropMalformed,
+    ));
     let other = tcp4(CLIENT4, OTHER4, 40014, 80, true);
-    cases.push(pass("TCP header to a non-VIP cut short passes", other[..14 + 20 + 10].to_vec(), Reason::PassNotService));
+    cases.push(pass(
+        "TCP header to a non-VIP cut short passes",
+        other[..14 + 20 + 10].to_vec(),
+        Reason::PassNotService,
+    ));
     let mut bad_ihl = tcp4(CLIENT4, VIP4, 40015, 80, true);
     bad_ihl[14] = 0x44;
-    cases.push(drop("IPv4 IHL below 5 to a VIP", bad_ihl, Reason::DropMalformed));
+    cases.push(drop(
+        "IPv4 IHL below 5 to a VIP",
+        bad_ihl,
+        Reason::DropMalformed,
+    ));
 
     // Fragments.
     let mut frag = tcp4(CLIENT4, VIP4, 40016, 80, true);
     frag[14 + 6] = 0x20; // more fragments
     fix_ipv4_checksum(&mut frag);
-    cases.push(drop("IPv4 first fragment to a VIP", frag, Reason::DropFragment));
+    cases.push(drop(
+        "IPv4 first fragment to a VIP",
+        frag,
+        Reason::DropFragment,
+    ));
     let mut later = tcp4(CLIENT4, VIP4, 40017, 80, true);
     later[14 + 6] = 0x00;
     later[14 + 7] = 0x10; // offset 16 * 8
     fix_ipv4_checksum(&mut later);
-    cases.push(drop("IPv4 later fragment to a VIP", later, Reason::DropFragment));
+    cases.push(drop(
+        "IPv4 later fragment to a VIP",
+        later,
+        Reason::DropFragment,
+    ));
     let mut nfrag = tcp4(CLIENT4, OTHER4, 40018, 80, true);
     nfrag[14 + 6] = 0x20;
     fix_ipv4_checksum(&mut nfrag);
-    cases.push(pass("IPv4 fragment to a non-VIP passes", nfrag, Reason::PassNotService));
+    cases.push(pass(
+        "IPv4 fragment to a non-VIP passes",
+        nfrag,
+        Reason::PassNotService,
+    ));
 
-    cases.push(drop("service whose buckets are empty", tcp4(CLIENT4, VIP4, 40019, 81, true), Reason::DropNoBackend));
+    cases.push(drop(
+        "service whose buckets are empty",
+        tcp4(CLIENT4, VIP4, 40019, 81, true),
+        Reason::DropNoBackend,
+    ));
 
     // 1500-byte MTU: an IPv4 packet of 1460 bytes becomes 1512 once encapsulated.
     let mut big = Vec::new();
-    PacketBuilder::ethernet2(PEER_MAC, NODE_MAC).ipv4(CLIENT4, VIP4, 64).tcp(40020, 80, 1, 1000).ack(1).write(&mut big, &[0u8; 1420]).unwrap();
-    cases.push(drop("too big for the egress MTU once encapsulated", big, Reason::DropTooBig));
+    PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
+        .ipv4(CLIENT4, VIP4, 64)
+        .tcp(40020, 80, 1, 1000)
+        .ack(1)
+        .write(&mut big, &[0u8; 1420])
+        .unwrap();
+    cases.push(drop(
+        "too big for the egress MTU once encapsulated",
+        big,
+        Reason::DropTooBig,
+    ));
     cases
 }
 
@@ -508,38 +787,144 @@ fn backend_cases(est_port: u16, udp_port: u16) -> Vec<Case> {
     let accept = |name, inner: Vec<u8>, hops, flags, reason| {
         let input = gue_to_node(&inner, hops, flags, second);
         let output = decapsulated(&input, &inner);
-        Case { name, input, verdict: XDP_PASS, output: Out::Bytes(output), reason, counted: None }
+        Case {
+            name,
+            input,
+            verdict: XDP_PASS,
+            output: Out::Bytes(output),
+            reason,
+            counted: None,
+        }
     };
-    cases.push(accept("GUE: a SYN is accepted", tcp4(CLIENT4, VIP4, 41001, 80, true), 1, 0, Reason::AcceptSyn));
-    cases.push(accept("GUE: established local TCP socket accepts", tcp4(VIP4, VIP4, est_port, 80, false), 1, 0, Reason::AcceptSocket));
-    cases.push(accept("GUE: connected local UDP socket accepts", udp4(VIP4, VIP4, udp_port, 53, b"x"), 1, 0, Reason::AcceptSocket));
-    cases.push(accept("GUE: no hops left, accepted as the last hop", tcp4(CLIENT4, VIP4, 41002, 80, false), 0, 0, Reason::AcceptLastHop));
+    cases.push(accept(
+        "GUE: a SYN is accepted",
+        tcp4(CLIENT4, VIP4, 41001, 80, true),
+        1,
+        0,
+        Reason::AcceptSyn,
+    ));
+    cases.push(accept(
+        "GUE: established local TCP socket accepts",
+        tcp4(VIP4, VIP4, est_port, 80, false),
+        1,
+        0,
+        Reason::AcceptSocket,
+    ));
+    cases.push(accept(
+        "GUE: connected local UDP socket accepts",
+        udp4(VIP4, VIP4, udp_port, 53, b"x"),
+        1,
+        0,
+        Reason::AcceptSocket,
+    ));
+    cases.push(accept(
+        "GUE: no hops left, accepted as the last hop",
+        tcp4(CLIENT4, VIP4, 41002, 80, false),
+        0,
+        0,
+        Reason::AcceptLastHop,
+    ));
     let inner6 = tcp6(client6(), vip6(), 41003, 80, true);
-    cases.push(accept("GUE: IPv6 inner SYN accepted", inner6, 1, 0, Reason::AcceptSyn));
+    cases.push(accept(
+        "GUE: IPv6 inner SYN accepted",
+        inner6,
+        1,
+        0,
+        Reason::AcceptSyn,
+    ));
 
     // Not ours: on to the next hop, this node now the outer source, one hop fewer.
     let inner = tcp4(CLIENT4, VIP4, 41004, 80, false);
     let input = gue_to_node(&inner, 1, 0, second);
-    let output = encapsulated(GW_MAC, NODE_MAC, v4_mapped(NODE4), second, 50000, 0, 0, second, &inner[14..]);
-    cases.push(Case { name: "GUE: no local socket, forwarded to the second hop", input, verdict: XDP_TX, output: Out::Bytes(output), reason: Reason::SecondHop, counted: None });
+    let output = encapsulated(
+        GW_MAC,
+        NODE_MAC,
+        v4_mapped(NODE4),
+        second,
+        50000,
+        0,
+        0,
+        second,
+        &inner[14..],
+    );
+    cases.push(Case {
+        name: "GUE: no local socket, forwarded to the second hop",
+        input,
+        verdict: XDP_TX,
+        output: Out::Bytes(output),
+        reason: Reason::SecondHop,
+        counted: None,
+    });
     let inner = udp4(CLIENT4, VIP4, 41005, 53, b"x");
     let input = gue_to_node(&inner, 1, 0, second);
-    let output = encapsulated(GW_MAC, NODE_MAC, v4_mapped(NODE4), second, 50000, 0, 0, second, &inner[14..]);
-    cases.push(Case { name: "GUE: UDP without connected socket goes to the second hop", input, verdict: XDP_TX, output: Out::Bytes(output), reason: Reason::SecondHop, counted: None });
+    let output = encapsulated(
+        GW_MAC,
+        NODE_MAC,
+        v4_mapped(NODE4),
+        second,
+        50000,
+        0,
+        0,
+        second,
+        &inner[14..],
+    );
+    cases.push(Case {
+        name: "GUE: UDP without connected socket goes to the second hop",
+        input,
+        verdict: XDP_TX,
+        output: Out::Bytes(output),
+        reason: Reason::SecondHop,
+        counted: None,
+    });
     let inner = tcp4(CLIENT4, VIP4, 41006, 80, true);
     let input = gue_to_node(&inner, 1, FLAG_FORWARD_SYN, second);
-    let output = encapsulated(GW_MAC, NODE_MAC, v4_mapped(NODE4), second, 50000, 0, FLAG_FORWARD_SYN, second, &inner[14..]);
-    cases.push(Case { name: "GUE: SYN with forward-SYN goes to the second hop", input, verdict: XDP_TX, output: Out::Bytes(output), reason: Reason::SecondHop, counted: None });
+    let output = encapsulated(
+        GW_MAC,
+        NODE_MAC,
+        v4_mapped(NODE4),
+        second,
+        50000,
+        0,
+        FLAG_FORWARD_SYN,
+        second,
+        &inner[14..],
+    );
+    cases.push(Case {
+        name: "GUE: SYN with forward-SYN goes to the second hop",
+        input,
+        verdict: XDP_TX,
+        output: Out::Bytes(output),
+        reason: Reason::SecondHop,
+        counted: None,
+    });
 
     // A hop list naming this node itself must not loop.
     let inner = tcp4(CLIENT4, VIP4, 41007, 80, false);
     let input = gue_to_node(&inner, 1, 0, v4_mapped(NODE4));
     let output = decapsulated(&input, &inner);
-    cases.push(Case { name: "GUE: next hop is this node, accepted", input, verdict: XDP_PASS, output: Out::Bytes(output), reason: Reason::AcceptLastHop, counted: None });
+    cases.push(Case {
+        name: "GUE: next hop is this node, accepted",
+        input,
+        verdict: XDP_PASS,
+        output: Out::Bytes(output),
+        reason: Reason::AcceptLastHop,
+        counted: None,
+    });
 
-    let drop = |name, input: Vec<u8>, reason| Case { name, input, verdict: XDP_DROP, output: Out::Any, reason, counted: None };
+    let drop = |name, input: Vec<u8>, reason| Case {
+        name,
+        input,
+        verdict: XDP_DROP,
+        output: Out::Any,
+        reason,
+        counted: None,
+    };
     let inner = tcp4(CLIENT4, VIP4, 41008, 80, false);
-    cases.push(drop("GUE: hop count above the limit", gue_to_node(&inner, 2, 0, second), Reason::DropBadGue));
+    cases.push(drop(
+        "GUE: hop count above the limit",
+        gue_to_node(&inner, 2, 0, second),
+        Reason::DropBadGue,
+    ));
     let mut bad = gue_to_node(&inner, 1, 0, second);
     bad[14 + 20 + 8] = 0x45; // GUE version 1
     cases.push(drop("GUE: wrong version", bad, Reason::DropBadGue));
@@ -547,8 +932,16 @@ fn backend_cases(est_port: u16, udp_port: u16) -> Vec<Case> {
     bad[14 + 20 + 8 + 4] = b'x';
     cases.push(drop("GUE: private data not lb's", bad, Reason::DropBadGue));
     let g = gue_to_node(&inner, 1, 0, second);
-    cases.push(drop("GUE: cut short inside the hop list", g[..14 + 20 + 8 + 10].to_vec(), Reason::DropMalformed));
-    cases.push(drop("GUE: inner TCP header cut short", g[..14 + 20 + 8 + 24 + 20 + 8].to_vec(), Reason::DropMalformed));
+    cases.push(drop(
+        "GUE: cut short inside the hop list",
+        g[..14 + 20 + 8 + 10].to_vec(),
+        Reason::DropMalformed,
+    ));
+    cases.push(drop(
+        "GUE: inner TCP header cut short",
+        g[..14 + 20 + 8 + 24 + 20 + 8].to_vec(),
+        Reason::DropMalformed,
+    ));
 
     // UDP to this node on another port is not GUE.
     cases.push(Case {
@@ -581,7 +974,14 @@ fn local_sockets() -> Result<LocalSockets> {
     let est_port = client.local_addr()?.port();
     let udp = UdpSocket::bind((vip, 53))?;
     udp.connect((vip, 5300))?;
-    Ok(LocalSockets { _listener: listener, _client: client, _server: server, _udp: udp, est_port, udp_port: 5300 })
+    Ok(LocalSockets {
+        _listener: listener,
+        _client: client,
+        _server: server,
+        _udp: udp,
+        est_port,
+        udp_port: 5300,
+    })
 }
 
 #[test]
@@ -596,12 +996,22 @@ fn data_plane_fixtures() {
             let mut dp = Dataplane::load(&LoadOptions::default())?;
 
             // Before the node is configured, everything passes untouched.
-            let c = Case { name: "unconfigured node passes everything", input: tcp4(CLIENT4, VIP4, 40000, 80, true), verdict: XDP_PASS, output: Out::Same, reason: Reason::PassUnconfigured, counted: None };
+            let c = Case {
+                name: "unconfigured node passes everything",
+                input: tcp4(CLIENT4, VIP4, 40000, 80, true),
+                verdict: XDP_PASS,
+                output: Out::Same,
+                reason: Reason::PassUnconfigured,
+                counted: None,
+            };
             let mut results = vec![(c.name, run_case(&mut dp, ifindex, &c))];
 
             configure(&mut dp)?;
             let socks = local_sockets()?;
-            let cases: Vec<Case> = client_cases().into_iter().chain(backend_cases(socks.est_port, socks.udp_port)).collect();
+            let cases: Vec<Case> = client_cases()
+                .into_iter()
+                .chain(backend_cases(socks.est_port, socks.udp_port))
+                .collect();
             for c in &cases {
                 results.push((c.name, run_case(&mut dp, ifindex, c)));
             }
