@@ -246,13 +246,13 @@ fn default_fall() -> u32 {
 /// Everything wrong with a configuration, one line each.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path} is not a valid configuration")]
     Parse {
         path: PathBuf,
         #[source]

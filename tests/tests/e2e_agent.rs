@@ -272,3 +272,66 @@ fn restarting_the_agent_loses_no_connection() {
     assert!(ok > 0);
     assert!(lab.lb().log().contains("taking over the running data plane"));
 }
+
+#[test]
+fn bad_configs_are_refused_and_change_nothing() {
+    if !can_run("bad_configs_are_refused_and_change_nothing") {
+        return;
+    }
+    let lab = lab(2, 500, 3);
+    let good = lb_config(&lab.topo, 500, 3);
+    let mut bad_cases: Vec<(Value, &str)> = Vec::new();
+    let mut c = good.clone();
+    c["services"][0]["backends"][0]["wieght"] = json!(5);
+    bad_cases.push((c, "unknown field `wieght`"));
+    let mut c = good.clone();
+    c["services"][0].as_object_mut().unwrap().remove("port");
+    bad_cases.push((c, "missing field `port`"));
+    let mut c = good.clone();
+    c["services"][0]["vip"] = json!("10.100.0.300");
+    bad_cases.push((c, "invalid IP address"));
+    let mut c = good.clone();
+    let first = c["services"][0]["backends"][0].clone();
+    c["services"][0]["backends"].as_array_mut().unwrap().push(first);
+    bad_cases.push((c, "is listed twice"));
+    let mut c = good.clone();
+    c["services"][0]["backends"][0]["weight"] = json!(100000);
+    bad_cases.push((c, "weight 100000 is above the maximum 65535"));
+    let mut c = good.clone();
+    c["services"][0]["table_bits"] = json!(21);
+    bad_cases.push((c, "table_bits: 21 is out of range"));
+
+    let before = lab.lb().status().unwrap();
+    let dir = tempdir(&lab.topo.id);
+    for (i, (config, want)) in bad_cases.iter().enumerate() {
+        // `lb config check` names the problem.
+        let path = dir.join(format!("bad{i}.json"));
+        std::fs::write(&path, serde_json::to_vec(config).unwrap()).unwrap();
+        let out = lab.lb().lb(&["config", "check", path.to_str().unwrap()]).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "config check: {err}");
+        println!("config check refused: {}", err.trim().lines().last().unwrap_or(""));
+        // A reload of the same refuses it and keeps running as before.
+        lab.lb().write_config(config).unwrap();
+        let out = lab.lb().lb(&["reload"]).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "reload: {err}");
+    }
+    let after = lab.lb().status().unwrap();
+    assert_eq!(before["services"], after["services"], "refused configs changed nothing");
+    assert_eq!(lab.spread(10).len(), 2, "still forwarding to both backends");
+
+    // A good reload applies.
+    let mut c = good.clone();
+    c["services"][0]["backends"][0]["weight"] = json!(7);
+    lab.lb().write_config(&c).unwrap();
+    lab.lb().ok(&["reload"]).unwrap();
+    let st = lab.lb().status().unwrap();
+    assert_eq!(st["services"][0]["backends"][0]["weight"], 7);
+}
+
+fn tempdir(id: &str) -> std::path::PathBuf {
+    let d = std::path::PathBuf::from("/run/lbt").join(id).join("cfg");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}

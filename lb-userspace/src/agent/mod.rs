@@ -263,7 +263,7 @@ impl Agent {
         };
         match self.programmer.plan(&self.desired(&next), name, &key_of(svc)) {
             Ok(p) => Response::Plan(p),
-            Err(e) => error(e.to_string()),
+            Err(e) => error(chain(&e)),
         }
     }
 
@@ -287,7 +287,7 @@ impl Agent {
             error!("change {change:?} failed: {e:#}");
             // Put the maps back in line with the unchanged services.
             self.resync("rollback");
-            return error(e.to_string());
+            return error(chain(&e));
         }
         self.config.services = next;
         self.update_health_targets();
@@ -298,7 +298,7 @@ impl Agent {
     fn reload(&mut self) -> Response {
         let config = match Config::load(&self.config_path) {
             Ok(c) => c,
-            Err(e) => return error(e.to_string()),
+            Err(e) => return error(chain(&e)),
         };
         if config.node != self.config.node || config.agent != self.config.agent {
             warn!("reload: node and agent settings change only with a restart; services are reloaded");
@@ -330,7 +330,7 @@ impl Agent {
                     ),
                 }
             }
-            Err(e) => error(e.to_string()),
+            Err(e) => error(chain(&e)),
         }
     }
 
@@ -424,6 +424,18 @@ fn key_of(s: &ServiceConfig) -> ServiceKey {
         proto: s.protocol.number(),
         _pad: 0,
     }
+}
+
+/// An error with its causes, one after the other.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 fn error(message: impl Into<String>) -> Response {
