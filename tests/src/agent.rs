@@ -66,7 +66,8 @@ impl Agent {
         config["agent"] = json!({
             "api_socket": socket,
             "pin_dir": pin_dir,
-            "metrics": null,
+            // Loopback is per namespace: every agent can use the same port.
+            "metrics": "127.0.0.1:9640",
             "bucket_slots": 1 << 18,
         });
         let config_path = dir.join(format!("{}.json", node.name));

@@ -20,6 +20,7 @@ use tests::{
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 const HEALTH_PORT: u16 = 8080;
+const EXTRA_VIP: &str = "10.100.0.77";
 
 /// A lab: LB and backend agents, TCP servers on the VIP (port 80) and health servers
 /// (port 8080) on every backend.
@@ -68,7 +69,8 @@ fn lab(backends: usize, interval_ms: u64, fall: u32) -> Lab {
     };
     let topo = &lab.topo;
     for b in &topo.backends {
-        let vips: Vec<IpAddr> = vec![topo.vip_v4().into(), topo.vip_v6().into()];
+        // The test bed put the VIPs on lo already; the agent adds one more itself.
+        let vips: Vec<IpAddr> = vec![topo.vip_v4().into(), topo.vip_v6().into(), EXTRA_VIP.parse().unwrap()];
         let config = json!({ "node": node_config(b), "backend_vips": vips });
         lab.agents.push(Agent::start(&topo.id, b, config).unwrap());
         let any: SocketAddr = "[::]:80".parse().unwrap();
@@ -150,6 +152,26 @@ fn agent_forwards_lists_and_refuses_bad_commands() {
     assert_eq!(moved(&plan), moved(&applied), "plan and apply agree");
     let table = lab.lb().ok(&["table", web]).unwrap();
     println!("{table}");
+
+    // The backend agents put their VIPs on lo.
+    let lo = lab.topo.backends[0].exec(&["ip", "addr", "show", "lo"]).unwrap();
+    assert!(lo.contains(EXTRA_VIP), "{lo}");
+
+    // Metrics, on the LB node's loopback.
+    let metrics = lab.topo.lbs[0]
+        .run(|| {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9640")?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .unwrap();
+    assert!(metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    for needle in ["lb_backend_packets_total", "lb_dataplane_packets_total{reason=\"encapsulated\"}", "lb_backend_up", "lb_table_rebuilds_total"] {
+        assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
+    }
 }
 
 #[test]
