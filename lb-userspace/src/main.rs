@@ -41,7 +41,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut out);
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &out);
             return Ok(ExitCode::SUCCESS);
         }
         Command::Man { dir } => {
