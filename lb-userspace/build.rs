@@ -17,7 +17,12 @@ const TARGET: &str = "bpfel-unknown-none";
 fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().to_path_buf();
-    for dir in ["lb-ebpf/src", "lb-ebpf/Cargo.toml", "lb-common/src", "lb-common/Cargo.toml"] {
+    for dir in [
+        "lb-ebpf/src",
+        "lb-ebpf/Cargo.toml",
+        "lb-common/src",
+        "lb-common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     for var in ["LB_EBPF_CARGO", "LB_EBPF_RUSTC", "LB_EBPF_LINKER"] {
@@ -51,9 +56,9 @@ fn main() {
         .args(["build", "--release", "--locked", "-Zbuild-std=core"])
         .args(["--target", TARGET, "--target-dir"])
         .arg(&target_dir);
-    let status = cmd.status().unwrap_or_else(|e| {
-        panic!("cannot run {cargo}: {e}; run `cargo xtask setup` first")
-    });
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cargo}: {e}; run `cargo xtask setup` first"));
     if !status.success() {
         panic!(
             "building lb-ebpf failed ({status}); if the toolchain is missing, run \

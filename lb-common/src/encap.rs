@@ -103,7 +103,11 @@ fn write_udp_gue(o: &Outer, out: &mut [u8]) {
     out[6] = 0;
     out[7] = 0;
     out[8] = GUE_FIRST_BYTE;
-    out[9] = if o.inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+    out[9] = if o.inner_v6 {
+        IPPROTO_IPV6
+    } else {
+        IPPROTO_IPIP
+    };
     out[10] = 0;
     out[11] = 0;
     out[12..14].copy_from_slice(&HOP_LIST_TYPE);

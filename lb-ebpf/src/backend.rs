@@ -9,17 +9,17 @@ use aya_ebpf::{
 use lb_common::{
     addr::is_v4_mapped,
     encap::{
-        ETH_LEN, FLAG_FORWARD_SYN, GUE_FIRST_BYTE, GUE_HEADER_LEN, HOP_LIST_LEN, HOP_LIST_TYPE,
-        IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN, MAX_HOPS, OUTER_TTL, UDP_LEN, ipv4_checksum,
+        ipv4_checksum, ETH_LEN, FLAG_FORWARD_SYN, GUE_FIRST_BYTE, GUE_HEADER_LEN, HOP_LIST_LEN,
+        HOP_LIST_TYPE, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN, MAX_HOPS, OUTER_TTL, UDP_LEN,
     },
     stats::Reason,
 };
 
 use crate::{
     forward::{self, NextHop},
-    parse::{self, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, Flow, Ip, TCP_ACK, TCP_SYN},
+    parse::{self, Flow, Ip, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK, TCP_SYN},
     ptr, socket,
-    verdict::{Verdict, drop},
+    verdict::{drop, Verdict},
 };
 
 /// The GUE base header and hop list as they arrive.
@@ -104,12 +104,7 @@ fn accept(ctx: &XdpContext, inner_off: usize, inner_v6: bool, reason: Reason) ->
 /// Sends the packet on to `next_hop`: outer destination rewritten, this node as the
 /// source, one hop fewer in the hop list.
 #[inline(never)]
-fn second_hop(
-    ctx: &XdpContext,
-    outer: &Ip,
-    gue_off: usize,
-    next_hop: &[u8; 16],
-) -> Verdict {
+fn second_hop(ctx: &XdpContext, outer: &Ip, gue_off: usize, next_hop: &[u8; 16]) -> Verdict {
     let tot_len = ctx.data_end() - ctx.data() - outer.l3_off;
     let mut hop = NextHop::EMPTY;
     if let Err(r) = forward::lookup(ctx, &outer.dst, next_hop, tot_len as u16, &mut hop) {

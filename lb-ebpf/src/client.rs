@@ -5,19 +5,19 @@
 use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     addr::{is_v4_mapped, v4_mapped},
-    encap::{ENCAP_LEN_V4, ENCAP_LEN_V6, ETH_LEN, Outer, write_outer_v4, write_outer_v6},
+    encap::{write_outer_v4, write_outer_v6, Outer, ENCAP_LEN_V4, ENCAP_LEN_V6, ETH_LEN},
     hash::{bucket_index, flow_hash, outer_source_port},
     limits::MAX_TABLE_BITS,
-    maps::{BACKEND_PRESENT, Backend, NodeConfig, ServiceKey},
+    maps::{Backend, NodeConfig, ServiceKey, BACKEND_PRESENT},
     stats::Reason,
 };
 
 use crate::{
     forward::{self, NextHop},
-    maps::{self, BACKEND_STATS, BACKENDS, BUCKETS, SERVICE_STATS, SERVICES},
-    parse::{ETH_P_IP, ETH_P_IPV6, Flow, Ip, L2},
+    maps::{self, BACKENDS, BACKEND_STATS, BUCKETS, SERVICES, SERVICE_STATS},
+    parse::{Flow, Ip, ETH_P_IP, ETH_P_IPV6, L2},
     ptr,
-    verdict::{Verdict, drop, pass},
+    verdict::{drop, pass, Verdict},
 };
 
 #[inline(never)]
@@ -102,7 +102,10 @@ fn present(index: u32) -> Option<&'static Backend> {
 /// Puts the outer headers in front of the IP packet at `ip.l3_off` and sends it to `dst`.
 /// `None` when the packet could not be rewritten (no headroom), `Some(Err)` for a drop.
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "one call site, all values at hand")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site, all values at hand"
+)]
 fn encapsulate(
     ctx: &XdpContext,
     node: &NodeConfig,

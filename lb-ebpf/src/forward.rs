@@ -5,13 +5,13 @@
 use core::mem::{size_of, zeroed};
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
-        xdp_action,
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
+    EbpfContext,
 };
 use lb_common::{
     addr::{is_v4_mapped, v4_part},
@@ -66,14 +66,7 @@ pub fn lookup(
         p.__bindgen_anon_4.ipv6_dst = words(dst);
     }
     // SAFETY: `p` is a valid, initialised parameter block of the size passed.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            &mut p,
-            size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             *out = NextHop {

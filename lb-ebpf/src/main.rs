@@ -21,11 +21,11 @@ mod verdict;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     addr::v4_mapped,
-    maps::{NODE_CONFIGURED, NodeConfig},
+    maps::{NodeConfig, NODE_CONFIGURED},
     stats::Reason,
 };
-use parse::{ETH_P_IPV6, IPPROTO_UDP, Ip};
-use verdict::{Verdict, pass};
+use parse::{Ip, ETH_P_IPV6, IPPROTO_UDP};
+use verdict::{pass, Verdict};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {

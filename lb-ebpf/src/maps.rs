@@ -11,8 +11,7 @@ use lb_common::{
 };
 
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(MAX_SERVICES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
 /// All services' tables, each a slice at its `table_offset` (resized by the loader).
 #[map]
@@ -25,16 +24,13 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
 #[map]
-pub static REASON_STATS: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(Reason::COUNT as u32, 0);
+pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT as u32, 0);
 
 #[map]
-pub static SERVICE_STATS: PerCpuArray<Counters> =
-    PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 #[map]
-pub static BACKEND_STATS: PerCpuArray<Counters> =
-    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// Counts one packet under the reason with index `reason`.
 #[inline(always)]

@@ -96,7 +96,11 @@ impl Ip {
 /// temporaries would cost stack, of which BPF has 512 bytes for the whole call chain.
 #[inline(never)]
 pub fn ip(ctx: &XdpContext, off: usize, v6: bool, out: &mut Ip) -> Result<(), ParseError> {
-    if v6 { ipv6(ctx, off, out) } else { ipv4(ctx, off, out) }
+    if v6 {
+        ipv6(ctx, off, out)
+    } else {
+        ipv4(ctx, off, out)
+    }
 }
 
 #[inline(always)]

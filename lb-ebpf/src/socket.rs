@@ -4,15 +4,17 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{bpf_sock, bpf_sock_tuple},
-    helpers::generated::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie},
+    helpers::generated::{
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
+    },
     programs::XdpContext,
+    EbpfContext,
 };
 use lb_common::{addr::v4_part, hash::FlowTuple};
 
 use crate::{
-    parse::{Flow, IPPROTO_TCP, IPPROTO_UDP, Ip, TCP_ACK},
+    parse::{Flow, Ip, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK},
     ptr,
 };
 
@@ -107,12 +109,24 @@ fn syncookie_ok(ctx: &XdpContext, sk: *mut bpf_sock, inner: &Ip) -> bool {
             let Some(mut iph) = ptr::read::<[u8; 40]>(ctx, inner.l3_off) else {
                 return false;
             };
-            bpf_tcp_check_syncookie(sk.cast(), iph.as_mut_ptr().cast(), 40, th.as_mut_ptr().cast(), 20)
+            bpf_tcp_check_syncookie(
+                sk.cast(),
+                iph.as_mut_ptr().cast(),
+                40,
+                th.as_mut_ptr().cast(),
+                20,
+            )
         } else {
             let Some(mut iph) = ptr::read::<[u8; 20]>(ctx, inner.l3_off) else {
                 return false;
             };
-            bpf_tcp_check_syncookie(sk.cast(), iph.as_mut_ptr().cast(), 20, th.as_mut_ptr().cast(), 20)
+            bpf_tcp_check_syncookie(
+                sk.cast(),
+                iph.as_mut_ptr().cast(),
+                20,
+                th.as_mut_ptr().cast(),
+                20,
+            )
         }
     };
     rc == 0

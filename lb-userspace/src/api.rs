@@ -29,13 +29,31 @@ pub enum Request {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Change {
-    ServiceAdd { service: ServiceConfig },
-    ServiceRemove { service: String },
-    BackendAdd { service: String, backend: BackendConfig },
-    BackendRemove { service: String, address: IpAddr },
-    SetWeight { service: String, address: IpAddr, weight: u32 },
+    ServiceAdd {
+        service: ServiceConfig,
+    },
+    ServiceRemove {
+        service: String,
+    },
+    BackendAdd {
+        service: String,
+        backend: BackendConfig,
+    },
+    BackendRemove {
+        service: String,
+        address: IpAddr,
+    },
+    SetWeight {
+        service: String,
+        address: IpAddr,
+        weight: u32,
+    },
     /// `drain: true` drains, `false` undrains.
-    Drain { service: String, address: IpAddr, drain: bool },
+    Drain {
+        service: String,
+        address: IpAddr,
+        drain: bool,
+    },
 }
 
 /// The agent's answer.
@@ -47,8 +65,12 @@ pub enum Response {
     Plan(PlanSummary),
     /// A change was applied: what it moved.
     Applied(PlanSummary),
-    Done { message: String },
-    Error { message: String },
+    Done {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Everything `lb list` shows.

@@ -18,7 +18,12 @@ use crate::{
 #[command(name = "lb", version, propagate_version = true)]
 pub struct Cli {
     /// The agent's API socket.
-    #[arg(long, global = true, default_value = "/run/lb/lb.sock", env = "LB_SOCKET")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/run/lb/lb.sock",
+        env = "LB_SOCKET"
+    )]
     pub socket: PathBuf,
     #[command(subcommand)]
     pub command: Command,
@@ -89,9 +94,7 @@ pub struct ListArgs {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCmd {
     /// Validate a configuration file and print what is wrong. Touches nothing.
-    Check {
-        file: PathBuf,
-    },
+    Check { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,8 +280,8 @@ mod tests {
 
     #[test]
     fn backend_commands_parse_into_changes() {
-        let cli = Cli::try_parse_from(["lb", "backend", "set-weight", "web", "10.0.0.3", "50"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["lb", "backend", "set-weight", "web", "10.0.0.3", "50"]).unwrap();
         let Command::Backend(b) = cli.command else {
             panic!()
         };
@@ -293,8 +296,17 @@ mod tests {
         let e = Cli::try_parse_from(["lb", "backend", "drain", "web", "10.0.0.300"]).unwrap_err();
         assert!(e.to_string().contains("invalid value '10.0.0.300'"), "{e}");
         let e = Cli::try_parse_from([
-            "lb", "service", "add", "--name", "x", "--vip", "10.0.0.1", "--port", "80",
-            "--protocol", "sctp",
+            "lb",
+            "service",
+            "add",
+            "--name",
+            "x",
+            "--vip",
+            "10.0.0.1",
+            "--port",
+            "80",
+            "--protocol",
+            "sctp",
         ])
         .unwrap_err();
         assert!(e.to_string().contains("unknown protocol"), "{e}");

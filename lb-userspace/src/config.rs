@@ -259,7 +259,10 @@ pub enum ConfigError {
         source: serde_json::Error,
     },
     #[error("{path}: invalid configuration:\n  - {}", problems.join("\n  - "))]
-    Invalid { path: PathBuf, problems: Vec<String> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 impl Config {
@@ -293,7 +296,9 @@ impl Config {
         }
         for i in &n.interfaces {
             if i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
-                p.push(format!("node.interfaces: {i:?} is not a valid interface name"));
+                p.push(format!(
+                    "node.interfaces: {i:?} is not a valid interface name"
+                ));
             }
         }
         if n.address_v4.is_none() && n.address_v6.is_none() {
@@ -332,7 +337,11 @@ impl Config {
         let mut slots_needed = 0u64;
         for (i, s) in self.services.iter().enumerate() {
             let at = format!("services[{i}] ({})", s.name);
-            p.extend(service_problems(s).into_iter().map(|m| format!("{at}: {m}")));
+            p.extend(
+                service_problems(s)
+                    .into_iter()
+                    .map(|m| format!("{at}: {m}")),
+            );
             if !names.insert(s.name.clone()) {
                 p.push(format!("{at}: the name {:?} is used twice", s.name));
             }
@@ -475,7 +484,9 @@ pub fn backend_problems(b: &BackendConfig) -> Vec<String> {
                 ));
             }
             (CheckKind::Tcp, Some(_)) => {
-                p.push(format!("backend {a}: health.path is for kind \"http\" only"));
+                p.push(format!(
+                    "backend {a}: health.path is for kind \"http\" only"
+                ));
             }
             _ => {}
         }
@@ -502,7 +513,11 @@ mod tests {
     fn parse(s: &str) -> Result<Config, String> {
         let c: Config = serde_json::from_str(s).map_err(|e| e.to_string())?;
         let p = c.problems();
-        if p.is_empty() { Ok(c) } else { Err(p.join("\n")) }
+        if p.is_empty() {
+            Ok(c)
+        } else {
+            Err(p.join("\n"))
+        }
     }
 
     #[test]
@@ -565,9 +580,15 @@ mod tests {
 
     #[test]
     fn health_check_limits() {
-        let bad = GOOD.replace("\"interval_ms\": 500", "\"interval_ms\": 500, \"timeout_ms\": 900, \"rise\": 0");
+        let bad = GOOD.replace(
+            "\"interval_ms\": 500",
+            "\"interval_ms\": 500, \"timeout_ms\": 900, \"rise\": 0",
+        );
         let e = parse(&bad).unwrap_err();
-        assert!(e.contains("timeout_ms 900 must be above 0 and at most interval_ms"), "{e}");
+        assert!(
+            e.contains("timeout_ms 900 must be above 0 and at most interval_ms"),
+            "{e}"
+        );
         assert!(e.contains("rise and health.fall must be 1 to 100"), "{e}");
     }
 }

@@ -8,19 +8,19 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
-        ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
+        ProgramError, Xdp, XdpMode,
     },
+    Ebpf, EbpfLoader,
 };
 use lb_common::{
     addr,
     maps::{
-        Backend, Bucket, Counters, NODE_CONFIGURED, NodeConfig, ServiceKey, ServiceValue,
-        VipRefs, names,
+        names, Backend, Bucket, Counters, NodeConfig, ServiceKey, ServiceValue, VipRefs,
+        NODE_CONFIGURED,
     },
     stats::Reason,
 };
@@ -208,7 +208,8 @@ impl Dataplane {
             cfg.addr_v6 = v6.octets();
         }
         let mut m: Array<&mut MapData, NodeConfig> = self.map_mut(names::NODE)?;
-        m.set(0, cfg, 0).map_err(|source| map_err(names::NODE, source))
+        m.set(0, cfg, 0)
+            .map_err(|source| map_err(names::NODE, source))
     }
 
     /// Writes backend slot `index`.
@@ -294,7 +295,9 @@ impl Dataplane {
         let m: Array<&mut MapData, Backend> = self.map_mut(names::BACKENDS)?;
         let mut out = Vec::new();
         for i in 0..m.len() {
-            let b = m.get(&i, 0).map_err(|source| map_err(names::BACKENDS, source))?;
+            let b = m
+                .get(&i, 0)
+                .map_err(|source| map_err(names::BACKENDS, source))?;
             if b.flags & lb_common::maps::BACKEND_PRESENT != 0 {
                 out.push((i, addr::from_bytes(b.addr)));
             }
@@ -317,7 +320,10 @@ impl Dataplane {
     pub fn read_table(&mut self, offset: u32, len: u32) -> Result<Vec<Bucket>, DataplaneError> {
         let m: Array<&mut MapData, Bucket> = self.map_mut(names::BUCKETS)?;
         (offset..offset + len)
-            .map(|i| m.get(&i, 0).map_err(|source| map_err(names::BUCKETS, source)))
+            .map(|i| {
+                m.get(&i, 0)
+                    .map_err(|source| map_err(names::BUCKETS, source))
+            })
             .collect()
     }
 

@@ -1,15 +1,15 @@
 //! The userspace of lb: loading and attaching the XDP program, writing its maps, the
 //! forwarding-table builder, the agent and the operator commands.
 
-pub mod ebpf;
 pub mod api;
-pub mod config;
-pub mod dataplane;
 pub mod cli;
 pub mod client;
+pub mod config;
+pub mod dataplane;
+pub mod ebpf;
 pub mod health;
 pub mod metrics;
 
+pub mod agent;
 pub mod bpffs;
 pub mod table;
-pub mod agent;

@@ -62,7 +62,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
         }
         Command::Table { ref service, json } => {
-            let resp = client::request(&cli.socket, &Request::Table { service: service.clone() })?;
+            let resp = client::request(
+                &cli.socket,
+                &Request::Table {
+                    service: service.clone(),
+                },
+            )?;
             return Ok(match resp {
                 Response::Table(t) if json => print(&serde_json::to_string_pretty(&t)?),
                 Response::Table(t) => print(&client::render_table(&t)),
@@ -99,6 +104,8 @@ fn unexpected(r: Response) -> ExitCode {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .init();
 }

@@ -10,10 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
 
-use crate::{Netns, NsChild, topology::Node};
+use crate::{topology::Node, Netns, NsChild};
 
 /// The `lb` binary, built once per test process (the tests crate cannot name another
 /// package's binary, so it asks cargo).
@@ -24,7 +24,15 @@ pub fn lb_binary() -> &'static Path {
             return PathBuf::from(p);
         }
         let out = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "lb-userspace", "--bin", "lb", "--message-format=json"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "lb-userspace",
+                "--bin",
+                "lb",
+                "--message-format=json",
+            ])
             .stderr(Stdio::inherit())
             .output()
             .expect("running cargo build for the lb binary");
@@ -103,16 +111,28 @@ impl Agent {
         self.child = Some(self.ns.spawn(&mut cmd)?);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if self.lb(&["list"]).map(|o| o.status.success()).unwrap_or(false) {
+            if self
+                .lb(&["list"])
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+            {
                 return Ok(());
             }
             if let Some(c) = self.child.as_mut() {
                 if let Some(status) = c.try_wait()? {
-                    bail!("lb agent {} exited with {status}:\n{}", self.name, self.log());
+                    bail!(
+                        "lb agent {} exited with {status}:\n{}",
+                        self.name,
+                        self.log()
+                    );
                 }
             }
             if Instant::now() > deadline {
-                bail!("lb agent {} did not answer within 20 s:\n{}", self.name, self.log());
+                bail!(
+                    "lb agent {} did not answer within 20 s:\n{}",
+                    self.name,
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -5,17 +5,16 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
     },
     time::{Duration, Instant},
 };
 
-use serde_json::{Value, json};
+use serde_json::{json, Value};
 use tests::{
-    Spec, TcpConn, TcpServer, Topology,
-    agent::{Agent, node_config, remove_run_dir},
-    can_run, tcp_request,
+    agent::{node_config, remove_run_dir, Agent},
+    can_run, tcp_request, Spec, TcpConn, TcpServer, Topology,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -70,13 +69,19 @@ fn lab(backends: usize, interval_ms: u64, fall: u32) -> Lab {
     let topo = &lab.topo;
     for b in &topo.backends {
         // The test bed put the VIPs on lo already; the agent adds one more itself.
-        let vips: Vec<IpAddr> = vec![topo.vip_v4().into(), topo.vip_v6().into(), EXTRA_VIP.parse().unwrap()];
+        let vips: Vec<IpAddr> = vec![
+            topo.vip_v4().into(),
+            topo.vip_v6().into(),
+            EXTRA_VIP.parse().unwrap(),
+        ];
         let config = json!({ "node": node_config(b), "backend_vips": vips });
         lab.agents.push(Agent::start(&topo.id, b, config).unwrap());
         let any: SocketAddr = "[::]:80".parse().unwrap();
-        lab.servers.push(Some(TcpServer::start(b, &b.name, &[any]).unwrap()));
+        lab.servers
+            .push(Some(TcpServer::start(b, &b.name, &[any]).unwrap()));
         let hc: SocketAddr = SocketAddr::new(b.v4.into(), HEALTH_PORT);
-        lab.health.push(Some(TcpServer::start(b, &b.name, &[hc]).unwrap()));
+        lab.health
+            .push(Some(TcpServer::start(b, &b.name, &[hc]).unwrap()));
     }
     let lb = Agent::start(&topo.id, &topo.lbs[0], lb_config(topo, interval_ms, fall)).unwrap();
     lab.agents.insert(0, lb);
@@ -113,7 +118,10 @@ fn agent_forwards_lists_and_refuses_bad_commands() {
 
     let list = lab.lb().ok(&["list"]).unwrap();
     println!("{list}");
-    assert!(list.contains("TCP") && list.contains(":80") && list.contains("web"), "{list}");
+    assert!(
+        list.contains("TCP") && list.contains(":80") && list.contains("web"),
+        "{list}"
+    );
     for b in &lab.topo.backends {
         assert!(list.contains(&b.v4.to_string()), "{list}");
     }
@@ -122,16 +130,69 @@ fn agent_forwards_lists_and_refuses_bad_commands() {
     let web = "web";
     let b0 = lab.topo.backends[0].v4.to_string();
     let bad: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["backend", "set-weight", "nope", &b0, "5"], "no service named \"nope\""),
-        (vec!["backend", "set-weight", web, &b0, "70000"], "weight 70000 is above the maximum 65535"),
-        (vec!["backend", "drain", web, "10.9.9.9"], "has no backend 10.9.9.9"),
+        (
+            vec!["backend", "set-weight", "nope", &b0, "5"],
+            "no service named \"nope\"",
+        ),
+        (
+            vec!["backend", "set-weight", web, &b0, "70000"],
+            "weight 70000 is above the maximum 65535",
+        ),
+        (
+            vec!["backend", "drain", web, "10.9.9.9"],
+            "has no backend 10.9.9.9",
+        ),
         (vec!["backend", "add", web, &b0], "is already in service"),
-        (vec!["backend", "add", web, "127.0.0.1"], "not a usable backend address"),
+        (
+            vec!["backend", "add", web, "127.0.0.1"],
+            "not a usable backend address",
+        ),
         (vec!["service", "remove", "nope"], "no service named"),
-        (vec!["service", "add", "--name", "web", "--vip", "10.100.0.9", "--port", "80"], "a service named \"web\" exists"),
-        (vec!["service", "add", "--name", "dup", "--vip", "10.100.0.1", "--port", "80"], "is already service \"web\""),
-        (vec!["service", "add", "--name", "big", "--vip", "10.100.0.9", "--port", "80", "--table-bits", "25"], "table_bits: 25 is out of range"),
-        (vec!["backend", "set-weight", web, "10.0.0.300", "5"], "invalid value '10.0.0.300'"),
+        (
+            vec![
+                "service",
+                "add",
+                "--name",
+                "web",
+                "--vip",
+                "10.100.0.9",
+                "--port",
+                "80",
+            ],
+            "a service named \"web\" exists",
+        ),
+        (
+            vec![
+                "service",
+                "add",
+                "--name",
+                "dup",
+                "--vip",
+                "10.100.0.1",
+                "--port",
+                "80",
+            ],
+            "is already service \"web\"",
+        ),
+        (
+            vec![
+                "service",
+                "add",
+                "--name",
+                "big",
+                "--vip",
+                "10.100.0.9",
+                "--port",
+                "80",
+                "--table-bits",
+                "25",
+            ],
+            "table_bits: 25 is out of range",
+        ),
+        (
+            vec!["backend", "set-weight", web, "10.0.0.300", "5"],
+            "invalid value '10.0.0.300'",
+        ),
         (vec!["table", "nope"], "no service named"),
     ];
     for (args, want) in bad {
@@ -142,19 +203,35 @@ fn agent_forwards_lists_and_refuses_bad_commands() {
         println!("refused: lb {} -> {}", args.join(" "), err.trim());
     }
     let after = lab.lb().status().unwrap();
-    assert_eq!(before["services"], after["services"], "refused commands changed nothing");
+    assert_eq!(
+        before["services"], after["services"],
+        "refused commands changed nothing"
+    );
 
     // A plan moves nothing; its figure matches what applying then moves.
-    let plan = lab.lb().ok(&["plan", "backend", "set-weight", web, &b0, "50"]).unwrap();
-    let applied = lab.lb().ok(&["backend", "set-weight", web, &b0, "50"]).unwrap();
+    let plan = lab
+        .lb()
+        .ok(&["plan", "backend", "set-weight", web, &b0, "50"])
+        .unwrap();
+    let applied = lab
+        .lb()
+        .ok(&["backend", "set-weight", web, &b0, "50"])
+        .unwrap();
     println!("{plan}{applied}");
-    let moved = |s: &str| s.split_whitespace().skip_while(|w| *w != "move" && *w != "moved").nth(1).map(str::to_string);
+    let moved = |s: &str| {
+        s.split_whitespace()
+            .skip_while(|w| *w != "move" && *w != "moved")
+            .nth(1)
+            .map(str::to_string)
+    };
     assert_eq!(moved(&plan), moved(&applied), "plan and apply agree");
     let table = lab.lb().ok(&["table", web]).unwrap();
     println!("{table}");
 
     // The backend agents put their VIPs on lo.
-    let lo = lab.topo.backends[0].exec(&["ip", "addr", "show", "lo"]).unwrap();
+    let lo = lab.topo.backends[0]
+        .exec(&["ip", "addr", "show", "lo"])
+        .unwrap();
     assert!(lo.contains(EXTRA_VIP), "{lo}");
 
     // Metrics, on the LB node's loopback.
@@ -168,9 +245,20 @@ fn agent_forwards_lists_and_refuses_bad_commands() {
             Ok(out)
         })
         .unwrap();
-    assert!(metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"), "{metrics}");
-    for needle in ["lb_backend_packets_total", "lb_dataplane_packets_total{reason=\"encapsulated\"}", "lb_backend_up", "lb_table_rebuilds_total"] {
-        assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
+    assert!(
+        metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"),
+        "{metrics}"
+    );
+    for needle in [
+        "lb_backend_packets_total",
+        "lb_dataplane_packets_total{reason=\"encapsulated\"}",
+        "lb_backend_up",
+        "lb_table_rebuilds_total",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
+        );
     }
 }
 
@@ -201,26 +289,38 @@ fn failed_health_check_removes_a_backend_and_recovery_returns_it() {
         } else {
             misses += 1;
         }
-        assert!(failed_at.elapsed() < limit + Duration::from_secs(5), "{victim} still gets connections");
+        assert!(
+            failed_at.elapsed() < limit + Duration::from_secs(5),
+            "{victim} still gets connections"
+        );
     }
-    println!("{victim}: last new connection {last_hit:?} after its health port closed (limit {limit:?})");
+    println!(
+        "{victim}: last new connection {last_hit:?} after its health port closed (limit {limit:?})"
+    );
     assert!(last_hit <= limit, "took {last_hit:?}, limit {limit:?}");
     let st = lab.lb().status().unwrap();
     let health = &st["services"][0]["backends"][1]["health"];
     assert_eq!(health, "down", "{st}");
 
     let b = &lab.topo.backends[1];
-    lab.health[1] = Some(TcpServer::start(b, &b.name, &[SocketAddr::new(b.v4.into(), HEALTH_PORT)]).unwrap());
+    lab.health[1] =
+        Some(TcpServer::start(b, &b.name, &[SocketAddr::new(b.v4.into(), HEALTH_PORT)]).unwrap());
     let back = Instant::now();
     loop {
         if lab.spread(30).contains_key(&victim) {
             break;
         }
-        assert!(back.elapsed() < Duration::from_secs(5), "{victim} did not come back");
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "{victim} did not come back"
+        );
     }
     println!("{victim} back after {:?}", back.elapsed());
     let log = lab.lb().log();
-    assert!(log.contains("backend down") && log.contains("backend up"), "transitions logged:\n{log}");
+    assert!(
+        log.contains("backend down") && log.contains("backend up"),
+        "transitions logged:\n{log}"
+    );
 }
 
 #[test]
@@ -230,17 +330,31 @@ fn set_weight_changes_the_share_of_new_connections() {
     }
     let lab = lab(2, 500, 3);
     let (b0, b1) = (&lab.topo.backends[0], &lab.topo.backends[1]);
-    lab.lb().ok(&["backend", "set-weight", "web", &b0.v4.to_string(), "300"]).unwrap();
+    lab.lb()
+        .ok(&["backend", "set-weight", "web", &b0.v4.to_string(), "300"])
+        .unwrap();
     let n = 400;
     let seen = lab.spread(n);
     let share = seen.get(&b0.name).copied().unwrap_or(0) as f64 / n as f64;
-    println!("weights 300:100 -> {seen:?}, share of {} {share:.2}", b0.name);
+    println!(
+        "weights 300:100 -> {seen:?}, share of {} {share:.2}",
+        b0.name
+    );
     // Expected 0.75; 400 flows give a standard deviation near 0.02.
-    assert!((0.65..=0.85).contains(&share), "share {share:.2}, expected about 0.75");
+    assert!(
+        (0.65..=0.85).contains(&share),
+        "share {share:.2}, expected about 0.75"
+    );
 
-    lab.lb().ok(&["backend", "set-weight", "web", &b0.v4.to_string(), "0"]).unwrap();
+    lab.lb()
+        .ok(&["backend", "set-weight", "web", &b0.v4.to_string(), "0"])
+        .unwrap();
     let seen = lab.spread(60);
-    assert_eq!(seen.keys().collect::<Vec<_>>(), vec![&b1.name], "weight 0 takes no new connections: {seen:?}");
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        vec![&b1.name],
+        "weight 0 takes no new connections: {seen:?}"
+    );
 }
 
 #[test]
@@ -270,7 +384,8 @@ fn restarting_the_agent_loses_no_connection() {
     let mut rounds = 0;
     let talk = |conns: &mut Vec<TcpConn>| {
         for c in conns.iter_mut() {
-            c.echo(b"still here").expect("an established connection broke");
+            c.echo(b"still here")
+                .expect("an established connection broke");
         }
     };
     for restart in 0..3 {
@@ -288,11 +403,17 @@ fn restarting_the_agent_loses_no_connection() {
     }
     stop.store(true, Ordering::Relaxed);
     opener.join().unwrap();
-    let (ok, failed) = (opened.load(Ordering::Relaxed), broken.load(Ordering::Relaxed));
+    let (ok, failed) = (
+        opened.load(Ordering::Relaxed),
+        broken.load(Ordering::Relaxed),
+    );
     println!("{rounds} agent restarts; 20 long-lived connections intact; new connections: {ok} ok, {failed} failed");
     assert_eq!(failed, 0, "new connections failed during restarts");
     assert!(ok > 0);
-    assert!(lab.lb().log().contains("taking over the running data plane"));
+    assert!(lab
+        .lb()
+        .log()
+        .contains("taking over the running data plane"));
 }
 
 #[test]
@@ -314,7 +435,10 @@ fn bad_configs_are_refused_and_change_nothing() {
     bad_cases.push((c, "invalid IP address"));
     let mut c = good.clone();
     let first = c["services"][0]["backends"][0].clone();
-    c["services"][0]["backends"].as_array_mut().unwrap().push(first);
+    c["services"][0]["backends"]
+        .as_array_mut()
+        .unwrap()
+        .push(first);
     bad_cases.push((c, "is listed twice"));
     let mut c = good.clone();
     c["services"][0]["backends"][0]["weight"] = json!(100000);
@@ -329,10 +453,19 @@ fn bad_configs_are_refused_and_change_nothing() {
         // `lb config check` names the problem.
         let path = dir.join(format!("bad{i}.json"));
         std::fs::write(&path, serde_json::to_vec(config).unwrap()).unwrap();
-        let out = lab.lb().lb(&["config", "check", path.to_str().unwrap()]).unwrap();
+        let out = lab
+            .lb()
+            .lb(&["config", "check", path.to_str().unwrap()])
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(want), "config check: {err}");
-        println!("config check refused: {}", err.trim().lines().last().unwrap_or(""));
+        assert!(
+            !out.status.success() && err.contains(want),
+            "config check: {err}"
+        );
+        println!(
+            "config check refused: {}",
+            err.trim().lines().last().unwrap_or("")
+        );
         // A reload of the same refuses it and keeps running as before.
         lab.lb().write_config(config).unwrap();
         let out = lab.lb().lb(&["reload"]).unwrap();
@@ -340,7 +473,10 @@ fn bad_configs_are_refused_and_change_nothing() {
         assert!(!out.status.success() && err.contains(want), "reload: {err}");
     }
     let after = lab.lb().status().unwrap();
-    assert_eq!(before["services"], after["services"], "refused configs changed nothing");
+    assert_eq!(
+        before["services"], after["services"],
+        "refused configs changed nothing"
+    );
     assert_eq!(lab.spread(10).len(), 2, "still forwarding to both backends");
 
     // A good reload applies.

@@ -3,7 +3,7 @@
 
 use crate::{
     api::Change,
-    config::{ServiceConfig, backend_problems, service_problems},
+    config::{backend_problems, service_problems, ServiceConfig},
 };
 
 /// Returns the services with `change` applied, or why it cannot be.
@@ -134,27 +134,54 @@ mod tests {
         let addr = "10.0.3.2".parse().unwrap();
         let cases: Vec<(Change, &str)> = vec![
             (
-                Change::SetWeight { service: "nope".into(), address: addr, weight: 1 },
+                Change::SetWeight {
+                    service: "nope".into(),
+                    address: addr,
+                    weight: 1,
+                },
                 "no service named \"nope\"",
             ),
             (
-                Change::SetWeight { service: "web".into(), address: addr, weight: 70000 },
+                Change::SetWeight {
+                    service: "web".into(),
+                    address: addr,
+                    weight: 70000,
+                },
                 "weight 70000 is above the maximum 65535",
             ),
             (
-                Change::Drain { service: "web".into(), address: "10.9.9.9".parse().unwrap(), drain: true },
+                Change::Drain {
+                    service: "web".into(),
+                    address: "10.9.9.9".parse().unwrap(),
+                    drain: true,
+                },
                 "has no backend 10.9.9.9",
             ),
             (
-                Change::BackendAdd { service: "web".into(), backend: s[0].backends[0].clone() },
+                Change::BackendAdd {
+                    service: "web".into(),
+                    backend: s[0].backends[0].clone(),
+                },
                 "backend 10.0.3.2 is already in service",
             ),
             (
-                Change::ServiceAdd { service: ServiceConfig { name: "web2".into(), ..s[0].clone() } },
+                Change::ServiceAdd {
+                    service: ServiceConfig {
+                        name: "web2".into(),
+                        ..s[0].clone()
+                    },
+                },
                 "is already service \"web\"",
             ),
             (
-                Change::ServiceAdd { service: ServiceConfig { table_bits: 2, name: "x".into(), port: 81, ..s[0].clone() } },
+                Change::ServiceAdd {
+                    service: ServiceConfig {
+                        table_bits: 2,
+                        name: "x".into(),
+                        port: 81,
+                        ..s[0].clone()
+                    },
+                },
                 "table_bits: 2 is out of range",
             ),
         ];
@@ -168,13 +195,42 @@ mod tests {
     #[test]
     fn accepted_changes() {
         let addr = "10.0.3.2".parse().unwrap();
-        let s = apply(&web(), &Change::SetWeight { service: "web".into(), address: addr, weight: 7 }).unwrap();
+        let s = apply(
+            &web(),
+            &Change::SetWeight {
+                service: "web".into(),
+                address: addr,
+                weight: 7,
+            },
+        )
+        .unwrap();
         assert_eq!(s[0].backends[0].weight, 7);
-        let s = apply(&s, &Change::Drain { service: "web".into(), address: addr, drain: true }).unwrap();
+        let s = apply(
+            &s,
+            &Change::Drain {
+                service: "web".into(),
+                address: addr,
+                drain: true,
+            },
+        )
+        .unwrap();
         assert!(s[0].backends[0].drain);
-        let s = apply(&s, &Change::BackendRemove { service: "web".into(), address: addr }).unwrap();
+        let s = apply(
+            &s,
+            &Change::BackendRemove {
+                service: "web".into(),
+                address: addr,
+            },
+        )
+        .unwrap();
         assert!(s[0].backends.is_empty());
-        let s = apply(&s, &Change::ServiceRemove { service: "web".into() }).unwrap();
+        let s = apply(
+            &s,
+            &Change::ServiceRemove {
+                service: "web".into(),
+            },
+        )
+        .unwrap();
         assert!(s.is_empty());
     }
 }

@@ -15,25 +15,23 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode as AyaXdpMode;
 use lb_common::{
     addr,
-    maps::{ServiceKey, names},
+    maps::{names, ServiceKey},
     stats::Reason,
 };
 use tokio::{
-    signal::unix::{SignalKind, signal},
+    signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
 };
 use tracing::{error, info, warn};
 
-pub use self::programmer::{Desired, Member};
 use self::programmer::Programmer;
+pub use self::programmer::{Desired, Member};
 use crate::{
-    api::{
-        BackendStatus, Change, Health, ReasonCount, Request, Response, ServiceStatus, Status,
-    },
+    api::{BackendStatus, Change, Health, ReasonCount, Request, Response, ServiceStatus, Status},
     config::{Config, ServiceConfig, XdpMode},
     dataplane::{Dataplane, LoadOptions, Node},
     health::{self, Checker, HealthEvent},
@@ -214,11 +212,8 @@ impl Agent {
             }
         }
         // Health of backends no longer checked is forgotten.
-        self.health.retain(|(s, a), _| {
-            targets
-                .iter()
-                .any(|t| &t.service == s && &t.backend == a)
-        });
+        self.health
+            .retain(|(s, a), _| targets.iter().any(|t| &t.service == s && &t.backend == a));
         if let Some(c) = &self.checker {
             c.set_targets(targets);
         }
@@ -237,10 +232,12 @@ impl Agent {
     fn handle(&mut self, req: Request) -> Response {
         match req {
             Request::Status => Response::Status(self.status()),
-            Request::Table { service } => match self.config.services.iter().find(|s| s.name == service) {
-                Some(s) => Response::Table(self.programmer.table_summary(&key_of(s), s)),
-                None => error(format!("no service named {service:?}")),
-            },
+            Request::Table { service } => {
+                match self.config.services.iter().find(|s| s.name == service) {
+                    Some(s) => Response::Table(self.programmer.table_summary(&key_of(s), s)),
+                    None => error(format!("no service named {service:?}")),
+                }
+            }
             Request::Plan { change } => self.plan(&change),
             Request::Apply { change } => self.apply(&change),
             Request::Reload => self.reload(),
@@ -261,7 +258,10 @@ impl Agent {
         else {
             return error(format!("no service named {name:?}"));
         };
-        match self.programmer.plan(&self.desired(&next), name, &key_of(svc)) {
+        match self
+            .programmer
+            .plan(&self.desired(&next), name, &key_of(svc))
+        {
             Ok(p) => Response::Plan(p),
             Err(e) => error(chain(&e)),
         }
@@ -301,7 +301,9 @@ impl Agent {
             Err(e) => return error(chain(&e)),
         };
         if config.node != self.config.node || config.agent != self.config.agent {
-            warn!("reload: node and agent settings change only with a restart; services are reloaded");
+            warn!(
+                "reload: node and agent settings change only with a restart; services are reloaded"
+            );
         }
         if config.backend_vips != self.config.backend_vips {
             if let Err(e) = netlink::ensure_vips_on_lo(&config.backend_vips) {
@@ -321,7 +323,10 @@ impl Agent {
     fn detach(&mut self) -> Response {
         match Dataplane::unpin_all(&self.config.agent.pin_dir) {
             Ok(removed) => {
-                info!(pins = removed.len(), "detached: program removed from the interfaces, pins deleted; agent stopping");
+                info!(
+                    pins = removed.len(),
+                    "detached: program removed from the interfaces, pins deleted; agent stopping"
+                );
                 Response::Done {
                     message: format!(
                         "detached from {} and removed {} pins; the agent stops",
@@ -352,7 +357,12 @@ impl Agent {
             let counters = self
                 .programmer
                 .service_id_of(&key)
-                .and_then(|id| self.programmer.dataplane().counters(names::SERVICE_STATS, id).ok())
+                .and_then(|id| {
+                    self.programmer
+                        .dataplane()
+                        .counters(names::SERVICE_STATS, id)
+                        .ok()
+                })
                 .unwrap_or_default();
             let backends = s
                 .backends
@@ -373,7 +383,10 @@ impl Agent {
                         address: b.address,
                         weight: b.weight,
                         drain: b.drain,
-                        health: match (b.health.is_some(), self.health.get(&(s.name.clone(), b.address))) {
+                        health: match (
+                            b.health.is_some(),
+                            self.health.get(&(s.name.clone(), b.address)),
+                        ) {
                             (false, _) => Health::Unchecked,
                             (true, Some(false)) => Health::Down,
                             (true, _) => Health::Up,

@@ -12,7 +12,7 @@ use std::{
 
 use lb_common::{
     addr,
-    maps::{Bucket, NO_BACKEND, ServiceKey, ServiceValue},
+    maps::{Bucket, ServiceKey, ServiceValue, NO_BACKEND},
 };
 
 use crate::{
@@ -104,11 +104,20 @@ impl Programmer {
         for (key, v) in dp.services()? {
             let upper = v.flags & SERVICE_UPPER_HALF != 0;
             let size = 1u32 << v.table_bits;
-            let base = if upper { v.table_offset - size } else { v.table_offset };
+            let base = if upper {
+                v.table_offset - size
+            } else {
+                v.table_offset
+            };
             let raw = dp.read_table(v.table_offset, size)?;
             let table = raw
                 .iter()
-                .map(|b| (by_slot.get(&b.first).copied(), by_slot.get(&b.second).copied()))
+                .map(|b| {
+                    (
+                        by_slot.get(&b.first).copied(),
+                        by_slot.get(&b.second).copied(),
+                    )
+                })
                 .collect();
             live.insert(
                 key,
@@ -137,10 +146,7 @@ impl Programmer {
 
     /// The table `want` would get now, in addresses (first, second). Backends without a
     /// slot yet get provisional numbers: only addresses leave this function.
-    fn compute(
-        &self,
-        want: &Desired,
-    ) -> Result<Owners, ProgramError> {
+    fn compute(&self, want: &Desired) -> Result<Owners, ProgramError> {
         const PROVISIONAL: u32 = 1 << 24;
         let mut slot_of = self.slots.clone();
         let mut next = PROVISIONAL;
@@ -158,7 +164,10 @@ impl Programmer {
             });
         }
         let prev: Option<Vec<Bucket>> = self.live.get(&want.key).map(|l| {
-            let slot = |a: &Option<IpAddr>| a.and_then(|a| slot_of.get(&a).copied()).unwrap_or(NO_BACKEND);
+            let slot = |a: &Option<IpAddr>| {
+                a.and_then(|a| slot_of.get(&a).copied())
+                    .unwrap_or(NO_BACKEND)
+            };
             l.table
                 .iter()
                 .map(|(f, s)| Bucket {
@@ -167,15 +176,19 @@ impl Programmer {
                 })
                 .collect()
         });
-        let built = table::build(&backends, want.bits, self.seed, prev.as_deref()).map_err(
-            |source| ProgramError::Table {
-                service: want.name.clone(),
-                source,
-            },
-        )?;
+        let built =
+            table::build(&backends, want.bits, self.seed, prev.as_deref()).map_err(|source| {
+                ProgramError::Table {
+                    service: want.name.clone(),
+                    source,
+                }
+            })?;
         let addr_of: BTreeMap<u32, IpAddr> = slot_of.iter().map(|(a, s)| (*s, *a)).collect();
         let addr = |s: u32| addr_of.get(&s).copied();
-        Ok(built.iter().map(|b| (addr(b.first), addr(b.second))).collect())
+        Ok(built
+            .iter()
+            .map(|b| (addr(b.first), addr(b.second)))
+            .collect())
     }
 
     /// What applying `wanted` would move in the table of service `name` at `key`;
@@ -217,7 +230,11 @@ impl Programmer {
             if prev.is_some_and(|l| l.table == next) {
                 continue;
             }
-            summaries.push(summarize(&want.name, prev.map(|l| l.table.as_slice()), &next));
+            summaries.push(summarize(
+                &want.name,
+                prev.map(|l| l.table.as_slice()),
+                &next,
+            ));
             self.write(want, next)?;
         }
         self.free_unused_slots()?;

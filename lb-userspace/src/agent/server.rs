@@ -66,9 +66,12 @@ async fn serve(stream: UnixStream, calls: mpsc::Sender<Call>) {
     let (read, mut write) = stream.into_split();
     if uid.as_ref().ok() != Some(&0) {
         warn!(peer_uid = ?uid.ok(), "API connection refused: not root");
-        let _ = reply(&mut write, &Response::Error {
-            message: "permission denied: the lb API is for root only".into(),
-        })
+        let _ = reply(
+            &mut write,
+            &Response::Error {
+                message: "permission denied: the lb API is for root only".into(),
+            },
+        )
         .await;
         return;
     }
