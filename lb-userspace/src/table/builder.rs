@@ -100,14 +100,14 @@ pub(super) fn owners(backends: &[Backend], seed: u32) -> Vec<Owner> {
             }
         })
         .collect();
-    v.sort_unstable_by(|a, b| (a.key, a.addr).cmp(&(b.key, b.addr)));
+    v.sort_unstable_by_key(|o| (o.key, o.addr));
     v
 }
 
 /// Buckets per owner: the weight's share of `buckets`, rounded down, plus one for the largest
 /// remainders (ties to the canonical order, which does not depend on the other backends, so a
 /// change shifts few of these extra buckets).
-fn quotas(owners: &[Owner], buckets: u32) -> Vec<u32> {
+pub(super) fn quotas(owners: &[Owner], buckets: u32) -> Vec<u32> {
     let total: u64 = owners.iter().map(|o| u64::from(o.weight)).sum();
     let mut q = Vec::with_capacity(owners.len());
     let mut rem = Vec::with_capacity(owners.len());
@@ -130,6 +130,10 @@ const FREE: u64 = u64::MAX;
 const INDEX_BITS: u32 = 12;
 const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
 const _: () = assert!(MAX_BACKENDS_PER_SERVICE as u64 <= 1 << INDEX_BITS);
+/// Tables at least this large outgrow the caches, so walks fetch buckets ahead.
+const PREFETCH_BITS: u32 = 18;
+/// How far ahead.
+const AHEAD: u32 = 8;
 
 /// The stable matching (see the module docs): the owner index of every bucket.
 ///
@@ -137,48 +141,88 @@ const _: () = assert!(MAX_BACKENDS_PER_SERVICE as u64 <= 1 << INDEX_BITS);
 /// scores and breaks ties by canonical order, in one integer. Along a walk, scores grow by far
 /// more than the bits given up (see `score`), so each backend still ranks buckets strictly.
 fn assign(owners: &[Owner], quotas: &[u32], bits: u32) -> Vec<u32> {
+    if bits >= PREFETCH_BITS {
+        match_buckets::<true>(owners, quotas, bits)
+    } else {
+        match_buckets::<false>(owners, quotas, bits)
+    }
+}
+
+pub(super) fn match_buckets<const PREFETCH: bool>(
+    owners: &[Owner],
+    quotas: &[u32],
+    bits: u32,
+) -> Vec<u32> {
     let size = 1usize << bits;
+    let mask = (size - 1) as u32;
     let walks: Vec<Walk> = owners.iter().map(|o| Walk::new(o.key, bits)).collect();
     let factors: Vec<u64> = owners.iter().map(|o| weight_factor(o.weight)).collect();
     let mut claims = vec![FREE; size];
     let mut next = vec![0u32; owners.len()];
     let mut count = vec![0u32; owners.len()];
     let mut todo: Vec<u32> = (0..owners.len() as u32).rev().collect();
-    let lim: u32 = std::env::var("LIM").ok().map(|s| (s.parse::<f64>().unwrap() * size as f64 / owners.len() as f64) as u32).unwrap_or(u32::MAX);
     while let Some(b) = todo.pop() {
         let bi = b as usize;
         let (walk, factor, quota) = (&walks[bi], factors[bi], quotas[bi]);
         let (mut p, mut c) = (next[bi], count[bi]);
+        // Buckets at positions p.. of the walk, when prefetching.
+        let mut ahead = [0u32; AHEAD as usize];
+        if PREFETCH {
+            for i in p..p + AHEAD {
+                ahead[(i % AHEAD) as usize] = walk.bucket(i & mask);
+            }
+        }
         while c < quota {
             // A backend short of its quota has not yet been offered a free bucket, and free
             // buckets stay free until offered, so its walk cannot run out.
             assert!((p as usize) < size, "walk ran out");
-            if p >= lim { break; }
-            let k = walk.bucket(p) as usize;
+            let k = if PREFETCH {
+                let slot = (p % AHEAD) as usize;
+                let k = ahead[slot];
+                ahead[slot] = walk.bucket((p + AHEAD) & mask);
+                prefetch(&claims, ahead[slot] as usize);
+                k
+            } else {
+                walk.bucket(p)
+            } as usize;
+            let claim = (score(p, bits, factor) & !INDEX_MASK) | u64::from(b);
             p += 1;
-            let claim = (score(p - 1, bits, factor) & !INDEX_MASK) | u64::from(b);
             let held = claims[k];
-            // Branch-free on the common outcomes (take a free bucket, lose); only taking a
-            // bucket from another backend branches.
-            let won = claim < held;
-            claims[k] = claim.min(held);
-            c += u32::from(won);
-            if won && held != FREE {
-                let h = (held & INDEX_MASK) as usize;
-                count[h] -= 1;
-                todo.push(h as u32);
+            if claim < held {
+                claims[k] = claim;
+                c += 1;
+                if held != FREE {
+                    let h = (held & INDEX_MASK) as usize;
+                    count[h] -= 1;
+                    todo.push(h as u32);
+                }
             }
         }
         next[bi] = p;
         count[bi] = c;
     }
-    if lim != u32::MAX || std::env::var("LBDEBUG").is_ok() {
-        let total: u64 = next.iter().map(|&x| x as u64).sum();
-        let free = claims.iter().filter(|&&o| o == FREE).count();
-        let nonfull = (0..owners.len()).filter(|&b| count[b] < quotas[b]).count();
-        eprintln!("proposals {:.2}/bucket free {free} nonfull {nonfull} product {:.2}/bucket", total as f64 / size as f64, (free * nonfull) as f64 / size as f64);
+    claims
+        .into_iter()
+        .map(|c| (c & INDEX_MASK) as u32)
+        .collect()
+}
+
+/// Asks the cache for `v[i]`; random reads into a table of megabytes wait on memory
+/// otherwise.
+#[inline(always)]
+fn prefetch(v: &[u64], i: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(x) = v.get(i) {
+        // SAFETY: a prefetch only hints the cache; it never faults or changes memory, and the
+        // pointer is in bounds anyway.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                (x as *const u64).cast(),
+            );
+        }
     }
-    claims.into_iter().map(|c| (c & INDEX_MASK) as u32).collect()
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (v, i);
 }
 
 /// The first column: the slot of every bucket's owner, [`NO_BACKEND`] when no backend may

@@ -25,8 +25,14 @@ pub fn first_column(backends: &[Backend], bits: u32, seed: u32) -> Result<Vec<u3
     let Some(max_weight) = owners.iter().map(|o| o.weight).max() else {
         return Ok(table);
     };
-    let offset: Vec<u64> = owners.iter().map(|o| fmix64(o.key ^ 0x6f66) & mask).collect();
-    let skip: Vec<u64> = owners.iter().map(|o| (fmix64(o.key ^ 0x736b) & mask) | 1).collect();
+    let offset: Vec<u64> = owners
+        .iter()
+        .map(|o| fmix64(o.key ^ 0x6f66) & mask)
+        .collect();
+    let skip: Vec<u64> = owners
+        .iter()
+        .map(|o| (fmix64(o.key ^ 0x736b) & mask) | 1)
+        .collect();
     let mut next = vec![0u64; owners.len()];
     let mut credit = vec![0u32; owners.len()];
     let mut filled = 0;

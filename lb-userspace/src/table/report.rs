@@ -30,9 +30,10 @@ pub struct Figures {
     pub max_over_mean: f64,
     /// The smallest backend's buckets over the mean.
     pub min_over_mean: f64,
-    /// Share of buckets whose owner changes when one backend is added (mean of a few).
+    /// Share of buckets whose owner changes when one backend is added to `n - 1` (mean of a
+    /// few).
     pub moved_add: f64,
-    /// The least possible on adding: the new backend's share, `1 / (n + 1)`.
+    /// The least possible on adding: the new backend's share, `1 / n`.
     pub optimum_add: f64,
     /// The same for Maglev.
     pub maglev_moved_add: f64,
@@ -79,23 +80,27 @@ fn moved(a: &[u32], b: &[u32]) -> f64 {
     a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / a.len() as f64
 }
 
-/// Mean moved share over a few changes of each kind: (add, remove, reweight).
+/// Mean moved share over a few changes of each kind: (add, remove, reweight). Adding is
+/// measured as going from `n - 1` to the `n` backends, so `n` may be the largest count allowed.
 fn movement(f: FirstColumn, base: &[Backend], bits: u32) -> Result<[f64; 3], TableError> {
-    let n = base.len() as u32;
+    let n = base.len();
     let before = f(base, bits, SEED)?;
     let mut sum = [0.0; 3];
-    for c in 0..CHANGES as u32 {
-        let mut added = base.to_vec();
-        added.push(synthetic_backend(n + c));
-        sum[0] += moved(&before, &f(&added, bits, SEED)?);
+    for c in 0..CHANGES {
+        // Spread the changed backends over the list; adds and removes use different ones.
+        let added = (2 * c * n) / (2 * CHANGES);
+        let removed = ((2 * c + 1) * n) / (2 * CHANGES);
 
-        let pick = (c * n / CHANGES as u32 + n / (2 * CHANGES as u32)) as usize;
-        let mut removed = base.to_vec();
-        removed.remove(pick);
-        sum[1] += moved(&before, &f(&removed, bits, SEED)?);
+        let mut without = base.to_vec();
+        without.remove(added);
+        sum[0] += moved(&f(&without, bits, SEED)?, &before);
+
+        let mut without = base.to_vec();
+        without.remove(removed);
+        sum[1] += moved(&before, &f(&without, bits, SEED)?);
 
         let mut reweighted = base.to_vec();
-        reweighted[pick].weight = 2;
+        reweighted[removed].weight = 2;
         sum[2] += moved(&before, &f(&reweighted, bits, SEED)?);
     }
     Ok(sum.map(|s| s / CHANGES as f64))
@@ -134,7 +139,7 @@ pub fn figures(backends: usize, bits: u32) -> Result<Figures, TableError> {
         max_over_mean: f64::from(*counts.iter().max().unwrap_or(&0)) / mean,
         min_over_mean: f64::from(*counts.iter().min().unwrap_or(&0)) / mean,
         moved_add,
-        optimum_add: 1.0 / (n + 1.0),
+        optimum_add: 1.0 / n,
         maglev_moved_add,
         moved_remove,
         optimum_remove: 1.0 / n,

@@ -10,8 +10,6 @@
 //! `weight_b / total`: weighted rendezvous hashing. Scores are integers so that every platform
 //! ranks alike.
 
-use lb_common::hash::fmix32;
-
 /// MurmurHash3's 64-bit finaliser: a bijection in which every input bit affects every output
 /// bit.
 pub(super) fn fmix64(mut k: u64) -> u64 {
@@ -31,15 +29,17 @@ pub(super) fn backend_key(addr: &[u8; 16], seed: u32) -> u64 {
     fmix64(fmix64(s ^ lo) ^ hi)
 }
 
-/// A backend's walk over the buckets: a bijection on `0..2^bits` built from three rounds of
-/// multiplication by an odd constant and a xor-shift by half the width (its own inverse), so
-/// both directions cost a few instructions.
+/// A backend's walk over the buckets: a bijection on `0..2^bits` from key-dependent rounds of
+/// xor-shift by half the width (its own inverse at that shift), multiplication by an odd
+/// number and addition, all invertible modulo 2^bits. Only the direction from position to
+/// bucket is needed; it is written as the inverse of a bucket-to-position hash so each round
+/// is the textbook one.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Walk {
     mask: u32,
     shift: u32,
     add: [u32; 2],
-    mul: [u32; 3],
+    /// Inverses of three odd multipliers.
     inv: [u32; 3],
 }
 
@@ -66,23 +66,8 @@ impl Walk {
             mask: ((1u64 << bits) - 1) as u32,
             shift: bits.div_ceil(2),
             add,
-            mul,
             inv: mul.map(inverse),
         }
-    }
-
-    /// Where a bucket comes in the walk.
-    #[inline]
-    pub(super) fn position(&self, bucket: u32) -> u32 {
-        let (m, s) = (self.mask, self.shift);
-        let mut x = (bucket ^ self.add[0]) & m;
-        x = x.wrapping_mul(self.mul[0]) & m;
-        x ^= x >> s;
-        x = x.wrapping_add(self.add[1]) & m;
-        x = x.wrapping_mul(self.mul[1]) & m;
-        x ^= x >> s;
-        x = x.wrapping_mul(self.mul[2]) & m;
-        x ^ (x >> s)
     }
 
     /// The bucket at a position of the walk.
@@ -155,7 +140,12 @@ pub(super) fn weight_factor(weight: u32) -> u64 {
 /// The score of the bucket at position `p` for a backend: about `E(p) * 2^26 / weight`.
 #[inline]
 pub(super) fn score(p: u32, bits: u32, factor: u64) -> u64 {
-    ((u128::from(exp_quantile(p, bits) << 26) * u128::from(factor)) >> 64) as u64
+    scale(exp_quantile(p, bits) << 26, factor)
+}
+
+#[inline]
+pub(super) fn scale(q: u64, factor: u64) -> u64 {
+    ((u128::from(q) * u128::from(factor)) >> 64) as u64
 }
 
 #[cfg(test)]
@@ -163,16 +153,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn walk_is_a_bijection_both_ways() {
-        for bits in [4, 5, 9, 16] {
+    fn walk_is_a_bijection() {
+        for bits in [4, 5, 9, 16, 20] {
             let w = Walk::new(backend_key(&[7; 16], 3), bits);
             let mut seen = vec![false; 1 << bits];
-            for k in 0..1u32 << bits {
-                let p = w.position(k);
-                assert!(!seen[p as usize]);
-                seen[p as usize] = true;
-                assert_eq!(w.bucket(p), k);
+            for p in 0..1u32 << bits {
+                let k = w.bucket(p) as usize;
+                assert!(!seen[k]);
+                seen[k] = true;
             }
+        }
+    }
+
+    #[test]
+    fn inverse_inverts() {
+        for m in [1u32, 3, 0x8000_0001, 0xdead_beef | 1] {
+            assert_eq!(m.wrapping_mul(inverse(m)), 1);
         }
     }
 
@@ -211,7 +207,6 @@ mod tests {
     fn key_is_pinned() {
         // A change here reshuffles every table of a running fleet.
         let k = backend_key(&lb_common::addr::v4_mapped([10, 0, 0, 1]), 0);
-        assert_eq!(k, backend_key(&lb_common::addr::v4_mapped([10, 0, 0, 1]), 0));
-        let _ = fmix32(0);
+        assert_eq!(k, 0xc0b0_9c14_14d7_8951);
     }
 }
