@@ -15,17 +15,17 @@ const SEED: u32 = 0x1b5e_ed01;
 /// Changes averaged per figure: a single one varies by a few percent.
 const CHANGES: usize = 4;
 /// Builds timed per figure; the fastest counts.
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 /// Measured figures for one backend count and table size. Shares are of all buckets.
 #[derive(Debug, Clone, Serialize)]
 pub struct Figures {
     pub backends: usize,
     pub bits: u32,
-    /// Time to build the first column on one thread (fastest of a few builds).
-    pub build: Duration,
+    /// Microseconds to build the first column on one thread (fastest of a few builds).
+    pub build_us: f64,
     /// Maglev's build time for the same input.
-    pub maglev_build: Duration,
+    pub maglev_build_us: f64,
     /// The largest backend's buckets over the mean.
     pub max_over_mean: f64,
     /// The smallest backend's buckets over the mean.
@@ -134,8 +134,8 @@ pub fn figures(backends: usize, bits: u32) -> Result<Figures, TableError> {
     Ok(Figures {
         backends,
         bits,
-        build: fastest(first_column, &base, bits)?,
-        maglev_build: fastest(maglev::first_column, &base, bits)?,
+        build_us: fastest(first_column, &base, bits)?.as_secs_f64() * 1e6,
+        maglev_build_us: fastest(maglev::first_column, &base, bits)?.as_secs_f64() * 1e6,
         max_over_mean: f64::from(*counts.iter().max().unwrap_or(&0)) / mean,
         min_over_mean: f64::from(*counts.iter().min().unwrap_or(&0)) / mean,
         moved_add,

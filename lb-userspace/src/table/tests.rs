@@ -218,11 +218,22 @@ fn first_column_is_pinned() {
     // fleet; a change here moves flows during a rolling upgrade.
     let t = first_column(&equal(5), 6, 0x5eed).unwrap();
     let expect = [
-        4, 1, 1, 4, 1, 4, 2, 3, 3, 1, 2, 4, 0, 1, 2, 1, 0, 3, 3, 4, 2, 0, 4, 2, 3, 2, 0, 0, 0, 1,
-        3, 1, 1, 4, 3, 0, 3, 2, 1, 3, 2, 3, 4, 0, 2, 0, 1, 4, 4, 0, 0, 0, 1, 3, 3, 4, 4, 0, 2, 2,
-        1, 3, 2, 2,
+        3, 0, 0, 3, 1, 4, 0, 2, 0, 2, 0, 2, 4, 3, 2, 3, 4, 0, 1, 1, 2, 4, 2, 3, 3, 1, 0, 1, 1, 3,
+        3, 2, 4, 1, 4, 1, 0, 2, 1, 2, 3, 1, 0, 2, 3, 2, 3, 4, 2, 0, 4, 4, 3, 0, 4, 1, 1, 3, 1, 0,
+        4, 0, 4, 2,
     ];
     assert_eq!(t, expect);
+    let weighted = [
+        Backend::new(v4(7), 1, 0),
+        Backend::new(v4(8), 2, 1),
+        Backend::new(
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+            5,
+            2,
+        ),
+    ];
+    let t = first_column(&weighted, 4, 1).unwrap();
+    assert_eq!(t, [2, 2, 1, 2, 2, 2, 0, 1, 1, 1, 2, 2, 2, 0, 2, 2]);
 }
 
 #[test]
