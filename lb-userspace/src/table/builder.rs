@@ -135,6 +135,8 @@ const _: () = assert!(MAX_BACKENDS_PER_SERVICE as u64 <= 1 << INDEX_BITS);
 const PREFETCH_BITS: u32 = 18;
 /// How far ahead.
 const AHEAD: u32 = 8;
+/// Positions between refreshes of a walk's score floor.
+const FLOOR_EVERY: u32 = 32;
 
 /// The stable matching (see the module docs): the owner index of every bucket.
 ///
@@ -173,6 +175,13 @@ pub(super) fn match_buckets<const PREFETCH: bool>(
                 ahead[(i % AHEAD) as usize] = walk.bucket(i & mask);
             }
         }
+        // No claim of this walk from here on is below `floor`: late in a walk most buckets
+        // are held by far better claims, and this settles them without scoring.
+        let mut floor = if (p as usize) < size {
+            score(p, bits, factor) & !INDEX_MASK
+        } else {
+            0
+        };
         while c < quota {
             // A backend short of its quota has not yet been offered a free bucket, and free
             // buckets stay free until offered, so its walk cannot run out.
@@ -186,9 +195,16 @@ pub(super) fn match_buckets<const PREFETCH: bool>(
             } else {
                 walk.bucket(p)
             } as usize;
+            if p % FLOOR_EVERY == 0 {
+                floor = score(p, bits, factor) & !INDEX_MASK;
+            }
+            let held = claims[k];
+            if held < floor {
+                p += 1;
+                continue;
+            }
             let claim = (score(p, bits, factor) & !INDEX_MASK) | u64::from(b);
             p += 1;
-            let held = claims[k];
             if claim < held {
                 claims[k] = claim;
                 c += 1;
