@@ -28,8 +28,7 @@ pub enum TableError {
     #[error("{count} backends, above the maximum {MAX_BACKENDS_PER_SERVICE} of one service")]
     TooManyBackends { count: usize },
     #[error(
-        "{count} backends do not fit a table of {buckets} buckets: every backend needs at \
-         least one (use more table bits)"
+        "{count} backends are more than the {buckets} buckets of the table (use more table bits)"
     )]
     TableTooSmall { count: usize, buckets: usize },
     #[error(

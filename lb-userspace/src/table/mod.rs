@@ -1,5 +1,17 @@
 //! The forwarding-table builder: a service's backends in, `2^bits` buckets `{first, second}`
-//! out. See `builder` for how owners are chosen and `plan` for what a change would move.
+//! out. See `builder` for how owners are chosen, `score` for the hashing and `plan` for what
+//! a change would move.
+//!
+//! - `first` is a function of the backends (addresses, weights, states), the table size and
+//!   the seed alone: the unique stable matching of buckets and backends under weighted
+//!   rendezvous scores, each backend holding exactly its weight's share (largest remainder).
+//!   Nodes that saw different histories agree as soon as they see the same state.
+//! - Movement on adding, removing or reweighting one backend, at 2^16 buckets, against the
+//!   optimum (Maglev on the same inputs): 1.02x (1.02x) at 10 backends, 1.3x (1.55x) at 100,
+//!   4.3x (6.8x) at 1,000, 6.8x (7.5-9x) at 4,096. More buckets per backend move less: 1.9x
+//!   (3.0x) at 1,000 backends and 2^20 buckets, hence [`default_table_bits`].
+//! - A 2^16-bucket build takes 2 to 4 ms on one core for 10 to 4,096 backends.
+//! - `report::figures` measures all of this for `cargo xtask bench`.
 
 mod builder;
 mod error;
