@@ -9,4 +9,5 @@ pub mod encap;
 pub mod hash;
 pub mod limits;
 pub mod maps;
+pub mod packet;
 pub mod stats;
