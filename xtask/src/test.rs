@@ -36,7 +36,9 @@ impl Suite {
 
     /// The `cargo test` arguments of this suite, or why it has nothing to run.
     fn args(self, targets: &[String]) -> Result<Vec<String>, &'static str> {
-        let mut args: Vec<String> = ["test", "--locked"].map(String::from).into();
+        let mut args: Vec<String> = ["test", "--locked", "--no-fail-fast"]
+            .map(String::from)
+            .into();
         match self {
             // lb-ebpf builds only for the BPF target; lb-userspace's build script builds it.
             Self::Host => args.extend(
