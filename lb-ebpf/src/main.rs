@@ -10,6 +10,7 @@
 #![no_main]
 
 mod backend;
+mod bench;
 mod client;
 mod forward;
 mod maps;

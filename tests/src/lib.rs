@@ -52,6 +52,7 @@
 //! on an operator's terminal, never matched on.
 
 pub mod agent;
+pub mod bench;
 pub mod cleanup;
 pub mod link;
 pub mod netns;

@@ -1,0 +1,548 @@
+//! Per-packet cost of lb's XDP program on each path, next to `lb_pass` (the floor).
+//!
+//! The program runs in a namespace of its own, configured like a node that is both an LB
+//! node and a backend: one veth with a gateway whose neighbour entry is permanent, routes
+//! to the backends through it, VIPs on `lo` with a listening and established sockets.
+//! Every case is a set of frames, one flow each, that the harness cycles through.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use lb::{
+    dataplane::{Dataplane, LoadOptions, Node},
+    table::{self, Backend},
+};
+use lb_common::{
+    addr::to_bytes,
+    limits::DEFAULT_TABLE_BITS,
+    maps::{ServiceKey, ServiceValue},
+    stats::Reason,
+};
+
+use super::{
+    harness::{Harness, Target},
+    packets::{self, Macs},
+};
+use crate::{link, Netns};
+
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+const IF: &str = "bn0";
+const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x09];
+const NODE4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const LB4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
+const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
+const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const SEED: u32 = 0x5eed_0b07;
+const GUE_PORT: u16 = lb_common::encap::DEFAULT_GUE_PORT;
+/// Backends of each service (of each family).
+const BACKENDS: u32 = 100;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const MACS: Macs = Macs {
+    src: PEER_MAC,
+    dst: NODE_MAC,
+};
+
+/// The cases, in the order they are reported.
+pub const CASES: [&str; 8] = [
+    "tcp_syn_vip_v4",
+    "tcp_ack_vip_v4",
+    "udp_vip_v4",
+    "tcp_syn_vip_v6",
+    "non_vip_pass_v4",
+    "gue_decap_accept_v4",
+    "gue_second_hop_v4",
+    "icmp_too_big_v4",
+];
+
+/// One path through the program: its frames and what every run of them must end in.
+pub struct Case {
+    pub name: &'static str,
+    pub frames: Vec<Vec<u8>>,
+    pub verdict: u32,
+    pub reason: Reason,
+}
+
+/// Measurement settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Runs per test run.
+    pub repeat: u32,
+    /// Test runs per figure; the median is reported.
+    pub rounds: usize,
+    /// Distinct flows (frames) per case.
+    pub flows: usize,
+}
+
+/// Which cases to run: all when `only` is empty.
+pub fn selected(only: &[String]) -> Vec<&'static str> {
+    CASES
+        .into_iter()
+        .filter(|c| only.is_empty() || only.iter().any(|o| o == c))
+        .collect()
+}
+
+/// What was measured for one case. Times are medians over the rounds.
+#[derive(Clone, Debug)]
+pub struct CaseResult {
+    pub name: &'static str,
+    pub verdict: u32,
+    pub reason: Reason,
+    /// `lb_xdp`'s cost as if run directly: harness with `lb_xdp`, minus harness with
+    /// `lb_pass`, plus the floor.
+    pub ns_per_packet: f64,
+    /// The harness's own cost on this case's frames: harness with `lb_pass` minus floor.
+    pub harness_ns: f64,
+    /// Distinct outputs over the case's frames, and for forwarding cases distinct outer
+    /// destinations (backends).
+    pub distinct_outputs: usize,
+    pub distinct_backends: Option<usize>,
+    /// Runs checked against the counters: every one ended in `reason`.
+    pub runs_checked: u64,
+}
+
+/// The whole data-plane measurement.
+pub struct Measured {
+    pub floor_ns: f64,
+    pub cases: Vec<CaseResult>,
+}
+
+/// Measures the cases named in `names` (see [`CASES`]).
+pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
+    let ns = build_namespace()?;
+    ns.run(|| {
+        let ifindex = link::if_index(IF)?;
+        let slots = 3 << DEFAULT_TABLE_BITS;
+        let mut dp = Dataplane::load(&LoadOptions {
+            bucket_slots: slots,
+            pin_dir: None,
+        })?;
+        configure(&mut dp)?;
+        let sockets = Sockets::open(s.flows)?;
+        let mut harness = Harness::load(dp.ebpf(), ifindex)?;
+        let cases: Vec<Case> = cases(s.flows, &sockets.established_ports)
+            .into_iter()
+            .filter(|c| names.contains(&c.name))
+            .collect();
+        ensure!(!cases.is_empty(), "no case selected");
+        for c in &cases {
+            verify_frames(&mut dp, &harness, c)?;
+        }
+        run_rounds(&mut dp, &mut harness, &cases, s)
+    })
+}
+
+fn run_rounds(
+    dp: &mut Dataplane,
+    harness: &mut Harness,
+    cases: &[Case],
+    s: Settings,
+) -> Result<Measured> {
+    let mut floors = Vec::new();
+    let mut per_case: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); cases.len()];
+    let mut checked = vec![0u64; cases.len()];
+    let mut last_outputs: Vec<Vec<u8>> = vec![Vec::new(); cases.len()];
+    for _ in 0..s.rounds {
+        let floor = harness.run_direct(
+            dp.ebpf(),
+            lb::ebpf::PASS_PROGRAM,
+            &cases[0].frames[0],
+            s.repeat,
+        )?;
+        ensure!(
+            floor.return_value == XDP_PASS,
+            "lb_pass returned {}",
+            floor.return_value
+        );
+        floors.push(floor.ns_per_run);
+        for (i, c) in cases.iter().enumerate() {
+            harness.set_frames(&c.frames)?;
+            let first = &c.frames[0];
+            let base = harness.run(dp.ebpf(), Target::Pass, first, s.repeat)?;
+            ensure!(
+                base.return_value == XDP_PASS,
+                "{}: harness with lb_pass returned {}",
+                c.name,
+                base.return_value
+            );
+            let before = dp.reason_counts()?;
+            let t = harness.run(dp.ebpf(), Target::Lb, first, s.repeat)?;
+            let after = dp.reason_counts()?;
+            check_counts(c, &before, &after, u64::from(s.repeat))?;
+            ensure!(
+                t.return_value == c.verdict,
+                "{}: verdict {}, expected {}",
+                c.name,
+                t.return_value,
+                c.verdict
+            );
+            checked[i] += u64::from(s.repeat);
+            last_outputs[i] = t.output;
+            per_case[i].0.push(base.ns_per_run);
+            per_case[i].1.push(t.ns_per_run);
+        }
+    }
+    let floor_ns = median(&floors);
+    let mut results = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        // The last run of a test run used frame (repeat - 1) mod frames: its output must
+        // be what lb_xdp makes of that frame when run on it alone.
+        let last = (s.repeat as usize - 1) % c.frames.len();
+        let direct = harness.run_direct(dp.ebpf(), lb::ebpf::PROGRAM, &c.frames[last], 1)?;
+        if direct.output != last_outputs[i] {
+            bail!(
+                "{}: the harness's last output differs from lb_xdp's own on frame {last}",
+                c.name
+            );
+        }
+        let (pass, lb) = &per_case[i];
+        let harness_ns = median(pass) - floor_ns;
+        let ns_per_packet = median(lb) - median(pass) + floor_ns;
+        let (distinct_outputs, distinct_backends) = spread(dp, harness, c)?;
+        results.push(CaseResult {
+            name: c.name,
+            verdict: c.verdict,
+            reason: c.reason,
+            ns_per_packet,
+            harness_ns,
+            distinct_outputs,
+            distinct_backends,
+            runs_checked: checked[i],
+        });
+    }
+    Ok(Measured {
+        floor_ns,
+        cases: results,
+    })
+}
+
+/// Every run of the test run ended in the case's reason, and nothing else was counted.
+fn check_counts(
+    c: &Case,
+    before: &[(Reason, u64)],
+    after: &[(Reason, u64)],
+    runs: u64,
+) -> Result<()> {
+    for ((r, a), (_, b)) in after.iter().zip(before) {
+        let want = if *r == c.reason { runs } else { 0 };
+        if a - b != want {
+            bail!(
+                "{}: counter {} moved by {} in {runs} runs, expected {want}",
+                c.name,
+                r.name(),
+                a - b
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Each frame alone through lb_xdp: the expected verdict and reason, and a known path.
+fn verify_frames(dp: &mut Dataplane, harness: &Harness, c: &Case) -> Result<()> {
+    for (i, f) in c.frames.iter().enumerate() {
+        let before = dp.reason_counts()?;
+        let t = harness.run_direct(dp.ebpf(), lb::ebpf::PROGRAM, f, 1)?;
+        let after = dp.reason_counts()?;
+        ensure!(
+            t.return_value == c.verdict,
+            "{} frame {i}: verdict {}, expected {}",
+            c.name,
+            t.return_value,
+            c.verdict
+        );
+        check_counts(c, &before, &after, 1).with_context(|| format!("frame {i}"))?;
+    }
+    Ok(())
+}
+
+/// How many distinct outputs the case's frames give, and for forwarded frames how many
+/// distinct outer destinations.
+fn spread(dp: &mut Dataplane, harness: &Harness, c: &Case) -> Result<(usize, Option<usize>)> {
+    let mut outputs = HashSet::new();
+    let mut dests = HashSet::new();
+    for f in &c.frames {
+        let t = harness.run_direct(dp.ebpf(), lb::ebpf::PROGRAM, f, 1)?;
+        if c.verdict == XDP_TX {
+            let dst = match u16::from_be_bytes([t.output[12], t.output[13]]) {
+                0x0800 => t.output[30..34].to_vec(),
+                _ => t.output[38..54].to_vec(),
+            };
+            dests.insert(dst);
+        }
+        outputs.insert(t.output);
+    }
+    Ok((outputs.len(), (c.verdict == XDP_TX).then_some(dests.len())))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+// ---- the node --------------------------------------------------------------------------
+
+fn build_namespace() -> Result<Netns> {
+    let ns = Netns::create(&format!(
+        "{}{}-bench",
+        crate::topology::PREFIX,
+        std::process::id()
+    ))?;
+    let mac = |m: [u8; 6]| link::fmt_mac(&m);
+    let cmds = [
+        format!(
+            "link add {IF} address {} type veth peer name bn1 address {}",
+            mac(NODE_MAC),
+            mac(GW_MAC)
+        ),
+        format!("link set {IF} up"),
+        "link set bn1 up".into(),
+        "link set lo up".into(),
+        format!("addr add {NODE4}/24 dev {IF}"),
+        format!("addr add {NODE6}/64 dev {IF} nodad"),
+        format!(
+            "neigh add 10.0.0.2 lladdr {} dev {IF} nud permanent",
+            mac(GW_MAC)
+        ),
+        format!(
+            "neigh add fd00::2 lladdr {} dev {IF} nud permanent",
+            mac(GW_MAC)
+        ),
+        "route add 10.1.0.0/16 via 10.0.0.2".into(),
+        "-6 route add fd01::/64 via fd00::2".into(),
+        format!("addr add {VIP4}/32 dev lo"),
+        format!("addr add {VIP6}/128 dev lo nodad"),
+    ];
+    for c in cmds {
+        let mut argv = vec!["ip".to_string()];
+        argv.extend(c.split_whitespace().map(String::from));
+        ns.exec(&argv).with_context(|| format!("ip {c}"))?;
+    }
+    // bpf_fib_lookup answers only for interfaces that forward.
+    ns.exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.all.forwarding=1",
+        "net.ipv6.conf.all.forwarding=1",
+    ])?;
+    Ok(ns)
+}
+
+fn backend4(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+fn backend6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 1 + i as u16)
+}
+
+/// Node settings, backends (slots 0.. IPv4, BACKENDS.. IPv6) and three services, each
+/// with a default-size table from the real builder, as it stands after one backend was
+/// added (so some buckets have a second hop).
+fn configure(dp: &mut Dataplane) -> Result<()> {
+    dp.set_node(&Node {
+        hash_seed: SEED,
+        gue_port: GUE_PORT,
+        addr_v4: Some(NODE4),
+        addr_v6: Some(NODE6),
+    })?;
+    let mut families: Vec<Vec<Backend>> = Vec::new();
+    for v6 in [false, true] {
+        let mut list = Vec::new();
+        for i in 0..BACKENDS {
+            let (addr, slot) = if v6 {
+                (IpAddr::V6(backend6(i)), BACKENDS + i)
+            } else {
+                (IpAddr::V4(backend4(i)), i)
+            };
+            dp.set_backend(slot, addr)?;
+            list.push(Backend::new(addr, 1, slot));
+        }
+        families.push(list);
+    }
+    let services = [
+        (to_bytes(VIP4.into()), 80, TCP, &families[0]),
+        (to_bytes(VIP4.into()), 53, UDP, &families[0]),
+        (to_bytes(VIP6.into()), 80, TCP, &families[1]),
+    ];
+    let bits = DEFAULT_TABLE_BITS;
+    for (id, (addr, port, proto, backends)) in services.into_iter().enumerate() {
+        let before = table::build(&backends[..backends.len() - 1], bits, SEED, None)?;
+        let buckets = table::build(backends, bits, SEED, Some(&before))?;
+        let offset = id as u32 * (1 << bits);
+        dp.write_table(offset, &buckets)?;
+        let key = ServiceKey {
+            addr,
+            port_be: u16::to_be(port),
+            proto,
+            _pad: 0,
+        };
+        let value = ServiceValue {
+            id: id as u32,
+            table_offset: offset,
+            table_bits: bits,
+            flags: 0,
+        };
+        dp.set_service(&key, &value)?;
+    }
+    Ok(())
+}
+
+/// Sockets of the backend side: a listener on VIP4:80 and established connections to it,
+/// whose client ports the decapsulation case uses.
+struct Sockets {
+    _listener: TcpListener,
+    _conns: Vec<(TcpStream, TcpStream)>,
+    established_ports: Vec<u16>,
+}
+
+impl Sockets {
+    fn open(n: usize) -> Result<Self> {
+        let listener = TcpListener::bind((VIP4, 80)).context("listening on the VIP")?;
+        let mut conns = Vec::new();
+        let mut ports = Vec::new();
+        for _ in 0..n {
+            let client = TcpStream::connect((VIP4, 80))?;
+            let (server, _) = listener.accept()?;
+            ports.push(client.local_addr()?.port());
+            conns.push((client, server));
+        }
+        Ok(Sockets {
+            _listener: listener,
+            _conns: conns,
+            established_ports: ports,
+        })
+    }
+}
+
+// ---- the cases -------------------------------------------------------------------------
+
+/// Flow `i`'s client: 198.18.0.0/15 and 2001:db8:1::/64, and a port.
+fn client4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0xc612_0001 + i as u32 * 37)
+}
+
+fn client6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, (i >> 16) as u16, 1 + i as u16)
+}
+
+fn client_port(i: usize) -> u16 {
+    10_000 + (i as u16).wrapping_mul(211) % 50_000
+}
+
+/// Build every case with `flows` frames; `established` are client ports of connections
+/// to VIP4:80 on this node.
+pub fn cases(flows: usize, established: &[u16]) -> Vec<Case> {
+    let each = |f: &dyn Fn(usize) -> Vec<u8>| (0..flows).map(f).collect::<Vec<_>>();
+    let encap = |name, frames, reason| Case {
+        name,
+        frames,
+        verdict: XDP_TX,
+        reason,
+    };
+    let other4 = |i: usize| Ipv4Addr::from(0xcb00_7101 + i as u32); // 203.0.113.1..
+    let gue_port = |i: usize| (50_000 + i as u16, GUE_PORT);
+    let m = MACS;
+    vec![
+        encap(
+            CASES[0],
+            each(&|i| packets::tcp4(m, client4(i), VIP4, client_port(i), 80, true)),
+            Reason::Encapsulated,
+        ),
+        encap(
+            CASES[1],
+            each(&|i| packets::tcp4(m, client4(i), VIP4, client_port(i), 80, false)),
+            Reason::Encapsulated,
+        ),
+        encap(
+            CASES[2],
+            each(&|i| packets::udp4(m, client4(i), VIP4, client_port(i), 53, &[0x5a; 32])),
+            Reason::Encapsulated,
+        ),
+        encap(
+            CASES[3],
+            each(&|i| packets::tcp6_syn(m, client6(i), VIP6, client_port(i), 80)),
+            Reason::Encapsulated,
+        ),
+        Case {
+            name: CASES[4],
+            frames: each(&|i| packets::tcp4(m, client4(i), other4(i), client_port(i), 443, false)),
+            verdict: XDP_PASS,
+            reason: Reason::PassNotService,
+        },
+        Case {
+            name: CASES[5],
+            frames: each(&|i| {
+                let inner = packets::tcp4(m, VIP4, VIP4, established[i], 80, false);
+                packets::gue4(
+                    m,
+                    LB4,
+                    NODE4,
+                    gue_port(i),
+                    backend4(i as u32 % BACKENDS),
+                    &inner,
+                )
+            }),
+            verdict: XDP_PASS,
+            reason: Reason::AcceptSocket,
+        },
+        encap(
+            CASES[6],
+            each(&|i| {
+                let inner = packets::tcp4(m, client4(i), VIP4, client_port(i), 80, false);
+                packets::gue4(
+                    m,
+                    LB4,
+                    NODE4,
+                    gue_port(i),
+                    backend4(i as u32 % BACKENDS),
+                    &inner,
+                )
+            }),
+            Reason::SecondHop,
+        ),
+        encap(
+            CASES[7],
+            each(&|i| {
+                let sent = packets::tcp4(m, VIP4, client4(i), 80, client_port(i), false);
+                packets::icmp4_frag_needed(m, ROUTER4, VIP4, &sent)
+            }),
+            Reason::IcmpForwarded,
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_are_distinct_and_fit_the_harness() {
+        let ports: Vec<u16> = (0..256).map(|i| 30_000 + i).collect();
+        for c in cases(256, &ports) {
+            let distinct: HashSet<&Vec<u8>> = c.frames.iter().collect();
+            assert_eq!(distinct.len(), 256, "{}", c.name);
+            assert!(
+                c.frames
+                    .iter()
+                    .all(|f| f.len() <= super::super::harness::FRAME_MAX),
+                "{}",
+                c.name
+            );
+        }
+    }
+}

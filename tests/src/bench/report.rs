@@ -1,0 +1,224 @@
+//! The benchmark's results: a table for people, JSON for machines.
+
+use std::fmt::Write as _;
+
+use lb::table::report::Figures;
+use serde::Serialize;
+
+use super::dataplane::{Measured, Settings, XDP_PASS, XDP_TX};
+
+/// The JSON document (`--json FILE`).
+#[derive(Serialize)]
+pub struct Report {
+    /// `lb_pass` run directly: the cost of BPF_PROG_TEST_RUN's loop and an empty program.
+    pub floor_ns: f64,
+    pub repeat: u32,
+    pub rounds: usize,
+    pub flows: usize,
+    pub dataplane: Vec<CaseRow>,
+    pub table: Vec<TableRow>,
+}
+
+#[derive(Serialize)]
+pub struct CaseRow {
+    pub case: &'static str,
+    pub ns_per_packet: f64,
+    pub ratio_to_floor: f64,
+    pub verdict: &'static str,
+    /// The reason every run was counted under.
+    pub reason: &'static str,
+    /// The harness's own cost on this case's frames, taken out of `ns_per_packet`.
+    pub harness_ns: f64,
+    /// The ratio the case should stay under.
+    pub target_ratio: f64,
+    /// Runs whose reason the counters confirmed.
+    pub runs_checked: u64,
+}
+
+#[derive(Serialize)]
+pub struct TableRow {
+    pub backends: usize,
+    pub buckets: u64,
+    pub build_ms: f64,
+    pub moved_add_pct: f64,
+    pub optimal_add_pct: f64,
+    pub moved_remove_pct: f64,
+    pub optimal_remove_pct: f64,
+    pub max_over_mean: f64,
+    pub maglev_build_ms: f64,
+    pub maglev_moved_add_pct: f64,
+    pub maglev_moved_remove_pct: f64,
+}
+
+/// The ratio to the floor a case should stay under: passing foreign traffic must cost
+/// next to nothing, forwarding a few times an empty program.
+pub fn target_ratio(case: &str) -> f64 {
+    if case == "non_vip_pass_v4" {
+        1.6
+    } else {
+        3.0
+    }
+}
+
+fn verdict_name(v: u32) -> &'static str {
+    match v {
+        XDP_PASS => "XDP_PASS",
+        XDP_TX => "XDP_TX",
+        _ => "other",
+    }
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+impl Report {
+    pub fn new(s: Settings, dp: &Measured, table: &[Figures]) -> Self {
+        let dataplane = dp
+            .cases
+            .iter()
+            .map(|c| CaseRow {
+                case: c.name,
+                ns_per_packet: round(c.ns_per_packet, 2),
+                ratio_to_floor: round(c.ns_per_packet / dp.floor_ns, 2),
+                verdict: verdict_name(c.verdict),
+                reason: c.reason.name(),
+                harness_ns: round(c.harness_ns, 2),
+                target_ratio: target_ratio(c.name),
+                runs_checked: c.runs_checked,
+            })
+            .collect();
+        let pct = |x: f64| round(x * 100.0, 3);
+        let ms = |us: f64| round(us / 1000.0, 3);
+        let table = table
+            .iter()
+            .map(|f| TableRow {
+                backends: f.backends,
+                buckets: 1 << f.bits,
+                build_ms: ms(f.build_us),
+                moved_add_pct: pct(f.moved_add),
+                optimal_add_pct: pct(f.optimum_add),
+                moved_remove_pct: pct(f.moved_remove),
+                optimal_remove_pct: pct(f.optimum_remove),
+                max_over_mean: round(f.max_over_mean, 4),
+                maglev_build_ms: ms(f.maglev_build_us),
+                maglev_moved_add_pct: pct(f.maglev_moved_add),
+                maglev_moved_remove_pct: pct(f.maglev_moved_remove),
+            })
+            .collect();
+        Report {
+            floor_ns: round(dp.floor_ns, 2),
+            repeat: s.repeat,
+            rounds: s.rounds,
+            flows: s.flows,
+            dataplane,
+            table,
+        }
+    }
+
+    /// The tables for a terminal.
+    pub fn text(&self, dp: &Measured) -> String {
+        let mut o = String::new();
+        if !self.dataplane.is_empty() {
+            self.dataplane_text(dp, &mut o);
+        }
+        if !self.table.is_empty() {
+            self.table_text(&mut o);
+        }
+        o
+    }
+
+    fn dataplane_text(&self, dp: &Measured, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "Data plane: BPF_PROG_TEST_RUN, {} runs per test run, median of {} rounds, {} flows per case",
+            self.repeat, self.rounds, self.flows
+        );
+        let _ = writeln!(
+            o,
+            "floor (lb_pass run directly): {:.2} ns/packet\n",
+            self.floor_ns
+        );
+        let _ = writeln!(
+            o,
+            "{:<20} {:>9} {:>7} {:>6}  {:<8} {:<15} {:>7} {:>8} {:>9}",
+            "case",
+            "ns/packet",
+            "x floor",
+            "target",
+            "verdict",
+            "reason",
+            "harness",
+            "backends",
+            "checked"
+        );
+        for (row, c) in self.dataplane.iter().zip(&dp.cases) {
+            let mark = if row.ratio_to_floor < row.target_ratio {
+                ""
+            } else {
+                " MISSED"
+            };
+            let backends = c
+                .distinct_backends
+                .map_or_else(|| "-".to_string(), |n| n.to_string());
+            let _ = writeln!(
+                o,
+                "{:<20} {:>9.2} {:>7.2} {:>5.1}x  {:<8} {:<15} {:>7.2} {:>8} {:>9}{mark}",
+                row.case,
+                row.ns_per_packet,
+                row.ratio_to_floor,
+                row.target_ratio,
+                row.verdict,
+                row.reason,
+                row.harness_ns,
+                backends,
+                row.runs_checked,
+            );
+        }
+        let _ = writeln!(
+            o,
+            "\nns/packet: harness with lb_xdp - harness with lb_pass + floor. harness: its own \
+             cost on the case's frames.\nbackends: distinct outer destinations of the case's \
+             flows. checked: runs whose reason the counters confirmed.\n"
+        );
+    }
+
+    fn table_text(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "Forwarding table (equal weights; moved: share of all buckets whose owner changes, \
+             mean of 4 changes)"
+        );
+        let _ = writeln!(
+            o,
+            "{:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "backends",
+            "buckets",
+            "build ms",
+            "add %",
+            "optimum",
+            "maglev",
+            "remove %",
+            "optimum",
+            "maglev",
+            "max/mean"
+        );
+        for r in &self.table {
+            let _ = writeln!(
+                o,
+                "{:>8} {:>8} {:>9.2} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.4}",
+                r.backends,
+                r.buckets,
+                r.build_ms,
+                r.moved_add_pct,
+                r.optimal_add_pct,
+                r.maglev_moved_add_pct,
+                r.moved_remove_pct,
+                r.optimal_remove_pct,
+                r.maglev_moved_remove_pct,
+                r.max_over_mean,
+            );
+        }
+    }
+}
