@@ -117,9 +117,9 @@ pub struct ServiceAddArgs {
     /// tcp or udp.
     #[arg(long, default_value = "tcp")]
     pub protocol: Protocol,
-    /// log2 of the table size.
-    #[arg(long, default_value_t = lb_common::limits::DEFAULT_TABLE_BITS)]
-    pub table_bits: u32,
+    /// log2 of the table size (default: 16, more for over 1,024 backends).
+    #[arg(long)]
+    pub table_bits: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -12,8 +12,8 @@ use std::{
 use lb_common::{
     encap::DEFAULT_GUE_PORT,
     limits::{
-        DEFAULT_BUCKET_SLOTS, DEFAULT_TABLE_BITS, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE,
-        MAX_SERVICES, MAX_TABLE_BITS, MAX_WEIGHT, MIN_TABLE_BITS,
+        DEFAULT_BUCKET_SLOTS, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, MAX_TABLE_BITS,
+        MAX_WEIGHT, MIN_TABLE_BITS,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -141,10 +141,21 @@ pub struct ServiceConfig {
     pub port: u16,
     pub protocol: Protocol,
     /// log2 of the table size.
-    #[serde(default = "default_table_bits")]
-    pub table_bits: u32,
+    /// log2 of the table size; by default 16, growing with the backend count (see
+    /// `ServiceConfig::bits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_bits: Option<u32>,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+}
+
+impl ServiceConfig {
+    /// The table size in use: `table_bits`, or 2^16 growing with the backend count so
+    /// that each backend keeps enough buckets for low movement (`table::default_table_bits`).
+    pub fn bits(&self) -> u32 {
+        self.table_bits
+            .unwrap_or_else(|| crate::table::default_table_bits(self.backends.len()))
+    }
 }
 
 /// A backend of a service.
@@ -223,9 +234,6 @@ fn default_pin_dir() -> PathBuf {
 }
 fn default_bucket_slots() -> u32 {
     DEFAULT_BUCKET_SLOTS
-}
-fn default_table_bits() -> u32 {
-    DEFAULT_TABLE_BITS
 }
 fn default_weight() -> u32 {
     100
@@ -352,7 +360,7 @@ impl Config {
                 ));
             }
             all_backends.extend(s.backends.iter().map(|b| b.address));
-            slots_needed += 2u64 << s.table_bits.min(MAX_TABLE_BITS);
+            slots_needed += 2u64 << s.bits().min(MAX_TABLE_BITS);
             for b in &s.backends {
                 if b.address.is_ipv4() && n.address_v4.is_none() {
                     p.push(format!(
@@ -415,10 +423,10 @@ pub fn service_problems(s: &ServiceConfig) -> Vec<String> {
     if s.port == 0 {
         p.push("port: 0 is not a port".into());
     }
-    if !(MIN_TABLE_BITS..=MAX_TABLE_BITS).contains(&s.table_bits) {
+    if !(MIN_TABLE_BITS..=MAX_TABLE_BITS).contains(&s.bits()) {
         p.push(format!(
             "table_bits: {} is out of range ({MIN_TABLE_BITS} to {MAX_TABLE_BITS})",
-            s.table_bits
+            s.bits()
         ));
     }
     if s.backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
@@ -427,11 +435,11 @@ pub fn service_problems(s: &ServiceConfig) -> Vec<String> {
             s.backends.len()
         ));
     }
-    if s.backends.len() > (1usize << s.table_bits.min(MAX_TABLE_BITS)) {
+    if s.backends.len() > (1usize << s.bits().min(MAX_TABLE_BITS)) {
         p.push(format!(
             "backends: {} backends do not fit a table of {} buckets",
             s.backends.len(),
-            1u32 << s.table_bits.min(MAX_TABLE_BITS)
+            1u32 << s.bits().min(MAX_TABLE_BITS)
         ));
     }
     let mut seen = BTreeSet::new();
@@ -496,6 +504,8 @@ pub fn backend_problems(b: &BackendConfig) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use lb_common::limits::DEFAULT_TABLE_BITS;
+
     use super::*;
 
     const GOOD: &str = r#"{
@@ -524,7 +534,7 @@ mod tests {
     fn a_good_config_parses_with_defaults() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.node.gue_port, DEFAULT_GUE_PORT);
-        assert_eq!(c.services[0].table_bits, DEFAULT_TABLE_BITS);
+        assert_eq!(c.services[0].bits(), DEFAULT_TABLE_BITS);
         assert_eq!(c.services[0].backends[1].weight, 100);
         let h = c.services[0].backends[0].health.as_ref().unwrap();
         assert_eq!((h.kind, h.http_path()), (CheckKind::Http, "/health"));

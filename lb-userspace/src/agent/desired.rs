@@ -118,7 +118,7 @@ mod tests {
             vip: "10.100.0.1".parse().unwrap(),
             port: 80,
             protocol: Protocol::Tcp,
-            table_bits: 8,
+            table_bits: Some(8),
             backends: vec![BackendConfig {
                 address: "10.0.3.2".parse().unwrap(),
                 weight: 100,
@@ -176,7 +176,7 @@ mod tests {
             (
                 Change::ServiceAdd {
                     service: ServiceConfig {
-                        table_bits: 2,
+                        table_bits: Some(2),
                         name: "x".into(),
                         port: 81,
                         ..s[0].clone()

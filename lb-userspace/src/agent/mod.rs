@@ -169,7 +169,7 @@ impl Agent {
             .map(|s| Desired {
                 name: s.name.clone(),
                 key: key_of(s),
-                bits: s.table_bits,
+                bits: s.bits(),
                 members: s
                     .backends
                     .iter()
@@ -405,7 +405,7 @@ impl Agent {
                 vip: s.vip,
                 port: s.port,
                 protocol: s.protocol,
-                table_bits: s.table_bits,
+                table_bits: s.bits(),
                 packets: counters.packets,
                 bytes: counters.bytes,
                 backends,
