@@ -6,7 +6,7 @@ mod proc;
 mod setup;
 mod test;
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -44,6 +44,15 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// Benchmarks in release mode: data-plane cost per packet, table builder (needs root).
+    Bench {
+        /// Also write the results to FILE as JSON.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Passed to the `bench` binary of the tests crate (after `--`; see its --help).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// A running namespace topology for manual exploration: `lab up`, `lab down [--all]`.
     #[command(disable_help_flag = true)]
     Lab {
@@ -69,6 +78,19 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Test { suite } => test::run(suite),
         Cmd::Clippy => lint::clippy().map(|()| ExitCode::SUCCESS),
         Cmd::Fmt { check } => lint::fmt(check).map(|()| ExitCode::SUCCESS),
+        Cmd::Bench { json, args } => {
+            let setup = setup::run(setup::Mode::Install)?;
+            let mut cmd = proc::cargo();
+            setup.apply(&mut cmd);
+            cmd.args(["run", "--quiet", "--locked", "--release", "-p", "tests"])
+                .args(["--bin", "bench", "--"])
+                .args(args);
+            if let Some(path) = json {
+                // The bench runs in the workspace root; the path is the caller's.
+                cmd.arg("--json").arg(std::path::absolute(path)?);
+            }
+            proc::run(&mut cmd).map(|()| ExitCode::SUCCESS)
+        }
         Cmd::Lab { args } => {
             let mut cmd = proc::cargo();
             cmd.args([
