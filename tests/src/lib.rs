@@ -53,6 +53,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod churn;
 pub mod cleanup;
 pub mod link;
 pub mod netns;

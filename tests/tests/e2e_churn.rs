@@ -1,0 +1,486 @@
+//! Established connections while the backend set changes: long-lived TCP connections
+//! (IPv4 and IPv6) and connected-UDP sessions keep talking through two LB nodes behind
+//! ECMP while a backend is added, reweighted, drained, removed and failed. Only the
+//! flows of the failed backend may break. And two LB nodes send every flow to the same
+//! backend, before and after a change.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use tests::{
+    can_run,
+    churn::{broken_in, per_server, Fate, Flow, FlowPlan, Flows, Kind, Lab, LabPlan},
+    tcp_request, Netns,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn plan() -> LabPlan {
+    LabPlan {
+        clients: 2,
+        lbs: 2,
+        backends: 4,
+        weights: vec![100, 100, 100],
+        interval_ms: 200,
+        fall: 2,
+        table_bits: 10,
+        ipv6: true,
+    }
+}
+
+/// `lb` output lines that say what moved, one per service, indented.
+fn moved(out: &[String]) -> String {
+    out.iter()
+        .flat_map(|o| o.lines().next())
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn show(f: &Flow) -> String {
+    let fate = match &f.fate {
+        Fate::Broken { why, .. } => why.to_string(),
+        other => format!("{other:?}"),
+    };
+    format!(
+        "{} {} -> {} on {} after {} exchanges: {fate}",
+        f.kind, f.local, f.dst, f.server, f.exchanges
+    )
+}
+
+/// Broken flows counted by protocol, reason and backend.
+fn reasons(broken: &[&Flow]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for f in broken {
+        if let Fate::Broken { why, .. } = &f.fate {
+            let why = why
+                .to_string()
+                .split(" to ")
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            *m.entry(format!("{} {why} on {}", f.kind, f.server))
+                .or_default() += 1;
+        }
+    }
+    m
+}
+
+#[test]
+fn established_flows_survive_backend_churn() {
+    if !can_run("established_flows_survive_backend_churn") {
+        return;
+    }
+    let started = Instant::now();
+    let mut lab = Lab::start(plan()).unwrap();
+    let (web, web6, quic) = (
+        lab.service("web").dst(),
+        lab.service("web6").dst(),
+        lab.service("quic").dst(),
+    );
+    let flows = Flows::open(
+        &lab.clients(),
+        &FlowPlan {
+            tcp: vec![(web, 60), (web6, 60)],
+            udp: vec![(quic, 40)],
+            period: Duration::from_millis(10),
+            workers: 4,
+            timeout: TIMEOUT,
+        },
+    )
+    .unwrap();
+    let start = flows.snapshot();
+    let total = start.len();
+    println!(
+        "{total} flows open: {:?} (lab ready in {:.1?})",
+        per_server(&start),
+        started.elapsed()
+    );
+    assert!(
+        per_server(&start).len() == 3,
+        "flows on all three backends: {:?}",
+        per_server(&start)
+    );
+    flows.settle(3, Duration::from_secs(10));
+
+    let steps: [&str; 5] = [
+        "add b3 at weight 50",
+        "set b3's weight to 100",
+        "drain b1",
+        "close b1's flows, then remove b1",
+        "fail b2's health check",
+    ];
+    let mut closed_on_b1 = 0;
+    let mut b2_down_after = Duration::ZERO;
+    let mut lost_to_moves: BTreeSet<SocketAddr> = BTreeSet::new();
+    for (i, what) in steps.iter().enumerate() {
+        let step = i + 1;
+        flows.set_step(step);
+        let out = match step {
+            1 => lab.add_backend("b3", 50).unwrap(),
+            2 => lab
+                .apply(
+                    "b3",
+                    &["backend", "set-weight", "{service}", "{addr}", "100"],
+                )
+                .unwrap(),
+            3 => lab
+                .apply("b1", &["backend", "drain", "{service}", "{addr}"])
+                .unwrap(),
+            4 => {
+                closed_on_b1 = flows.close_on("b1", TIMEOUT * 2).unwrap();
+                lab.apply("b1", &["backend", "remove", "{service}", "{addr}"])
+                    .unwrap()
+            }
+            5 => {
+                lab.fail_health("b2");
+                b2_down_after = lab
+                    .wait_health("b2", "down", Duration::from_secs(5))
+                    .unwrap();
+                vec![format!(
+                    "b2 down on both LB nodes after {b2_down_after:.1?}"
+                )]
+            }
+            _ => unreachable!(),
+        };
+        // Every open flow talks a few times under the new tables.
+        flows.settle(5, Duration::from_secs(10));
+        let now = flows.snapshot();
+        let broken = broken_in(&now, step);
+        println!("step {step}: {what}\n{}", moved(&out));
+        println!(
+            "    open {}: {:?}; broken in this step: {} {:?}",
+            now.iter().filter(|f| f.fate == Fate::Open).count(),
+            per_server(&now),
+            broken.len(),
+            reasons(&broken)
+        );
+        // What the tables say: flows whose backend is neither hop of their bucket (it
+        // moved twice in successive changes, and a bucket keeps one second hop). The
+        // data plane must break exactly those, and those of the failed backend.
+        let stranded = lab.stranded(&now, step).unwrap();
+        let lost: BTreeSet<SocketAddr> = stranded.iter().map(|(f, _)| f.local).collect();
+        for (f, why) in stranded
+            .iter()
+            .filter(|(f, _)| step < 5 || f.server != "b2")
+        {
+            println!("      lost to a second move: {} ({why})", show(f));
+        }
+        for f in broken
+            .iter()
+            .filter(|f| !lost.contains(&f.local) && (step < 5 || f.server != "b2"))
+        {
+            panic!(
+                "step {step} ({what}) broke a flow its bucket still leads to: {}",
+                show(f)
+            );
+        }
+        let now_open: Vec<&Flow> = now.iter().filter(|f| f.fate == Fate::Open).collect();
+        for f in now_open.iter().filter(|f| lost.contains(&f.local)) {
+            panic!(
+                "step {step}: the table strands {} yet it still works",
+                show(f)
+            );
+        }
+        lost_to_moves.extend(
+            stranded
+                .iter()
+                .filter(|(f, _)| step < 5 || f.server != "b2")
+                .map(|(f, _)| f.local),
+        );
+        // New flows: TCP follows the weights at once. (UDP: see new_udp_flows_reach_the_bucket_owner.)
+        let mut tcp: BTreeMap<String, usize> = BTreeMap::new();
+        let mut udp: BTreeMap<String, usize> = BTreeMap::new();
+        for i in 0..40 {
+            let c = &lab.topo.clients[i % 2];
+            *tcp.entry(tcp_request(c, web, TIMEOUT).unwrap())
+                .or_default() += 1;
+            *udp.entry(tests::udp_request(c, quic, b"new", TIMEOUT).unwrap())
+                .or_default() += 1;
+        }
+        println!("    40 new flows: TCP {tcp:?}, UDP {udp:?}");
+        if step >= 3 {
+            assert!(
+                !tcp.contains_key("b1"),
+                "the drained or removed b1 got new connections"
+            );
+        }
+        if step == 5 {
+            assert!(
+                !tcp.contains_key("b2") && !udp.contains_key("b2"),
+                "the failed b2 got new flows"
+            );
+        }
+    }
+    let end = flows.stop();
+    let on_b2 = start.iter().filter(|f| f.server == "b2").count();
+    let broken: Vec<&Flow> = end
+        .iter()
+        .filter(|f| matches!(f.fate, Fate::Broken { .. }))
+        .collect();
+    let on_failed: Vec<&Flow> = broken
+        .iter()
+        .copied()
+        .filter(|f| f.server == "b2" && !lost_to_moves.contains(&f.local))
+        .collect();
+    let exchanges: u64 = end.iter().map(|f| f.exchanges).sum();
+    let held = end.iter().filter(|f| f.fate == Fate::Open).count();
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "figures: {total} flows ({} TCP, {} UDP), {} changes applied, {exchanges} exchanges \
+         ({:.0} per flow and second);\n  \
+         held to the end {held}, closed cleanly on b1 before its removal {closed_on_b1};\n  \
+         broken on the failed b2 {} of {on_b2} ({:?});\n  \
+         broken elsewhere {} (all lost to a second move of their bucket); \
+         b2 down after {b2_down_after:.1?}; {secs:.1} s in all",
+        start.iter().filter(|f| f.kind == Kind::Tcp).count(),
+        start.iter().filter(|f| f.kind == Kind::Udp).count(),
+        steps.len(),
+        exchanges as f64 / total as f64 / secs,
+        on_failed.len(),
+        reasons(&on_failed),
+        lost_to_moves.len(),
+    );
+    assert_eq!(held + closed_on_b1 + broken.len(), total);
+    assert!(
+        end.iter().all(|f| f.server != "b2" || f.fate != Fate::Open),
+        "flows on the failed b2 kept working"
+    );
+    // The failed backend's server is still up, but its flows now reach another backend,
+    // which has no socket for them: TCP is reset, UDP answered by the new owner.
+    assert_eq!(broken.len(), on_failed.len() + lost_to_moves.len());
+    assert!(
+        lost_to_moves.len() <= total / 50,
+        "{} flows lost to buckets that moved twice; the tables should move few buckets",
+        lost_to_moves.len()
+    );
+    drop(lab);
+}
+
+/// Points the router's route for the lab's IPv4 VIP at LB node `lb`, or at both (ECMP).
+fn route_via(lab: &Lab, lb: Option<usize>) {
+    let vip = format!("{}/32", lab.topo.vip_v4());
+    let mut args: Vec<String> = ["ip", "route", "replace", &vip].map(String::from).into();
+    for n in lab
+        .topo
+        .lbs
+        .iter()
+        .filter(|n| lb.is_none_or(|i| n.index == i))
+    {
+        if lb.is_none() {
+            args.push("nexthop".into());
+        }
+        args.extend([
+            "via".into(),
+            n.v4.to_string(),
+            "dev".into(),
+            n.router_ifname.clone(),
+        ]);
+    }
+    lab.topo.router.exec(&args).unwrap();
+}
+
+/// The backend answering a UDP datagram from `src_port` (a fixed flow).
+fn udp_from(ns: &Netns, src_port: u16, dst: SocketAddr) -> String {
+    let sock = ns
+        .run(|| {
+            let s = UdpSocket::bind(SocketAddr::new("0.0.0.0".parse()?, src_port))?;
+            s.connect(dst)?;
+            Ok(s)
+        })
+        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut buf = [0u8; 256];
+    for _ in 0..3 {
+        sock.send(b"which").unwrap();
+        if let Ok(n) = sock.recv(&mut buf) {
+            let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+            return reply.split('\n').next().unwrap_or_default().to_owned();
+        }
+    }
+    panic!("no answer to UDP from port {src_port}");
+}
+
+#[test]
+fn two_lb_nodes_send_every_flow_to_the_same_backend() {
+    if !can_run("two_lb_nodes_send_every_flow_to_the_same_backend") {
+        return;
+    }
+    let started = Instant::now();
+    let lab = Lab::start(LabPlan {
+        ipv6: false,
+        ..plan()
+    })
+    .unwrap();
+    let same_tables = |when: &str| {
+        for s in &lab.services {
+            let (t0, t1) = (lab.table(0, s).unwrap(), lab.table(1, s).unwrap());
+            assert_eq!(t0, t1, "{when}: lb0 and lb1 differ on {}", s.name);
+            let seconds = t0.buckets.iter().filter(|(_, s)| s.is_some()).count();
+            println!("{when}: {}: lb0 and lb1 tables identical ({} buckets, {seconds} with a second hop)", s.name, t0.buckets.len());
+        }
+    };
+    same_tables("start");
+    let (web, quic) = (lab.service("web").dst(), lab.service("quic").dst());
+    let flows = Flows::open(
+        &lab.clients(),
+        &FlowPlan {
+            tcp: vec![(web, 40)],
+            udp: vec![(quic, 20)],
+            period: Duration::from_millis(10),
+            workers: 2,
+            timeout: TIMEOUT,
+        },
+    )
+    .unwrap();
+    flows.settle(5, Duration::from_secs(10));
+    // ECMP spread the flows over both LB nodes.
+    let carried: Vec<u64> = lab
+        .lb_agents
+        .iter()
+        .map(|a| {
+            a.status().unwrap()["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["packets"].as_u64().unwrap())
+                .sum()
+        })
+        .collect();
+    println!(
+        "packets forwarded under ECMP: lb0 {}, lb1 {}",
+        carried[0], carried[1]
+    );
+    assert!(
+        carried.iter().all(|&p| p > 0),
+        "ECMP used both LB nodes: {carried:?}"
+    );
+
+    // Every flow crosses lb0 alone, then lb1 alone: were either to pick another backend,
+    // TCP would be reset and UDP answered by another server.
+    let hop_over = |when: &str| {
+        for lb in [0, 1] {
+            route_via(&lab, Some(lb));
+            flows.settle(5, Duration::from_secs(10));
+        }
+        route_via(&lab, None);
+        let now = flows.snapshot();
+        let bad: Vec<&Flow> = now.iter().filter(|f| f.fate != Fate::Open).collect();
+        assert!(
+            bad.is_empty(),
+            "{when}: flows broke when moved between LB nodes: {bad:#?}"
+        );
+        println!(
+            "{when}: {} flows moved lb0 -> lb1 -> ECMP, all kept their backend",
+            now.len()
+        );
+    };
+    hop_over("start");
+
+    // Fresh UDP flows with fixed source ports: the same backend through either node, the
+    // one the table predicts.
+    let table = lab.table(0, lab.service("quic")).unwrap();
+    let client = &lab.topo.clients[0];
+    let ports: Vec<u16> = (40000..40064).collect();
+    let mut answers: [Vec<String>; 2] = Default::default();
+    for lb in [0, 1] {
+        route_via(&lab, Some(lb));
+        answers[lb] = ports.iter().map(|&p| udp_from(client, p, quic)).collect();
+    }
+    route_via(&lab, None);
+    let mut spread: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, &p) in ports.iter().enumerate() {
+        let t = tests::churn::Flow {
+            kind: Kind::Udp,
+            local: SocketAddr::new(IpAddr::from(client.v4), p),
+            dst: quic,
+            server: String::new(),
+            exchanges: 0,
+            fate: Fate::Open,
+        }
+        .tuple();
+        let predicted = table
+            .hops(&t)
+            .0
+            .and_then(|a| lab.backend_name(a))
+            .unwrap_or("-");
+        assert_eq!(
+            answers[0][i], answers[1][i],
+            "port {p}: lb0 and lb1 disagree"
+        );
+        assert_eq!(
+            answers[0][i], predicted,
+            "port {p}: not the predicted backend"
+        );
+        *spread.entry(predicted).or_default() += 1;
+    }
+    println!(
+        "{} fresh UDP flows: same backend through lb0 and lb1, as predicted: {spread:?}",
+        ports.len()
+    );
+
+    // After a change both nodes agree again, second hops included.
+    lab.add_backend("b3", 100).unwrap();
+    same_tables("after adding b3");
+    hop_over("after adding b3");
+    let end = flows.stop();
+    assert!(end.iter().all(|f| f.fate == Fate::Open));
+    println!(
+        "figures: {} flows held, 1 change, 0 broken; {:.1?} in all",
+        end.len(),
+        started.elapsed()
+    );
+}
+
+/// A new UDP flow (a first datagram, no connected socket anywhere) should reach the
+/// backend that owns its bucket. It reaches the bucket's second hop instead: the first
+/// hop cannot tell a new UDP flow from an established one, passes it on, and the second
+/// hop accepts it as the last hop. So a backend added to a UDP service gets no new flows
+/// in the buckets it took, and a drained one keeps getting all its former share.
+#[test]
+#[ignore = "known issue: new UDP flows go to the second hop (see the doc comment)"]
+fn new_udp_flows_reach_the_bucket_owner() {
+    if !can_run("new_udp_flows_reach_the_bucket_owner") {
+        return;
+    }
+    let lab = Lab::start(LabPlan {
+        lbs: 1,
+        ipv6: false,
+        ..plan()
+    })
+    .unwrap();
+    let quic = lab.service("quic").dst();
+    lab.add_backend("b3", 100).unwrap();
+    lab.apply("b1", &["backend", "drain", "{service}", "{addr}"])
+        .unwrap();
+    let table = lab.table(0, lab.service("quic")).unwrap();
+    let client = &lab.topo.clients[0];
+    let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for p in 41000..41100u16 {
+        let who = udp_from(client, p, quic);
+        let t = tests::churn::Flow {
+            kind: Kind::Udp,
+            local: SocketAddr::new(IpAddr::from(client.v4), p),
+            dst: quic,
+            server: String::new(),
+            exchanges: 0,
+            fate: Fate::Open,
+        }
+        .tuple();
+        let owner = table
+            .hops(&t)
+            .0
+            .and_then(|a| lab.backend_name(a))
+            .unwrap_or("-")
+            .to_owned();
+        *seen.entry((owner, who)).or_default() += 1;
+    }
+    println!("(bucket owner, backend that answered): flows {seen:?}");
+    assert!(
+        seen.keys().all(|(owner, who)| owner == who),
+        "new UDP flows missed their bucket's owner: {seen:?}"
+    );
+}
