@@ -37,11 +37,16 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
-    stream.write_all(line.as_bytes())?;
+    // The agent answers a peer it refuses (not root) and closes at once, maybe before
+    // the request is written: the write then fails, but the answer is there to read.
+    let written = stream.write_all(line.as_bytes());
     let mut reader = BufReader::new(stream);
     let mut answer = String::new();
-    if reader.read_line(&mut answer)? == 0 {
-        return Err(ClientError::NoAnswer);
+    match (reader.read_line(&mut answer), written) {
+        (Ok(n), _) if n > 0 => {}
+        // Nothing to read: the failed write is what went wrong.
+        (_, Err(e)) | (Err(e), Ok(())) => return Err(e.into()),
+        (Ok(_), Ok(())) => return Err(ClientError::NoAnswer),
     }
     Ok(serde_json::from_str(&answer)?)
 }
