@@ -12,7 +12,10 @@ use crate::config::{BackendConfig, Protocol, ServiceConfig};
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Services, backends, health, counters.
-    Status,
+    // The requests without arguments are empty struct variants, not unit variants:
+    // serde ignores unknown fields next to the tag of a unit variant, so
+    // `{"op":"detach","dry_run":true}` would detach.
+    Status {},
     /// The bucket shares of one service's table.
     Table { service: String },
     /// Dry run: what `change` would move. Changes nothing.
@@ -20,9 +23,9 @@ pub enum Request {
     /// Apply `change`.
     Apply { change: Change },
     /// Reread the config file (like SIGHUP).
-    Reload,
+    Reload {},
     /// Remove the program from the interfaces and the pins, then stop the agent.
-    Detach,
+    Detach {},
 }
 
 /// A change to the service set.
@@ -185,5 +188,12 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         assert!(serde_json::from_str::<Request>(r#"{"op":"table","service":"w","x":1}"#).is_err());
+        for op in ["status", "reload", "detach"] {
+            let plain = format!(r#"{{"op":"{op}"}}"#);
+            let r: Request = serde_json::from_str(&plain).unwrap();
+            assert_eq!(serde_json::to_string(&r).unwrap(), plain);
+            let extra = format!(r#"{{"op":"{op}","dry_run":true}}"#);
+            assert!(serde_json::from_str::<Request>(&extra).is_err(), "{extra}");
+        }
     }
 }

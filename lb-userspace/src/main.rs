@@ -54,7 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::List(ref a) => {
-            let resp = client::request(&cli.socket, &Request::Status)?;
+            let resp = client::request(&cli.socket, &Request::Status {})?;
             return Ok(match resp {
                 Response::Status(s) if a.json => print(&serde_json::to_string_pretty(&s)?),
                 Response::Status(s) => print(&client::render_status(&s, a.stats, a.exact)),
@@ -77,8 +77,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Service(ref s) => Request::Apply { change: s.change() },
         Command::Backend(ref b) => Request::Apply { change: b.change() },
         Command::Plan(ref p) => Request::Plan { change: p.change() },
-        Command::Reload => Request::Reload,
-        Command::Detach => Request::Detach,
+        Command::Reload => Request::Reload {},
+        Command::Detach => Request::Detach {},
     };
     Ok(match client::request(&cli.socket, &req)? {
         Response::Plan(p) => print(&client::render_plan(&p, false)),

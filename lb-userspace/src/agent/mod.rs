@@ -79,7 +79,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     loop {
         tokio::select! {
             Some((req, reply)) = calls.recv() => {
-                let detach = matches!(req, Request::Detach);
+                let detach = matches!(req, Request::Detach {});
                 let resp = agent.handle(req);
                 let failed = matches!(resp, Response::Error { .. });
                 let _ = reply.send(resp);
@@ -231,7 +231,7 @@ impl Agent {
 
     fn handle(&mut self, req: Request) -> Response {
         match req {
-            Request::Status => Response::Status(self.status()),
+            Request::Status {} => Response::Status(self.status()),
             Request::Table { service } => {
                 match self.config.services.iter().find(|s| s.name == service) {
                     Some(s) => Response::Table(self.programmer.table_summary(&key_of(s), s)),
@@ -240,8 +240,8 @@ impl Agent {
             }
             Request::Plan { change } => self.plan(&change),
             Request::Apply { change } => self.apply(&change),
-            Request::Reload => self.reload(),
-            Request::Detach => self.detach(),
+            Request::Reload {} => self.reload(),
+            Request::Detach {} => self.detach(),
         }
     }
 

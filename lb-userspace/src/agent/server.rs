@@ -134,7 +134,7 @@ pub async fn start_metrics(addr: SocketAddr, calls: mpsc::Sender<Call>) -> Resul
     let source = move || {
         let calls = calls.clone();
         let fut: futures::future::BoxFuture<'static, String> = Box::pin(async move {
-            match call(&calls, Request::Status).await {
+            match call(&calls, Request::Status {}).await {
                 Response::Status(s) => crate::metrics::render(&s, &health_of(&s)),
                 _ => String::new(),
             }
