@@ -455,6 +455,9 @@ fn client(node: &NodeView<'_>, f: &[u8], ip: &Ip) -> Class {
         Ok(None) => return Class::Decided(Reason::PassNotService),
         Err(Unparsable) => return unusable(Reason::DropMalformed),
     };
+    if fl.icmp && fl.tuple.dst != ip.dst {
+        return Class::Decided(Reason::PassNotService);
+    }
     if !node.is_service(&fl.tuple.dst, fl.tuple.dst_port, fl.tuple.proto) {
         return Class::Decided(Reason::PassNotService);
     }

@@ -43,6 +43,11 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
         Ok(false) => return pass(Reason::PassNotService),
         Err(_) => return unusable(Reason::DropMalformed),
     }
+    // An ICMP error about a VIP's flow is sent to that VIP (the quoted packet's source);
+    // one addressed elsewhere is not lb's to forward.
+    if flow.icmp && flow.tuple.dst != ip.dst {
+        return pass(Reason::PassNotService);
+    }
     let key = ServiceKey {
         addr: flow.tuple.dst,
         port_be: flow.tuple.dst_port.to_be(),

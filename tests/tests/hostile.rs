@@ -219,17 +219,11 @@ fn check_packet(
             class
         );
     }
-    // Traffic for neither a VIP nor this node passes untouched (the model knows which;
-    // ICMP errors about a service's flow are forwarded whatever their destination).
+    // Traffic for neither a VIP nor this node passes untouched.
     if let Ok(Some((l3, v6))) = ethernet(input) {
         if let Ok(o) = ip(input, l3, v6) {
             let mine = o.dst == v4_mapped(example::NODE_V4) || o.dst == example::NODE_V6;
-            let icmp_for_service = matches!(class, Class::Service(s) if s.icmp);
-            if !example::NODE.is_vip(&o.dst)
-                && !mine
-                && !icmp_for_service
-                && !UNTOUCHED.contains(reason)
-            {
+            if !example::NODE.is_vip(&o.dst) && !mine && !UNTOUCHED.contains(reason) {
                 bail!("not for a VIP nor this node, yet {}", reason.name());
             }
         }

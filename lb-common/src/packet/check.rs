@@ -17,8 +17,7 @@ pub enum Violation {
     NoReason,
     /// A frame shorter than an Ethernet header was not "unparsed".
     ShortFrameParsed,
-    /// Traffic to neither a VIP nor the node would not be passed untouched (ICMP errors
-    /// about a service's flow excepted: those are forwarded by design).
+    /// Traffic to neither a VIP nor the node would not be passed untouched.
     NonVipTouched,
     /// A service flow, encapsulated with lb's header layout, does not read back on the
     /// backend as GUE carrying the same flow.
@@ -54,11 +53,7 @@ pub fn invariants(
     if let Ok(Some((l3, v6))) = ethernet(frame) {
         if let Ok(o) = ip(frame, l3, v6) {
             let to_node = o.dst == v4_mapped(node.addr_v4) || o.dst == node.addr_v6;
-            let untouched = match c {
-                Class::Decided(r) => UNTOUCHED.contains(r),
-                Class::Service(s) => s.icmp,
-                Class::Gue(_) => false,
-            };
+            let untouched = matches!(c, Class::Decided(r) if UNTOUCHED.contains(r));
             if !node.is_vip(&o.dst) && !to_node && !untouched {
                 return Err(Violation::NonVipTouched);
             }

@@ -263,6 +263,32 @@ fn seeds() -> Vec<(&'static str, Vec<u8>, Want)> {
             Is(PassNotService),
         ),
         (
+            // Not sent to the VIP the quoted packet came from: not lb's to forward.
+            "icmp4-frag-needed-to-non-vip",
+            v4(ipv4(
+                CLIENT_V4,
+                OTHER_V4,
+                IPPROTO_ICMP,
+                &icmp(3, 4, 1400, &quoted4()[..28]),
+            )),
+            Is(PassNotService),
+        ),
+        (
+            "icmp6-too-big-to-node",
+            v6(ipv6(
+                PEER_V6,
+                NODE_V6,
+                IPPROTO_ICMPV6,
+                &icmp(
+                    2,
+                    0,
+                    1280,
+                    &ipv6(VIP_V6, CLIENT_V6, IPPROTO_TCP, &tcp(80, 40001, ACK, b""))[..48],
+                ),
+            )),
+            Is(PassNotService),
+        ),
+        (
             "icmp4-frag-needed-quoting-non-service",
             v4(ipv4(
                 OTHER_V4,
