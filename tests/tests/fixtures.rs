@@ -3,14 +3,14 @@
 //! the counters it moved.
 //!
 //! The program runs in a namespace of its own with one veth, addresses, routes and
-//! permanent neighbours, so `bpf_fib_lookup` gives known answers. Kernel features used:
-//! XDP, BPF_PROG_TEST_RUN with an ingress ifindex, bpf_fib_lookup, bpf_skc_lookup_tcp,
-//! bpf_sk_lookup_udp, bpf_xdp_adjust_head (Linux 5.10 or newer; checked here on 6.18).
+//! permanent neighbours (`tests::fixture`), so `bpf_fib_lookup` gives known answers.
+//! Kernel features used: XDP, BPF_PROG_TEST_RUN with an ingress ifindex, bpf_fib_lookup,
+//! bpf_skc_lookup_tcp, bpf_sk_lookup_udp, bpf_xdp_adjust_head (Linux 5.10 or newer;
+//! checked here on 6.18).
 
 use std::net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket};
 
-use anyhow::{bail, Context, Result};
-use aya::programs::{TestRun, TestRunOptions};
+use anyhow::{bail, Result};
 use etherparse::{
     IpHeaders, IpNumber, Ipv4Header, Ipv4Options, Ipv6FlowLabel, Ipv6Header, PacketBuilder,
 };
@@ -20,18 +20,15 @@ use lb_common::{
     encap::{FLAG_FORWARD_SYN, GUE_HLEN, HOP_LIST_TYPE},
     hash::{bucket_index, flow_hash, outer_source_port, FlowTuple},
     maps::{names, Bucket, ServiceKey, ServiceValue},
+    packet::example::{NODE_MAC, PEER_MAC},
     stats::Reason,
 };
-use tests::Netns;
+use tests::fixture::{self, GW_MAC};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 
-const IF: &str = "fx0";
-const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x09];
 const NODE4: [u8; 4] = [10, 0, 0, 1];
 const LB4: [u8; 4] = [10, 0, 0, 5];
 const VIP4: [u8; 4] = [192, 0, 2, 10];
@@ -177,55 +174,6 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
         dp.set_service(&key, &value)?;
     }
     Ok(())
-}
-
-/// The network the fixture node sits in.
-fn build_namespace() -> Result<Netns> {
-    let ns = Netns::create(&format!("lbt-fix-{}", std::process::id()))?;
-    let mac = |m: [u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    let cmds: Vec<String> = vec![
-        format!(
-            "link add {IF} address {} type veth peer name fx1 address {}",
-            mac(NODE_MAC),
-            mac(GW_MAC)
-        ),
-        format!("link set {IF} up"),
-        "link set fx1 up".into(),
-        "link set lo up".into(),
-        format!("addr add 10.0.0.1/24 dev {IF}"),
-        format!("addr add fd00::1/64 dev {IF} nodad"),
-        format!(
-            "neigh add 10.0.0.2 lladdr {} dev {IF} nud permanent",
-            mac(GW_MAC)
-        ),
-        format!(
-            "neigh add fd00::2 lladdr {} dev {IF} nud permanent",
-            mac(GW_MAC)
-        ),
-        "route add 10.1.0.0/16 via 10.0.0.2".into(),
-        "-6 route add fd01::/64 via fd00::2".into(),
-        // Local ends for the socket-lookup cases.
-        "addr add 192.0.2.10/32 dev lo".into(),
-        "addr add 2001:db8::10/128 dev lo nodad".into(),
-    ];
-    for c in cmds {
-        let mut argv = vec!["ip".to_string()];
-        argv.extend(c.split_whitespace().map(String::from));
-        ns.exec(&argv).with_context(|| format!("ip {c}"))?;
-    }
-    // bpf_fib_lookup answers only for interfaces that forward.
-    ns.exec(&[
-        "sysctl",
-        "-qw",
-        "net.ipv4.conf.all.forwarding=1",
-        "net.ipv6.conf.all.forwarding=1",
-    ])?;
-    Ok(ns)
 }
 
 // ---- packets -------------------------------------------------------------------------
@@ -423,20 +371,10 @@ fn run_case(dp: &mut Dataplane, ifindex: u32, c: &Case) -> Result<()> {
         )),
         None => None,
     };
-    // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(c.input.len() as u32).to_ne_bytes());
-    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-    let mut out = vec![0u8; 4096];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(&c.input);
-    opts.data_out = Some(&mut out);
-    opts.ctx_in = Some(&ctx);
-    let res = dp.program().test_run(opts).context("BPF_PROG_TEST_RUN")?;
-    out.truncate(res.data_size_out as usize);
-
-    if res.return_value != c.verdict {
-        bail!("verdict {} , expected {}", res.return_value, c.verdict);
+    let run = fixture::test_run(dp, ifindex, &c.input)?;
+    let out = run.output;
+    if run.verdict != c.verdict {
+        bail!("verdict {} , expected {}", run.verdict, c.verdict);
     }
     match &c.output {
         Out::Same if out != c.input => bail!(
@@ -989,10 +927,10 @@ fn data_plane_fixtures() {
     if !tests::can_run("data_plane_fixtures") {
         return;
     }
-    let ns = build_namespace().expect("fixture namespace");
+    let ns = fixture::namespace("fix").expect("fixture namespace");
     let failures = ns
         .run(|| {
-            let ifindex = tests::link::if_index(IF)?;
+            let ifindex = tests::link::if_index(fixture::IF)?;
             let mut dp = Dataplane::load(&LoadOptions::default())?;
 
             // Before the node is configured, everything passes untouched.
