@@ -98,10 +98,16 @@ pub struct CaseResult {
     pub verdict: u32,
     pub reason: Reason,
     /// `lb_xdp`'s cost as if run directly: harness with `lb_xdp`, minus harness with
-    /// `lb_pass`, plus the floor.
+    /// `lb_pass`, plus the floor (median over the rounds, each round's own figures).
     pub ns_per_packet: f64,
+    /// The lowest and highest round.
+    pub ns_min: f64,
+    pub ns_max: f64,
     /// The harness's own cost on this case's frames: harness with `lb_pass` minus floor.
     pub harness_ns: f64,
+    /// For a case whose packets pass unchanged: `lb_xdp` timed directly on its first
+    /// frame, without the harness.
+    pub direct_ns: Option<f64>,
     /// Distinct outputs over the case's frames, and for forwarding cases distinct outer
     /// destinations (backends).
     pub distinct_outputs: usize,
@@ -134,30 +140,36 @@ pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
             .filter(|c| names.contains(&c.name))
             .collect();
         ensure!(!cases.is_empty(), "no case selected");
-        for c in &cases {
-            verify_frames(&mut dp, &harness, c)?;
-        }
-        run_rounds(&mut dp, &mut harness, &cases, s)
+        let unchanged = cases
+            .iter()
+            .map(|c| verify_frames(&mut dp, &harness, c))
+            .collect::<Result<Vec<bool>>>()?;
+        run_rounds(&mut dp, &mut harness, &cases, &unchanged, s)
     })
+}
+
+/// Per-round figures of one case.
+#[derive(Clone, Default)]
+struct Samples {
+    net: Vec<f64>,
+    harness: Vec<f64>,
+    direct: Vec<f64>,
 }
 
 fn run_rounds(
     dp: &mut Dataplane,
     harness: &mut Harness,
     cases: &[Case],
+    unchanged: &[bool],
     s: Settings,
 ) -> Result<Measured> {
     let mut floors = Vec::new();
-    let mut per_case: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); cases.len()];
+    let mut samples = vec![Samples::default(); cases.len()];
     let mut checked = vec![0u64; cases.len()];
     let mut last_outputs: Vec<Vec<u8>> = vec![Vec::new(); cases.len()];
     for _ in 0..s.rounds {
-        let floor = harness.run_direct(
-            dp.ebpf(),
-            lb::ebpf::PASS_PROGRAM,
-            &cases[0].frames[0],
-            s.repeat,
-        )?;
+        let frame = &cases[0].frames[0];
+        let floor = harness.run_direct(dp.ebpf(), lb::ebpf::PASS_PROGRAM, frame, s.repeat)?;
         ensure!(
             floor.return_value == XDP_PASS,
             "lb_pass returned {}",
@@ -187,8 +199,16 @@ fn run_rounds(
             );
             checked[i] += u64::from(s.repeat);
             last_outputs[i] = t.output;
-            per_case[i].0.push(base.ns_per_run);
-            per_case[i].1.push(t.ns_per_run);
+            let x = &mut samples[i];
+            x.net
+                .push(t.ns_per_run - base.ns_per_run + floor.ns_per_run);
+            x.harness.push(base.ns_per_run - floor.ns_per_run);
+            if unchanged[i] {
+                // A program that leaves the packet alone can be timed without the
+                // harness too (one flow only): a check on the subtraction above.
+                let d = harness.run_direct(dp.ebpf(), lb::ebpf::PROGRAM, first, s.repeat)?;
+                x.direct.push(d.ns_per_run);
+            }
         }
     }
     let floor_ns = median(&floors);
@@ -204,16 +224,17 @@ fn run_rounds(
                 c.name
             );
         }
-        let (pass, lb) = &per_case[i];
-        let harness_ns = median(pass) - floor_ns;
-        let ns_per_packet = median(lb) - median(pass) + floor_ns;
+        let x = &samples[i];
         let (distinct_outputs, distinct_backends) = spread(dp, harness, c)?;
         results.push(CaseResult {
             name: c.name,
             verdict: c.verdict,
             reason: c.reason,
-            ns_per_packet,
-            harness_ns,
+            ns_per_packet: median(&x.net),
+            ns_min: x.net.iter().copied().fold(f64::INFINITY, f64::min),
+            ns_max: x.net.iter().copied().fold(0.0, f64::max),
+            harness_ns: median(&x.harness),
+            direct_ns: (!x.direct.is_empty()).then(|| median(&x.direct)),
             distinct_outputs,
             distinct_backends,
             runs_checked: checked[i],
@@ -246,8 +267,10 @@ fn check_counts(
     Ok(())
 }
 
-/// Each frame alone through lb_xdp: the expected verdict and reason, and a known path.
-fn verify_frames(dp: &mut Dataplane, harness: &Harness, c: &Case) -> Result<()> {
+/// Each frame alone through lb_xdp: the expected verdict and reason. Returns whether
+/// every frame came out unchanged.
+fn verify_frames(dp: &mut Dataplane, harness: &Harness, c: &Case) -> Result<bool> {
+    let mut unchanged = true;
     for (i, f) in c.frames.iter().enumerate() {
         let before = dp.reason_counts()?;
         let t = harness.run_direct(dp.ebpf(), lb::ebpf::PROGRAM, f, 1)?;
@@ -260,8 +283,9 @@ fn verify_frames(dp: &mut Dataplane, harness: &Harness, c: &Case) -> Result<()> 
             c.verdict
         );
         check_counts(c, &before, &after, 1).with_context(|| format!("frame {i}"))?;
+        unchanged &= t.output == *f;
     }
-    Ok(())
+    Ok(unchanged)
 }
 
 /// How many distinct outputs the case's frames give, and for forwarded frames how many

@@ -25,6 +25,9 @@ pub struct CaseRow {
     pub ns_per_packet: f64,
     pub ratio_to_floor: f64,
     pub verdict: &'static str,
+    /// The lowest and highest of the rounds.
+    pub ns_min: f64,
+    pub ns_max: f64,
     /// The reason every run was counted under.
     pub reason: &'static str,
     /// The harness's own cost on this case's frames, taken out of `ns_per_packet`.
@@ -33,6 +36,12 @@ pub struct CaseRow {
     pub target_ratio: f64,
     /// Runs whose reason the counters confirmed.
     pub runs_checked: u64,
+    /// Distinct output packets over the case's flows.
+    pub distinct_outputs: usize,
+    /// Distinct backends (outer destinations) the case's flows went to.
+    pub distinct_backends: Option<usize>,
+    /// For packets that pass unchanged: timed without the harness (one flow).
+    pub direct_ns: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -83,10 +92,15 @@ impl Report {
                 ns_per_packet: round(c.ns_per_packet, 2),
                 ratio_to_floor: round(c.ns_per_packet / dp.floor_ns, 2),
                 verdict: verdict_name(c.verdict),
+                ns_min: round(c.ns_min, 2),
+                ns_max: round(c.ns_max, 2),
                 reason: c.reason.name(),
                 harness_ns: round(c.harness_ns, 2),
                 target_ratio: target_ratio(c.name),
                 runs_checked: c.runs_checked,
+                distinct_outputs: c.distinct_outputs,
+                distinct_backends: c.distinct_backends,
+                direct_ns: c.direct_ns.map(|d| round(d, 2)),
             })
             .collect();
         let pct = |x: f64| round(x * 100.0, 3);
@@ -118,10 +132,10 @@ impl Report {
     }
 
     /// The tables for a terminal.
-    pub fn text(&self, dp: &Measured) -> String {
+    pub fn text(&self) -> String {
         let mut o = String::new();
         if !self.dataplane.is_empty() {
-            self.dataplane_text(dp, &mut o);
+            self.dataplane_text(&mut o);
         }
         if !self.table.is_empty() {
             self.table_text(&mut o);
@@ -129,10 +143,11 @@ impl Report {
         o
     }
 
-    fn dataplane_text(&self, dp: &Measured, o: &mut String) {
+    fn dataplane_text(&self, o: &mut String) {
         let _ = writeln!(
             o,
-            "Data plane: BPF_PROG_TEST_RUN, {} runs per test run, median of {} rounds, {} flows per case",
+            "Data plane: BPF_PROG_TEST_RUN, {} runs per test run, median of {} rounds, {} flows \
+             per case",
             self.repeat, self.rounds, self.flows
         );
         let _ = writeln!(
@@ -142,9 +157,10 @@ impl Report {
         );
         let _ = writeln!(
             o,
-            "{:<20} {:>9} {:>7} {:>6}  {:<8} {:<15} {:>7} {:>8} {:>9}",
+            "{:<20} {:>9} {:>15} {:>7} {:>6}  {:<8} {:<16} {:>7} {:>8} {:>9}",
             "case",
             "ns/packet",
+            "rounds min-max",
             "x floor",
             "target",
             "verdict",
@@ -153,35 +169,47 @@ impl Report {
             "backends",
             "checked"
         );
-        for (row, c) in self.dataplane.iter().zip(&dp.cases) {
-            let mark = if row.ratio_to_floor < row.target_ratio {
+        for r in &self.dataplane {
+            let mark = if r.ratio_to_floor < r.target_ratio {
                 ""
             } else {
                 " MISSED"
             };
-            let backends = c
+            let backends = r
                 .distinct_backends
                 .map_or_else(|| "-".to_string(), |n| n.to_string());
             let _ = writeln!(
                 o,
-                "{:<20} {:>9.2} {:>7.2} {:>5.1}x  {:<8} {:<15} {:>7.2} {:>8} {:>9}{mark}",
-                row.case,
-                row.ns_per_packet,
-                row.ratio_to_floor,
-                row.target_ratio,
-                row.verdict,
-                row.reason,
-                row.harness_ns,
+                "{:<20} {:>9.2} {:>15} {:>7.2} {:>5.1}x  {:<8} {:<16} {:>7.2} {:>8} {:>9}{mark}",
+                r.case,
+                r.ns_per_packet,
+                format!("{:.1}-{:.1}", r.ns_min, r.ns_max),
+                r.ratio_to_floor,
+                r.target_ratio,
+                r.verdict,
+                r.reason,
+                r.harness_ns,
                 backends,
-                row.runs_checked,
+                r.runs_checked,
             );
         }
         let _ = writeln!(
             o,
-            "\nns/packet: harness with lb_xdp - harness with lb_pass + floor. harness: its own \
-             cost on the case's frames.\nbackends: distinct outer destinations of the case's \
-             flows. checked: runs whose reason the counters confirmed.\n"
+            "\nns/packet: harness with lb_xdp - harness with lb_pass + floor, per round. \
+             harness: its own cost\non the case's frames. backends: distinct outer destinations \
+             of the case's flows.\nchecked: runs whose reason the counters confirmed, all of \
+             them."
         );
+        for r in &self.dataplane {
+            if let Some(d) = r.direct_ns {
+                let _ = writeln!(
+                    o,
+                    "check: {} timed without the harness (one flow): {d:.2} ns/packet",
+                    r.case
+                );
+            }
+        }
+        let _ = writeln!(o);
     }
 
     fn table_text(&self, o: &mut String) {

@@ -87,7 +87,7 @@ fn run(cli: Cli) -> Result<()> {
         table::measure()?
     };
     let report = Report::new(settings, &dp, &figures);
-    print!("{}", report.text(&dp));
+    print!("{}", report.text());
     if let Some(path) = cli.json {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(&path, json + "\n")
