@@ -18,6 +18,8 @@ use tests::{
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Two clients, two LB nodes, backends b0-b2 in the services and b3 spare. Tables of
+/// 2^15 buckets: three services' double-buffered tables fit the test agents' bucket map.
 fn plan() -> LabPlan {
     LabPlan {
         clients: 2,
@@ -26,7 +28,7 @@ fn plan() -> LabPlan {
         weights: vec![100, 100, 100],
         interval_ms: 200,
         fall: 2,
-        table_bits: 10,
+        table_bits: 15,
         ipv6: true,
     }
 }

@@ -53,6 +53,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The whole system in network namespaces, narrated: traffic through two LB nodes
+    /// while a backend is added, one drained and one failed (needs root; under 2 min).
+    Demo,
     /// A running namespace topology for manual exploration: `lab up`, `lab down [--all]`.
     #[command(disable_help_flag = true)]
     Lab {
@@ -91,6 +94,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             }
             proc::run(&mut cmd).map(|()| ExitCode::SUCCESS)
         }
+        Cmd::Demo => demo(),
         Cmd::Lab { args } => {
             let mut cmd = proc::cargo();
             cmd.args([
@@ -100,4 +104,22 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             proc::run(&mut cmd).map(|()| ExitCode::SUCCESS)
         }
     }
+}
+
+/// Builds `lb` and the demo (debug, as the tests use them), then becomes the demo, so
+/// the shell waits for its clean-up after Ctrl-C.
+fn demo() -> Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let setup = setup::run(setup::Mode::Install)?;
+    let mut build = proc::cargo();
+    setup.apply(&mut build);
+    build.args("build --quiet --locked -p lb-userspace --bin lb -p tests --bin demo".split(' '));
+    proc::run(&mut build)?;
+    let bin = proc::target_dir().join("debug");
+    let mut demo = std::process::Command::new(bin.join("demo"));
+    let err = demo
+        .env("LB_BIN", bin.join("lb"))
+        .current_dir(proc::root())
+        .exec();
+    Err(anyhow::anyhow!("cannot run {}: {err}", proc::show(&demo)))
 }

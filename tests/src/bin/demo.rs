@@ -1,0 +1,323 @@
+//! `demo`: lb end to end in network namespaces, narrated. `cargo xtask demo` runs it.
+//!
+//! Two clients reach a VIP through a router that spreads flows over two LB nodes (ECMP);
+//! the LB nodes' XDP programs send each flow, encapsulated, to one of three backends,
+//! which answer the clients directly. With TCP connections and UDP sessions open, a
+//! backend is added, one drained and one failed, and the demo counts the established
+//! flows that break at each step. Everything is removed at the end, also on Ctrl-C.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+use tests::{
+    churn::{broken_in, per_server, Fate, Flow, FlowPlan, Flows, Lab, LabPlan},
+    tcp_request, udp_request,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// Initial backends and their weights.
+const WEIGHTS: [u32; 3] = [100, 100, 200];
+/// New connections opened to measure a share.
+const SAMPLE: usize = 200;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Ctrl-C sets a flag that the demo checks between steps, so it stops and cleans up.
+fn catch_sigint() {
+    // SAFETY: installs an async-signal-safe handler (one atomic store).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigint as *const () as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+    }
+}
+
+fn check() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("demo: needs root (network namespaces, XDP); try: sudo cargo xtask demo");
+        return ExitCode::FAILURE;
+    }
+    catch_sigint();
+    let started = Instant::now();
+    let mut lab = None;
+    let result = run(&mut lab);
+    let id = lab.as_ref().map(|l| l.topo.id.clone());
+    if lab.is_some() {
+        println!("\nCleaning up: stopping agents and servers, removing namespaces ...");
+        drop(lab);
+    }
+    let left: Vec<String> = match id {
+        Some(id) => tests::netns::list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("{}{id}-", tests::topology::PREFIX)))
+            .collect(),
+        None => Vec::new(),
+    };
+    if !left.is_empty() {
+        eprintln!("left behind: {left:?} (cargo xtask lab down --stale removes them)");
+    }
+    match result {
+        Ok(()) => {
+            println!("Done in {:.0?}.", started.elapsed());
+            ExitCode::SUCCESS
+        }
+        Err(_) if INTERRUPTED.load(Ordering::Relaxed) => {
+            println!("Interrupted; everything removed.");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("demo failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn header(title: &str) {
+    println!("\n== {title}");
+}
+
+/// Percent of `n` in `total`.
+fn pct(n: usize, total: usize) -> f64 {
+    100.0 * n as f64 / total.max(1) as f64
+}
+
+/// Opens `SAMPLE` new connections (and as many UDP flows when `udp`) from the clients
+/// and counts them per backend.
+fn sample(lab: &Lab, udp: bool) -> Result<(BTreeMap<String, usize>, BTreeMap<String, usize>)> {
+    let (web, quic) = (lab.service("web").dst(), lab.service("quic").dst());
+    let mut tcp_seen = BTreeMap::new();
+    let mut udp_seen = BTreeMap::new();
+    for i in 0..SAMPLE {
+        check()?;
+        let c = &lab.topo.clients[i % lab.topo.clients.len()];
+        *tcp_seen.entry(tcp_request(c, web, TIMEOUT)?).or_default() += 1;
+        if udp {
+            *udp_seen
+                .entry(udp_request(c, quic, b"hello", TIMEOUT)?)
+                .or_default() += 1;
+        }
+    }
+    Ok((tcp_seen, udp_seen))
+}
+
+/// The share line of new TCP connections.
+fn shares(seen: &BTreeMap<String, usize>) -> String {
+    seen.iter()
+        .map(|(b, n)| format!("{b} {:.0}%", pct(*n, SAMPLE)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Established flows per backend, TCP and UDP together.
+fn open_line(flows: &[Flow]) -> String {
+    per_server(flows)
+        .iter()
+        .map(|(b, n)| format!("{b} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What one step did to the established flows; returns how many broke.
+fn report_step(lab: &Lab, flows: &Flows, step: usize, failed: Option<&str>) -> Result<usize> {
+    flows.settle(5, Duration::from_secs(10));
+    check()?;
+    let now = flows.snapshot();
+    let broken = broken_in(&now, step);
+    let open = now.iter().filter(|f| f.fate == Fate::Open).count();
+    println!(
+        "  established flows still working: {open} ({})",
+        open_line(&now)
+    );
+    let on_failed = broken
+        .iter()
+        .filter(|f| Some(f.server.as_str()) == failed)
+        .count();
+    let elsewhere = broken.len() - on_failed;
+    match failed {
+        Some(b) => println!(
+            "  established flows broken: {} ({on_failed} on the failed {b}, {elsewhere} elsewhere)",
+            broken.len()
+        ),
+        None => println!("  established flows broken: {}", broken.len()),
+    }
+    if elsewhere > 0 {
+        let stranded = lab.stranded(&now, step)?;
+        let explained = broken
+            .iter()
+            .filter(|f| Some(f.server.as_str()) != failed)
+            .filter(|f| stranded.iter().any(|(s, _)| s.local == f.local))
+            .count();
+        println!(
+            "  ({explained} of them sat in a bucket that moved in two changes in a row; \
+             a bucket remembers one previous owner)"
+        );
+    }
+    Ok(broken.len())
+}
+
+fn run(slot: &mut Option<Lab>) -> Result<()> {
+    println!("lb demo: an XDP layer-4 load balancer, in network namespaces on this machine");
+    header("Building the lab");
+    let t = Instant::now();
+    let lab = slot.insert(Lab::start(LabPlan {
+        clients: 2,
+        lbs: 2,
+        backends: 4,
+        weights: WEIGHTS.to_vec(),
+        interval_ms: 200,
+        fall: 2,
+        table_bits: 16,
+        ipv6: false,
+    })?);
+    check()?;
+    let vip = lab.topo.vip_v4();
+    println!("  clients c0, c1 -> router -> lb0, lb1 (ECMP by 5-tuple) -> b0, b1, b2");
+    println!("  VIP {vip}: TCP port 80 (service web), UDP port 443 (service quic)");
+    println!("  each LB node runs `lb agent`; its XDP program picks a backend per flow");
+    println!("  and sends the packet to it in GUE; backends answer clients directly");
+    println!("  b3 runs servers too but is not in the services yet");
+    println!("  ready in {:.1?}; lb0's view (`lb list`):", t.elapsed());
+    for line in lab.lb_agents[0].ok(&["list"])?.lines() {
+        println!("    {line}");
+    }
+
+    header("1. New connections follow the weights");
+    let (tcp, udp) = sample(lab, true)?;
+    let total: u32 = WEIGHTS.iter().sum();
+    println!("  {SAMPLE} new TCP connections and {SAMPLE} new UDP flows:");
+    println!("    backend  weight  expected  TCP   UDP");
+    for (i, w) in WEIGHTS.iter().enumerate() {
+        let b = format!("b{i}");
+        println!(
+            "    {b:<8} {w:>6} {:>8.0}% {:>4.0}% {:>4.0}%",
+            100.0 * f64::from(*w) / f64::from(total),
+            pct(tcp.get(&b).copied().unwrap_or(0), SAMPLE),
+            pct(udp.get(&b).copied().unwrap_or(0), SAMPLE),
+        );
+    }
+    let carried: Vec<u64> = lab
+        .lb_agents
+        .iter()
+        .map(|a| {
+            let st = a.status()?;
+            Ok(st["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s["packets"].as_u64())
+                .sum())
+        })
+        .collect::<Result<_>>()?;
+    println!(
+        "  ECMP used both LB nodes: lb0 forwarded {} packets, lb1 {}",
+        carried[0], carried[1]
+    );
+
+    header("2. Long-lived traffic");
+    let (web, quic): (SocketAddr, SocketAddr) =
+        (lab.service("web").dst(), lab.service("quic").dst());
+    let flows = Flows::open(
+        &lab.clients(),
+        &FlowPlan {
+            tcp: vec![(web, 90)],
+            udp: vec![(quic, 30)],
+            period: Duration::from_millis(10),
+            workers: 4,
+            timeout: TIMEOUT,
+        },
+    )?;
+    let total_flows = flows.snapshot().len();
+    flows.settle(5, Duration::from_secs(10));
+    check()?;
+    println!("  90 TCP connections and 30 UDP sessions (a connected socket per client on");
+    println!("  the server, as QUIC servers do), each sending a request every 10 ms or so");
+    println!(
+        "  and checking the echo; on {}",
+        open_line(&flows.snapshot())
+    );
+    let mut broken_total = 0;
+    let mut broken_outside_failed = 0;
+
+    header("3. Add backend b3 (weight 100)");
+    flows.set_step(3);
+    let b3 = lab.backend("b3").v4;
+    println!("  $ lb backend add web {b3} --weight 100 --health tcp ...   (on lb0 and lb1)");
+    for line in lab.add_backend("b3", 100)? {
+        println!("  {}", line.lines().next().unwrap_or_default());
+    }
+    let n = report_step(lab, &flows, 3, None)?;
+    broken_total += n;
+    broken_outside_failed += n;
+    let (tcp, _) = sample(lab, false)?;
+    println!("  new connections: {} (b3 expected 20%)", shares(&tcp));
+
+    header("4. Drain b1");
+    flows.set_step(4);
+    let b1 = lab.backend("b1").v4;
+    println!("  $ lb backend drain web {b1}   (on lb0 and lb1)");
+    for line in lab.apply("b1", &["backend", "drain", "{service}", "{addr}"])? {
+        println!("  {}", line.lines().next().unwrap_or_default());
+    }
+    let before = flows.snapshot();
+    let n = report_step(lab, &flows, 4, None)?;
+    broken_total += n;
+    broken_outside_failed += n;
+    let after = flows.snapshot();
+    let talking = after
+        .iter()
+        .zip(&before)
+        .filter(|(a, b)| a.server == "b1" && a.fate == Fate::Open && a.exchanges > b.exchanges)
+        .count();
+    println!("  b1 owns no bucket now, yet its {talking} established flows keep talking:");
+    println!("  their packets reach the new owner, which hands them on to b1 (second hop)");
+    let (tcp, _) = sample(lab, false)?;
+    println!("  new connections: {} (none to b1)", shares(&tcp));
+
+    header("5. Fail b2's health check");
+    flows.set_step(5);
+    println!("  b2's health server stops; its TCP and UDP servers keep running");
+    lab.fail_health("b2");
+    let took = lab.wait_health("b2", "down", Duration::from_secs(10))?;
+    println!("  both LB nodes mark b2 down after {took:.1?} (checks every 200 ms, 2 failures)");
+    println!("  a down backend leaves the tables: its flows now reach others, which reset");
+    println!("  TCP and answer UDP themselves");
+    let n = report_step(lab, &flows, 5, Some("b2"))?;
+    broken_total += n;
+    let now = flows.snapshot();
+    broken_outside_failed += broken_in(&now, 5)
+        .iter()
+        .filter(|f| f.server != "b2")
+        .count();
+    let (tcp, _) = sample(lab, false)?;
+    println!("  new connections: {} (none to b2)", shares(&tcp));
+
+    header("Summary");
+    let end = flows.stop();
+    let held = end.iter().filter(|f| f.fate == Fate::Open).count();
+    let exchanges: u64 = end.iter().map(|f| f.exchanges).sum();
+    println!("  {total_flows} established flows, 3 changes, {exchanges} requests answered");
+    println!("  held to the end: {held}; broken: {broken_total}, of which {broken_outside_failed} not on the failed backend");
+    Ok(())
+}
