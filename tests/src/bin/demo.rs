@@ -264,9 +264,11 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
     flows.set_step(3);
     let b3 = lab.backend("b3").v4;
     println!("  $ lb backend add web {b3} --weight 100 --health tcp ...   (on lb0 and lb1)");
+    let t = Instant::now();
     for line in lab.add_backend("b3", 100)? {
         println!("  {}", line.lines().next().unwrap_or_default());
     }
+    println!("  (applied on both LB nodes in {:.1?})", t.elapsed());
     let n = report_step(lab, &flows, 3, None)?;
     broken_total += n;
     broken_outside_failed += n;
@@ -277,9 +279,11 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
     flows.set_step(4);
     let b1 = lab.backend("b1").v4;
     println!("  $ lb backend drain web {b1}   (on lb0 and lb1)");
+    let t = Instant::now();
     for line in lab.apply("b1", &["backend", "drain", "{service}", "{addr}"])? {
         println!("  {}", line.lines().next().unwrap_or_default());
     }
+    println!("  (applied on both LB nodes in {:.1?})", t.elapsed());
     let before = flows.snapshot();
     let n = report_step(lab, &flows, 4, None)?;
     broken_total += n;
