@@ -1,5 +1,5 @@
 //! Header parsing: Ethernet (one optional 802.1Q tag), IPv4 (any header length), IPv6
-//! (skipping up to four extension headers), and the flow a packet belongs to.
+//! (skipping up to three extension headers), and the flow a packet belongs to.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{

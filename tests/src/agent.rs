@@ -142,8 +142,10 @@ impl Agent {
     pub fn kill(&mut self) -> Result<()> {
         if let Some(c) = self.child.take() {
             let mut c = c.into_inner();
-            c.kill()?;
+            // Reaped whether or not the kill succeeded (it fails when already exited).
+            let killed = c.kill();
             c.wait()?;
+            killed?;
         }
         Ok(())
     }
