@@ -32,6 +32,9 @@ pub struct Target {
     /// The port to check: `config.port` when set, else the service port.
     pub port: u16,
     pub config: HealthConfig,
+    /// The state a new target starts in. Up, except for a backend the running data
+    /// plane already had out of its table: it must pass `rise` checks to come back.
+    pub initially_up: bool,
 }
 
 impl Target {
@@ -42,6 +45,7 @@ impl Target {
             backend,
             port: config.port.unwrap_or(service_port),
             config,
+            initially_up: true,
         }
     }
 }
@@ -93,14 +97,14 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(service: &str, backend: IpAddr) -> Self {
+    fn new(service: &str, backend: IpAddr, up: bool) -> Self {
         Progress {
             state: TargetState {
                 service: service.to_owned(),
                 backend,
-                // Up until checks say otherwise: a restarted agent must not take backends
-                // out of the tables before it has checked them.
-                up: true,
+                // Up until checks say otherwise (see `Target::initially_up`): a restarted
+                // agent must not take backends out of the tables before it has checked them.
+                up,
                 checks: 0,
                 failures: 0,
                 transitions: 0,
@@ -167,9 +171,13 @@ impl Checker {
             false
         });
         for (key, t) in wanted {
-            let progress = changed
-                .remove(&key)
-                .unwrap_or_else(|| Arc::new(Mutex::new(Progress::new(&t.service, t.backend))));
+            let progress = changed.remove(&key).unwrap_or_else(|| {
+                Arc::new(Mutex::new(Progress::new(
+                    &t.service,
+                    t.backend,
+                    t.initially_up,
+                )))
+            });
             let task = tokio::spawn(run(t.clone(), progress.clone(), self.events.clone()));
             running.insert(
                 key,
@@ -477,7 +485,7 @@ mod tests {
             (true, None),
             (true, Some(true)), // the third success in a row
         ];
-        let mut p = Progress::new("web", LOCAL);
+        let mut p = Progress::new("web", LOCAL, true);
         for (i, (ok, flip)) in steps.into_iter().enumerate() {
             let r = if ok {
                 CheckResult::ok("HTTP 200")

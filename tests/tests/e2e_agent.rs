@@ -303,6 +303,17 @@ fn failed_health_check_removes_a_backend_and_recovery_returns_it() {
     let health = &st["services"][0]["backends"][1]["health"];
     assert_eq!(health, "down", "{st}");
 
+    // A restarted agent keeps it out until it passes its checks again.
+    lab.agents[0].kill().unwrap();
+    lab.agents[0].spawn().unwrap();
+    let st = lab.lb().status().unwrap();
+    assert_eq!(st["services"][0]["backends"][1]["health"], "down", "{st}");
+    let s = lab.spread(30);
+    assert!(
+        !s.contains_key(&victim),
+        "{victim} came back with the restart: {s:?}"
+    );
+
     let b = &lab.topo.backends[1];
     lab.health[1] =
         Some(TcpServer::start(b, &b.name, &[SocketAddr::new(b.v4.into(), HEALTH_PORT)]).unwrap());

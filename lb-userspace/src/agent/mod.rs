@@ -114,12 +114,23 @@ impl Agent {
     fn new(config_path: PathBuf, config: Config, dp: Dataplane) -> Result<Self> {
         let programmer = Programmer::adopt(dp, config.node.hash_seed, config.agent.bucket_slots)
             .context("reading the data plane's state")?;
+        // A checked backend missing from a table the data plane already had was down (or
+        // drained away) when the previous agent stopped: it stays out until it passes its
+        // checks, rather than returning for a moment on every restart.
+        let mut health = BTreeMap::new();
+        for s in &config.services {
+            for b in s.backends.iter().filter(|b| b.health.is_some()) {
+                if programmer.in_table(&key_of(s), &b.address) == Some(false) {
+                    health.insert((s.name.clone(), b.address), false);
+                }
+            }
+        }
         Ok(Agent {
             config_path,
             config,
             programmer,
             checker: None,
-            health: BTreeMap::new(),
+            health,
         })
     }
 
@@ -207,7 +218,9 @@ impl Agent {
         for s in &self.config.services {
             for b in &s.backends {
                 if let Some(h) = &b.health {
-                    targets.push(health::Target::new(&s.name, b.address, s.port, h.clone()));
+                    let mut t = health::Target::new(&s.name, b.address, s.port, h.clone());
+                    t.initially_up = self.health.get(&(s.name.clone(), b.address)) != Some(&false);
+                    targets.push(t);
                 }
             }
         }

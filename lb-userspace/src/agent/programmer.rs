@@ -397,6 +397,16 @@ impl Programmer {
         m
     }
 
+    /// Whether `a` appears in the live table of `key` (first or second hop); `None` when
+    /// the service has no table.
+    pub fn in_table(&self, key: &ServiceKey, a: &IpAddr) -> Option<bool> {
+        self.live.get(key).map(|l| {
+            l.table
+                .iter()
+                .any(|(f, s)| *f == Some(*a) || *s == Some(*a))
+        })
+    }
+
     /// The per-service counters index of `key`.
     pub fn service_id_of(&self, key: &ServiceKey) -> Option<u32> {
         self.live.get(key).map(|l| l.id)
