@@ -6,13 +6,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     time::{Duration, Instant},
 };
 
+use lb_common::{addr, hash::FlowTuple};
 use tests::{
     can_run,
-    churn::{broken_in, per_server, Fate, Flow, FlowPlan, Flows, Kind, Lab, LabPlan},
+    churn::{broken_in, per_server, Fate, Flow, FlowPlan, Flows, Kind, Lab, LabPlan, LiveTable},
     tcp_request, Netns,
 };
 
@@ -308,6 +309,22 @@ fn udp_from(ns: &Netns, src_port: u16, dst: SocketAddr) -> String {
     panic!("no answer to UDP from port {src_port}");
 }
 
+/// The backend that owns the bucket of the UDP flow `src` -> `dst` in `table`.
+fn owner(lab: &Lab, table: &LiveTable, src: SocketAddr, dst: SocketAddr) -> String {
+    let flow = FlowTuple {
+        src: addr::to_bytes(src.ip()),
+        dst: addr::to_bytes(dst.ip()),
+        src_port: src.port(),
+        dst_port: dst.port(),
+        proto: 17,
+    };
+    let first = table.hops(&flow).0;
+    first
+        .and_then(|a| lab.backend_name(a))
+        .unwrap_or("-")
+        .to_owned()
+}
+
 #[test]
 fn two_lb_nodes_send_every_flow_to_the_same_backend() {
     if !can_run("two_lb_nodes_send_every_flow_to_the_same_backend") {
@@ -395,22 +412,9 @@ fn two_lb_nodes_send_every_flow_to_the_same_backend() {
         answers[lb] = ports.iter().map(|&p| udp_from(client, p, quic)).collect();
     }
     route_via(&lab, None);
-    let mut spread: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut spread: BTreeMap<String, usize> = BTreeMap::new();
     for (i, &p) in ports.iter().enumerate() {
-        let t = tests::churn::Flow {
-            kind: Kind::Udp,
-            local: SocketAddr::new(IpAddr::from(client.v4), p),
-            dst: quic,
-            server: String::new(),
-            exchanges: 0,
-            fate: Fate::Open,
-        }
-        .tuple();
-        let predicted = table
-            .hops(&t)
-            .0
-            .and_then(|a| lab.backend_name(a))
-            .unwrap_or("-");
+        let predicted = owner(&lab, &table, SocketAddr::new(client.v4.into(), p), quic);
         assert_eq!(
             answers[0][i], answers[1][i],
             "port {p}: lb0 and lb1 disagree"
@@ -465,21 +469,7 @@ fn new_udp_flows_reach_the_bucket_owner() {
     let mut seen: BTreeMap<(String, String), usize> = BTreeMap::new();
     for p in 41000..41100u16 {
         let who = udp_from(client, p, quic);
-        let t = tests::churn::Flow {
-            kind: Kind::Udp,
-            local: SocketAddr::new(IpAddr::from(client.v4), p),
-            dst: quic,
-            server: String::new(),
-            exchanges: 0,
-            fate: Fate::Open,
-        }
-        .tuple();
-        let owner = table
-            .hops(&t)
-            .0
-            .and_then(|a| lab.backend_name(a))
-            .unwrap_or("-")
-            .to_owned();
+        let owner = owner(&lab, &table, SocketAddr::new(client.v4.into(), p), quic);
         *seen.entry((owner, who)).or_default() += 1;
     }
     println!("(bucket owner, backend that answered): flows {seen:?}");
