@@ -416,6 +416,15 @@ pub fn classify(node: &NodeView<'_>, frame: &[u8]) -> Class {
         Err(Unparsable) => return Decided(Reason::PassUnparsed),
     };
     let Ok(outer) = ip(frame, l3_off, v6) else {
+        // The program reads IPv6 addresses before walking extension headers: a broken
+        // chain to a VIP is dropped, not passed.
+        if let Some(h) = read::<IPV6_LEN>(frame, l3_off).filter(|h| v6 && h[0] >> 4 == 6) {
+            let mut dst = [0u8; 16];
+            dst.copy_from_slice(&h[24..40]);
+            if node.is_vip(&dst) {
+                return Decided(Reason::DropMalformed);
+            }
+        }
         return Decided(Reason::PassUnparsed);
     };
     if is_gue_to_me(node, frame, &outer) {

@@ -50,6 +50,11 @@ fn process(ctx: &XdpContext) -> Verdict {
     };
     let mut ip = Ip::EMPTY;
     if parse::ip(ctx, l2.l3_off, l2.ether_type == ETH_P_IPV6, &mut ip).is_err() {
+        // IPv6 addresses are read before the extension headers: a broken chain to a VIP
+        // is lb's to drop, not the stack's to route.
+        if maps::is_vip(&ip.dst) {
+            return verdict::drop(Reason::DropMalformed);
+        }
         return pass(Reason::PassUnparsed);
     }
     if is_gue_to_me(ctx, node, &ip) {

@@ -647,6 +647,20 @@ fn client_cases() -> Vec<Case> {
         f6[..14 + 40 + 8].to_vec(),
         Reason::DropMalformed,
     ));
+    // A hop-by-hop header announced but cut off: to a VIP dropped, elsewhere passed.
+    let mut ext = f6[..14 + 40 + 1].to_vec();
+    ext[14 + 6] = 0;
+    cases.push(drop(
+        "IPv6 extension header to a VIP cut short",
+        ext.clone(),
+        Reason::DropMalformed,
+    ));
+    ext[14 + 24..14 + 40].copy_from_slice(&client6().octets());
+    cases.push(pass(
+        "IPv6 extension header to a non-VIP cut short passes",
+        ext,
+        Reason::PassUnparsed,
+    ));
     let other = tcp4(CLIENT4, OTHER4, 40014, 80, true);
     cases.push(pass(
         "TCP header to a non-VIP cut short passes",

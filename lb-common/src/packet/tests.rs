@@ -472,9 +472,9 @@ fn seeds() -> Vec<(&'static str, Vec<u8>, Want)> {
                     &ext(IPPROTO_TCP, 0, &tcp(40000, 80, SYN, b"")),
                 ),
             )),
-            // The second header starts past MAX_HEADER_OFFSET: the IPv6 header does not
-            // parse and the frame goes to the stack.
-            Is(PassUnparsed),
+            // The second header starts past MAX_HEADER_OFFSET: the chain does not parse,
+            // and a broken chain to a VIP is dropped.
+            Is(DropMalformed),
         ),
         (
             "tcp6-dstopts-928-vip",
@@ -491,7 +491,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>, Want)> {
         (
             "tcp6-ext-header-cut-vip",
             v6(ipv6(CLIENT_V6, VIP_V6, IPPROTO_ROUTING, &[])),
-            Is(PassUnparsed),
+            Is(DropMalformed),
         ),
         (
             "tcp4-vlan-vip",
