@@ -46,6 +46,12 @@ pub const HOP_LIST_TYPE: [u8; 2] = *b"lb";
 /// A SYN carrying this flag is not accepted just for being a SYN: the receiver looks for
 /// a socket like for any other packet and passes it on when it has none.
 pub const FLAG_FORWARD_SYN: u8 = 0x01;
+/// Set by a backend that passes a packet on to the next hop (daisy chaining).
+pub const FLAG_CHAINED: u8 = 0x02;
+/// Set on a UDP packet that the last hop owns no socket for, sent back to the first hop
+/// that passed it on: the receiver accepts it. Without this, a new UDP flow in a bucket
+/// that moved would land on the bucket's previous owner, which accepts at the last hop.
+pub const FLAG_RETURNED: u8 = 0x04;
 /// The most hops a hop list may announce; more is malformed.
 pub const MAX_HOPS: u8 = 1;
 

@@ -13,8 +13,9 @@
 use crate::{
     addr::{is_v4_mapped, v4_mapped},
     encap::{
-        FLAG_FORWARD_SYN, GUE_FIRST_BYTE, GUE_HEADER_LEN, HOP_LIST_LEN, HOP_LIST_TYPE,
-        IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN, IPV6_LEN, MAX_HOPS, UDP_LEN,
+        FLAG_CHAINED, FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_FIRST_BYTE, GUE_HEADER_LEN,
+        HOP_LIST_LEN, HOP_LIST_TYPE, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN, IPV6_LEN, MAX_HOPS,
+        UDP_LEN,
     },
     hash::FlowTuple,
     stats::Reason,
@@ -165,6 +166,9 @@ pub struct GueFacts {
     pub syn: bool,
     /// A hop is left, of the outer family, and not this node: it may be passed on.
     pub chains: bool,
+    /// Not chained on, UDP, passed on by a first hop: if no socket owns it, it goes back
+    /// to the outer source.
+    pub returns: bool,
     /// The outer header is IPv4 with options (lb never sends those).
     pub outer_v4_options: bool,
     pub hops_left: u8,
@@ -195,14 +199,16 @@ impl Class {
                 if g.flow.is_some() {
                     r = r.with(Reason::AcceptSocket);
                 }
-                if !g.chains {
+                if !g.chains && !g.returns {
                     return r.with(Reason::AcceptLastHop);
                 }
                 r = r.with(Reason::DropFibMiss).with(Reason::DropTooBig);
                 if g.outer_v4_options {
                     r.with(Reason::DropBadGue)
-                } else {
+                } else if g.chains {
                     r.with(Reason::SecondHop)
+                } else {
+                    r.with(Reason::ReturnedToFirstHop)
                 }
             }
         }
@@ -501,8 +507,12 @@ fn backend(f: &[u8], outer: &Ip) -> Class {
         Ok(i) if !i.bad_ihl => i,
         _ => return Decided(Reason::DropMalformed),
     };
+    if flags & FLAG_RETURNED != 0 {
+        return Decided(Reason::AcceptReturned);
+    }
     let mut fl = None;
     let mut syn = false;
+    let mut udp = false;
     if !inner.fragment {
         match flow(f, &inner) {
             Err(Unparsable) => return Decided(Reason::DropMalformed),
@@ -513,15 +523,18 @@ fn backend(f: &[u8], outer: &Ip) -> Class {
                     && x.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
                     && flags & FLAG_FORWARD_SYN == 0;
                 fl = Some(x.tuple);
+                udp = x.tuple.proto == IPPROTO_UDP && !x.icmp;
             }
         }
     }
+    let chains = hops_left > 0 && next_hop != outer.dst && is_v4_mapped(&next_hop) != outer.v6;
     Class::Gue(GueFacts {
         inner_v6,
         inner_off,
         flow: fl,
         syn,
-        chains: hops_left > 0 && next_hop != outer.dst && is_v4_mapped(&next_hop) != outer.v6,
+        chains,
+        returns: !chains && udp && flags & FLAG_CHAINED != 0 && outer.src != outer.dst,
         outer_v4_options: !outer.v6 && outer.l4_off != outer.l3_off + IPV4_LEN,
         hops_left,
         next_hop,

@@ -41,10 +41,15 @@ pub enum Reason {
     SecondHop,
     /// GUE to this node's port that is not lb's format: dropped.
     DropBadGue,
+    /// GUE received by chaining, UDP, no connected socket here and no hop left: sent back
+    /// to the first hop, which owns the bucket and so takes new UDP flows.
+    ReturnedToFirstHop,
+    /// GUE received and accepted: sent back by the last hop (see `ReturnedToFirstHop`).
+    AcceptReturned,
 }
 
 impl Reason {
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 19;
 
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::PassNotIp,
@@ -64,6 +69,8 @@ impl Reason {
         Reason::AcceptLastHop,
         Reason::SecondHop,
         Reason::DropBadGue,
+        Reason::ReturnedToFirstHop,
+        Reason::AcceptReturned,
     ];
 
     /// The metric label of the reason.
@@ -86,6 +93,8 @@ impl Reason {
             Reason::AcceptLastHop => "accept_last_hop",
             Reason::SecondHop => "second_hop",
             Reason::DropBadGue => "drop_bad_gue",
+            Reason::ReturnedToFirstHop => "returned_to_first_hop",
+            Reason::AcceptReturned => "accept_returned",
         }
     }
 }

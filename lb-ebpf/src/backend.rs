@@ -9,15 +9,16 @@ use aya_ebpf::{
 use lb_common::{
     addr::is_v4_mapped,
     encap::{
-        ipv4_checksum, ETH_LEN, FLAG_FORWARD_SYN, GUE_FIRST_BYTE, GUE_HEADER_LEN, HOP_LIST_LEN,
-        HOP_LIST_TYPE, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN, MAX_HOPS, OUTER_TTL, UDP_LEN,
+        ipv4_checksum, ETH_LEN, FLAG_CHAINED, FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_FIRST_BYTE,
+        GUE_HEADER_LEN, HOP_LIST_LEN, HOP_LIST_TYPE, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN,
+        MAX_HOPS, OUTER_TTL, UDP_LEN,
     },
     stats::Reason,
 };
 
 use crate::{
     forward::{self, NextHop},
-    parse::{self, Flow, Ip, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, TCP_ACK, TCP_SYN},
+    parse::{self, Flow, Ip, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN},
     ptr, socket,
     verdict::{drop, Verdict},
 };
@@ -52,6 +53,10 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
     if inner.bad_ihl {
         return drop(Reason::DropMalformed);
     }
+    if flags & FLAG_RETURNED != 0 {
+        return accept(ctx, inner_off, inner_v6, Reason::AcceptReturned);
+    }
+    let mut udp = false;
     if !inner.fragment {
         let mut f = Flow::EMPTY;
         match parse::flow(ctx, &inner, &mut f) {
@@ -67,12 +72,20 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
                 if socket::owns(ctx, &f, &inner) {
                     return accept(ctx, inner_off, inner_v6, Reason::AcceptSocket);
                 }
+                udp = f.tuple.proto == IPPROTO_UDP && !f.icmp;
             }
         }
     }
     // Pass it on while a hop is left, it is of the outer family and not this node itself.
     if hops_left > 0 && next_hop != outer.dst && is_v4_mapped(&next_hop) != outer.v6 {
-        return second_hop(ctx, outer, gue_off, &next_hop);
+        return pass_on(ctx, outer, gue_off, &next_hop, flags | FLAG_CHAINED);
+    }
+    // A UDP packet no socket here owns, passed on by the first hop: a new flow. Back to
+    // the first hop (the outer source), which owns the bucket now.
+    if udp && flags & FLAG_CHAINED != 0 && outer.src != outer.dst {
+        let first_hop = outer.src;
+        let returned = (flags & !FLAG_CHAINED) | FLAG_RETURNED;
+        return pass_on(ctx, outer, gue_off, &first_hop, returned);
     }
     accept(ctx, inner_off, inner_v6, Reason::AcceptLastHop)
 }
@@ -101,18 +114,32 @@ fn accept(ctx: &XdpContext, inner_off: usize, inner_v6: bool, reason: Reason) ->
     Verdict::new(xdp_action::XDP_PASS, reason)
 }
 
-/// Sends the packet on to `next_hop`: outer destination rewritten, this node as the
-/// source, one hop fewer in the hop list.
+/// Sends the packet on to `next_hop` with hop-list flags `flags`: outer destination
+/// rewritten, this node as the source; one hop fewer when chaining (`FLAG_CHAINED`), none
+/// taken when returning to the first hop (`FLAG_RETURNED`).
 #[inline(never)]
-fn second_hop(ctx: &XdpContext, outer: &Ip, gue_off: usize, next_hop: &[u8; 16]) -> Verdict {
+fn pass_on(
+    ctx: &XdpContext,
+    outer: &Ip,
+    gue_off: usize,
+    next_hop: &[u8; 16],
+    flags: u8,
+) -> Verdict {
+    let returning = flags & FLAG_RETURNED != 0;
     let tot_len = ctx.data_end() - ctx.data() - outer.l3_off;
     let mut hop = NextHop::EMPTY;
     if let Err(r) = forward::lookup(ctx, &outer.dst, next_hop, tot_len as u16, &mut hop) {
         return drop(r);
     }
-    if let Some(hops) = ptr::at::<u8>(ctx, gue_off + GUE_HEADER_LEN + 2) {
-        // SAFETY: bounds checked; `handle` saw it at most MAX_HOPS and above 0.
-        unsafe { *hops -= 1 };
+    if let Some(hops) = ptr::at::<[u8; 2]>(ctx, gue_off + GUE_HEADER_LEN + 2) {
+        // SAFETY: bounds checked; `handle` saw hops at most MAX_HOPS, and above 0 when
+        // chaining.
+        unsafe {
+            if !returning {
+                (*hops)[0] -= 1;
+            }
+            (*hops)[1] = flags;
+        }
     } else {
         return drop(Reason::DropMalformed);
     }
@@ -135,6 +162,7 @@ fn second_hop(ctx: &XdpContext, outer: &Ip, gue_off: usize, next_hop: &[u8; 16])
     }
     let ether_type = if outer.v6 { ETH_P_IPV6 } else { ETH_P_IP };
     match forward::send(ctx, &hop, ether_type) {
+        Some(action) if returning => Verdict::new(action, Reason::ReturnedToFirstHop),
         Some(action) => Verdict::new(action, Reason::SecondHop),
         None => drop(Reason::DropMalformed),
     }

@@ -17,7 +17,7 @@ use etherparse::{
 use lb::dataplane::{Dataplane, LoadOptions, Node};
 use lb_common::{
     addr::v4_mapped,
-    encap::{FLAG_FORWARD_SYN, GUE_HLEN, HOP_LIST_TYPE},
+    encap::{FLAG_CHAINED, FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_HLEN, HOP_LIST_TYPE},
     hash::{bucket_index, flow_hash, outer_source_port, FlowTuple},
     maps::{names, Bucket, ServiceKey, ServiceValue},
     packet::example::{NODE_MAC, PEER_MAC},
@@ -795,7 +795,7 @@ fn backend_cases(est_port: u16, udp_port: u16) -> Vec<Case> {
         second,
         50000,
         0,
-        0,
+        FLAG_CHAINED,
         second,
         &inner[14..],
     );
@@ -816,7 +816,7 @@ fn backend_cases(est_port: u16, udp_port: u16) -> Vec<Case> {
         second,
         50000,
         0,
-        0,
+        FLAG_CHAINED,
         second,
         &inner[14..],
     );
@@ -837,7 +837,7 @@ fn backend_cases(est_port: u16, udp_port: u16) -> Vec<Case> {
         second,
         50000,
         0,
-        FLAG_FORWARD_SYN,
+        FLAG_FORWARD_SYN | FLAG_CHAINED,
         second,
         &inner[14..],
     );
@@ -849,6 +849,58 @@ fn backend_cases(est_port: u16, udp_port: u16) -> Vec<Case> {
         reason: Reason::SecondHop,
         counted: None,
     });
+
+    // At the last hop, chained: UDP no socket here owns is a new flow and goes back to
+    // the first hop (the outer source), which accepts it; TCP is accepted (the stack
+    // answers a stray segment with a reset).
+    let first_hop = v4_mapped(backend4(0));
+    let inner = udp4(CLIENT4, VIP4, 41009, 53, b"new");
+    let input = encapsulated(
+        NODE_MAC,
+        PEER_MAC,
+        first_hop,
+        v4_mapped(NODE4),
+        50000,
+        0,
+        FLAG_CHAINED,
+        v4_mapped(NODE4),
+        &inner[14..],
+    );
+    let output = encapsulated(
+        GW_MAC,
+        NODE_MAC,
+        v4_mapped(NODE4),
+        first_hop,
+        50000,
+        0,
+        FLAG_RETURNED,
+        v4_mapped(NODE4),
+        &inner[14..],
+    );
+    cases.push(Case {
+        name: "GUE: chained UDP with no socket here goes back to the first hop",
+        input,
+        verdict: XDP_TX,
+        output: Out::Bytes(output),
+        reason: Reason::ReturnedToFirstHop,
+        counted: None,
+    });
+    let inner = tcp4(CLIENT4, VIP4, 41010, 80, false);
+    cases.push(accept(
+        "GUE: chained TCP with no socket here, accepted as the last hop",
+        inner,
+        0,
+        FLAG_CHAINED,
+        Reason::AcceptLastHop,
+    ));
+    let inner = udp4(CLIENT4, VIP4, 41011, 53, b"back");
+    cases.push(accept(
+        "GUE: returned by the last hop, accepted",
+        inner,
+        0,
+        FLAG_RETURNED,
+        Reason::AcceptReturned,
+    ));
 
     // A hop list naming this node itself must not loop.
     let inner = tcp4(CLIENT4, VIP4, 41007, 80, false);

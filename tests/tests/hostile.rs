@@ -141,7 +141,10 @@ fn reasons(dp: &mut Dataplane) -> Result<Vec<u64>> {
 
 fn expected_verdict(r: Reason) -> u32 {
     match r {
-        Reason::Encapsulated | Reason::IcmpForwarded | Reason::SecondHop => XDP_TX,
+        Reason::Encapsulated
+        | Reason::IcmpForwarded
+        | Reason::SecondHop
+        | Reason::ReturnedToFirstHop => XDP_TX,
         r if r.name().starts_with("drop_") => XDP_DROP,
         _ => XDP_PASS,
     }
@@ -260,6 +263,17 @@ fn check_packet(
             match classify(&receiver(g.next_hop), &run.output) {
                 Class::Gue(h) if h.hops_left == 0 && h.flow == g.flow => {}
                 other => bail!("the next hop would read {other:?}"),
+            }
+        }
+        (Class::Gue(_), Reason::ReturnedToFirstHop) => {
+            let (l3, v6) = ethernet(input).ok().flatten().context("no l3")?;
+            let src = ip(input, l3, v6).ok().context("no outer")?.src;
+            if outer_dst(&run.output) != Some(src) {
+                bail!("returned, but not to the first hop {src:02x?}");
+            }
+            match classify(&receiver(src), &run.output) {
+                Class::Decided(Reason::AcceptReturned) => {}
+                other => bail!("the first hop would read {other:?}"),
             }
         }
         (Class::Gue(g), Reason::AcceptSyn | Reason::AcceptSocket | Reason::AcceptLastHop) => {
