@@ -443,13 +443,11 @@ fn two_lb_nodes_send_every_flow_to_the_same_backend() {
     );
 }
 
-/// A new UDP flow (a first datagram, no connected socket anywhere) should reach the
-/// backend that owns its bucket. It reaches the bucket's second hop instead: the first
-/// hop cannot tell a new UDP flow from an established one, passes it on, and the second
-/// hop accepts it as the last hop. So a backend added to a UDP service gets no new flows
-/// in the buckets it took, and a drained one keeps getting all its former share.
+/// A new UDP flow (a first datagram, no connected socket anywhere) reaches the backend
+/// that owns its bucket, also in buckets that moved: the first hop cannot tell a new UDP
+/// flow from an established one and passes it on; the second hop, owning no connected
+/// socket for it, sends it back, and the first hop accepts it.
 #[test]
-#[ignore = "known issue: new UDP flows go to the second hop (see the doc comment)"]
 fn new_udp_flows_reach_the_bucket_owner() {
     if !can_run("new_udp_flows_reach_the_bucket_owner") {
         return;
