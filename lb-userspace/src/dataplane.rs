@@ -234,6 +234,27 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Writes the buckets of `buckets` that differ from `old`, what the map holds at
+    /// `offset` already (everything when `old` is unknown).
+    pub fn write_table_changes(
+        &mut self,
+        offset: u32,
+        buckets: &[Bucket],
+        old: Option<&[Bucket]>,
+    ) -> Result<(), DataplaneError> {
+        let Some(old) = old.filter(|o| o.len() == buckets.len()) else {
+            return self.write_table(offset, buckets);
+        };
+        let mut m: Array<&mut MapData, Bucket> = self.map_mut(names::BUCKETS)?;
+        for (i, (b, o)) in buckets.iter().zip(old).enumerate() {
+            if b != o {
+                m.set(offset + i as u32, *b, 0)
+                    .map_err(|source| map_err(names::BUCKETS, source))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Points a service at a table: one map update, so packets see the old table or the
     /// new one, never a mix. Also registers its VIP.
     pub fn set_service(

@@ -55,6 +55,10 @@ struct Live {
     upper: bool,
     /// The live table.
     table: Owners,
+    /// The bytes of the live half, and of the other half when known: a flip then
+    /// writes only the buckets that differ from what that half already holds.
+    live_raw: Vec<Bucket>,
+    spare_raw: Option<Vec<Bucket>>,
 }
 
 impl Live {
@@ -127,6 +131,8 @@ impl Programmer {
                     bits: v.table_bits,
                     upper,
                     table,
+                    live_raw: raw,
+                    spare_raw: None,
                 },
             );
         }
@@ -254,10 +260,16 @@ impl Programmer {
             };
             buckets.push(Bucket { first, second });
         }
+        // A new region is found while the old one still counts as taken: it stays live
+        // until the flip below.
         let (id, base, upper) = match self.live.get(&want.key) {
             Some(l) if l.bits == want.bits => (l.id, l.base, !l.upper),
             Some(l) => (l.id, self.region(want)?, false),
             None => (self.service_id()?, self.region(want)?, false),
+        };
+        let (spare, old_live) = match self.live.get(&want.key) {
+            Some(l) if l.bits == want.bits => (l.spare_raw.clone(), Some(l.live_raw.clone())),
+            _ => (None, None),
         };
         let live = Live {
             id,
@@ -265,8 +277,11 @@ impl Programmer {
             bits: want.bits,
             upper,
             table,
+            live_raw: buckets,
+            spare_raw: old_live,
         };
-        self.dp.write_table(live.live_offset(), &buckets)?;
+        self.dp
+            .write_table_changes(live.live_offset(), &live.live_raw, spare.as_deref())?;
         let value = ServiceValue {
             id,
             table_offset: live.live_offset(),
