@@ -1,8 +1,9 @@
 //! Per-packet cost of lb's XDP program on each path, next to `lb_pass` (the floor).
 //!
-//! The program runs in a namespace of its own, configured like a node that is both an LB
-//! node and a backend: one veth with a gateway whose neighbour entry is permanent, routes
-//! to the backends through it, VIPs on `lo` with a listening and established sockets.
+//! The program runs in a namespace of its own, the data-plane fixtures' network
+//! (`tests::fixture`: a veth, a gateway with permanent neighbour entries, routes to the
+//! backends, the VIPs on `lo`), configured like a node that is both an LB node and a
+//! backend: three services of 100 backends each, a listener and established connections.
 //! Every case is a set of frames, one flow each, that the harness cycles through.
 
 use std::{
@@ -19,6 +20,7 @@ use lb_common::{
     addr::to_bytes,
     limits::DEFAULT_TABLE_BITS,
     maps::{ServiceKey, ServiceValue},
+    packet::example,
     stats::Reason,
 };
 
@@ -26,21 +28,19 @@ use super::{
     harness::{Harness, Target},
     packets::{self, Macs},
 };
-use crate::{link, Netns};
+use crate::{fixture, link};
 
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
-const IF: &str = "bn0";
-const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x09];
-const NODE4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-const LB4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 5);
+const NODE4: Ipv4Addr = Ipv4Addr::from_octets(example::NODE_V4);
+const NODE6: Ipv6Addr = Ipv6Addr::from_octets(example::NODE_V6);
+const VIP4: Ipv4Addr = Ipv4Addr::from_octets(example::VIP_V4);
+const VIP6: Ipv6Addr = Ipv6Addr::from_octets(example::VIP_V6);
+/// An LB node sending GUE to this one.
+const LB4: Ipv4Addr = Ipv4Addr::from_octets(example::PEER_V4);
+/// A router on the way back to a client, reporting a too-small MTU.
 const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
-const VIP4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
-const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 const SEED: u32 = 0x5eed_0b07;
 const GUE_PORT: u16 = lb_common::encap::DEFAULT_GUE_PORT;
 /// Backends of each service (of each family).
@@ -48,8 +48,8 @@ const BACKENDS: u32 = 100;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const MACS: Macs = Macs {
-    src: PEER_MAC,
-    dst: NODE_MAC,
+    src: example::PEER_MAC,
+    dst: example::NODE_MAC,
 };
 
 /// The cases, in the order they are reported.
@@ -124,9 +124,9 @@ pub struct Measured {
 
 /// Measures the cases named in `names` (see [`CASES`]).
 pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
-    let ns = build_namespace()?;
+    let ns = fixture::namespace("bench")?;
     ns.run(|| {
-        let ifindex = link::if_index(IF)?;
+        let ifindex = link::if_index(fixture::IF)?;
         let slots = 3 << DEFAULT_TABLE_BITS;
         let mut dp = Dataplane::load(&LoadOptions {
             bucket_slots: slots,
@@ -320,52 +320,6 @@ fn median(v: &[f64]) -> f64 {
 
 // ---- the node --------------------------------------------------------------------------
 
-fn build_namespace() -> Result<Netns> {
-    let ns = Netns::create(&format!(
-        "{}{}-bench",
-        crate::topology::PREFIX,
-        std::process::id()
-    ))?;
-    let mac = |m: [u8; 6]| link::fmt_mac(&m);
-    let cmds = [
-        format!(
-            "link add {IF} address {} type veth peer name bn1 address {}",
-            mac(NODE_MAC),
-            mac(GW_MAC)
-        ),
-        format!("link set {IF} up"),
-        "link set bn1 up".into(),
-        "link set lo up".into(),
-        format!("addr add {NODE4}/24 dev {IF}"),
-        format!("addr add {NODE6}/64 dev {IF} nodad"),
-        format!(
-            "neigh add 10.0.0.2 lladdr {} dev {IF} nud permanent",
-            mac(GW_MAC)
-        ),
-        format!(
-            "neigh add fd00::2 lladdr {} dev {IF} nud permanent",
-            mac(GW_MAC)
-        ),
-        "route add 10.1.0.0/16 via 10.0.0.2".into(),
-        "-6 route add fd01::/64 via fd00::2".into(),
-        format!("addr add {VIP4}/32 dev lo"),
-        format!("addr add {VIP6}/128 dev lo nodad"),
-    ];
-    for c in cmds {
-        let mut argv = vec!["ip".to_string()];
-        argv.extend(c.split_whitespace().map(String::from));
-        ns.exec(&argv).with_context(|| format!("ip {c}"))?;
-    }
-    // bpf_fib_lookup answers only for interfaces that forward.
-    ns.exec(&[
-        "sysctl",
-        "-qw",
-        "net.ipv4.conf.all.forwarding=1",
-        "net.ipv6.conf.all.forwarding=1",
-    ])?;
-    Ok(ns)
-}
-
 fn backend4(i: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250 + 1) as u8)
 }
@@ -479,8 +433,12 @@ pub fn cases(flows: usize, established: &[u16]) -> Vec<Case> {
         reason,
     };
     let other4 = |i: usize| Ipv4Addr::from(0xcb00_7101 + i as u32); // 203.0.113.1..
-    let gue_port = |i: usize| (50_000 + i as u16, GUE_PORT);
     let m = MACS;
+    // GUE from an LB node, the bucket's previous owner as the one hop left.
+    let to_node = |i: usize, inner: &[u8]| {
+        let port = (50_000 + i as u16, GUE_PORT);
+        packets::gue4(m, LB4, NODE4, port, backend4(i as u32 % BACKENDS), inner)
+    };
     vec![
         encap(
             CASES[0],
@@ -512,14 +470,7 @@ pub fn cases(flows: usize, established: &[u16]) -> Vec<Case> {
             name: CASES[5],
             frames: each(&|i| {
                 let inner = packets::tcp4(m, VIP4, VIP4, established[i], 80, false);
-                packets::gue4(
-                    m,
-                    LB4,
-                    NODE4,
-                    gue_port(i),
-                    backend4(i as u32 % BACKENDS),
-                    &inner,
-                )
+                to_node(i, &inner)
             }),
             verdict: XDP_PASS,
             reason: Reason::AcceptSocket,
@@ -528,14 +479,7 @@ pub fn cases(flows: usize, established: &[u16]) -> Vec<Case> {
             CASES[6],
             each(&|i| {
                 let inner = packets::tcp4(m, client4(i), VIP4, client_port(i), 80, false);
-                packets::gue4(
-                    m,
-                    LB4,
-                    NODE4,
-                    gue_port(i),
-                    backend4(i as u32 % BACKENDS),
-                    &inner,
-                )
+                to_node(i, &inner)
             }),
             Reason::SecondHop,
         ),
