@@ -50,7 +50,14 @@ fn main() {
         .env("RUSTC_BOOTSTRAP", "1")
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+            // Inline memcpy/memset: bpf-linker otherwise turns every zeroed struct into a
+            // call to a byte-at-a-time loop (measured: up to half the per-packet cost).
+            [
+                "-Cdebuginfo=2",
+                "-Clink-arg=--btf",
+                "-Clink-arg=--disable-expand-memcpy-in-order",
+            ]
+            .join("\x1f"),
         )
         .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", &linker)
         .args(["build", "--release", "--locked", "-Zbuild-std=core"])
