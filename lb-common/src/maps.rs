@@ -34,6 +34,22 @@ pub struct ServiceValue {
 /// to tell "for lb, drop" from "not for lb, pass".
 pub type VipRefs = u32;
 
+/// The VIP filter: a bitmap over all VIPs (`VIP_FILTER`, `VIP_FILTER_WORDS` u64 words),
+/// so traffic to other addresses is passed after one array read instead of parsing and
+/// two hash lookups. A set bit only means "maybe a VIP"; the full path decides.
+pub const VIP_FILTER_WORDS: u32 = 1024;
+
+/// The bit of `addr` in the VIP filter (word index, bit in the word).
+#[inline(always)]
+pub fn vip_filter_bit(addr: &[u8; 16]) -> (u32, u64) {
+    let w = |i: usize| u32::from_le_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let h = crate::hash::fmix32(
+        w(0) ^ w(4).rotate_left(8) ^ w(8).rotate_left(16) ^ w(12).rotate_left(24),
+    );
+    let bit = h % (VIP_FILTER_WORDS * 64);
+    (bit / 64, 1u64 << (bit % 64))
+}
+
 /// One bucket of a forwarding table: backend indices into `BACKENDS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -107,6 +123,7 @@ const _: () = assert!(core::mem::size_of::<Counters>() == 16);
 pub mod names {
     pub const SERVICES: &str = "SERVICES";
     pub const VIPS: &str = "VIPS";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const BUCKETS: &str = "BUCKETS";
     pub const BACKENDS: &str = "BACKENDS";
     pub const NODE: &str = "NODE";
@@ -125,4 +142,25 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::v4_mapped;
+
+    #[test]
+    fn vip_filter_bits_spread() {
+        // 1,024 VIPs in a 65,536-bit filter: few share a bit, so foreign addresses
+        // mostly miss.
+        let mut seen = [0u64; VIP_FILTER_WORDS as usize];
+        let mut collisions = 0;
+        for i in 0..1024u32 {
+            let (w, b) = vip_filter_bit(&v4_mapped((0x0a64_0000 + i).to_be_bytes()));
+            assert!(w < VIP_FILTER_WORDS);
+            collisions += u32::from(seen[w as usize] & b != 0);
+            seen[w as usize] |= b;
+        }
+        assert!(collisions < 32, "{collisions} collisions");
+    }
 }

@@ -6,7 +6,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     limits::{DEFAULT_BUCKET_SLOTS, MAX_BACKENDS, MAX_SERVICES},
-    maps::{Backend, Bucket, Counters, NodeConfig, ServiceKey, ServiceValue, VipRefs},
+    maps::{
+        vip_filter_bit, Backend, Bucket, Counters, NodeConfig, ServiceKey, ServiceValue, VipRefs,
+        VIP_FILTER_WORDS,
+    },
     stats::Reason,
 };
 
@@ -56,6 +59,17 @@ pub fn add(map: &PerCpuArray<Counters>, index: u32, bytes: u64) {
 /// VIPs of all services: see `lb_common::maps::VipRefs`.
 #[map]
 pub static VIPS: HashMap<[u8; 16], VipRefs> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// See `lb_common::maps::vip_filter_bit`.
+#[map]
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
+
+/// False when `addr` is certainly no VIP (its bit in the VIP filter is clear).
+#[inline(always)]
+pub fn maybe_vip(addr: &[u8; 16]) -> bool {
+    let (word, bit) = vip_filter_bit(addr);
+    VIP_FILTER.get(word).is_some_and(|w| w & bit != 0)
+}
 
 /// Whether `addr` is the VIP of any service.
 #[inline(always)]

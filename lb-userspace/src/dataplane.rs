@@ -19,8 +19,8 @@ use aya::{
 use lb_common::{
     addr,
     maps::{
-        names, Backend, Bucket, Counters, NodeConfig, ServiceKey, ServiceValue, VipRefs,
-        NODE_CONFIGURED,
+        names, vip_filter_bit, Backend, Bucket, Counters, NodeConfig, ServiceKey, ServiceValue,
+        VipRefs, NODE_CONFIGURED, VIP_FILTER_WORDS,
     },
     stats::Reason,
 };
@@ -76,9 +76,10 @@ impl Default for LoadOptions {
 }
 
 /// Every map of the object (also the pin names under `maps/`).
-pub const MAP_NAMES: [&str; 8] = [
+pub const MAP_NAMES: [&str; 9] = [
     names::SERVICES,
     names::VIPS,
+    names::VIP_FILTER,
     names::BUCKETS,
     names::BACKENDS,
     names::NODE,
@@ -270,6 +271,8 @@ impl Dataplane {
             services.get(key, 0).is_err()
         };
         if is_new {
+            // The filter first: the VIP must not be filtered out once its service is live.
+            self.refresh_vip_filter(Some(key.addr))?;
             let mut vips: HashMap<&mut MapData, [u8; 16], VipRefs> = self.map_mut(names::VIPS)?;
             vips.insert(key.addr, refs + 1, 0)
                 .map_err(|source| map_err(names::VIPS, source))?;
@@ -296,9 +299,34 @@ impl Dataplane {
                 .map_err(|source| map_err(names::VIPS, source)),
             _ => {
                 let _ = vips.remove(&key.addr);
-                Ok(())
+                self.refresh_vip_filter(None)
             }
         }
+    }
+
+    /// Rewrites the words of the VIP filter that differ from the bits of the VIPs in
+    /// `VIPS` (and `extra`).
+    fn refresh_vip_filter(&mut self, extra: Option<[u8; 16]>) -> Result<(), DataplaneError> {
+        let vips: HashMap<&mut MapData, [u8; 16], VipRefs> = self.map_mut(names::VIPS)?;
+        let mut want = vec![0u64; VIP_FILTER_WORDS as usize];
+        let keys: Vec<[u8; 16]> = vips.keys().filter_map(Result::ok).chain(extra).collect();
+        for k in &keys {
+            let (word, bit) = vip_filter_bit(k);
+            want[word as usize] |= bit;
+        }
+        let mut filter: Array<&mut MapData, u64> = self.map_mut(names::VIP_FILTER)?;
+        for (i, w) in want.iter().enumerate() {
+            let i = i as u32;
+            let have = filter
+                .get(&i, 0)
+                .map_err(|source| map_err(names::VIP_FILTER, source))?;
+            if have != *w {
+                filter
+                    .set(i, *w, 0)
+                    .map_err(|source| map_err(names::VIP_FILTER, source))?;
+            }
+        }
+        Ok(())
     }
 
     /// The services in the map.
