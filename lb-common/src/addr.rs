@@ -26,6 +26,18 @@ pub const fn v4_part(a: &[u8; 16]) -> [u8; 4] {
     [a[12], a[13], a[14], a[15]]
 }
 
+/// The address as four u32 in memory order, as kernel structs (`bpf_fib_lookup`,
+/// `bpf_sock_tuple`) hold IPv6 addresses.
+#[inline(always)]
+pub fn ne_words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
 /// Host-side conversion from `IpAddr`.
 pub fn to_bytes(ip: IpAddr) -> [u8; 16] {
     match ip {

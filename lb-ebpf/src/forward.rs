@@ -14,7 +14,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    addr::{is_v4_mapped, v4_part},
+    addr::{is_v4_mapped, ne_words, v4_part},
     stats::Reason,
 };
 
@@ -62,8 +62,8 @@ pub fn lookup(
         p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(v4_part(dst));
     } else {
         p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = words(src);
-        p.__bindgen_anon_4.ipv6_dst = words(dst);
+        p.__bindgen_anon_3.ipv6_src = ne_words(src);
+        p.__bindgen_anon_4.ipv6_dst = ne_words(dst);
     }
     // SAFETY: `p` is a valid, initialised parameter block of the size passed.
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) };
@@ -79,16 +79,6 @@ pub fn lookup(
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropTooBig),
         _ => Err(Reason::DropFibMiss),
     }
-}
-
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
 }
 
 /// Writes the Ethernet header at the start of the packet and sends it towards `hop`.

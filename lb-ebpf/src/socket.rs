@@ -11,7 +11,10 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{addr::v4_part, hash::FlowTuple};
+use lb_common::{
+    addr::{ne_words, v4_part},
+    hash::FlowTuple,
+};
 
 use crate::{
     parse::{Flow, Ip, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK},
@@ -70,8 +73,8 @@ fn fill(t: &mut bpf_sock_tuple, f: &FlowTuple, v6: bool) -> u32 {
     unsafe {
         if v6 {
             let s = &mut t.__bindgen_anon_1.ipv6;
-            s.saddr = words(&f.src);
-            s.daddr = words(&f.dst);
+            s.saddr = ne_words(&f.src);
+            s.daddr = ne_words(&f.dst);
             s.sport = f.src_port.to_be();
             s.dport = f.dst_port.to_be();
             size_of::<[u32; 9]>() as u32
@@ -84,16 +87,6 @@ fn fill(t: &mut bpf_sock_tuple, f: &FlowTuple, v6: bool) -> u32 {
             size_of::<[u32; 3]>() as u32
         }
     }
-}
-
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
 }
 
 /// An ACK to a listener completes a handshake whose SYN was answered with a cookie.
