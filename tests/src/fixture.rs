@@ -10,7 +10,10 @@
 use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use lb::dataplane::Dataplane;
-use lb_common::packet::example::NODE_MAC;
+use lb_common::{
+    maps::{Bucket, ServiceKey, ServiceValue},
+    packet::example::NODE_MAC,
+};
 
 use crate::{link::fmt_mac, Netns};
 
@@ -78,4 +81,31 @@ pub fn test_run(dp: &mut Dataplane, ifindex: u32, input: &[u8]) -> Result<Run> {
         verdict: res.return_value,
         output: out,
     })
+}
+
+/// Writes `buckets` (a power of two of them) as the table of service `id`, at
+/// `id * buckets.len()` in the bucket map, and points the service (`addr`, `port`,
+/// `proto`) at it: how the tests set up a data plane without the agent.
+pub fn install_service(
+    dp: &mut Dataplane,
+    (addr, port, proto): ([u8; 16], u16, u8),
+    id: u32,
+    buckets: &[Bucket],
+) -> Result<()> {
+    let offset = id * buckets.len() as u32;
+    dp.write_table(offset, buckets)?;
+    let key = ServiceKey {
+        addr,
+        port_be: port.to_be(),
+        proto,
+        _pad: 0,
+    };
+    let value = ServiceValue {
+        id,
+        table_offset: offset,
+        table_bits: buckets.len().trailing_zeros(),
+        flags: 0,
+    };
+    dp.set_service(&key, &value)?;
+    Ok(())
 }

@@ -12,10 +12,13 @@ use lb::dataplane::{Dataplane, LoadOptions, Node as DpNode};
 use lb_common::{
     addr,
     encap::DEFAULT_GUE_PORT,
-    maps::{Bucket, ServiceKey, ServiceValue, NO_BACKEND},
+    maps::{Bucket, NO_BACKEND},
     stats::Reason,
 };
-use tests::{can_run, udp_request, Node, Spec, TcpConn, TcpServer, Topology, UdpServer};
+use tests::{
+    can_run, fixture::install_service, udp_request, Node, Spec, TcpConn, TcpServer, Topology,
+    UdpServer,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 const BITS: u32 = 8;
@@ -60,27 +63,13 @@ fn add_services(dp: &mut Dataplane, topo: &Topology, port: u16) {
         // IPv4 VIPs go to the backends' IPv4 addresses, IPv6 VIPs to their IPv6 ones.
         let base = if vip.is_ipv4() { 0 } else { n };
         for proto in [6u8, 17] {
-            let offset = id * (1 << BITS);
             let table: Vec<Bucket> = (0..1u32 << BITS)
                 .map(|b| Bucket {
                     first: base + b % n,
                     second: NO_BACKEND,
                 })
                 .collect();
-            dp.write_table(offset, &table).unwrap();
-            let key = ServiceKey {
-                addr: addr::to_bytes(vip),
-                port_be: port.to_be(),
-                proto,
-                _pad: 0,
-            };
-            let value = ServiceValue {
-                id,
-                table_offset: offset,
-                table_bits: BITS,
-                flags: 0,
-            };
-            dp.set_service(&key, &value).unwrap();
+            install_service(dp, (addr::to_bytes(vip), port, proto), id, &table).unwrap();
             id += 1;
         }
     }

@@ -19,11 +19,11 @@ use lb_common::{
     addr::v4_mapped,
     encap::{FLAG_CHAINED, FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_HLEN, HOP_LIST_TYPE},
     hash::{bucket_index, flow_hash, outer_source_port, FlowTuple},
-    maps::{names, Bucket, ServiceKey, ServiceValue},
+    maps::{names, Bucket},
     packet::example::{NODE_MAC, PEER_MAC},
     stats::Reason,
 };
-use tests::fixture::{self, GW_MAC};
+use tests::fixture::{self, install_service, GW_MAC};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -145,7 +145,6 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
         dp.set_backend(s, lb_common::addr::from_bytes(slot_addr(s)))?;
     }
     for svc in services() {
-        let offset = svc.id * BUCKETS;
         let table: Vec<Bucket> = (0..BUCKETS)
             .map(|b| {
                 if svc.id == 5 {
@@ -158,20 +157,7 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
                 }
             })
             .collect();
-        dp.write_table(offset, &table)?;
-        let key = ServiceKey {
-            addr: svc.vip,
-            port_be: svc.port.to_be(),
-            proto: svc.proto,
-            _pad: 0,
-        };
-        let value = ServiceValue {
-            id: svc.id,
-            table_offset: offset,
-            table_bits: TABLE_BITS,
-            flags: 0,
-        };
-        dp.set_service(&key, &value)?;
+        install_service(dp, (svc.vip, svc.port, svc.proto), svc.id, &table)?;
     }
     Ok(())
 }

@@ -29,7 +29,7 @@ use lb::dataplane::{Dataplane, LoadOptions, Node};
 use lb_common::{
     addr::{from_bytes, is_v4_mapped, v4_mapped},
     encap::{ENCAP_LEN_V4, ENCAP_LEN_V6},
-    maps::{Bucket, ServiceKey, ServiceValue},
+    maps::Bucket,
     packet::{
         check::{self, RoundTrip},
         classify, ethernet, example, ip,
@@ -42,7 +42,7 @@ use serde_json::{json, Value};
 use tests::{
     agent::{lb_binary, node_config, remove_run_dir, Agent},
     can_run,
-    fixture::{self, GW_MAC},
+    fixture::{self, install_service, GW_MAC},
     tcp_request, Spec, TcpServer, Topology,
 };
 
@@ -91,27 +91,13 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
     }
     for (i, svc) in example::SERVICES.iter().enumerate() {
         let v6 = v6_backends(i);
-        let offset = i as u32 * (1 << TABLE_BITS);
         let table: Vec<Bucket> = (0..1u32 << TABLE_BITS)
             .map(|b| Bucket {
                 first: slot(v6, b % 3),
                 second: slot(v6, (b + 1) % 3),
             })
             .collect();
-        dp.write_table(offset, &table)?;
-        let key = ServiceKey {
-            addr: svc.vip,
-            port_be: svc.port.to_be(),
-            proto: svc.proto,
-            _pad: 0,
-        };
-        let value = ServiceValue {
-            id: i as u32,
-            table_offset: offset,
-            table_bits: TABLE_BITS,
-            flags: 0,
-        };
-        dp.set_service(&key, &value)?;
+        install_service(dp, (svc.vip, svc.port, svc.proto), i as u32, &table)?;
     }
     Ok(())
 }

@@ -16,15 +16,10 @@ use lb::{
     dataplane::{Dataplane, LoadOptions, Node},
     table::{self, Backend},
 };
-use lb_common::{
-    addr::to_bytes,
-    limits::DEFAULT_TABLE_BITS,
-    maps::{ServiceKey, ServiceValue},
-    packet::example,
-    stats::Reason,
-};
+use lb_common::{addr::to_bytes, limits::DEFAULT_TABLE_BITS, packet::example, stats::Reason};
 
 use super::{
+    super::fixture::install_service,
     harness::{Harness, Target},
     packets::{self, Macs},
 };
@@ -361,21 +356,7 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
     for (id, (addr, port, proto, backends)) in services.into_iter().enumerate() {
         let before = table::build(&backends[..backends.len() - 1], bits, SEED, None)?;
         let buckets = table::build(backends, bits, SEED, Some(&before))?;
-        let offset = id as u32 * (1 << bits);
-        dp.write_table(offset, &buckets)?;
-        let key = ServiceKey {
-            addr,
-            port_be: u16::to_be(port),
-            proto,
-            _pad: 0,
-        };
-        let value = ServiceValue {
-            id: id as u32,
-            table_offset: offset,
-            table_bits: bits,
-            flags: 0,
-        };
-        dp.set_service(&key, &value)?;
+        install_service(dp, (addr, port, proto), id as u32, &buckets)?;
     }
     Ok(())
 }
