@@ -209,7 +209,8 @@ fn ipv6_backends_work() {
         })
         .collect();
     let c = counts(&first_column(&set, 12, 0).unwrap());
-    assert!(c.values().all(|&c| c == 512));
+    assert_eq!(c.len(), 8);
+    assert!(c.values().all(|&c| within_bounds(c, 512.0)), "{c:?}");
 }
 
 #[test]
@@ -241,10 +242,13 @@ fn prefetching_walks_match_plain_ones() {
     let set = equal(3);
     let owners = builder::owners(&set, 7);
     let quotas = builder::quotas(&owners, 1 << 18);
-    assert_eq!(
-        builder::match_buckets::<true>(&owners, &quotas, 18),
-        builder::match_buckets::<false>(&owners, &quotas, 18)
-    );
+    let (_, hi) = builder::bounds(&owners, &quotas, 1 << 18);
+    for caps in [hi, quotas] {
+        assert_eq!(
+            builder::match_buckets::<true>(&owners, &caps, 18),
+            builder::match_buckets::<false>(&owners, &caps, 18)
+        );
+    }
 }
 
 #[test]
@@ -397,6 +401,15 @@ fn spec(
     })
 }
 
+/// Whether a backend holding `got` buckets is within the builder's bounds around its exact
+/// share `want`: 3% below to 1% above, widened to `want` rounded.
+fn within_bounds(got: usize, want: f64) -> bool {
+    let got = got as f64;
+    let lo = want.floor().min((want * 0.97 - 1e-9).ceil());
+    let hi = want.ceil().max((want * 1.01 + 1e-9).floor());
+    lo <= got && got <= hi
+}
+
 fn exact_share(set: &[Backend], b: &Backend, size: usize) -> f64 {
     let total: u64 = set
         .iter()
@@ -409,10 +422,10 @@ fn exact_share(set: &[Backend], b: &Backend, size: usize) -> f64 {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
-    /// Every active backend gets its weight's share rounded up or down; nothing else owns a
-    /// bucket.
+    /// Every active backend gets its weight's share, 3% below to 1% above; nothing else owns
+    /// a bucket.
     #[test]
-    fn shares_are_exact(s in spec(60, 6..=12, true)) {
+    fn shares_are_within_bounds(s in spec(60, 6..=12, true)) {
         let size = 1usize << s.bits;
         let first = first_column(&s.backends, s.bits, s.seed).unwrap();
         let c = counts(&first);
@@ -425,7 +438,7 @@ proptest! {
             let got = c.get(&b.slot).copied().unwrap_or(0) as f64;
             if active.iter().any(|a| a.slot == b.slot) {
                 let want = exact_share(&s.backends, b, size);
-                prop_assert!((got - want).abs() < 1.0, "{} got {got} want {want}", b.addr);
+                prop_assert!(within_bounds(got as usize, want), "{} got {got} want {want}", b.addr);
             } else {
                 prop_assert_eq!(got, 0.0);
             }
@@ -456,15 +469,16 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
 
-    /// Equal weights: max/mean within 1% at up to 300 backends and 2^14 buckets (and exact
-    /// quotas in general, see above).
+    /// Equal weights: max/mean within 1.01 at up to 164 backends and 2^14 buckets; beyond,
+    /// the rounding of 100 buckets or fewer each.
     #[test]
     fn equal_weights_balance(n in 1u32..=300, seed in any::<u32>()) {
         let first = first_column(&equal(n), 14, seed).unwrap();
         let c = counts(&first);
         let mean = (1u32 << 14) as f64 / f64::from(n);
         let max = *c.values().max().unwrap() as f64;
-        prop_assert!(max / mean <= mean.ceil() / mean);
+        prop_assert!(c.values().all(|&c| within_bounds(c, mean)));
+        prop_assert!(max <= mean.ceil().max((mean * 1.01).floor()));
         prop_assert!(n > 164 || max / mean <= 1.01);
     }
 
@@ -475,7 +489,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
     /// Adding, removing or reweighting one of 5..40 equal backends moves at most 1.4x the
-    /// optimum at 2^14 buckets, and no more than Maglev (give or take 3% of the optimum).
+    /// optimum at 2^14 buckets, and no more than Maglev give or take 5% of the optimum (8%
+    /// where the change crosses into or out of bounded shares, between 4 and 5 backends).
     #[test]
     fn one_change_moves_little(n in 5u32..=40, seed in any::<u32>(), which in any::<u32>(), kind in 0..3u8) {
         let bits = 14;
@@ -491,8 +506,12 @@ proptest! {
         let ours = moved(&first_column(&before, bits, seed).unwrap(), &first_column(&after, bits, seed).unwrap()) as f64;
         let mag = moved(&maglev::first_column(&before, bits, seed).unwrap(), &maglev::first_column(&after, bits, seed).unwrap()) as f64;
         prop_assert!(ours <= 1.4 * opt, "moved {ours}, optimum {opt}");
-        // With few backends both are within a few percent of the optimum, either may win.
-        prop_assert!(ours <= mag + 0.03 * opt, "moved {ours}, maglev {mag}, optimum {opt}");
+        // With few backends both are within a few percent of the optimum and either may win
+        // by chance: seen up to 3.3% (reweighting one of 12).
+        let active = |set: &[Backend]| set.iter().filter(|b| b.weight > 0).count();
+        let crosses = (active(&before) <= 4) != (active(&after) <= 4);
+        let margin = if crosses { 0.08 } else { 0.05 };
+        prop_assert!(ours <= mag + margin * opt, "moved {ours}, maglev {mag}, optimum {opt}");
     }
 
     /// Convergence: two nodes that saw different histories agree on `first` once they see the
@@ -620,4 +639,93 @@ fn equal_weights_balance_at_full_size() {
             assert!(*c.values().max().unwrap() as f64 / mean <= 1.01);
         }
     }
+}
+
+/// The stable matching by its definition: all (bucket, owner) pairs in the global order of
+/// claims, each taken when the bucket is free and the owner below its cap.
+fn greedy(owners: &[builder::Owner], caps: &[u32], bits: u32) -> Vec<u32> {
+    use super::score::{score, weight_factor, Walk};
+    let size = 1u32 << bits;
+    let mut pairs: Vec<(u64, u32, u32)> = Vec::new();
+    for (i, o) in owners.iter().enumerate() {
+        let (w, f) = (Walk::new(o.key, bits), weight_factor(o.weight));
+        for p in 0..size {
+            pairs.push((score(p, bits, f) & !0xfff | i as u64, w.bucket(p), i as u32));
+        }
+    }
+    pairs.sort_unstable();
+    let mut out = vec![NO_BACKEND; size as usize];
+    let mut count = vec![0u32; owners.len()];
+    for (_, k, i) in pairs {
+        if out[k as usize] == NO_BACKEND && count[i as usize] < caps[i as usize] {
+            out[k as usize] = i;
+            count[i as usize] += 1;
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// The walks find the matching its definition gives, under exact quotas and under caps.
+    #[test]
+    fn walks_find_the_stable_matching(s in spec(30, 4..=10, true)) {
+        let owners = builder::owners(&s.backends, s.seed);
+        prop_assume!(!owners.is_empty());
+        let quotas = builder::quotas(&owners, 1 << s.bits);
+        let (_, hi) = builder::bounds(&owners, &quotas, 1 << s.bits);
+        for caps in [hi, quotas] {
+            prop_assert_eq!(
+                builder::match_buckets::<false>(&owners, &caps, s.bits),
+                greedy(&owners, &caps, s.bits)
+            );
+        }
+    }
+}
+
+/// At a few backends, a change mostly moves only the buckets it must: few pass between two
+/// backends the change left alone, so few are shifted twice by successive changes (which
+/// strands the connections of their first owner). Exact quotas shift dozens each time. Chance
+/// still shifts some where a backend reaches its bound (2 of these 24 changes, 18 buckets).
+#[test]
+fn few_backends_move_only_what_a_change_must() {
+    let bits = 16;
+    let exact = |set: &[Backend], seed| {
+        let owners = builder::owners(set, seed);
+        let quotas = builder::quotas(&owners, 1 << bits);
+        builder::match_buckets::<false>(&owners, &quotas, bits)
+            .into_iter()
+            .map(|i| owners[i as usize].slot)
+            .collect::<Vec<u32>>()
+    };
+    let (mut ours_shifted, mut exact_shifted, mut clean) = (0, 0, 0);
+    for seed in 0..8 {
+        let three = equal(3);
+        let mut four = three.clone();
+        four.push(Backend::new(v4(3), 1, 3));
+        let mut heavier = four.clone();
+        heavier[3].weight = 2;
+        let mut drained = heavier.clone();
+        drained[1].weight = 0;
+        // (before, after, the backend the change is about)
+        for (before, after, about) in [(&three, &four, 3), (&four, &heavier, 3), (&heavier, &drained, 1)] {
+            let shifted = |col: &dyn Fn(&[Backend], u32) -> Vec<u32>| {
+                let (a, b) = (col(before, seed), col(after, seed));
+                a.iter()
+                    .zip(&b)
+                    .filter(|(x, y)| x != y && **x != about && **y != about)
+                    .count()
+            };
+            let ours = shifted(&|set, seed| first_column(set, bits, seed).unwrap());
+            ours_shifted += ours;
+            clean += usize::from(ours == 0);
+            exact_shifted += shifted(&exact);
+        }
+    }
+    assert!(clean >= 20, "{clean} of 24 changes shifted nothing");
+    assert!(
+        ours_shifted * 20 <= exact_shifted,
+        "shifted {ours_shifted}, exact quotas {exact_shifted}"
+    );
 }
