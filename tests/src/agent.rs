@@ -76,7 +76,7 @@ impl Agent {
             "pin_dir": pin_dir,
             // Loopback is per namespace: every agent can use the same port.
             "metrics": "127.0.0.1:9640",
-            "bucket_slots": 1 << 18,
+            "bucket_slots": 1 << 19,
         });
         let config_path = dir.join(format!("{}.json", node.name));
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;

@@ -147,9 +147,8 @@ pub(super) const UNDER_PERCENT: u64 = 3;
 /// include its exact quota, so the bounds always admit a table.
 pub(super) fn bounds(owners: &[Owner], q: &[u32], buckets: u32) -> (Vec<u32>, Vec<u32>) {
     let total = u128::from(owners.iter().map(|o| u64::from(o.weight)).sum::<u64>()) * 100;
-    let share = |o: &Owner, percent: u64| {
-        u128::from(buckets) * u128::from(o.weight) * u128::from(percent)
-    };
+    let share =
+        |o: &Owner, percent: u64| u128::from(buckets) * u128::from(o.weight) * u128::from(percent);
     let lo = owners
         .iter()
         .zip(q)
@@ -175,7 +174,9 @@ fn settle(owners: &[Owner], held: &[u32], lo: &[u32]) -> Vec<u32> {
         .map(|i| Fullness::new(i, q[i], owners[i].weight))
         .collect();
     for _ in 0..raised {
-        let f = heap.pop().expect("the upper bounds leave room above the lower ones");
+        let f = heap
+            .pop()
+            .expect("the upper bounds leave room above the lower ones");
         q[f.index] -= 1;
         if q[f.index] > lo[f.index] {
             heap.push(Fullness::new(f.index, q[f.index], f.weight));
