@@ -102,8 +102,12 @@ fn unexpected(r: Response) -> ExitCode {
 }
 
 fn init_logging() {
+    use std::io::IsTerminal;
+
     use tracing_subscriber::EnvFilter;
     tracing_subscriber::fmt()
+        // Colours only on a terminal: journald and log files get plain text.
+        .with_ansi(std::io::stdout().is_terminal())
         .with_env_filter(
             EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )

@@ -592,10 +592,10 @@ fn drive(mut mine: Vec<(usize, Conn)>, shared: &Shared, period: Duration, timeou
                 Conn::Tcp(c) => c.server.clone(),
                 Conn::Udp(s) => s.server.clone(),
             };
-            let step = shared.step.load(Ordering::Relaxed);
             if closing.contains(&server) {
                 let (_, conn) = mine.swap_remove(i);
                 close(conn, timeout);
+                let step = shared.step.load(Ordering::Relaxed);
                 shared.flows.lock().expect("not poisoned")[idx].fate = Fate::Closed { step };
                 continue;
             }
@@ -616,6 +616,9 @@ fn drive(mut mine: Vec<(usize, Conn)>, shared: &Shared, period: Duration, timeou
                     i += 1;
                 }
                 Err(why) => {
+                    // The step the break is seen in: an exchange that began before a step's
+                    // check and fails after it counts in the next step's.
+                    let step = shared.step.load(Ordering::Relaxed);
                     flows[idx].fate = Fate::Broken { step, why };
                     drop(flows);
                     mine.swap_remove(i);
@@ -959,6 +962,21 @@ impl Lab {
             }
         }
         Ok(out)
+    }
+
+    /// Health verdicts the LB agents logged so far ("lb0: ... backend down"), in order.
+    pub fn health_flips(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, agent) in self.lb_agents.iter().enumerate() {
+            out.extend(
+                agent
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains("lb::health: backend "))
+                    .map(|l| format!("lb{i}: {l}")),
+            );
+        }
+        out
     }
 
     /// `lb backend add` for `backend` on every service, with the lab's health check.

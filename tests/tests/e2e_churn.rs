@@ -5,7 +5,7 @@
 //! backend, before and after a change.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::{SocketAddr, UdpSocket},
     time::{Duration, Instant},
 };
@@ -45,7 +45,7 @@ fn moved(out: &[String]) -> String {
 
 fn show(f: &Flow) -> String {
     let fate = match &f.fate {
-        Fate::Broken { why, .. } => why.to_string(),
+        Fate::Broken { why, step } => format!("{why} (step {step})"),
         other => format!("{other:?}"),
     };
     format!(
@@ -164,21 +164,23 @@ fn established_flows_survive_backend_churn() {
         // moved twice in successive changes, and a bucket keeps one second hop). The data
         // plane must break those, and nothing may break but the failed backend's flows.
         let stranded = lab.stranded(&now, step).unwrap();
-        let lost: BTreeSet<SocketAddr> = stranded.iter().map(|(f, _)| f.local).collect();
         if let Some(f) = broken.iter().find(|f| step < 5 || f.server != "b2") {
             let why = stranded.iter().find(|(s, _)| s.local == f.local).map_or(
                 "its bucket still leads to its backend".to_owned(),
                 |(_, why)| format!("the tables strand it: {why}"),
             );
-            panic!("step {step} ({what}) broke {}; {why}", show(f));
-        }
-        if let Some(f) = now
-            .iter()
-            .find(|f| f.fate == Fate::Open && lost.contains(&f.local))
-        {
             panic!(
-                "step {step}: the table strands {} yet it still works",
-                show(f)
+                "step {step} ({what}) broke {}; {why}; health verdicts:\n{}",
+                show(f),
+                lab.health_flips().join("\n")
+            );
+        }
+        if let Some((f, why)) = stranded.iter().find(|(f, _)| f.fate == Fate::Open) {
+            panic!(
+                "step {step}: the table strands {} ({why}) yet it still works; health \
+                 verdicts:\n{}",
+                show(f),
+                lab.health_flips().join("\n")
             );
         }
         // New flows: TCP follows the weights at once. (UDP: see new_udp_flows_reach_the_bucket_owner.)
@@ -233,6 +235,13 @@ fn established_flows_survive_backend_churn() {
         reasons(&on_failed),
         broken.len() - on_failed.len(),
     );
+    println!(
+        "  health verdicts:\n    {}",
+        lab.health_flips().join("\n    ")
+    );
+    for f in broken.iter().filter(|f| f.server != "b2") {
+        println!("  broken elsewhere: {}", show(f));
+    }
     assert_eq!(held + closed_on_b1 + broken.len(), total);
     assert!(
         end.iter().all(|f| f.server != "b2" || f.fate != Fate::Open),
