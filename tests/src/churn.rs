@@ -964,6 +964,43 @@ impl Lab {
         Ok(out)
     }
 
+    /// The backend path's counters of every backend node that are not zero, one line per
+    /// node ("b0: accept_socket 1234, second_hop 56, ...").
+    pub fn backend_paths(&self) -> Vec<String> {
+        const PATH: [&str; 6] = [
+            "accept_syn",
+            "accept_socket",
+            "accept_last_hop",
+            "second_hop",
+            "returned_to_first_hop",
+            "accept_returned",
+        ];
+        self.backend_agents
+            .iter()
+            .zip(&self.topo.backends)
+            .map(|(agent, node)| {
+                let counts = agent.status().map(|s| {
+                    s["reasons"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|r| PATH.contains(&r["reason"].as_str().unwrap_or_default()))
+                        .filter(|r| r["packets"].as_u64().unwrap_or(0) > 0)
+                        .map(|r| {
+                            format!("{} {}", r["reason"].as_str().unwrap_or("?"), r["packets"])
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                });
+                format!(
+                    "{}: {}",
+                    node.name,
+                    counts.unwrap_or_else(|e| format!("({e:#})"))
+                )
+            })
+            .collect()
+    }
+
     /// Health verdicts the LB agents logged so far ("lb0: ... backend down"), in order.
     pub fn health_flips(&self) -> Vec<String> {
         let mut out = Vec::new();

@@ -170,17 +170,19 @@ fn established_flows_survive_backend_churn() {
                 |(_, why)| format!("the tables strand it: {why}"),
             );
             panic!(
-                "step {step} ({what}) broke {}; {why}; health verdicts:\n{}",
+                "step {step} ({what}) broke {}; {why}; health verdicts:\n{}\nbackend paths:\n{}",
                 show(f),
-                lab.health_flips().join("\n")
+                lab.health_flips().join("\n"),
+                lab.backend_paths().join("\n")
             );
         }
         if let Some((f, why)) = stranded.iter().find(|(f, _)| f.fate == Fate::Open) {
             panic!(
                 "step {step}: the table strands {} ({why}) yet it still works; health \
-                 verdicts:\n{}",
+                 verdicts:\n{}\nbackend paths:\n{}",
                 show(f),
-                lab.health_flips().join("\n")
+                lab.health_flips().join("\n"),
+                lab.backend_paths().join("\n")
             );
         }
         // New flows: TCP follows the weights at once. (UDP: see new_udp_flows_reach_the_bucket_owner.)
@@ -238,6 +240,10 @@ fn established_flows_survive_backend_churn() {
     println!(
         "  health verdicts:\n    {}",
         lab.health_flips().join("\n    ")
+    );
+    println!(
+        "  backend paths:\n    {}",
+        lab.backend_paths().join("\n    ")
     );
     for f in broken.iter().filter(|f| f.server != "b2") {
         println!("  broken elsewhere: {}", show(f));

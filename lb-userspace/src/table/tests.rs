@@ -772,3 +772,53 @@ fn successive_changes_strand_few_buckets() {
         "{stranded} stranded in {seeds} runs"
     );
 }
+
+#[test]
+fn scratch_lab() {
+    use lb_common::hash::{bucket_index, flow_hash, FlowTuple};
+    let t = FlowTuple {
+        src: lb_common::addr::v4_mapped([10, 1, 1, 2]),
+        dst: lb_common::addr::v4_mapped([10, 100, 0, 1]),
+        src_port: 41504,
+        dst_port: 443,
+        proto: 17,
+    };
+    let k = bucket_index(flow_hash(42, &t), 16) as usize;
+    let addr = |i: u8| -> IpAddr { IpAddr::V4(Ipv4Addr::new(10, 3, i, 2)) };
+    let b = |i: u8, w: u32, st: BackendState| Backend {
+        addr: addr(i),
+        weight: w,
+        state: st,
+        slot: i as u32,
+    };
+    use BackendState::*;
+    let states = vec![
+        vec![b(0, 100, Active), b(1, 100, Active), b(2, 100, Active)],
+        vec![
+            b(0, 100, Active),
+            b(1, 100, Active),
+            b(2, 100, Active),
+            b(3, 50, Active),
+        ],
+        vec![
+            b(0, 100, Active),
+            b(1, 100, Active),
+            b(2, 100, Active),
+            b(3, 100, Active),
+        ],
+        vec![
+            b(0, 100, Active),
+            b(1, 100, Draining),
+            b(2, 100, Active),
+            b(3, 100, Active),
+        ],
+        vec![b(0, 100, Active), b(2, 100, Active), b(3, 100, Active)],
+        vec![b(0, 100, Active), b(2, 100, Down), b(3, 100, Active)],
+    ];
+    let mut tb = build(&states[0], 16, 42, None).unwrap();
+    println!("bucket {k}: {:?}", tb[k]);
+    for st in &states[1..] {
+        tb = build(st, 16, 42, Some(&tb)).unwrap();
+        println!("  {:?}", tb[k]);
+    }
+}
