@@ -15,16 +15,18 @@ use lb_common::{
     packet::example::NODE_MAC,
 };
 
-use crate::{link::fmt_mac, Netns};
+use crate::{link::fmt_mac, topology::PREFIX, Netns};
 
 /// The fixture node's interface.
 pub const IF: &str = "fx0";
 /// The gateway's MAC: what the program writes as the destination of what it sends.
 pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
-/// Creates the fixture network in a new namespace named after `tag` and this process.
+/// Creates the fixture network in a new namespace named after this process and `tag`
+/// (`lbt-<pid>-<tag>`, so `cargo xtask lab down --stale` removes it once the process is
+/// gone).
 pub fn namespace(tag: &str) -> Result<Netns> {
-    let ns = Netns::create(&format!("lbt-{tag}-{}", std::process::id()))?;
+    let ns = Netns::create(&format!("{PREFIX}{}-{tag}", std::process::id()))?;
     let (node, gw) = (fmt_mac(&NODE_MAC), fmt_mac(&GW_MAC));
     let cmds: Vec<String> = vec![
         format!("link add {IF} address {node} type veth peer name fx1 address {gw}"),
