@@ -2,7 +2,8 @@
 //!
 //! First column: every bucket ranks the backends by score (see `score`), every backend ranks
 //! the buckets by the same scores, and every backend may take up to 1% more than its weight's
-//! share of the buckets. The table is the stable matching of buckets and backends under these
+//! share of the buckets (exactly its share below [`BOUNDED_MIN_SHARE`] buckets per backend,
+//! see there). The table is the stable matching of buckets and backends under these
 //! rankings: no bucket and backend both prefer each other over what they got. Because both
 //! sides rank by one global order of (bucket, backend) pairs, that matching is unique, so it
 //! depends on the service state alone, not on the order of the input, the order of the work
