@@ -28,6 +28,7 @@ use lb_common::{
     addr,
     hash::{bucket_index, flow_hash, FlowTuple},
     maps::{names, Backend, Bucket, NodeConfig, ServiceKey, ServiceValue, BACKEND_PRESENT},
+    stats::Reason,
 };
 use serde_json::{json, Value};
 
@@ -967,14 +968,15 @@ impl Lab {
     /// The backend path's counters of every backend node that are not zero, one line per
     /// node ("b0: accept_socket 1234, second_hop 56, ...").
     pub fn backend_paths(&self) -> Vec<String> {
-        const PATH: [&str; 6] = [
-            "accept_syn",
-            "accept_socket",
-            "accept_last_hop",
-            "second_hop",
-            "returned_to_first_hop",
-            "accept_returned",
+        const PATH: [Reason; 6] = [
+            Reason::AcceptSyn,
+            Reason::AcceptSocket,
+            Reason::AcceptLastHop,
+            Reason::SecondHop,
+            Reason::ReturnedToFirstHop,
+            Reason::AcceptReturned,
         ];
+        let on_path = |name: &str| PATH.iter().any(|r| r.name() == name);
         self.backend_agents
             .iter()
             .zip(&self.topo.backends)
@@ -984,7 +986,7 @@ impl Lab {
                         .as_array()
                         .into_iter()
                         .flatten()
-                        .filter(|r| PATH.contains(&r["reason"].as_str().unwrap_or_default()))
+                        .filter(|r| on_path(r["reason"].as_str().unwrap_or_default()))
                         .filter(|r| r["packets"].as_u64().unwrap_or(0) > 0)
                         .map(|r| {
                             format!("{} {}", r["reason"].as_str().unwrap_or("?"), r["packets"])

@@ -54,6 +54,16 @@ fn show(f: &Flow) -> String {
     )
 }
 
+/// What the nodes saw, for a failure to explain itself: the LB agents' health verdicts and
+/// each backend's path counters.
+fn diagnostics(lab: &Lab) -> String {
+    format!(
+        "  health verdicts:\n    {}\n  backend paths:\n    {}",
+        lab.health_flips().join("\n    "),
+        lab.backend_paths().join("\n    ")
+    )
+}
+
 /// Broken flows counted by protocol, reason and backend.
 fn reasons(broken: &[&Flow]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
@@ -170,19 +180,16 @@ fn established_flows_survive_backend_churn() {
                 |(_, why)| format!("the tables strand it: {why}"),
             );
             panic!(
-                "step {step} ({what}) broke {}; {why}; health verdicts:\n{}\nbackend paths:\n{}",
+                "step {step} ({what}) broke {}; {why}\n{}",
                 show(f),
-                lab.health_flips().join("\n"),
-                lab.backend_paths().join("\n")
+                diagnostics(&lab)
             );
         }
         if let Some((f, why)) = stranded.iter().find(|(f, _)| f.fate == Fate::Open) {
             panic!(
-                "step {step}: the table strands {} ({why}) yet it still works; health \
-                 verdicts:\n{}\nbackend paths:\n{}",
+                "step {step}: the table strands {} ({why}) yet it still works\n{}",
                 show(f),
-                lab.health_flips().join("\n"),
-                lab.backend_paths().join("\n")
+                diagnostics(&lab)
             );
         }
         // New flows: TCP follows the weights at once. (UDP: see new_udp_flows_reach_the_bucket_owner.)
@@ -237,14 +244,7 @@ fn established_flows_survive_backend_churn() {
         reasons(&on_failed),
         broken.len() - on_failed.len(),
     );
-    println!(
-        "  health verdicts:\n    {}",
-        lab.health_flips().join("\n    ")
-    );
-    println!(
-        "  backend paths:\n    {}",
-        lab.backend_paths().join("\n    ")
-    );
+    println!("{}", diagnostics(&lab));
     for f in broken.iter().filter(|f| f.server != "b2") {
         println!("  broken elsewhere: {}", show(f));
     }
