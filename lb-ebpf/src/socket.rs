@@ -1,7 +1,10 @@
 //! Does a socket on this host own a flow? The backend path asks before it accepts a
 //! packet that is not a new connection.
 
-use core::mem::size_of;
+use core::{
+    mem::size_of,
+    ptr::{addr_of, read_volatile},
+};
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple},
@@ -28,7 +31,7 @@ const TCP_LISTEN: u32 = 10;
 
 /// True when a local socket owns `flow`: for TCP an established (or handshaking or
 /// closing) socket, or a listener for which the packet carries a valid SYN cookie; for
-/// UDP a connected socket.
+/// UDP a socket connected to the flow's source.
 #[inline(never)]
 pub fn owns(ctx: &XdpContext, flow: &Flow, inner: &Ip) -> bool {
     // SAFETY: a plain C union; zero is valid.
@@ -57,13 +60,39 @@ pub fn owns(ctx: &XdpContext, flow: &Flow, inner: &Ip) -> bool {
             if sk.is_null() {
                 return false;
             }
-            // SAFETY: as above.
-            let state = unsafe { (*sk).state };
+            let owned = connected_to(sk, &t, inner.v6);
             // SAFETY: as above.
             unsafe { bpf_sk_release(sk.cast()) };
-            state == TCP_ESTABLISHED
+            owned
         }
         _ => false,
+    }
+}
+
+/// True when the UDP socket `sk` is connected to the source of tuple `t`. The lookup also
+/// finds a socket bound to the port but connected to nobody (a server's new session socket
+/// before its `connect`); that socket may connect to another peer before its state is read
+/// here, so an established state alone does not make it this flow's.
+#[inline(always)]
+fn connected_to(sk: *mut bpf_sock, t: &bpf_sock_tuple, v6: bool) -> bool {
+    // SAFETY: a non-null socket from the helper, still referenced; each field is read
+    // with one 4-byte (or, for the port, 2-byte) load, as the verifier requires.
+    unsafe {
+        if read_volatile(addr_of!((*sk).state)) != TCP_ESTABLISHED {
+            return false;
+        }
+        if v6 {
+            let s = &t.__bindgen_anon_1.ipv6;
+            let mut same = read_volatile(addr_of!((*sk).dst_port)) == s.sport;
+            for i in 0..4 {
+                same &= read_volatile(addr_of!((*sk).dst_ip6[i])) == s.saddr[i];
+            }
+            same
+        } else {
+            let s = &t.__bindgen_anon_1.ipv4;
+            read_volatile(addr_of!((*sk).dst_port)) == s.sport
+                && read_volatile(addr_of!((*sk).dst_ip4)) == s.saddr
+        }
     }
 }
 

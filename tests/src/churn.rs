@@ -58,9 +58,13 @@ const POLL: Duration = Duration::from_millis(50);
 #[derive(Debug)]
 pub struct UdpSessionServer {
     sessions: Arc<AtomicU64>,
+    events: Events,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
+
+/// When each client's sessions opened and ended, so a broken flow can be traced.
+type Events = Arc<Mutex<Vec<(Instant, SocketAddr, String)>>>;
 
 impl UdpSessionServer {
     /// Binds each of `addrs` (exact addresses, VIPs included: answers must leave from the
@@ -68,21 +72,40 @@ impl UdpSessionServer {
     pub fn start(ns: &Netns, name: &str, addrs: &[SocketAddr]) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let sessions = Arc::new(AtomicU64::new(0));
+        let events = Events::default();
         let mut threads = Vec::new();
         for &local in addrs {
             let sock = ns.run(|| {
                 reuseport_udp(local, None).with_context(|| format!("binding UDP {local}"))
             })?;
             sock.set_read_timeout(Some(POLL))?;
-            let (stop, sessions, name) = (stop.clone(), sessions.clone(), name.to_owned());
+            let (stop, sessions, events, name) = (
+                stop.clone(),
+                sessions.clone(),
+                events.clone(),
+                name.to_owned(),
+            );
             // The listener's thread lives in the namespace: it makes the session sockets.
-            threads.push(ns.spawn_thread(move || listen(sock, local, &name, &stop, &sessions))?);
+            threads.push(
+                ns.spawn_thread(move || listen(sock, local, &name, &stop, &sessions, &events))?,
+            );
         }
         Ok(Self {
             sessions,
+            events,
             stop,
             threads,
         })
+    }
+
+    /// What happened to the sessions of client `peer`: (when, what), in order.
+    pub fn history(&self, peer: SocketAddr) -> Vec<(Instant, String)> {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        events
+            .iter()
+            .filter(|(_, p, _)| *p == peer)
+            .map(|(at, _, what)| (*at, what.clone()))
+            .collect()
     }
 
     /// Sessions opened so far.
@@ -106,6 +129,7 @@ fn listen(
     name: &str,
     stop: &Arc<AtomicBool>,
     sessions: &AtomicU64,
+    events: &Events,
 ) {
     let prefix = format!("{name}\n").into_bytes();
     let mut buf = vec![0u8; 65536];
@@ -119,18 +143,28 @@ fn listen(
         if open.contains_key(&peer) {
             // Queued before the session socket existed.
             let _ = sock.send_to(&reply, peer);
+            note(events, peer, "answered by the listener".into());
             continue;
         }
-        let Ok(conn) = reuseport_udp(local, Some(peer)) else {
-            let _ = sock.send_to(&reply, peer);
-            continue;
+        let conn = match reuseport_udp(local, Some(peer)) {
+            Ok(conn) => conn,
+            Err(e) => {
+                let _ = sock.send_to(&reply, peer);
+                note(events, peer, format!("no session socket: {e}"));
+                continue;
+            }
         };
         sessions.fetch_add(1, Ordering::Relaxed);
+        note(events, peer, "session opened".into());
         let _ = conn.send(&reply);
-        let (stop, prefix) = (stop.clone(), prefix.clone());
+        let (stop, prefix, events) = (stop.clone(), prefix.clone(), events.clone());
         open.insert(
             peer,
-            std::thread::spawn(move || serve_session(conn, &prefix, &stop)),
+            std::thread::spawn(move || {
+                if let Err(e) = serve_session(conn, &prefix, &stop) {
+                    note(&events, peer, format!("session ended: {e}"));
+                }
+            }),
         );
     }
     for (_, t) in open {
@@ -138,16 +172,22 @@ fn listen(
     }
 }
 
-fn serve_session(conn: UdpSocket, prefix: &[u8], stop: &AtomicBool) {
-    if conn.set_read_timeout(Some(POLL)).is_err() {
-        return;
-    }
+fn note(events: &Events, peer: SocketAddr, what: String) {
+    let mut e = events.lock().unwrap_or_else(|e| e.into_inner());
+    e.push((Instant::now(), peer, what));
+}
+
+/// Echoes on `conn` until stopped; an error other than a timeout ends the session.
+/// Answers go to each datagram's sender: datagrams of other clients may have queued on
+/// the socket while it was bound but not yet connected.
+fn serve_session(conn: UdpSocket, prefix: &[u8], stop: &AtomicBool) -> io::Result<()> {
+    conn.set_read_timeout(Some(POLL))?;
     let mut buf = vec![0u8; 65536];
     buf[..prefix.len()].copy_from_slice(prefix);
     while !stop.load(Ordering::Relaxed) {
-        match conn.recv(&mut buf[prefix.len()..]) {
-            Ok(n) => {
-                let _ = conn.send(&buf[..prefix.len() + n]);
+        match conn.recv_from(&mut buf[prefix.len()..]) {
+            Ok((n, from)) => {
+                let _ = conn.send_to(&buf[..prefix.len() + n], from);
             }
             Err(e)
                 if matches!(
@@ -155,9 +195,10 @@ fn serve_session(conn: UdpSocket, prefix: &[u8], stop: &AtomicBool) {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) => {}
             // ECONNREFUSED from an ICMP error: the client went away.
-            Err(_) => return,
+            Err(e) => return Err(e),
         }
     }
+    Ok(())
 }
 
 /// A UDP socket with `SO_REUSEADDR` and `SO_REUSEPORT`, bound to `local` and connected to
@@ -368,6 +409,8 @@ pub enum Fate {
     Broken {
         step: usize,
         why: Break,
+        /// When the break was seen.
+        at: Instant,
     },
 }
 
@@ -620,7 +663,11 @@ fn drive(mut mine: Vec<(usize, Conn)>, shared: &Shared, period: Duration, timeou
                     // The step the break is seen in: an exchange that began before a step's
                     // check and fails after it counts in the next step's.
                     let step = shared.step.load(Ordering::Relaxed);
-                    flows[idx].fate = Fate::Broken { step, why };
+                    flows[idx].fate = Fate::Broken {
+                        step,
+                        why,
+                        at: Instant::now(),
+                    };
                     drop(flows);
                     mine.swap_remove(i);
                 }
@@ -800,6 +847,7 @@ pub struct Lab {
     pub services: Vec<LabService>,
     pub plan: LabPlan,
     pub topo: Topology,
+    pub started: Instant,
 }
 
 impl Drop for Lab {
@@ -816,6 +864,7 @@ impl Drop for Lab {
 impl Lab {
     /// Builds the topology and starts agents and servers.
     pub fn start(plan: LabPlan) -> Result<Self> {
+        let started = Instant::now();
         let topo = Topology::build(Spec::new(plan.clients, plan.lbs, plan.backends))?;
         let mut services = vec![LabService {
             name: "web",
@@ -846,6 +895,7 @@ impl Lab {
             services,
             plan,
             topo,
+            started,
         };
         let topo = &lab.topo;
         for b in &topo.backends {
@@ -1003,6 +1053,26 @@ impl Lab {
             .collect()
     }
 
+    /// What every backend's UDP server did with client `peer`'s sessions, in order, with
+    /// seconds since the lab started.
+    pub fn session_history(&self, peer: SocketAddr) -> Vec<String> {
+        let mut out: Vec<(Instant, String)> = Vec::new();
+        for (b, server) in self.topo.backends.iter().zip(&self.udp) {
+            if let Some(server) = server {
+                out.extend(
+                    server
+                        .history(peer)
+                        .into_iter()
+                        .map(|(at, what)| (at, format!("{}: {what}", b.name))),
+                );
+            }
+        }
+        out.sort();
+        out.into_iter()
+            .map(|(at, what)| format!("{:.3}s {what}", (at - self.started).as_secs_f64()))
+            .collect()
+    }
+
     /// Health verdicts the LB agents logged so far ("lb0: ... backend down"), in order.
     pub fn health_flips(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -1096,15 +1166,16 @@ impl Lab {
         )
     }
 
-    /// Flows open or broken during step `step` that the live tables (of every LB node)
-    /// do not lead to their backend: it is neither the first nor the second hop of the
-    /// flow's bucket. These are the flows the design cannot keep.
+    /// Flows open, or broken in step `step` or the one before (a break seen after a step's
+    /// check counts in that step), that the live tables (of every LB node) do not lead to
+    /// their backend: it is neither the first nor the second hop of the flow's bucket.
+    /// These are the flows the design cannot keep.
     pub fn stranded(&self, flows: &[Flow], step: usize) -> Result<Vec<(Flow, String)>> {
         let mut tables = BTreeMap::new();
         let mut out = Vec::new();
         let live = |f: &&Flow| match &f.fate {
             Fate::Open => true,
-            Fate::Broken { step: s, .. } => *s == step,
+            Fate::Broken { step: s, .. } => *s + 1 >= step,
             Fate::Closed { .. } => false,
         };
         for f in flows.iter().filter(live) {

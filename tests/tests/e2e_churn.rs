@@ -43,9 +43,13 @@ fn moved(out: &[String]) -> String {
         .join("\n")
 }
 
-fn show(f: &Flow) -> String {
+/// A flow and its fate, times in seconds since the lab started.
+fn show(lab: &Lab, f: &Flow) -> String {
     let fate = match &f.fate {
-        Fate::Broken { why, step } => format!("{why} (step {step})"),
+        Fate::Broken { why, step, at } => format!(
+            "{why} (step {step}, {:.3}s)",
+            (*at - lab.started).as_secs_f64()
+        ),
         other => format!("{other:?}"),
     };
     format!(
@@ -54,14 +58,25 @@ fn show(f: &Flow) -> String {
     )
 }
 
-/// What the nodes saw, for a failure to explain itself: the LB agents' health verdicts and
-/// each backend's path counters.
-fn diagnostics(lab: &Lab) -> String {
-    format!(
-        "  health verdicts:\n    {}\n  backend paths:\n    {}",
+/// What the nodes saw, for a failure to explain itself: when each step began, the LB
+/// agents' health verdicts, each backend's path counters and, for a broken UDP flow, what
+/// the backends' servers did with its sessions.
+fn diagnostics(lab: &Lab, steps_at: &[Instant], broken: Option<&Flow>) -> String {
+    let since = |t: &Instant| format!("{:.3}s", (*t - lab.started).as_secs_f64());
+    let mut out = format!(
+        "  steps began at: {}\n  health verdicts:\n    {}\n  backend paths:\n    {}",
+        steps_at.iter().map(since).collect::<Vec<_>>().join(", "),
         lab.health_flips().join("\n    "),
         lab.backend_paths().join("\n    ")
-    )
+    );
+    if let Some(f) = broken.filter(|f| f.kind == Kind::Udp) {
+        out += &format!(
+            "\n  sessions of {}:\n    {}",
+            f.local,
+            lab.session_history(f.local).join("\n    ")
+        );
+    }
+    out
 }
 
 /// Broken flows counted by protocol, reason and backend.
@@ -128,9 +143,11 @@ fn established_flows_survive_backend_churn() {
     ];
     let mut closed_on_b1 = 0;
     let mut b2_down_after = Duration::ZERO;
+    let mut steps_at = Vec::new();
     for (i, what) in steps.iter().enumerate() {
         let step = i + 1;
         flows.set_step(step);
+        steps_at.push(Instant::now());
         let out = match step {
             1 => lab.add_backend("b3", 50).unwrap(),
             2 => lab
@@ -174,22 +191,26 @@ fn established_flows_survive_backend_churn() {
         // moved twice in successive changes, and a bucket keeps one second hop). The data
         // plane must break those, and nothing may break but the failed backend's flows.
         let stranded = lab.stranded(&now, step).unwrap();
-        if let Some(f) = broken.iter().find(|f| step < 5 || f.server != "b2") {
+        // Every break so far: one seen after the previous step's check counts in that step.
+        let unexpected = now
+            .iter()
+            .find(|f| matches!(f.fate, Fate::Broken { step: s, .. } if s < 5 || f.server != "b2"));
+        if let Some(f) = unexpected {
             let why = stranded.iter().find(|(s, _)| s.local == f.local).map_or(
                 "its bucket still leads to its backend".to_owned(),
                 |(_, why)| format!("the tables strand it: {why}"),
             );
             panic!(
-                "step {step} ({what}) broke {}; {why}\n{}",
-                show(f),
-                diagnostics(&lab)
+                "checking step {step} ({what}): broken {}; {why}\n{}",
+                show(&lab, f),
+                diagnostics(&lab, &steps_at, Some(f))
             );
         }
         if let Some((f, why)) = stranded.iter().find(|(f, _)| f.fate == Fate::Open) {
             panic!(
                 "step {step}: the table strands {} ({why}) yet it still works\n{}",
-                show(f),
-                diagnostics(&lab)
+                show(&lab, f),
+                diagnostics(&lab, &steps_at, Some(f))
             );
         }
         // New flows: TCP follows the weights at once. (UDP: see new_udp_flows_reach_the_bucket_owner.)
@@ -244,9 +265,17 @@ fn established_flows_survive_backend_churn() {
         reasons(&on_failed),
         broken.len() - on_failed.len(),
     );
-    println!("{}", diagnostics(&lab));
-    for f in broken.iter().filter(|f| f.server != "b2") {
-        println!("  broken elsewhere: {}", show(f));
+    let elsewhere: Vec<&Flow> = broken
+        .iter()
+        .copied()
+        .filter(|f| f.server != "b2")
+        .collect();
+    println!(
+        "{}",
+        diagnostics(&lab, &steps_at, elsewhere.first().copied())
+    );
+    for f in &elsewhere {
+        println!("  broken elsewhere: {}", show(&lab, f));
     }
     assert_eq!(held + closed_on_b1 + broken.len(), total);
     assert!(

@@ -8,7 +8,10 @@
 //! bpf_skc_lookup_tcp, bpf_sk_lookup_udp, bpf_xdp_adjust_head (Linux 5.10 or newer;
 //! checked here on 6.18).
 
-use std::net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::{bail, Result};
 use etherparse::{
@@ -192,6 +195,27 @@ fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> V
         .write(&mut v, payload)
         .unwrap();
     v
+}
+
+fn udp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .udp(sport, dport)
+        .write(&mut v, payload)
+        .unwrap();
+    v
+}
+
+/// A UDP packet from `src` to `dst`, of their family.
+fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            udp4(s.octets(), d.octets(), src.port(), dst.port(), payload)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => udp6(s, d, src.port(), dst.port(), payload),
+        _ => panic!("mixed families"),
+    }
 }
 
 fn tuple(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, proto: u8) -> FlowTuple {
@@ -756,6 +780,13 @@ fn backend_cases(est_port: u16, udp_port: u16) -> Vec<Case> {
         Reason::AcceptSocket,
     ));
     cases.push(accept(
+        "GUE: connected local UDP socket accepts, IPv6",
+        udp6(vip6(), vip6(), udp_port, 53, b"x"),
+        1,
+        0,
+        Reason::AcceptSocket,
+    ));
+    cases.push(accept(
         "GUE: no hops left, accepted as the last hop",
         tcp4(CLIENT4, VIP4, 41002, 80, false),
         0,
@@ -946,12 +977,14 @@ fn backend_cases(est_port: u16, udp_port: u16) -> Vec<Case> {
 }
 
 /// Sockets that own flows on this node: an established TCP connection to VIP4:80 (its
-/// client port) and a UDP socket on VIP4:53 connected to VIP4:5300.
+/// client port) and UDP sockets on VIP4:53 and [VIP6]:53 connected to port 5300 of the
+/// same address.
 struct LocalSockets {
     _listener: TcpListener,
     _client: TcpStream,
     _server: TcpStream,
     _udp: UdpSocket,
+    _udp6: UdpSocket,
     est_port: u16,
     udp_port: u16,
 }
@@ -964,11 +997,14 @@ fn local_sockets() -> Result<LocalSockets> {
     let est_port = client.local_addr()?.port();
     let udp = UdpSocket::bind((vip, 53))?;
     udp.connect((vip, 5300))?;
+    let udp6 = UdpSocket::bind((vip6(), 53))?;
+    udp6.connect((vip6(), 5300))?;
     Ok(LocalSockets {
         _listener: listener,
         _client: client,
         _server: server,
         _udp: udp,
+        _udp6: udp6,
         est_port,
         udp_port: 5300,
     })
@@ -1020,4 +1056,74 @@ fn data_plane_fixtures() {
         })
         .expect("running fixtures");
     assert!(failures.is_empty(), "failed fixtures: {failures:?}");
+}
+
+/// A UDP socket that is bound but not yet connected, as a server's new session socket is
+/// for a moment, is what the lookup finds for any flow to its port; if it connects to
+/// another peer right then, it is an established socket, but not this flow's. Packets of
+/// a flow no socket here owns must still go on to the second hop, however the sockets
+/// around them churn.
+#[test]
+fn a_socket_connecting_to_another_peer_does_not_own_a_flow() {
+    if !tests::can_run("a_socket_connecting_to_another_peer_does_not_own_a_flow") {
+        return;
+    }
+    let ns = fixture::namespace("race").expect("fixture namespace");
+    for (vip, client) in [
+        (IpAddr::from(VIP4), IpAddr::from(CLIENT4)),
+        (vip6().into(), client6().into()),
+    ] {
+        let (runs, accepted, churned) = ns
+            .run(|| race_session_sockets(vip, client))
+            .expect("running the race");
+        println!("{vip}: {runs} runs while {churned} sockets were bound and connected: {accepted} accepted");
+        assert!(churned > 1000, "only {churned} sockets churned");
+        assert_eq!(accepted, 0, "{vip}: a flow no socket owns was accepted");
+    }
+}
+
+/// Runs the program on a chained UDP packet from `client` to `vip`:7000 while another
+/// thread binds sockets to that port and connects them to other peers. Returns the runs,
+/// how many were accepted here, and how many sockets churned.
+fn race_session_sockets(vip: IpAddr, client: IpAddr) -> Result<(usize, usize, u64)> {
+    const PORT: u16 = 7000;
+    const RUNS: usize = 200_000;
+    let ifindex = tests::link::if_index(fixture::IF)?;
+    let mut dp = Dataplane::load(&LoadOptions::default())?;
+    configure(&mut dp)?;
+    let inner = udp(
+        SocketAddr::new(client, 41020),
+        SocketAddr::new(vip, PORT),
+        b"x",
+    );
+    let input = gue_to_node(&inner, 1, 0, v4_mapped(backend4(2)));
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // Session sockets of other peers, each bound, then connected, then closed.
+        let churn = s.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let sock = UdpSocket::bind((vip, PORT))?;
+                sock.connect((vip, 7001 + (n % 1000) as u16))?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        });
+        let mut accepted = 0;
+        let mut race = || -> Result<()> {
+            for _ in 0..RUNS {
+                match fixture::test_run(&mut dp, ifindex, &input)?.verdict {
+                    XDP_TX => {}
+                    XDP_PASS => accepted += 1,
+                    v => bail!("verdict {v}"),
+                }
+            }
+            Ok(())
+        };
+        let raced = race();
+        stop.store(true, Ordering::Relaxed);
+        let churned = churn.join().expect("churn thread")?;
+        raced?;
+        Ok((RUNS, accepted, churned))
+    })
 }
