@@ -172,6 +172,7 @@ fn listen(
     }
 }
 
+/// Records what happened to client `peer`'s session, with the time.
 fn note(events: &Events, peer: SocketAddr, what: String) {
     let mut e = events.lock().unwrap_or_else(|e| e.into_inner());
     e.push((Instant::now(), peer, what));
