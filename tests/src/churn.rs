@@ -1070,8 +1070,13 @@ impl Lab {
         }
         out.sort();
         out.into_iter()
-            .map(|(at, what)| format!("{:.3}s {what}", (at - self.started).as_secs_f64()))
+            .map(|(at, what)| format!("{} {what}", self.since(at)))
             .collect()
+    }
+
+    /// `at` as seconds since the lab started ("12.345s"), how the diagnostics tell time.
+    pub fn since(&self, at: Instant) -> String {
+        format!("{:.3}s", (at - self.started).as_secs_f64())
     }
 
     /// Health verdicts the LB agents logged so far ("lb0: ... backend down"), in order.

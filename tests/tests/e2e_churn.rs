@@ -46,10 +46,7 @@ fn moved(out: &[String]) -> String {
 /// A flow and its fate, times in seconds since the lab started.
 fn show(lab: &Lab, f: &Flow) -> String {
     let fate = match &f.fate {
-        Fate::Broken { why, step, at } => format!(
-            "{why} (step {step}, {:.3}s)",
-            (*at - lab.started).as_secs_f64()
-        ),
+        Fate::Broken { why, step, at } => format!("{why} (step {step}, {})", lab.since(*at)),
         other => format!("{other:?}"),
     };
     format!(
@@ -62,10 +59,13 @@ fn show(lab: &Lab, f: &Flow) -> String {
 /// agents' health verdicts, each backend's path counters and, for a broken UDP flow, what
 /// the backends' servers did with its sessions.
 fn diagnostics(lab: &Lab, steps_at: &[Instant], broken: Option<&Flow>) -> String {
-    let since = |t: &Instant| format!("{:.3}s", (*t - lab.started).as_secs_f64());
     let mut out = format!(
         "  steps began at: {}\n  health verdicts:\n    {}\n  backend paths:\n    {}",
-        steps_at.iter().map(since).collect::<Vec<_>>().join(", "),
+        steps_at
+            .iter()
+            .map(|t| lab.since(*t))
+            .collect::<Vec<_>>()
+            .join(", "),
         lab.health_flips().join("\n    "),
         lab.backend_paths().join("\n    ")
     );

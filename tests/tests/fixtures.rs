@@ -1069,13 +1069,23 @@ fn a_socket_connecting_to_another_peer_does_not_own_a_flow() {
         return;
     }
     let ns = fixture::namespace("race").expect("fixture namespace");
-    for (vip, client) in [
-        (IpAddr::from(VIP4), IpAddr::from(CLIENT4)),
-        (vip6().into(), client6().into()),
-    ] {
-        let (runs, accepted, churned) = ns
-            .run(|| race_session_sockets(vip, client))
-            .expect("running the race");
+    let results = ns
+        .run(|| {
+            let ifindex = tests::link::if_index(fixture::IF)?;
+            let mut dp = Dataplane::load(&LoadOptions::default())?;
+            configure(&mut dp)?;
+            [
+                (IpAddr::from(VIP4), IpAddr::from(CLIENT4)),
+                (vip6().into(), client6().into()),
+            ]
+            .into_iter()
+            .map(|(vip, client)| {
+                race_session_sockets(&mut dp, ifindex, vip, client).map(|r| (vip, r))
+            })
+            .collect::<Result<Vec<_>>>()
+        })
+        .expect("running the race");
+    for (vip, (runs, accepted, churned)) in results {
         println!("{vip}: {runs} runs while {churned} sockets were bound and connected: {accepted} accepted");
         assert!(churned > 1000, "only {churned} sockets churned");
         assert_eq!(accepted, 0, "{vip}: a flow no socket owns was accepted");
@@ -1085,12 +1095,14 @@ fn a_socket_connecting_to_another_peer_does_not_own_a_flow() {
 /// Runs the program on a chained UDP packet from `client` to `vip`:7000 while another
 /// thread binds sockets to that port and connects them to other peers. Returns the runs,
 /// how many were accepted here, and how many sockets churned.
-fn race_session_sockets(vip: IpAddr, client: IpAddr) -> Result<(usize, usize, u64)> {
+fn race_session_sockets(
+    dp: &mut Dataplane,
+    ifindex: u32,
+    vip: IpAddr,
+    client: IpAddr,
+) -> Result<(usize, usize, u64)> {
     const PORT: u16 = 7000;
     const RUNS: usize = 200_000;
-    let ifindex = tests::link::if_index(fixture::IF)?;
-    let mut dp = Dataplane::load(&LoadOptions::default())?;
-    configure(&mut dp)?;
     let inner = udp(
         SocketAddr::new(client, 41020),
         SocketAddr::new(vip, PORT),
@@ -1112,7 +1124,7 @@ fn race_session_sockets(vip: IpAddr, client: IpAddr) -> Result<(usize, usize, u6
         let mut accepted = 0;
         let mut race = || -> Result<()> {
             for _ in 0..RUNS {
-                match fixture::test_run(&mut dp, ifindex, &input)?.verdict {
+                match fixture::test_run(dp, ifindex, &input)?.verdict {
                     XDP_TX => {}
                     XDP_PASS => accepted += 1,
                     v => bail!("verdict {v}"),
