@@ -46,10 +46,17 @@ pub enum Reason {
     ReturnedToFirstHop,
     /// GUE received and accepted: sent back by the last hop (see `ReturnedToFirstHop`).
     AcceptReturned,
+    /// To a VIP, the bucket's first hop is this node, and the packet is this node's (a
+    /// SYN, a flow a local socket owns, or no second hop to ask): passed to the local
+    /// stack untouched, never encapsulated to the node itself.
+    DeliveredLocally,
+    /// To a VIP, the bucket's first hop is this node but no local socket owns the flow:
+    /// encapsulated to the bucket's second hop, chained, as a first hop passes it on.
+    SentOnFromLocal,
 }
 
 impl Reason {
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = 21;
 
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::PassNotIp,
@@ -71,6 +78,8 @@ impl Reason {
         Reason::DropBadGue,
         Reason::ReturnedToFirstHop,
         Reason::AcceptReturned,
+        Reason::DeliveredLocally,
+        Reason::SentOnFromLocal,
     ];
 
     /// The metric label of the reason.
@@ -95,6 +104,8 @@ impl Reason {
             Reason::DropBadGue => "drop_bad_gue",
             Reason::ReturnedToFirstHop => "returned_to_first_hop",
             Reason::AcceptReturned => "accept_returned",
+            Reason::DeliveredLocally => "delivered_locally",
+            Reason::SentOnFromLocal => "sent_on_from_local",
         }
     }
 }

@@ -63,14 +63,8 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
             Err(_) => return drop(Reason::DropMalformed),
             Ok(false) => {}
             Ok(true) => {
-                let syn = f.tuple.proto == IPPROTO_TCP
-                    && !f.icmp
-                    && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-                if syn && flags & FLAG_FORWARD_SYN == 0 {
-                    return accept(ctx, inner_off, inner_v6, Reason::AcceptSyn);
-                }
-                if socket::owns(ctx, &f, &inner) {
-                    return accept(ctx, inner_off, inner_v6, Reason::AcceptSocket);
+                if let Some(reason) = claim(ctx, &f, &inner, flags & FLAG_FORWARD_SYN != 0) {
+                    return accept(ctx, inner_off, inner_v6, reason);
                 }
                 udp = f.tuple.proto == IPPROTO_UDP && !f.icmp;
             }
@@ -88,6 +82,23 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
         return pass_on(ctx, outer, gue_off, &first_hop, returned);
     }
     accept(ctx, inner_off, inner_v6, Reason::AcceptLastHop)
+}
+
+/// Whether the packet of flow `f` (IP header `ip`) is this node's to take: a new TCP
+/// connection (a SYN, unless the sender asks for SYNs to be passed on) or a flow a local
+/// socket owns. The backend path asks it of a GUE packet's inner packet, and the client
+/// path of a packet whose bucket's first hop is this node.
+#[inline(always)]
+pub fn claim(ctx: &XdpContext, f: &Flow, ip: &Ip, forward_syn: bool) -> Option<Reason> {
+    let syn =
+        f.tuple.proto == IPPROTO_TCP && !f.icmp && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if syn && !forward_syn {
+        return Some(Reason::AcceptSyn);
+    }
+    if socket::owns(ctx, f, ip) {
+        return Some(Reason::AcceptSocket);
+    }
+    None
 }
 
 /// Strips everything before the inner IP packet but the Ethernet addresses, and passes it.

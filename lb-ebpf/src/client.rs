@@ -1,11 +1,17 @@
 //! The client path: a packet to a service is hashed to a bucket of the service's table
 //! and sent, encapsulated, to the bucket's backend, with the bucket's previous owner as
-//! the next hop of the hop list.
+//! the next hop of the hop list. When the bucket's backend is this node itself (every
+//! node both balances and serves), the backend path's decision is made in place: the
+//! packet goes to the local stack untouched, or on to the previous owner.
 
-use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
+};
 use lb_common::{
-    addr::{is_v4_mapped, v4_mapped},
-    encap::{write_outer_v4, write_outer_v6, Outer, ENCAP_LEN_V4, ENCAP_LEN_V6, ETH_LEN},
+    addr::{is_v4_mapped, v4_mapped, v4_part},
+    encap::{
+        write_outer_v4, write_outer_v6, Outer, ENCAP_LEN_V4, ENCAP_LEN_V6, ETH_LEN, FLAG_CHAINED,
+    },
     hash::{bucket_index, flow_hash, outer_source_port},
     limits::MAX_TABLE_BITS,
     maps::{Backend, NodeConfig, ServiceKey, BACKEND_PRESENT},
@@ -68,33 +74,82 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
     let Some(first) = present(bucket.first) else {
         return drop(Reason::DropNoBackend);
     };
-    let mut hops_left = 0;
-    let mut next_hop = [0u8; 16];
+    // The previous owner, when it can be chained to: a hop list cannot switch the outer
+    // family.
+    let mut second = None;
     if bucket.second != bucket.first {
-        if let Some(second) = present(bucket.second) {
-            // Chaining needs one outer family: a hop list cannot switch it.
-            if is_v4_mapped(&second.addr) == is_v4_mapped(&first.addr) {
-                hops_left = 1;
-                next_hop = second.addr;
-            }
-        }
+        second = present(bucket.second)
+            .filter(|s| is_v4_mapped(&s.addr) == is_v4_mapped(&first.addr))
+            .map(|s| (bucket.second, s));
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let reason = if flow.icmp {
-        Reason::IcmpForwarded
-    } else {
-        Reason::Encapsulated
+    let mut route = Route {
+        hash,
+        reason: if flow.icmp {
+            Reason::IcmpForwarded
+        } else {
+            Reason::Encapsulated
+        },
+        dst: first.addr,
+        hops_left: 0,
+        flags: 0,
+        next_hop: [0; 16],
     };
-    let v = encapsulate(ctx, node, l2, ip, &first.addr, hash, hops_left, next_hop);
-    match v {
-        Some(Ok(action)) => {
+    let mut backend = bucket.first;
+    if is_local(node, &first.addr) {
+        // This node is the first hop: what its backend path would decide, made here,
+        // so nothing is encapsulated to the node itself.
+        let mine = crate::backend::claim(ctx, &flow, ip, false).is_some();
+        let Some((index, second)) = second.filter(|_| !mine) else {
             maps::add(&SERVICE_STATS, svc.id, bytes);
             maps::add(&BACKEND_STATS, bucket.first, bytes);
-            Verdict::new(action, reason)
-        }
-        Some(Err(r)) => drop(r),
-        None => drop(Reason::DropMalformed),
+            return pass(Reason::DeliveredLocally);
+        };
+        // As a first hop passes a packet it does not own on: to the second hop, chained,
+        // with no hop left, so an unowned UDP flow comes back here.
+        route.reason = Reason::SentOnFromLocal;
+        route.dst = second.addr;
+        route.flags = FLAG_CHAINED;
+        route.next_hop = second.addr;
+        backend = index;
+    } else if let Some((_, second)) = second {
+        route.hops_left = 1;
+        route.next_hop = second.addr;
     }
+    counted(encapsulate(ctx, node, l2, ip, &route), svc.id, backend, bytes)
+}
+
+/// The verdict of an encapsulation, with the service's and the backend's counters moved
+/// when the packet was sent.
+#[inline(always)]
+fn counted(v: Verdict, service: u32, backend: u32, bytes: u64) -> Verdict {
+    if v.action() != xdp_action::XDP_DROP {
+        maps::add(&SERVICE_STATS, service, bytes);
+        maps::add(&BACKEND_STATS, backend, bytes);
+    }
+    v
+}
+
+/// Whether `addr` (a backend's) is one of this node's own addresses.
+#[inline(always)]
+fn is_local(node: &NodeConfig, addr: &[u8; 16]) -> bool {
+    if is_v4_mapped(addr) {
+        node.addr_v4 != [0; 4] && v4_part(addr) == node.addr_v4
+    } else {
+        node.addr_v6 != [0; 16] && *addr == node.addr_v6
+    }
+}
+
+/// Where an encapsulated packet goes: the outer destination and the hop list, and the
+/// flow's hash (for the outer source port and flow label).
+struct Route {
+    hash: u32,
+    /// The reason the packet is counted under when it is sent.
+    reason: Reason,
+    dst: [u8; 16],
+    hops_left: u8,
+    flags: u8,
+    next_hop: [u8; 16],
 }
 
 #[inline(always)]
@@ -104,23 +159,34 @@ fn present(index: u32) -> Option<&'static Backend> {
         .filter(|b| b.flags & BACKEND_PRESENT != 0)
 }
 
-/// Puts the outer headers in front of the IP packet at `ip.l3_off` and sends it to `dst`.
-/// `None` when the packet could not be rewritten (no headroom), `Some(Err)` for a drop.
+/// Puts the outer headers in front of the IP packet at `ip.l3_off` and sends it along
+/// `route`.
 #[inline(always)]
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site, all values at hand"
-)]
 fn encapsulate(
     ctx: &XdpContext,
     node: &NodeConfig,
     l2: &L2,
     ip: &Ip,
-    dst: &[u8; 16],
-    hash: u32,
-    hops_left: u8,
-    next_hop: [u8; 16],
+    route: &Route,
+) -> Verdict {
+    match outer_headers(ctx, node, l2, ip, route) {
+        Some(Ok(action)) => Verdict::new(action, route.reason),
+        Some(Err(r)) => drop(r),
+        None => drop(Reason::DropMalformed),
+    }
+}
+
+/// `encapsulate`'s work: `None` when the packet could not be rewritten (no headroom),
+/// `Some(Err)` for a drop.
+#[inline(always)]
+fn outer_headers(
+    ctx: &XdpContext,
+    node: &NodeConfig,
+    l2: &L2,
+    ip: &Ip,
+    route: &Route,
 ) -> Option<Result<u32, Reason>> {
+    let (dst, hash) = (&route.dst, route.hash);
     let outer_v4 = is_v4_mapped(dst);
     let src = if outer_v4 {
         if node.addr_v4 == [0; 4] {
@@ -158,9 +224,9 @@ fn encapsulate(
         inner_v6: ip.v6,
         tos,
         flow_label: hash,
-        hops_left,
-        flags: 0,
-        next_hop,
+        hops_left: route.hops_left,
+        flags: route.flags,
+        next_hop: route.next_hop,
     };
     let delta = (ETH_LEN + encap_len - l2.l3_off) as i32;
     // SAFETY: plain helper call; every packet pointer is derived anew afterwards.

@@ -1139,3 +1139,243 @@ fn race_session_sockets(
         Ok((RUNS, accepted, churned))
     })
 }
+
+// ---- the local first hop (every node both balances and serves) ------------------------
+
+/// Backend slots of the node's own addresses in the local-first-hop fixtures.
+const LOCAL4_SLOT: u32 = 6;
+const LOCAL6_SLOT: u32 = 7;
+
+/// Services of the local-first-hop fixtures, each with one (first, second) in every
+/// bucket: (port, proto, v6, first, second).
+fn local_services() -> Vec<(u16, u8, bool, u32, u32)> {
+    let mut v = Vec::new();
+    for v6 in [false, true] {
+        let (local, remote) = if v6 {
+            (LOCAL6_SLOT, slot(true, 0))
+        } else {
+            (LOCAL4_SLOT, slot(false, 0))
+        };
+        v.push((90, TCP, v6, local, remote));
+        v.push((91, TCP, v6, local, lb_common::maps::NO_BACKEND));
+        v.push((92, TCP, v6, remote, local));
+        v.push((93, UDP, v6, local, remote));
+    }
+    v
+}
+
+fn configure_local(dp: &mut Dataplane) -> Result<()> {
+    configure(dp)?;
+    dp.set_backend(LOCAL4_SLOT, Ipv4Addr::from(NODE4).into())?;
+    dp.set_backend(LOCAL6_SLOT, node6().into())?;
+    for (i, &(port, proto, v6, first, second)) in local_services().iter().enumerate() {
+        let vip = if v6 { vip6().octets() } else { v4_mapped(VIP4) };
+        let table = vec![Bucket { first, second }; BUCKETS as usize];
+        install_service(dp, (vip, port, proto), 10 + i as u32, &table)?;
+    }
+    Ok(())
+}
+
+/// The service id of the local-first-hop service on `port`, `proto`, family `v6`.
+fn local_service_id(port: u16, proto: u8, v6: bool) -> u32 {
+    let i = local_services()
+        .iter()
+        .position(|s| (s.0, s.1, s.2) == (port, proto, v6))
+        .expect("a local service");
+    10 + i as u32
+}
+
+/// Local sockets of the local-first-hop fixtures: a listener on VIP:90 of both families
+/// with one established connection each, and UDP sockets on VIP:93 connected to port 5300.
+struct LocalFirstHopSockets {
+    _held: Vec<Box<dyn std::any::Any>>,
+    /// The established connections' client ports, IPv4 and IPv6.
+    est: [u16; 2],
+}
+
+fn local_first_hop_sockets() -> Result<LocalFirstHopSockets> {
+    let mut held: Vec<Box<dyn std::any::Any>> = Vec::new();
+    let mut est = [0; 2];
+    for (i, vip) in [IpAddr::from(VIP4), vip6().into()].into_iter().enumerate() {
+        let listener = TcpListener::bind((vip, 90))?;
+        let client = TcpStream::connect((vip, 90))?;
+        let (server, _) = listener.accept()?;
+        est[i] = client.local_addr()?.port();
+        let udp = UdpSocket::bind((vip, 93))?;
+        udp.connect((vip, 5300))?;
+        held.extend([
+            Box::new(listener) as Box<dyn std::any::Any>,
+            Box::new(client),
+            Box::new(server),
+            Box::new(udp),
+        ]);
+    }
+    Ok(LocalFirstHopSockets { _held: held, est })
+}
+
+/// A packet of one local-first-hop case: TCP (SYN or ACK) or UDP from `sport` of the
+/// client (the VIP itself for the flows of local sockets) to `port` of the VIP.
+fn local_packet(v6: bool, from_vip: bool, sport: u16, port: u16, kind: &str) -> Vec<u8> {
+    let (vip, client) = if v6 {
+        (IpAddr::from(vip6()), IpAddr::from(client6()))
+    } else {
+        (IpAddr::from(VIP4), IpAddr::from(CLIENT4))
+    };
+    let src = if from_vip { vip } else { client };
+    match (kind, src, vip) {
+        ("udp", _, _) => udp(SocketAddr::new(src, sport), SocketAddr::new(vip, port), b"x"),
+        (_, IpAddr::V4(s), IpAddr::V4(d)) => tcp4(s.octets(), d.octets(), sport, port, kind == "syn"),
+        (_, IpAddr::V6(s), IpAddr::V6(d)) => tcp6(s, d, sport, port, kind == "syn"),
+        _ => unreachable!(),
+    }
+}
+
+/// The frame sent to `dst` for `input`, from this node, with `hops_left`, `flags` and
+/// `next_hop` in the hop list.
+fn encapsulated_to(input: &[u8], v6: bool, dst: u32, hops_left: u8, flags: u8, next: u32) -> Vec<u8> {
+    let t = local_tuple(input, v6);
+    let h = flow_hash(SEED, &t);
+    let src = if v6 {
+        node6().octets()
+    } else {
+        v4_mapped(NODE4)
+    };
+    let addr = |s| match s {
+        LOCAL4_SLOT => v4_mapped(NODE4),
+        LOCAL6_SLOT => node6().octets(),
+        s => slot_addr(s),
+    };
+    let mut out = encapsulated(
+        GW_MAC,
+        NODE_MAC,
+        src,
+        addr(dst),
+        outer_source_port(h),
+        hops_left,
+        flags,
+        addr(next),
+        &input[14..],
+    );
+    if v6 {
+        set_flow_label(&mut out, h);
+    }
+    out
+}
+
+/// The flow tuple of a frame built by `local_packet`.
+fn local_tuple(frame: &[u8], v6: bool) -> FlowTuple {
+    let (src, dst, l4, proto) = if v6 {
+        let a = |o: usize| -> [u8; 16] { frame[o..o + 16].try_into().unwrap() };
+        (a(22), a(38), 54, frame[20])
+    } else {
+        let a = |o: usize| v4_mapped(frame[o..o + 4].try_into().unwrap());
+        (a(26), a(30), 34, frame[23])
+    };
+    let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    tuple(src, dst, port(l4), port(l4 + 2), proto)
+}
+
+fn local_cases(est: [u16; 2]) -> Vec<Case> {
+    let mut cases = Vec::new();
+    for v6 in [false, true] {
+        let fam = if v6 { "IPv6" } else { "IPv4" };
+        let (local, remote) = if v6 {
+            (LOCAL6_SLOT, slot(true, 0))
+        } else {
+            (LOCAL4_SLOT, slot(false, 0))
+        };
+        let name = |what: &str| -> &'static str {
+            Box::leak(format!("local first hop, {fam}: {what}").into_boxed_str())
+        };
+        let delivered = |what: &str, input: Vec<u8>, port, proto| Case {
+            name: name(what),
+            input,
+            verdict: XDP_PASS,
+            output: Out::Same,
+            reason: Reason::DeliveredLocally,
+            counted: Some((local_service_id(port, proto, v6), local)),
+        };
+        cases.push(delivered(
+            "a SYN goes to the local stack untouched",
+            local_packet(v6, false, 42001, 90, "syn"),
+            90,
+            TCP,
+        ));
+        cases.push(delivered(
+            "an established local socket's packet goes to the local stack",
+            local_packet(v6, true, est[v6 as usize], 90, "ack"),
+            90,
+            TCP,
+        ));
+        cases.push(delivered(
+            "a connected local UDP socket's packet goes to the local stack",
+            local_packet(v6, true, 5300, 93, "udp"),
+            93,
+            UDP,
+        ));
+        cases.push(delivered(
+            "no socket and no second hop: to the local stack (it answers for itself)",
+            local_packet(v6, false, 42002, 91, "ack"),
+            91,
+            TCP,
+        ));
+        for (what, kind, port, proto) in [
+            ("an ACK no socket owns", "ack", 90, TCP),
+            ("UDP no socket owns", "udp", 93, UDP),
+        ] {
+            let input = local_packet(v6, false, 42003, port, kind);
+            let output = encapsulated_to(&input, v6, remote, 0, FLAG_CHAINED, remote);
+            cases.push(Case {
+                name: name(&format!("{what} goes on to the second hop, chained")),
+                input,
+                verdict: XDP_TX,
+                output: Out::Bytes(output),
+                reason: Reason::SentOnFromLocal,
+                counted: Some((local_service_id(port, proto, v6), remote)),
+            });
+        }
+        let input = local_packet(v6, false, 42004, 92, "ack");
+        let output = encapsulated_to(&input, v6, remote, 1, 0, local);
+        cases.push(Case {
+            name: name("second hop local, first remote: encapsulated to the first hop"),
+            input,
+            verdict: XDP_TX,
+            output: Out::Bytes(output),
+            reason: Reason::Encapsulated,
+            counted: Some((local_service_id(92, TCP, v6), remote)),
+        });
+    }
+    cases
+}
+
+/// A node that is a backend of the services it balances: when a bucket's first hop is the
+/// node itself, the client path decides as the backend path would, without encapsulating.
+#[test]
+fn local_first_hop_fixtures() {
+    if !tests::can_run("local_first_hop_fixtures") {
+        return;
+    }
+    let ns = fixture::namespace("local").expect("fixture namespace");
+    let failures = ns
+        .run(|| {
+            let ifindex = tests::link::if_index(fixture::IF)?;
+            let mut dp = Dataplane::load(&LoadOptions::default())?;
+            configure_local(&mut dp)?;
+            let socks = local_first_hop_sockets()?;
+            let mut failures = Vec::new();
+            let cases = local_cases(socks.est);
+            for c in &cases {
+                match run_case(&mut dp, ifindex, c) {
+                    Ok(()) => println!("ok    {}", c.name),
+                    Err(e) => {
+                        println!("FAIL  {}: {e:#}", c.name);
+                        failures.push(c.name);
+                    }
+                }
+            }
+            println!("{} fixtures, {} failed", cases.len(), failures.len());
+            Ok(failures)
+        })
+        .expect("running fixtures");
+    assert!(failures.is_empty(), "failed fixtures: {failures:?}");
+}
