@@ -116,6 +116,9 @@ pub enum Health {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct BackendStatus {
     pub address: IpAddr,
+    /// The backend is this node itself: its packets go to the local stack.
+    #[serde(default)]
+    pub local: bool,
     pub weight: u32,
     pub drain: bool,
     pub health: Health,

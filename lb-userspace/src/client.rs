@@ -99,9 +99,15 @@ pub fn render_status(s: &Status, stats: bool, exact: bool) -> String {
     for svc in &s.services {
         out.push_str(&service_line(svc, stats, exact));
         for b in &svc.backends {
+            // The node itself, as ipvsadm marks a real server on the director.
+            let addr = if b.local {
+                format!("{} (local)", b.address)
+            } else {
+                b.address.to_string()
+            };
             out.push_str(&format!(
                 "  -> {:<26} {:>6} {:<6} {:<7} {:>7}",
-                b.address.to_string(),
+                addr,
                 b.weight,
                 state(b),
                 health(b.health),

@@ -295,6 +295,27 @@ impl Config {
         }
     }
 
+    /// Whether `a` is one of this node's own addresses: a backend at it is this node
+    /// itself, which serves the service's traffic from its local stack.
+    pub fn is_local(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(v4) => self.node.address_v4 == Some(v4),
+            IpAddr::V6(v6) => self.node.address_v6 == Some(v6),
+        }
+    }
+
+    /// The VIPs this node's stack must accept: `backend_vips`, and the VIP of every
+    /// service that has this node itself as a backend.
+    pub fn served_vips(&self) -> Vec<IpAddr> {
+        let mut vips: BTreeSet<IpAddr> = self.backend_vips.iter().copied().collect();
+        for s in &self.services {
+            if s.backends.iter().any(|b| self.is_local(b.address)) {
+                vips.insert(s.vip);
+            }
+        }
+        vips.into_iter().collect()
+    }
+
     /// Every problem of the configuration as a whole (empty when valid).
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -528,6 +549,22 @@ mod tests {
         } else {
             Err(p.join("\n"))
         }
+    }
+
+    #[test]
+    fn a_node_that_is_its_own_backend_serves_the_vip() {
+        let mut c = parse(GOOD).unwrap();
+        assert!(c.served_vips().is_empty());
+        assert!(c.is_local("10.0.0.2".parse().unwrap()));
+        assert!(!c.is_local("10.0.3.2".parse().unwrap()));
+        c.services[0].backends[1].address = "10.0.0.2".parse().unwrap();
+        c.backend_vips = vec!["10.100.0.9".parse().unwrap()];
+        let want: Vec<IpAddr> = vec![
+            "10.100.0.1".parse().unwrap(),
+            "10.100.0.9".parse().unwrap(),
+        ];
+        assert_eq!(c.served_vips(), want);
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
     }
 
     #[test]

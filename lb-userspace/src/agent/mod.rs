@@ -145,7 +145,7 @@ impl Agent {
         for ifname in &n.interfaces {
             netlink::enable_forwarding(ifname)?;
         }
-        netlink::ensure_vips_on_lo(&self.config.backend_vips)?;
+        netlink::ensure_vips_on_lo(&self.config.served_vips())?;
         Ok(())
     }
 
@@ -303,6 +303,10 @@ impl Agent {
             return error(chain(&e));
         }
         self.config.services = next;
+        // A service may have gained this node itself as a backend.
+        if let Err(e) = netlink::ensure_vips_on_lo(&self.config.served_vips()) {
+            error!("putting the VIPs this node serves on lo failed: {e:#}");
+        }
         self.update_health_targets();
         info!(?change, "change applied");
         Response::Applied(plan.unwrap_or_default())
@@ -318,8 +322,8 @@ impl Agent {
                 "reload: node and agent settings change only with a restart; services are reloaded"
             );
         }
-        if config.backend_vips != self.config.backend_vips {
-            if let Err(e) = netlink::ensure_vips_on_lo(&config.backend_vips) {
+        if config.served_vips() != self.config.served_vips() {
+            if let Err(e) = netlink::ensure_vips_on_lo(&config.served_vips()) {
                 return error(format!("{e:#}"));
             }
         }
@@ -394,6 +398,7 @@ impl Agent {
                     let check = checks.get(&(s.name.clone(), b.address));
                     BackendStatus {
                         address: b.address,
+                        local: self.config.is_local(b.address),
                         weight: b.weight,
                         drain: b.drain,
                         health: match (
