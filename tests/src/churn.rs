@@ -813,6 +813,9 @@ pub struct LabPlan {
     pub table_bits: u32,
     /// Serve the TCP services on IPv6 too (service `web6`).
     pub ipv6: bool,
+    /// Unimog mode: `backends` nodes that are all both LB nodes and backends (`lbs` is
+    /// not used); each runs one agent with the services and the servers.
+    pub unimog: bool,
 }
 
 /// A service of the lab.
@@ -837,7 +840,8 @@ impl LabService {
 
 /// LB agents on every LB node (same config, same hash seed), backend agents, TCP echo
 /// servers (port 80), connected-UDP servers (port 443) and health servers (port 8080) on
-/// every backend. Services: `web` (TCP, IPv4 VIP), `web6` (TCP, IPv6 VIP) when asked,
+/// every backend. In Unimog mode every node is both: one agent, with the services, and
+/// the servers. Services: `web` (TCP, IPv4 VIP), `web6` (TCP, IPv6 VIP) when asked,
 /// `quic` (UDP, IPv4 VIP). Dropping it stops everything and removes the namespaces.
 pub struct Lab {
     pub lb_agents: Vec<Agent>,
@@ -866,7 +870,12 @@ impl Lab {
     /// Builds the topology and starts agents and servers.
     pub fn start(plan: LabPlan) -> Result<Self> {
         let started = Instant::now();
-        let topo = Topology::build(Spec::new(plan.clients, plan.lbs, plan.backends))?;
+        let spec = if plan.unimog {
+            Spec::unimog(plan.clients, plan.backends)
+        } else {
+            Spec::new(plan.clients, plan.lbs, plan.backends)
+        };
+        let topo = Topology::build(spec)?;
         let mut services = vec![LabService {
             name: "web",
             vip: topo.vip_v4().into(),
@@ -898,32 +907,85 @@ impl Lab {
             topo,
             started,
         };
-        let topo = &lab.topo;
-        for b in &topo.backends {
-            let vips: Vec<IpAddr> = topo.spec.vips.clone();
-            let config = json!({ "node": node_config(b), "backend_vips": vips });
-            lab.backend_agents.push(Agent::start(&topo.id, b, config)?);
-            let any: SocketAddr = SocketAddr::new("::".parse()?, TCP_PORT);
-            lab.tcp.push(Some(TcpServer::start(b, &b.name, &[any])?));
-            let udp_addrs: Vec<SocketAddr> = topo
-                .spec
-                .vips
-                .iter()
-                .map(|&v| SocketAddr::new(v, UDP_PORT))
-                .collect();
-            lab.udp
-                .push(Some(UdpSessionServer::start(b, &b.name, &udp_addrs)?));
-            lab.health.push(Some(TcpServer::start(
-                b,
-                &b.name,
-                &b.sockaddrs(HEALTH_PORT),
-            )?));
+        for i in 0..lab.servers().len() {
+            lab.start_servers(i)?;
         }
+        let topo = &lab.topo;
+        if !lab.plan.unimog {
+            for b in &topo.backends {
+                let vips: Vec<IpAddr> = topo.spec.vips.clone();
+                let config = json!({ "node": node_config(b), "backend_vips": vips });
+                lab.backend_agents.push(Agent::start(&topo.id, b, config)?);
+            }
+        }
+        let services = lab.service_configs(&lab.initial_members());
         for n in &topo.lbs {
-            let config = json!({ "node": node_config(n), "services": lab.service_configs() });
+            let config = json!({ "node": node_config(n), "services": services });
             lab.lb_agents.push(Agent::start(&topo.id, n, config)?);
         }
         Ok(lab)
+    }
+
+    /// The nodes that run servers: the backends, or in Unimog mode every node.
+    pub fn servers(&self) -> &[Node] {
+        if self.plan.unimog {
+            &self.topo.lbs
+        } else {
+            &self.topo.backends
+        }
+    }
+
+    /// The agents of the server nodes (in Unimog mode, every node's agent).
+    pub fn server_agents(&self) -> &[Agent] {
+        if self.plan.unimog {
+            &self.lb_agents
+        } else {
+            &self.backend_agents
+        }
+    }
+
+    /// Starts server node `i`'s TCP, connected-UDP and health servers.
+    fn start_servers(&mut self, i: usize) -> Result<()> {
+        let b = &self.servers()[i];
+        let any: SocketAddr = SocketAddr::new("::".parse()?, TCP_PORT);
+        let tcp = TcpServer::start(b, &b.name, &[any])?;
+        let udp_addrs: Vec<SocketAddr> = self
+            .topo
+            .spec
+            .vips
+            .iter()
+            .map(|&v| SocketAddr::new(v, UDP_PORT))
+            .collect();
+        let udp = UdpSessionServer::start(b, &b.name, &udp_addrs)?;
+        let health = TcpServer::start(b, &b.name, &b.sockaddrs(HEALTH_PORT))?;
+        for (v, x) in [
+            (&mut self.tcp, Some(tcp)),
+            (&mut self.health, Some(health)),
+        ] {
+            if v.len() <= i {
+                v.resize_with(i + 1, || None);
+            }
+            v[i] = x;
+        }
+        if self.udp.len() <= i {
+            self.udp.resize_with(i + 1, || None);
+        }
+        self.udp[i] = Some(udp);
+        Ok(())
+    }
+
+    /// Stops server node `backend`'s TCP, UDP and health servers: its flows break and
+    /// its checks fail.
+    pub fn stop_servers(&mut self, backend: &str) {
+        let i = self.backend(backend).index;
+        self.tcp[i] = None;
+        self.udp[i] = None;
+        self.health[i] = None;
+    }
+
+    /// The services' members at the start: (server index, weight).
+    fn initial_members(&self) -> Vec<(usize, u32)> {
+        self.plan.weights.iter().copied().enumerate().collect()
     }
 
     fn health_config(&self) -> Value {
@@ -932,17 +994,15 @@ impl Lab {
                 "timeout_ms": p.interval_ms / 2, "rise": 2, "fall": p.fall })
     }
 
-    fn service_configs(&self) -> Vec<Value> {
+    /// The services' config with `members` (server index, weight) as backends.
+    fn service_configs(&self, members: &[(usize, u32)]) -> Vec<Value> {
         self.services
             .iter()
             .map(|s| {
-                let backends: Vec<Value> = self
-                    .plan
-                    .weights
+                let backends: Vec<Value> = members
                     .iter()
-                    .zip(&self.topo.backends)
-                    .map(|(w, b)| {
-                        json!({ "address": s.backend_addr(b), "weight": w,
+                    .map(|&(i, w)| {
+                        json!({ "address": s.backend_addr(&self.servers()[i]), "weight": w,
                                 "health": self.health_config() })
                     })
                     .collect();
@@ -953,19 +1013,70 @@ impl Lab {
             .collect()
     }
 
-    /// The backend node named `name` (`b0`, ...).
+    /// Rewrites every LB agent's config file with `members` (backend name, weight) as
+    /// the services' backends: what an operator saves before restarting agents after
+    /// changes made with the CLI.
+    pub fn save_configs(&self, members: &[(&str, u32)]) -> Result<()> {
+        let members: Vec<(usize, u32)> = members
+            .iter()
+            .map(|&(name, w)| (self.backend(name).index, w))
+            .collect();
+        let services = self.service_configs(&members);
+        for (agent, n) in self.lb_agents.iter().zip(&self.topo.lbs) {
+            agent.write_config(&json!({ "node": node_config(n), "services": services }))?;
+        }
+        Ok(())
+    }
+
+    /// Restarts LB agent `i` (SIGTERM, then start) and returns how many buckets its
+    /// start moved, from its log ("table rebuilt ... moved=N why=\"start\"").
+    pub fn restart_lb_agent(&mut self, i: usize) -> Result<u64> {
+        let agent = &mut self.lb_agents[i];
+        let before = agent.log().len();
+        let status = agent.terminate()?;
+        if !status.success() {
+            bail!("{} exited with {status} on SIGTERM", agent.name);
+        }
+        agent.spawn()?;
+        let log = agent.log();
+        Ok(log[before..]
+            .lines()
+            .filter(|l| l.contains("table rebuilt"))
+            .filter_map(|l| l.split("moved=").nth(1))
+            .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .sum())
+    }
+
+    /// Whether every LB node's live table of every service is the same (both hops of
+    /// every bucket); otherwise which node and service differ from lb0's.
+    pub fn tables_differ(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for svc in &self.services {
+            let reference = self.table(0, svc)?;
+            for lb in 1..self.lb_agents.len() {
+                let t = self.table(lb, svc)?;
+                let differ = (0..reference.buckets.len())
+                    .filter(|&b| reference.buckets[b] != t.buckets[b])
+                    .count();
+                if differ > 0 {
+                    out.push(format!("{}: lb{lb} differs from lb0 in {differ} buckets", svc.name));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The server node named `name` (`b0`, ..., or `lb0`, ... in Unimog mode).
     pub fn backend(&self, name: &str) -> &Node {
-        self.topo
-            .backends
+        self.servers()
             .iter()
             .find(|b| b.name == name)
             .unwrap_or_else(|| panic!("no backend {name}"))
     }
 
-    /// The name of the backend node with address `a`.
+    /// The name of the server node with address `a`.
     pub fn backend_name(&self, a: IpAddr) -> Option<&str> {
-        self.topo
-            .backends
+        self.servers()
             .iter()
             .find(|b| IpAddr::from(b.v4) == a || IpAddr::from(b.v6) == a)
             .map(|b| b.name.as_str())
@@ -1019,7 +1130,9 @@ impl Lab {
     /// The backend path's counters of every backend node that are not zero, one line per
     /// node ("b0: accept_socket 1234, second_hop 56, ...").
     pub fn backend_paths(&self) -> Vec<String> {
-        const PATH: [Reason; 6] = [
+        const PATH: [Reason; 8] = [
+            Reason::DeliveredLocally,
+            Reason::SentOnFromLocal,
             Reason::AcceptSyn,
             Reason::AcceptSocket,
             Reason::AcceptLastHop,
@@ -1028,9 +1141,9 @@ impl Lab {
             Reason::AcceptReturned,
         ];
         let on_path = |name: &str| PATH.iter().any(|r| r.name() == name);
-        self.backend_agents
+        self.server_agents()
             .iter()
-            .zip(&self.topo.backends)
+            .zip(self.servers())
             .map(|(agent, node)| {
                 let counts = agent.status().map(|s| {
                     s["reasons"]
@@ -1058,7 +1171,7 @@ impl Lab {
     /// seconds since the lab started.
     pub fn session_history(&self, peer: SocketAddr) -> Vec<String> {
         let mut out: Vec<(Instant, String)> = Vec::new();
-        for (b, server) in self.topo.backends.iter().zip(&self.udp) {
+        for (b, server) in self.servers().iter().zip(&self.udp) {
             if let Some(server) = server {
                 out.extend(
                     server

@@ -6,7 +6,8 @@
 //! link subnet 10.R.I.0/24 and fd00:R:I::/64, router .1 / ::1, node .2 / ::2,
 //! MACs 02:00:00:R:I:01 (router end) and 02:00:00:R:I:02 (node end). The node's interface
 //! is `eth0`; the router's end is `c<I>`, `lb<I>` or `b<I>`. VIPs live on the backends'
-//! `lo`; the router routes each VIP through the load-balancer nodes (ECMP, hashed by L4).
+//! `lo` (and on the LB nodes' in Unimog mode, where every LB node also serves); the router
+//! routes each VIP through the load-balancer nodes (ECMP, hashed by L4).
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -88,6 +89,10 @@ pub struct Spec {
     /// forward. LB nodes then also get blackhole routes for the VIPs, so a VIP packet the
     /// program passes is dropped there instead of bouncing back to the router.
     pub forwarding: bool,
+    /// The LB nodes serve the VIPs too (Unimog mode: every node balances and serves):
+    /// the VIPs go on their `lo` instead of blackhole routes.
+    #[serde(default)]
+    pub lbs_serve: bool,
 }
 
 /// The default VIPs.
@@ -108,6 +113,16 @@ impl Spec {
             vips: vec![VIP_V4.into(), VIP_V6.into()],
             router_pass: true,
             forwarding: true,
+            lbs_serve: false,
+        }
+    }
+
+    /// Unimog mode: `clients` and `nodes` nodes that are all both load balancers and
+    /// backends, behind the router's ECMP, with the VIPs on their `lo`.
+    pub fn unimog(clients: usize, nodes: usize) -> Self {
+        Self {
+            lbs_serve: true,
+            ..Self::new(clients, nodes, 0)
         }
     }
 
@@ -428,6 +443,7 @@ impl Topology {
 
         let vips = &self.spec.vips;
         let forwarding = self.spec.forwarding;
+        let lbs_serve = self.spec.lbs_serve;
         for n in self.nodes() {
             let role = n.role;
             n.ns.netlink(|h| async move {
@@ -445,7 +461,7 @@ impl Topology {
                 for &vip in vips {
                     let prefix = if vip.is_ipv4() { 32 } else { 128 };
                     match role {
-                        Role::Backend => {
+                        Role::Backend | Role::Lb if role == Role::Backend || lbs_serve => {
                             let lo = link::index(&h, "lo").await?;
                             link::add_addr(&h, lo, vip, prefix).await?;
                         }

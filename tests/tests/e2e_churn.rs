@@ -31,6 +31,7 @@ fn plan() -> LabPlan {
         fall: 2,
         table_bits: 16,
         ipv6: true,
+        unimog: false,
     }
 }
 
@@ -497,5 +498,184 @@ fn new_udp_flows_reach_the_bucket_owner() {
     assert!(
         seen.keys().all(|(owner, who)| owner == who),
         "new UDP flows missed their bucket's owner: {seen:?}"
+    );
+}
+
+/// Unimog mode: four nodes, each both an LB node (behind the router's ECMP) and a
+/// backend, lb0-lb2 in the services and lb3 spare. New connections to a node that is its
+/// own bucket's first hop go to its local stack; established flows survive a node added,
+/// one reweighted, one drained and removed, and every agent restarted in turn; only the
+/// flows of the node whose servers stop break; all nodes' tables stay identical.
+#[test]
+fn unimog_nodes_balance_and_serve_through_churn() {
+    if !can_run("unimog_nodes_balance_and_serve_through_churn") {
+        return;
+    }
+    let started = Instant::now();
+    let mut lab = Lab::start(LabPlan {
+        clients: 2,
+        lbs: 0,
+        backends: 4,
+        weights: vec![100, 100, 100],
+        interval_ms: 200,
+        fall: 2,
+        table_bits: 16,
+        ipv6: true,
+        unimog: true,
+    })
+    .unwrap();
+    let (web, web6, quic) = (
+        lab.service("web").dst(),
+        lab.service("web6").dst(),
+        lab.service("quic").dst(),
+    );
+
+    // New connections: every one connects, spread by the shares (a third each), and the
+    // nodes deliver to their own stacks instead of encapsulating to themselves.
+    let mut new: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..60 {
+        let c = &lab.topo.clients[i % 2];
+        let server = tcp_request(c, web, TIMEOUT)
+            .unwrap_or_else(|e| panic!("new connection {i} of 60 failed: {e:#}"));
+        *new.entry(server).or_default() += 1;
+    }
+    println!("60 new connections: {new:?}");
+    assert_eq!(new.values().sum::<usize>(), 60);
+    assert!(
+        ["lb0", "lb1", "lb2"]
+            .iter()
+            .all(|n| new.get(*n).is_some_and(|&k| (8..=32).contains(&k))),
+        "a third each expected: {new:?}"
+    );
+
+    let flows = Flows::open(
+        &lab.clients(),
+        &FlowPlan {
+            tcp: vec![(web, 80), (web6, 80)],
+            udp: vec![(quic, 48)],
+            period: Duration::from_millis(10),
+            workers: 4,
+            timeout: TIMEOUT,
+        },
+    )
+    .unwrap();
+    let start = flows.snapshot();
+    let total = start.len();
+    println!(
+        "{total} flows open: {:?} (lab ready in {:.1?})",
+        per_server(&start),
+        started.elapsed()
+    );
+    assert_eq!(per_server(&start).len(), 3, "{:?}", per_server(&start));
+    flows.settle(3, Duration::from_secs(10));
+
+    let steps: [&str; 6] = [
+        "add lb3 at weight 100",
+        "set lb3's weight to 50",
+        "drain lb1",
+        "close lb1's flows, then remove lb1",
+        "restart the agent on every node in turn",
+        "stop lb2's servers",
+    ];
+    const FAILED: &str = "lb2";
+    let mut closed_on_lb1 = 0;
+    let mut steps_at = Vec::new();
+    for (i, what) in steps.iter().enumerate() {
+        let step = i + 1;
+        flows.set_step(step);
+        steps_at.push(Instant::now());
+        let out = match step {
+            1 => lab.add_backend("lb3", 100).unwrap(),
+            2 => lab
+                .apply(
+                    "lb3",
+                    &["backend", "set-weight", "{service}", "{addr}", "50"],
+                )
+                .unwrap(),
+            3 => lab
+                .apply("lb1", &["backend", "drain", "{service}", "{addr}"])
+                .unwrap(),
+            4 => {
+                closed_on_lb1 = flows.close_on("lb1", TIMEOUT * 2).unwrap();
+                lab.apply("lb1", &["backend", "remove", "{service}", "{addr}"])
+                    .unwrap()
+            }
+            5 => {
+                lab.save_configs(&[("lb0", 100), ("lb2", 100), ("lb3", 50)])
+                    .unwrap();
+                (0..lab.lb_agents.len())
+                    .map(|n| {
+                        let moved = lab.restart_lb_agent(n).unwrap();
+                        assert_eq!(moved, 0, "lb{n}'s restart moved {moved} buckets");
+                        format!("lb{n} restarted, moved 0 buckets")
+                    })
+                    .collect()
+            }
+            6 => {
+                lab.stop_servers(FAILED);
+                // Every node's agent rebuilds each service's table in turn on its
+                // verdict: slow on a loaded machine.
+                let after = lab
+                    .wait_health(FAILED, "down", Duration::from_secs(20))
+                    .unwrap();
+                vec![format!("{FAILED} down on every node after {after:.1?}")]
+            }
+            _ => unreachable!(),
+        };
+        flows.settle(5, Duration::from_secs(10));
+        let now = flows.snapshot();
+        let broken = broken_in(&now, step);
+        println!("step {step}: {what}\n{}", moved(&out));
+        println!(
+            "    open {}: {:?}; broken in this step: {} {:?}",
+            now.iter().filter(|f| f.fate == Fate::Open).count(),
+            per_server(&now),
+            broken.len(),
+            reasons(&broken)
+        );
+        let differ = lab.tables_differ().unwrap();
+        assert!(differ.is_empty(), "step {step}: tables differ: {differ:?}");
+        let stranded = lab.stranded(&now, step).unwrap();
+        let unexpected = now.iter().find(
+            |f| matches!(f.fate, Fate::Broken { step: s, .. } if s < 6 || f.server != FAILED),
+        );
+        if let Some(f) = unexpected {
+            let why = stranded.iter().find(|(s, _)| s.local == f.local).map_or(
+                "its bucket still leads to its backend".to_owned(),
+                |(_, why)| format!("the tables strand it: {why}"),
+            );
+            panic!(
+                "checking step {step} ({what}): broken {}; {why}\n{}",
+                show(&lab, f),
+                diagnostics(&lab, &steps_at, Some(f))
+            );
+        }
+    }
+    let end = flows.stop();
+    let broken: Vec<&Flow> = end
+        .iter()
+        .filter(|f| matches!(f.fate, Fate::Broken { .. }))
+        .collect();
+    let on_failed = broken.iter().filter(|f| f.server == FAILED).count();
+    let held = end.iter().filter(|f| f.fate == Fate::Open).count();
+    let exchanges: u64 = end.iter().map(|f| f.exchanges).sum();
+    println!(
+        "figures: {total} flows ({} TCP, {} UDP) over 4 Unimog nodes, {} steps, {exchanges} \
+         exchanges;\n  held to the end {held}, closed cleanly on lb1 before its removal \
+         {closed_on_lb1};\n  broken on {FAILED} (servers stopped) {on_failed} of {}; broken \
+         elsewhere {}; tables identical on every node after every step; {:.1} s in all",
+        start.iter().filter(|f| f.kind == Kind::Tcp).count(),
+        start.iter().filter(|f| f.kind == Kind::Udp).count(),
+        steps.len(),
+        start.iter().filter(|f| f.server == FAILED).count(),
+        broken.len() - on_failed,
+        started.elapsed().as_secs_f64(),
+    );
+    println!("{}", diagnostics(&lab, &steps_at, None));
+    assert_eq!(held + closed_on_lb1 + broken.len(), total);
+    assert_eq!(broken.len(), on_failed, "flows broke outside {FAILED}");
+    assert!(
+        end.iter().all(|f| f.server != FAILED || f.fate != Fate::Open),
+        "flows on {FAILED} kept working after its servers stopped"
     );
 }

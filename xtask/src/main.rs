@@ -55,7 +55,11 @@ enum Cmd {
     },
     /// The whole system in network namespaces, narrated: traffic through two LB nodes
     /// while a backend is added, one drained and one failed (needs root; under 2 min).
-    Demo,
+    Demo {
+        /// Unimog mode: four nodes that each both balance and serve.
+        #[arg(long)]
+        unimog: bool,
+    },
     /// A running namespace topology for manual exploration: `lab up`, `lab down [--all]`.
     #[command(disable_help_flag = true)]
     Lab {
@@ -94,7 +98,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
             }
             proc::run(&mut cmd).map(|()| ExitCode::SUCCESS)
         }
-        Cmd::Demo => demo(),
+        Cmd::Demo { unimog } => demo(unimog),
         Cmd::Lab { args } => {
             let mut cmd = proc::cargo();
             cmd.args([
@@ -108,7 +112,7 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
 
 /// Builds `lb` and the demo (debug, as the tests use them), then becomes the demo, so
 /// the shell waits for its clean-up after Ctrl-C.
-fn demo() -> Result<ExitCode> {
+fn demo(unimog: bool) -> Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let setup = setup::run(setup::Mode::Install)?;
     let mut build = proc::cargo();
@@ -117,6 +121,9 @@ fn demo() -> Result<ExitCode> {
     proc::run(&mut build)?;
     let bin = proc::target_dir().join("debug");
     let mut demo = std::process::Command::new(bin.join("demo"));
+    if unimog {
+        demo.arg("--unimog");
+    }
     let err = demo
         .env("LB_BIN", bin.join("lb"))
         .current_dir(proc::root())

@@ -5,6 +5,9 @@
 //! which answer the clients directly. With TCP connections and UDP sessions open, a
 //! backend is added, one drained and one failed, and the demo counts the established
 //! flows that break at each step. Everything is removed at the end, also on Ctrl-C.
+//!
+//! `demo --unimog`: the same in Unimog mode, where four nodes behind the router's ECMP
+//! each balance and serve, and a node hands the flows it owns to its own stack.
 
 use std::{
     collections::BTreeMap,
@@ -61,7 +64,11 @@ fn main() -> ExitCode {
     catch_sigint();
     let started = Instant::now();
     let mut lab = None;
-    let result = run(&mut lab);
+    let result = if std::env::args().any(|a| a == "--unimog") {
+        run_unimog(&mut lab)
+    } else {
+        run(&mut lab)
+    };
     let id = lab.as_ref().map(|l| l.topo.id.clone());
     if lab.is_some() {
         println!("\nCleaning up: stopping agents and servers, removing namespaces ...");
@@ -190,6 +197,7 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
         fall: 2,
         table_bits: 16,
         ipv6: false,
+        unimog: false,
     })?);
     check()?;
     let vip = lab.topo.vip_v4();
@@ -323,5 +331,141 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
     let exchanges: u64 = end.iter().map(|f| f.exchanges).sum();
     println!("  {total_flows} established flows, 3 changes, {exchanges} requests answered");
     println!("  held to the end: {held}; broken: {broken_total}, of which {broken_outside_failed} not on the failed backend");
+    Ok(())
+}
+
+/// Counters of the client and backend paths on each node, from `lb list --json`: how
+/// the packets went (delivered to the node's own stack, sent on, encapsulated, accepted).
+fn path_counts(lab: &Lab) -> Result<Vec<String>> {
+    const SHOWN: [&str; 5] = [
+        "delivered_locally",
+        "sent_on_from_local",
+        "encapsulated",
+        "accept_syn",
+        "accept_socket",
+    ];
+    lab.lb_agents
+        .iter()
+        .zip(&lab.topo.lbs)
+        .map(|(a, n)| {
+            let st = a.status()?;
+            let counts: Vec<String> = SHOWN
+                .iter()
+                .map(|name| {
+                    let v = st["reasons"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|r| r["reason"] == *name)
+                        .and_then(|r| r["packets"].as_u64())
+                        .unwrap_or(0);
+                    format!("{name} {v}")
+                })
+                .collect();
+            Ok(format!("{}: {}", n.name, counts.join(", ")))
+        })
+        .collect()
+}
+
+/// Unimog mode: every node is both an LB node and a backend.
+fn run_unimog(slot: &mut Option<Lab>) -> Result<()> {
+    println!("lb demo, Unimog mode: every node both balances and serves");
+    header("Building the lab");
+    let t = Instant::now();
+    let lab = slot.insert(Lab::start(LabPlan {
+        clients: 2,
+        lbs: 0,
+        backends: 4,
+        weights: WEIGHTS.to_vec(),
+        interval_ms: 200,
+        fall: 2,
+        table_bits: 16,
+        ipv6: false,
+        unimog: true,
+    })?);
+    check()?;
+    let vip = lab.topo.vip_v4();
+    println!("  clients c0, c1 -> router -> lb0, lb1, lb2, lb3 (ECMP by 5-tuple)");
+    println!("  every node runs `lb agent` and servers; VIP {vip} is on every node's lo");
+    println!("  services web (TCP 80) and quic (UDP 443) list lb0, lb1, lb2 themselves as");
+    println!("  backends: a node that owns a flow's bucket hands it to its own stack; any");
+    println!("  other node sends it there in GUE; lb3 only balances for now");
+    println!("  ready in {:.1?}; lb0's view (`lb list`):", t.elapsed());
+    for line in lab.lb_agents[0].ok(&["list"])?.lines() {
+        println!("    {line}");
+    }
+
+    header("1. New flows follow the weights, whichever node ECMP picks");
+    let (tcp, udp) = sample(lab, true)?;
+    let total: u32 = WEIGHTS.iter().sum();
+    println!("  {SAMPLE} new TCP connections and {SAMPLE} new UDP flows:");
+    println!("    node  weight  expected  TCP   UDP");
+    for (i, w) in WEIGHTS.iter().enumerate() {
+        let b = format!("lb{i}");
+        println!(
+            "    {b:<5} {w:>6} {:>8.0}% {:>4.0}% {:>4.0}%",
+            100.0 * f64::from(*w) / f64::from(total),
+            pct(tcp.get(&b).copied().unwrap_or(0), SAMPLE),
+            pct(udp.get(&b).copied().unwrap_or(0), SAMPLE),
+        );
+    }
+    println!("  how each node's XDP program handled them:");
+    for line in path_counts(lab)? {
+        println!("    {line}");
+    }
+
+    header("2. Long-lived traffic");
+    let (web, quic) = (lab.service("web").dst(), lab.service("quic").dst());
+    let flows = Flows::open(
+        &lab.clients(),
+        &FlowPlan {
+            tcp: vec![(web, 90)],
+            udp: vec![(quic, 30)],
+            period: Duration::from_millis(10),
+            workers: 4,
+            timeout: TIMEOUT,
+        },
+    )?;
+    flows.settle(5, Duration::from_secs(10));
+    check()?;
+    println!(
+        "  90 TCP connections and 30 UDP sessions; on {}",
+        open_line(&flows.snapshot())
+    );
+
+    header("3. Add lb3 as a backend (weight 100), then drain lb1");
+    flows.set_step(3);
+    let lb3 = lab.backend("lb3").v4;
+    println!("  $ lb backend add web {lb3} --weight 100 --health tcp ...   (on every node)");
+    for line in lab.add_backend("lb3", 100)? {
+        println!("  {}", line.lines().next().unwrap_or_default());
+    }
+    let mut broken = report_step(lab, &flows, 3, None)?;
+    flows.set_step(4);
+    let lb1 = lab.backend("lb1").v4;
+    println!("  $ lb backend drain web {lb1}   (on every node)");
+    for line in lab.apply("lb1", &["backend", "drain", "{service}", "{addr}"])? {
+        println!("  {}", line.lines().next().unwrap_or_default());
+    }
+    broken += report_step(lab, &flows, 4, None)?;
+    let differ = lab.tables_differ()?;
+    println!(
+        "  the four nodes' tables: {}",
+        if differ.is_empty() {
+            "identical".to_owned()
+        } else {
+            differ.join("; ")
+        }
+    );
+    let (tcp, _) = sample(lab, false)?;
+    println!("  new connections: {} (none to lb1)", shares(&tcp));
+
+    header("Summary");
+    let end = flows.stop();
+    let held = end.iter().filter(|f| f.fate == Fate::Open).count();
+    println!("  {} established flows, 2 changes; held to the end: {held}; broken: {broken}", end.len());
+    for line in path_counts(lab)? {
+        println!("    {line}");
+    }
     Ok(())
 }
