@@ -74,6 +74,14 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
     let Some(first) = present(bucket.first) else {
         return drop(Reason::DropNoBackend);
     };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    // This node is the first hop: what its backend path would decide, made here, so
+    // nothing is encapsulated to the node itself. Asked before anything else is read:
+    // a local flow is the common case on a node that serves.
+    let local = is_local(node, &first.addr);
+    if local && crate::backend::claim(ctx, &flow, ip, false).is_some() {
+        return delivered(svc.id, bucket.first, bytes);
+    }
     // The previous owner, when it can be chained to: a hop list cannot switch the outer
     // family.
     let mut second = None;
@@ -82,7 +90,6 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
             .filter(|s| is_v4_mapped(&s.addr) == is_v4_mapped(&first.addr))
             .map(|s| (bucket.second, s));
     }
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
     let mut route = Route {
         hash,
         reason: if flow.icmp {
@@ -96,14 +103,10 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
         next_hop: [0; 16],
     };
     let mut backend = bucket.first;
-    if is_local(node, &first.addr) {
-        // This node is the first hop: what its backend path would decide, made here,
-        // so nothing is encapsulated to the node itself.
-        let mine = crate::backend::claim(ctx, &flow, ip, false).is_some();
-        let Some((index, second)) = second.filter(|_| !mine) else {
-            maps::add(&SERVICE_STATS, svc.id, bytes);
-            maps::add(&BACKEND_STATS, bucket.first, bytes);
-            return pass(Reason::DeliveredLocally);
+    if local {
+        let Some((index, second)) = second else {
+            // No one else to ask: the local stack answers for itself.
+            return delivered(svc.id, bucket.first, bytes);
         };
         // As a first hop passes a packet it does not own on: to the second hop, chained,
         // with no hop left, so an unowned UDP flow comes back here.
@@ -117,6 +120,15 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
         route.next_hop = second.addr;
     }
     counted(encapsulate(ctx, node, l2, ip, &route), svc.id, backend, bytes)
+}
+
+/// A packet passed to the local stack untouched, counted for the service and this node's
+/// own backend.
+#[inline(always)]
+fn delivered(service: u32, backend: u32, bytes: u64) -> Verdict {
+    maps::add(&SERVICE_STATS, service, bytes);
+    maps::add(&BACKEND_STATS, backend, bytes);
+    pass(Reason::DeliveredLocally)
 }
 
 /// The verdict of an encapsulation, with the service's and the backend's counters moved

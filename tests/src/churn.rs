@@ -818,6 +818,71 @@ pub struct LabPlan {
     pub unimog: bool,
 }
 
+/// The lab's services: `web` (TCP, IPv4 VIP), `web6` (TCP, IPv6 VIP) when `ipv6`,
+/// `quic` (UDP, IPv4 VIP).
+pub fn lab_services(topo: &Topology, ipv6: bool) -> Vec<LabService> {
+    let mut services = vec![LabService {
+        name: "web",
+        vip: topo.vip_v4().into(),
+        port: TCP_PORT,
+        proto: 6,
+    }];
+    if ipv6 {
+        services.push(LabService {
+            name: "web6",
+            vip: topo.vip_v6().into(),
+            port: TCP_PORT,
+            proto: 6,
+        });
+    }
+    services.push(LabService {
+        name: "quic",
+        vip: topo.vip_v4().into(),
+        port: UDP_PORT,
+        proto: 17,
+    });
+    services
+}
+
+/// The config of `services` with `members` (node, weight) as backends, each checked by
+/// a TCP connect to [`HEALTH_PORT`] every `interval_ms`, down after `fall` failures.
+pub fn service_configs(
+    services: &[LabService],
+    members: &[(&Node, u32)],
+    (interval_ms, fall): (u64, u32),
+    table_bits: u32,
+) -> Vec<Value> {
+    let health = json!({ "kind": "tcp", "port": HEALTH_PORT, "interval_ms": interval_ms,
+                         "timeout_ms": interval_ms / 2, "rise": 2, "fall": fall });
+    services
+        .iter()
+        .map(|s| {
+            let backends: Vec<Value> = members
+                .iter()
+                .map(|&(n, w)| json!({ "address": s.backend_addr(n), "weight": w, "health": health }))
+                .collect();
+            let proto = if s.proto == 6 { "tcp" } else { "udp" };
+            json!({ "name": s.name, "vip": s.vip, "port": s.port, "protocol": proto,
+                    "table_bits": table_bits, "backends": backends })
+        })
+        .collect()
+}
+
+/// A node's servers: a TCP echo server on port 80 (every address), a connected-UDP
+/// server on port 443 of every VIP, and a health server on port 8080 of its addresses.
+/// Each answers with the node's name.
+pub fn start_servers(
+    node: &Node,
+    vips: &[IpAddr],
+) -> Result<(TcpServer, UdpSessionServer, TcpServer)> {
+    let any: SocketAddr = SocketAddr::new("::".parse()?, TCP_PORT);
+    let tcp = TcpServer::start(node, &node.name, &[any])?;
+    let udp_addrs: Vec<SocketAddr> = vips.iter().map(|&v| SocketAddr::new(v, UDP_PORT)).collect();
+    let udp = UdpSessionServer::start(node, &node.name, &udp_addrs)?;
+    let health = TcpServer::start(node, &node.name, &node.sockaddrs(HEALTH_PORT))?;
+    Ok((tcp, udp, health))
+}
+
 /// A service of the lab.
 #[derive(Clone, Debug)]
 pub struct LabService {
@@ -876,26 +941,7 @@ impl Lab {
             Spec::new(plan.clients, plan.lbs, plan.backends)
         };
         let topo = Topology::build(spec)?;
-        let mut services = vec![LabService {
-            name: "web",
-            vip: topo.vip_v4().into(),
-            port: TCP_PORT,
-            proto: 6,
-        }];
-        if plan.ipv6 {
-            services.push(LabService {
-                name: "web6",
-                vip: topo.vip_v6().into(),
-                port: TCP_PORT,
-                proto: 6,
-            });
-        }
-        services.push(LabService {
-            name: "quic",
-            vip: topo.vip_v4().into(),
-            port: UDP_PORT,
-            proto: 17,
-        });
+        let services = lab_services(&topo, plan.ipv6);
         let mut lab = Lab {
             lb_agents: Vec::new(),
             backend_agents: Vec::new(),
@@ -946,31 +992,15 @@ impl Lab {
 
     /// Starts server node `i`'s TCP, connected-UDP and health servers.
     fn start_servers(&mut self, i: usize) -> Result<()> {
-        let b = &self.servers()[i];
-        let any: SocketAddr = SocketAddr::new("::".parse()?, TCP_PORT);
-        let tcp = TcpServer::start(b, &b.name, &[any])?;
-        let udp_addrs: Vec<SocketAddr> = self
-            .topo
-            .spec
-            .vips
-            .iter()
-            .map(|&v| SocketAddr::new(v, UDP_PORT))
-            .collect();
-        let udp = UdpSessionServer::start(b, &b.name, &udp_addrs)?;
-        let health = TcpServer::start(b, &b.name, &b.sockaddrs(HEALTH_PORT))?;
-        for (v, x) in [
-            (&mut self.tcp, Some(tcp)),
-            (&mut self.health, Some(health)),
-        ] {
-            if v.len() <= i {
-                v.resize_with(i + 1, || None);
-            }
-            v[i] = x;
-        }
-        if self.udp.len() <= i {
+        let (tcp, udp, health) = start_servers(&self.servers()[i], &self.topo.spec.vips)?;
+        if self.tcp.len() <= i {
+            self.tcp.resize_with(i + 1, || None);
             self.udp.resize_with(i + 1, || None);
+            self.health.resize_with(i + 1, || None);
         }
+        self.tcp[i] = Some(tcp);
         self.udp[i] = Some(udp);
+        self.health[i] = Some(health);
         Ok(())
     }
 
@@ -988,29 +1018,14 @@ impl Lab {
         self.plan.weights.iter().copied().enumerate().collect()
     }
 
-    fn health_config(&self) -> Value {
-        let p = &self.plan;
-        json!({ "kind": "tcp", "port": HEALTH_PORT, "interval_ms": p.interval_ms,
-                "timeout_ms": p.interval_ms / 2, "rise": 2, "fall": p.fall })
-    }
-
     /// The services' config with `members` (server index, weight) as backends.
     fn service_configs(&self, members: &[(usize, u32)]) -> Vec<Value> {
-        self.services
+        let members: Vec<(&Node, u32)> = members
             .iter()
-            .map(|s| {
-                let backends: Vec<Value> = members
-                    .iter()
-                    .map(|&(i, w)| {
-                        json!({ "address": s.backend_addr(&self.servers()[i]), "weight": w,
-                                "health": self.health_config() })
-                    })
-                    .collect();
-                let proto = if s.proto == 6 { "tcp" } else { "udp" };
-                json!({ "name": s.name, "vip": s.vip, "port": s.port, "protocol": proto,
-                        "table_bits": self.plan.table_bits, "backends": backends })
-            })
-            .collect()
+            .map(|&(i, w)| (&self.servers()[i], w))
+            .collect();
+        let p = &self.plan;
+        service_configs(&self.services, &members, (p.interval_ms, p.fall), p.table_bits)
     }
 
     /// Rewrites every LB agent's config file with `members` (backend name, weight) as

@@ -48,7 +48,7 @@ const MACS: Macs = Macs {
 };
 
 /// The cases, in the order they are reported.
-pub const CASES: [&str; 8] = [
+pub const CASES: [&str; 9] = [
     "tcp_syn_vip_v4",
     "tcp_ack_vip_v4",
     "udp_vip_v4",
@@ -57,6 +57,7 @@ pub const CASES: [&str; 8] = [
     "gue_decap_accept_v4",
     "gue_second_hop_v4",
     "icmp_too_big_v4",
+    "tcp_ack_local_v4",
 ];
 
 /// One path through the program: its frames and what every run of them must end in.
@@ -122,15 +123,16 @@ pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
     let ns = fixture::namespace("bench")?;
     ns.run(|| {
         let ifindex = link::if_index(fixture::IF)?;
-        let slots = 3 << DEFAULT_TABLE_BITS;
+        let slots = 4 << DEFAULT_TABLE_BITS;
         let mut dp = Dataplane::load(&LoadOptions {
             bucket_slots: slots,
             pin_dir: None,
         })?;
         configure(&mut dp)?;
-        let sockets = Sockets::open(s.flows)?;
+        let sockets = Sockets::open(80, s.flows)?;
+        let local = Sockets::open(LOCAL_PORT, s.flows)?;
         let mut harness = Harness::load(dp.ebpf(), ifindex)?;
-        let cases: Vec<Case> = cases(s.flows, &sockets.established_ports)
+        let cases: Vec<Case> = cases(s.flows, &sockets.established_ports, &local.established_ports)
             .into_iter()
             .filter(|c| names.contains(&c.name))
             .collect();
@@ -347,22 +349,34 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
         }
         families.push(list);
     }
+    // This node itself, the only backend of a fourth service: every bucket's first hop.
+    let local = IpAddr::V4(NODE4);
+    dp.set_backend(2 * BACKENDS, local)?;
+    let local = vec![Backend::new(local, 1, 2 * BACKENDS)];
     let services = [
         (to_bytes(VIP4.into()), 80, TCP, &families[0]),
         (to_bytes(VIP4.into()), 53, UDP, &families[0]),
         (to_bytes(VIP6.into()), 80, TCP, &families[1]),
+        (to_bytes(VIP4.into()), LOCAL_PORT, TCP, &local),
     ];
     let bits = DEFAULT_TABLE_BITS;
     for (id, (addr, port, proto, backends)) in services.into_iter().enumerate() {
-        let before = table::build(&backends[..backends.len() - 1], bits, SEED, None)?;
-        let buckets = table::build(backends, bits, SEED, Some(&before))?;
+        let before = match backends.len() {
+            1 => None,
+            n => Some(table::build(&backends[..n - 1], bits, SEED, None)?),
+        };
+        let buckets = table::build(backends, bits, SEED, before.as_deref())?;
         install_service(dp, (addr, port, proto), id as u32, &buckets)?;
     }
     Ok(())
 }
 
-/// Sockets of the backend side: a listener on VIP4:80 and established connections to it,
-/// whose client ports the decapsulation case uses.
+/// The port of the service whose only backend is this node.
+const LOCAL_PORT: u16 = 8080;
+
+/// Sockets of the backend side: a listener on VIP4:`port` and established connections
+/// to it, whose client ports the decapsulation (port 80) and local (`LOCAL_PORT`) cases
+/// use.
 struct Sockets {
     _listener: TcpListener,
     _conns: Vec<(TcpStream, TcpStream)>,
@@ -370,12 +384,12 @@ struct Sockets {
 }
 
 impl Sockets {
-    fn open(n: usize) -> Result<Self> {
-        let listener = TcpListener::bind((VIP4, 80)).context("listening on the VIP")?;
+    fn open(port: u16, n: usize) -> Result<Self> {
+        let listener = TcpListener::bind((VIP4, port)).context("listening on the VIP")?;
         let mut conns = Vec::new();
         let mut ports = Vec::new();
         for _ in 0..n {
-            let client = TcpStream::connect((VIP4, 80))?;
+            let client = TcpStream::connect((VIP4, port))?;
             let (server, _) = listener.accept()?;
             ports.push(client.local_addr()?.port());
             conns.push((client, server));
@@ -403,9 +417,9 @@ fn client_port(i: usize) -> u16 {
     10_000 + (i as u16).wrapping_mul(211) % 50_000
 }
 
-/// Build every case with `flows` frames; `established` are client ports of connections
-/// to VIP4:80 on this node.
-pub fn cases(flows: usize, established: &[u16]) -> Vec<Case> {
+/// Build every case with `flows` frames; `established` and `local` are client ports of
+/// connections to VIP4:80 and VIP4:`LOCAL_PORT` on this node.
+pub fn cases(flows: usize, established: &[u16], local: &[u16]) -> Vec<Case> {
     let each = |f: &dyn Fn(usize) -> Vec<u8>| (0..flows).map(f).collect::<Vec<_>>();
     let encap = |name, frames, reason| Case {
         name,
@@ -472,6 +486,12 @@ pub fn cases(flows: usize, established: &[u16]) -> Vec<Case> {
             }),
             Reason::IcmpForwarded,
         ),
+        Case {
+            name: CASES[8],
+            frames: each(&|i| packets::tcp4(m, VIP4, VIP4, local[i], LOCAL_PORT, false)),
+            verdict: XDP_PASS,
+            reason: Reason::DeliveredLocally,
+        },
     ]
 }
 
@@ -482,7 +502,8 @@ mod tests {
     #[test]
     fn flows_are_distinct_and_fit_the_harness() {
         let ports: Vec<u16> = (0..256).map(|i| 30_000 + i).collect();
-        for c in cases(256, &ports) {
+        let local: Vec<u16> = (0..256).map(|i| 40_000 + i).collect();
+        for c in cases(256, &ports, &local) {
             let distinct: HashSet<&Vec<u8>> = c.frames.iter().collect();
             assert_eq!(distinct.len(), 256, "{}", c.name);
             assert!(
