@@ -119,7 +119,12 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
         route.hops_left = 1;
         route.next_hop = second.addr;
     }
-    counted(encapsulate(ctx, node, l2, ip, &route), svc.id, backend, bytes)
+    counted(
+        encapsulate(ctx, node, l2, ip, &route),
+        svc.id,
+        backend,
+        bytes,
+    )
 }
 
 /// A packet passed to the local stack untouched, counted for the service and this node's
@@ -174,13 +179,7 @@ fn present(index: u32) -> Option<&'static Backend> {
 /// Puts the outer headers in front of the IP packet at `ip.l3_off` and sends it along
 /// `route`.
 #[inline(always)]
-fn encapsulate(
-    ctx: &XdpContext,
-    node: &NodeConfig,
-    l2: &L2,
-    ip: &Ip,
-    route: &Route,
-) -> Verdict {
+fn encapsulate(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip, route: &Route) -> Verdict {
     match outer_headers(ctx, node, l2, ip, route) {
         Some(Ok(action)) => Verdict::new(action, route.reason),
         Some(Err(r)) => drop(r),

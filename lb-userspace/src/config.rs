@@ -559,10 +559,7 @@ mod tests {
         assert!(!c.is_local("10.0.3.2".parse().unwrap()));
         c.services[0].backends[1].address = "10.0.0.2".parse().unwrap();
         c.backend_vips = vec!["10.100.0.9".parse().unwrap()];
-        let want: Vec<IpAddr> = vec![
-            "10.100.0.1".parse().unwrap(),
-            "10.100.0.9".parse().unwrap(),
-        ];
+        let want: Vec<IpAddr> = vec!["10.100.0.1".parse().unwrap(), "10.100.0.9".parse().unwrap()];
         assert_eq!(c.served_vips(), want);
         assert!(c.problems().is_empty(), "{:?}", c.problems());
     }

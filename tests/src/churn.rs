@@ -1025,7 +1025,12 @@ impl Lab {
             .map(|&(i, w)| (&self.servers()[i], w))
             .collect();
         let p = &self.plan;
-        service_configs(&self.services, &members, (p.interval_ms, p.fall), p.table_bits)
+        service_configs(
+            &self.services,
+            &members,
+            (p.interval_ms, p.fall),
+            p.table_bits,
+        )
     }
 
     /// Rewrites every LB agent's config file with `members` (backend name, weight) as
@@ -1074,7 +1079,10 @@ impl Lab {
                     .filter(|&b| reference.buckets[b] != t.buckets[b])
                     .count();
                 if differ > 0 {
-                    out.push(format!("{}: lb{lb} differs from lb0 in {differ} buckets", svc.name));
+                    out.push(format!(
+                        "{}: lb{lb} differs from lb0 in {differ} buckets",
+                        svc.name
+                    ));
                 }
             }
         }

@@ -257,6 +257,33 @@ pub struct Node {
 pub const NODE_IFNAME: &str = "eth0";
 
 impl Node {
+    /// Opens node `index` of `role` of the running topology `id` again (another process,
+    /// such as a lab's servers, attaching to what `Topology::build` made).
+    pub fn open(id: &str, role: Role, index: usize, mtu: u32) -> Result<Node> {
+        let ns = Netns::open(&node_ns_name(id, role, index))?;
+        Ok(Node::planned(role, index, mtu, ns))
+    }
+
+    /// Node `index` of `role` in namespace `ns`, addressed by the plan.
+    fn planned(role: Role, index: usize, mtu: u32, ns: Netns) -> Node {
+        let p = LinkPlan::of(role, index);
+        Node {
+            role,
+            index,
+            name: format!("{}{index}", role.short()),
+            ns,
+            ifname: NODE_IFNAME.to_owned(),
+            mtu,
+            v4: p.v4,
+            v6: p.v6,
+            mac: p.mac,
+            router_ifname: format!("{}{index}", role.short()),
+            router_v4: p.router_v4,
+            router_v6: p.router_v6,
+            router_mac: p.router_mac,
+        }
+    }
+
     /// The node's own address of the family of `v6`.
     pub fn addr(&self, v6: bool) -> IpAddr {
         if v6 {
@@ -379,22 +406,7 @@ impl Topology {
             for index in 0..spec.count(role) {
                 let ns = Netns::create(&node_ns_name(id, role, index))?;
                 ns.run(host_sysctls)?;
-                let p = LinkPlan::of(role, index);
-                by_role[r].push(Node {
-                    role,
-                    index,
-                    name: format!("{}{index}", role.short()),
-                    ns,
-                    ifname: NODE_IFNAME.to_owned(),
-                    mtu: spec.mtu_of(role, index),
-                    v4: p.v4,
-                    v6: p.v6,
-                    mac: p.mac,
-                    router_ifname: format!("{}{index}", role.short()),
-                    router_v4: p.router_v4,
-                    router_v6: p.router_v6,
-                    router_mac: p.router_mac,
-                });
+                by_role[r].push(Node::planned(role, index, spec.mtu_of(role, index), ns));
             }
         }
         let [clients, lbs, backends] = by_role;

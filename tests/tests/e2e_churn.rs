@@ -675,7 +675,8 @@ fn unimog_nodes_balance_and_serve_through_churn() {
     assert_eq!(held + closed_on_lb1 + broken.len(), total);
     assert_eq!(broken.len(), on_failed, "flows broke outside {FAILED}");
     assert!(
-        end.iter().all(|f| f.server != FAILED || f.fate != Fate::Open),
+        end.iter()
+            .all(|f| f.server != FAILED || f.fate != Fate::Open),
         "flows on {FAILED} kept working after its servers stopped"
     );
 }

@@ -1223,8 +1223,14 @@ fn local_packet(v6: bool, from_vip: bool, sport: u16, port: u16, kind: &str) -> 
     };
     let src = if from_vip { vip } else { client };
     match (kind, src, vip) {
-        ("udp", _, _) => udp(SocketAddr::new(src, sport), SocketAddr::new(vip, port), b"x"),
-        (_, IpAddr::V4(s), IpAddr::V4(d)) => tcp4(s.octets(), d.octets(), sport, port, kind == "syn"),
+        ("udp", _, _) => udp(
+            SocketAddr::new(src, sport),
+            SocketAddr::new(vip, port),
+            b"x",
+        ),
+        (_, IpAddr::V4(s), IpAddr::V4(d)) => {
+            tcp4(s.octets(), d.octets(), sport, port, kind == "syn")
+        }
         (_, IpAddr::V6(s), IpAddr::V6(d)) => tcp6(s, d, sport, port, kind == "syn"),
         _ => unreachable!(),
     }
@@ -1232,7 +1238,14 @@ fn local_packet(v6: bool, from_vip: bool, sport: u16, port: u16, kind: &str) -> 
 
 /// The frame sent to `dst` for `input`, from this node, with `hops_left`, `flags` and
 /// `next_hop` in the hop list.
-fn encapsulated_to(input: &[u8], v6: bool, dst: u32, hops_left: u8, flags: u8, next: u32) -> Vec<u8> {
+fn encapsulated_to(
+    input: &[u8],
+    v6: bool,
+    dst: u32,
+    hops_left: u8,
+    flags: u8,
+    next: u32,
+) -> Vec<u8> {
     let t = local_tuple(input, v6);
     let h = flow_hash(SEED, &t);
     let src = if v6 {

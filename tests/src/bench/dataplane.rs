@@ -132,10 +132,14 @@ pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
         let sockets = Sockets::open(80, s.flows)?;
         let local = Sockets::open(LOCAL_PORT, s.flows)?;
         let mut harness = Harness::load(dp.ebpf(), ifindex)?;
-        let cases: Vec<Case> = cases(s.flows, &sockets.established_ports, &local.established_ports)
-            .into_iter()
-            .filter(|c| names.contains(&c.name))
-            .collect();
+        let cases: Vec<Case> = cases(
+            s.flows,
+            &sockets.established_ports,
+            &local.established_ports,
+        )
+        .into_iter()
+        .filter(|c| names.contains(&c.name))
+        .collect();
         ensure!(!cases.is_empty(), "no case selected");
         let unchanged = cases
             .iter()

@@ -463,7 +463,10 @@ fn run_unimog(slot: &mut Option<Lab>) -> Result<()> {
     header("Summary");
     let end = flows.stop();
     let held = end.iter().filter(|f| f.fate == Fate::Open).count();
-    println!("  {} established flows, 2 changes; held to the end: {held}; broken: {broken}", end.len());
+    println!(
+        "  {} established flows, 2 changes; held to the end: {held}; broken: {broken}",
+        end.len()
+    );
     for line in path_counts(lab)? {
         println!("    {line}");
     }
