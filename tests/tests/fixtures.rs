@@ -1115,7 +1115,16 @@ fn race_session_sockets(
         let churn = s.spawn(|| {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let sock = UdpSocket::bind((vip, PORT))?;
+                let sock = match UdpSocket::bind((vip, PORT)) {
+                    Ok(s) => s,
+                    // The last socket lives on while a process that another test forks
+                    // holds a copy of its descriptor, until that process execs.
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 sock.connect((vip, 7001 + (n % 1000) as u16))?;
                 n += 1;
             }
