@@ -184,17 +184,6 @@ pub enum PlanCmd {
     Backend(BackendCmd),
 }
 
-impl std::str::FromStr for CheckKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "tcp" => Ok(CheckKind::Tcp),
-            "http" => Ok(CheckKind::Http),
-            _ => Err(format!("unknown health check {s:?} (tcp or http)")),
-        }
-    }
-}
-
 impl ServiceCmd {
     pub fn change(&self) -> Change {
         match self {
@@ -309,6 +298,6 @@ mod tests {
             "sctp",
         ])
         .unwrap_err();
-        assert!(e.to_string().contains("unknown protocol"), "{e}");
+        assert!(e.to_string().contains("[possible values: tcp, udp]"), "{e}");
     }
 }

@@ -8,21 +8,22 @@ use std::{
 };
 
 use crate::api::{
-    BackendStatus, Health, PlanSummary, Request, Response, ServiceStatus, Status, TableSummary,
+    BackendStatus, Health, PlanSummary, ReloadReport, Request, Response, ServiceStatus, Status,
+    TableSummary,
 };
 
 /// Errors of talking to the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the agent at {path}: {source} (is `lb agent` running? are you root?)")]
+    #[error("cannot reach the agent at {path} (is `lb agent` running? are you root?)")]
     Connect {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("talking to the agent: {0}")]
+    #[error("talking to the agent")]
     Io(#[from] std::io::Error),
-    #[error("the agent's answer is not understood: {0}")]
+    #[error("the agent's answer is not understood")]
     Decode(#[from] serde_json::Error),
     #[error("the agent closed the connection without answering")]
     NoAnswer,
@@ -182,6 +183,22 @@ pub fn render_plan(p: &PlanSummary, applied: bool) -> String {
             name(&m.to),
             m.buckets
         ));
+    }
+    out
+}
+
+/// `lb reload`: what changed, and what waits for a restart.
+pub fn render_reload(r: &ReloadReport) -> String {
+    let mut out = if r.changed.is_empty() {
+        format!("reloaded {}: no change\n", r.file)
+    } else {
+        format!("reloaded {}: {} changes\n", r.file, r.changed.len())
+    };
+    for c in &r.changed {
+        out.push_str(&format!("  changed: {c}\n"));
+    }
+    for i in &r.ignored {
+        out.push_str(&format!("  ignored: {i}\n"));
     }
     out
 }

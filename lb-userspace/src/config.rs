@@ -81,6 +81,10 @@ pub struct AgentConfig {
     /// Entries of the shared bucket map (all tables, double-buffered).
     #[serde(default = "default_bucket_slots")]
     pub bucket_slots: u32,
+    /// A group whose members (by primary group) may use the API's read-only requests
+    /// (list, table, plan); the socket is then mode 0660 and owned by that group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_read_only_group: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -90,12 +94,25 @@ impl Default for AgentConfig {
             metrics: default_metrics(),
             pin_dir: default_pin_dir(),
             bucket_slots: default_bucket_slots(),
+            api_read_only_group: None,
         }
     }
 }
 
 /// Transport protocol of a service.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Deserialize,
+    Serialize,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -197,7 +214,7 @@ pub struct HealthConfig {
 }
 
 /// What a health check does.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {
     /// A TCP connect.
@@ -260,10 +277,12 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a valid configuration")]
+    /// The JSON does not fit the format: `field` is where (`services[0].backends[1].weight`),
+    /// `source` says what is wrong there, with the value it found.
+    #[error("{path}: {field}: {source}")]
     Parse {
         path: PathBuf,
-        #[source]
+        field: String,
         source: serde_json::Error,
     },
     #[error("{path}: invalid configuration:\n  - {}", problems.join("\n  - "))]
@@ -276,13 +295,26 @@ pub enum ConfigError {
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read(path).map_err(|source| ConfigError::Read {
             path: path.into(),
             source,
         })?;
-        let config: Config = serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.into(),
-            source,
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates the contents of `path`.
+    pub fn parse(path: &Path, text: &[u8]) -> Result<Config, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_slice(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = match e.path().to_string() {
+                p if p == "." => "(top level)".to_string(),
+                p => p,
+            };
+            ConfigError::Parse {
+                path: path.into(),
+                field,
+                source: e.into_inner(),
+            }
         })?;
         let problems = config.problems();
         if problems.is_empty() {

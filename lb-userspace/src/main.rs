@@ -2,17 +2,30 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser};
+use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
 use lb::{
-    api::{Request, Response},
+    api::{Change, Request, Response},
     cli::{Cli, Command, ConfigCmd},
     client,
     config::Config,
 };
 
+/// `lb reload` applied what it could, but settings that need a restart were left.
+const EXIT_RELOAD_IGNORED: u8 = 3;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = Cli::command().get_matches();
+    // The agent takes `--socket` only when it was given (flag or LB_SOCKET), not its
+    // default: the file's `agent.api_socket` holds otherwise.
+    let socket_given = matches!(
+        matches.value_source("socket"),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    );
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match run(cli, socket_given) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("lb: {e:#}");
@@ -21,12 +34,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
     let req = match cli.command {
         Command::Agent(args) => {
             init_logging();
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(lb::agent::run(args.config))?;
+            let socket = socket_given.then(|| cli.socket.clone());
+            rt.block_on(lb::agent::run(args.config, socket))?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Config(ConfigCmd::Check { file }) => {
@@ -80,12 +94,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reload => Request::Reload {},
         Command::Detach => Request::Detach {},
     };
+    if let Request::Plan { change } | Request::Apply { change } = &req {
+        warn_empty_service(change);
+    }
     Ok(match client::request(&cli.socket, &req)? {
         Response::Plan(p) => print(&client::render_plan(&p, false)),
         Response::Applied(p) => print(&client::render_plan(&p, true)),
         Response::Done { message } => print(&message),
+        Response::Reloaded(r) => {
+            print(&client::render_reload(&r));
+            if r.ignored.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_RELOAD_IGNORED)
+            }
+        }
         other => unexpected(other),
     })
+}
+
+/// A service without backends drops what reaches its VIP: say so before it is made.
+fn warn_empty_service(change: &Change) {
+    if let Change::ServiceAdd { service } = change {
+        if service.backends.is_empty() {
+            eprintln!(
+                "lb: warning: service {} has no backends: packets to {} {}:{} are dropped \
+                 (counted as drop_no_backend) until one is added with `lb backend add {} ADDRESS`",
+                service.name, service.protocol, service.vip, service.port, service.name
+            );
+        }
+    }
 }
 
 fn print(s: &str) -> ExitCode {

@@ -74,7 +74,7 @@ impl Live {
 pub enum ProgramError {
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
-    #[error("service {service}: {source}")]
+    #[error("service {service}")]
     Table {
         service: String,
         #[source]
