@@ -159,6 +159,23 @@ impl Agent {
         Ok(c.wait()?)
     }
 
+    /// The agent process's PID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Runs `lb args...` to completion in the agent's network namespace (another
+    /// `lb agent`, say); stdin closed, output captured.
+    pub fn run_in_ns(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(lb_binary());
+        cmd.args(args)
+            .env("LB_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Ok(self.ns.spawn(&mut cmd)?.into_inner().wait_with_output()?)
+    }
+
     /// Runs `lb --socket <this agent> args...`.
     pub fn lb(&self, args: &[&str]) -> Result<Output> {
         Ok(Command::new(lb_binary())

@@ -501,6 +501,87 @@ fn bad_configs_are_refused_and_change_nothing() {
     assert_eq!(st["services"][0]["backends"][0]["weight"], 7);
 }
 
+#[test]
+fn commands_survive_restart_and_reload_and_one_agent_runs_per_pin_dir() {
+    if !can_run("commands_survive_restart_and_reload_and_one_agent_runs_per_pin_dir") {
+        return;
+    }
+    let mut lab = lab(2, 200, 2);
+    let b0 = lab.topo.backends[0].v4.to_string();
+    let out = lab.lb().ok(&["backend", "drain", "web", &b0]).unwrap();
+    println!("lb backend drain web {b0}: {}", out.trim());
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(&lab.lb().config_path).unwrap()).unwrap();
+    assert_eq!(
+        file["services"][0]["backends"][0]["drain"], true,
+        "the drain is in the file: {file}"
+    );
+    let table = lab.lb().ok(&["table", "web", "--json"]).unwrap();
+
+    // A second agent on the same pin directory refuses before touching anything, and
+    // names the first; the first keeps its socket and answers.
+    let first = lab.lb().pid().unwrap();
+    let config = lab.lb().config_path.to_str().unwrap().to_string();
+    let out = lab.lb().run_in_ns(&["agent", "--config", &config]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("second agent: {}", err.trim());
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("another lb agent (PID {first}) runs")),
+        "{err}"
+    );
+    assert_eq!(lab.lb().ok(&["table", "web", "--json"]).unwrap(), table);
+
+    // Restart: the drain holds and no bucket moves.
+    lab.agents[0].terminate().unwrap();
+    let logged = lab.lb().log().len();
+    lab.agents[0].spawn().unwrap();
+    let st = lab.lb().status().unwrap();
+    assert_eq!(st["services"][0]["backends"][0]["drain"], true, "{st}");
+    assert_eq!(
+        lab.lb().ok(&["table", "web", "--json"]).unwrap(),
+        table,
+        "the restart moved buckets"
+    );
+    let log = lab.lb().log()[logged..].to_string();
+    assert!(!log.contains("table rebuilt"), "{log}");
+    assert!(log.contains("rebuilt=0"), "{log}");
+
+    // A reload of the file as the agent saved it changes nothing.
+    let out = lab.lb().ok(&["reload"]).unwrap();
+    println!("lb reload: {}", out.trim());
+    assert!(out.contains("no change"), "{out}");
+    assert_eq!(lab.lb().ok(&["table", "web", "--json"]).unwrap(), table);
+    let seen = lab.spread(20);
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the undrained backend gets new connections: {seen:?}"
+    );
+
+    // A failed start leaves no pins behind.
+    let dir = tempdir(&lab.topo.id);
+    let pin_dir = format!("/sys/fs/bpf/{}-failed", lab.topo.id);
+    let bad = json!({
+        "node": { "interfaces": ["nosuchif0"], "address_v4": "10.9.9.9" },
+        "agent": { "pin_dir": pin_dir, "metrics": null,
+                   "api_socket": dir.join("failed.sock") },
+    });
+    let path = dir.join("failed.json");
+    std::fs::write(&path, serde_json::to_vec(&bad).unwrap()).unwrap();
+    let out = lab
+        .lb()
+        .run_in_ns(&["agent", "--config", path.to_str().unwrap()])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("failed start: {}", err.trim().lines().last().unwrap_or(""));
+    assert!(!out.status.success() && err.contains("nosuchif0"), "{err}");
+    assert!(
+        !std::path::Path::new(&pin_dir).exists(),
+        "the failed start left {pin_dir}: {err}"
+    );
+}
+
 /// The services of a status without its counters, which move with traffic and checks.
 fn shape(status: &Value) -> Value {
     let mut s = status["services"].clone();
