@@ -152,6 +152,10 @@ pub struct BackendStatus {
     pub check_failures: u64,
     /// Up/down transitions since the agent started.
     pub health_transitions: u64,
+    /// Why the most recent failed check failed ("connect refused", "timeout after
+    /// 500ms"); absent when no check has failed since the agent started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
 }
 
 /// `lb table SERVICE`.
@@ -181,6 +185,9 @@ pub struct PlanSummary {
     pub buckets: u32,
     pub moved: u32,
     pub moves: Vec<Move>,
+    /// What is allowed but likely wrong in the service after the change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

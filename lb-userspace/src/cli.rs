@@ -154,7 +154,7 @@ pub struct BackendAddArgs {
     pub at: BackendRef,
     #[arg(long, default_value_t = 100)]
     pub weight: u32,
-    /// Health check: tcp or http (none when absent).
+    /// Health check: tcp, http or udp (none when absent).
     #[arg(long)]
     pub health: Option<CheckKind>,
     /// Port to check (the service port when absent).
@@ -163,6 +163,9 @@ pub struct BackendAddArgs {
     /// HTTP path to check.
     #[arg(long)]
     pub health_path: Option<String>,
+    /// The datagram a udp check sends (any answer is healthy).
+    #[arg(long)]
+    pub health_send: Option<String>,
     #[arg(long, default_value_t = 1000)]
     pub health_interval_ms: u64,
     #[arg(long, default_value_t = 500)]
@@ -217,6 +220,7 @@ impl BackendCmd {
                         kind,
                         path: a.health_path.clone(),
                         port: a.health_port,
+                        send: a.health_send.clone(),
                         interval_ms: a.health_interval_ms,
                         timeout_ms: a.health_timeout_ms,
                         rise: a.health_rise,

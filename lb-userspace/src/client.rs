@@ -117,6 +117,14 @@ pub fn render_status(s: &Status, stats: bool, exact: bool) -> String {
                     human(b.check_failures, exact)
                 ));
             }
+            // Why a backend is down (or, with --stats, why its last check failed).
+            if let Some(f) = b
+                .last_failure
+                .as_ref()
+                .filter(|_| stats || b.health == Health::Down)
+            {
+                out.push_str(&format!("  last failure: {f}"));
+            }
             out.push('\n');
         }
     }
@@ -176,6 +184,9 @@ pub fn render_plan(p: &PlanSummary, applied: bool) -> String {
         100.0 * f64::from(p.moved) / f64::from(p.buckets.max(1))
     );
     let name = |a: &Option<std::net::IpAddr>| a.map_or("(none)".to_string(), |a| a.to_string());
+    for w in &p.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
     for m in &p.moves {
         out.push_str(&format!(
             "  {:<26} -> {:<26} {:>8}\n",

@@ -201,6 +201,10 @@ pub struct HealthConfig {
     /// Port to check; the service port when absent.
     #[serde(default)]
     pub port: Option<u16>,
+    /// The datagram a `udp` check sends (text; `lb-health-check` when unset). Any answer
+    /// is healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send: Option<String>,
     #[serde(default = "default_interval_ms")]
     pub interval_ms: u64,
     #[serde(default = "default_timeout_ms")]
@@ -221,9 +225,17 @@ pub enum CheckKind {
     Tcp,
     /// An HTTP GET whose status must be 2xx or 3xx.
     Http,
+    /// A UDP datagram (`send`) that must be answered; an ICMP port unreachable or no
+    /// answer within the timeout is a failure.
+    Udp,
 }
 
 impl HealthConfig {
+    /// The datagram a `udp` check sends.
+    pub fn udp_payload(&self) -> &[u8] {
+        self.send.as_deref().unwrap_or("lb-health-check").as_bytes()
+    }
+
     /// The HTTP path to get (`/` when unset).
     pub fn http_path(&self) -> &str {
         self.path.as_deref().unwrap_or("/")
@@ -434,6 +446,44 @@ impl Config {
     }
 }
 
+/// What is allowed but likely wrong in a service: a check of the service's own port with
+/// the other protocol (a TCP check of a UDP service fails forever, and the reverse).
+pub fn service_warnings(s: &ServiceConfig) -> Vec<String> {
+    let mut w = Vec::new();
+    for b in &s.backends {
+        let Some(h) = &b.health else { continue };
+        let check_proto = match h.kind {
+            CheckKind::Tcp | CheckKind::Http => Protocol::Tcp,
+            CheckKind::Udp => Protocol::Udp,
+        };
+        if h.port.is_none() && check_proto != s.protocol {
+            w.push(format!(
+                "service {}: backend {}: a {} check of the {} service's own port {} fails \
+                 unless something answers {} there; use kind {:?} or set health.port",
+                s.name,
+                b.address,
+                format!("{:?}", h.kind).to_lowercase(),
+                s.protocol,
+                s.port,
+                check_proto,
+                if s.protocol == Protocol::Udp {
+                    "udp"
+                } else {
+                    "tcp"
+                }
+            ));
+        }
+    }
+    w
+}
+
+impl Config {
+    /// Every warning of `service_warnings`, for all services.
+    pub fn warnings(&self) -> Vec<String> {
+        self.services.iter().flat_map(service_warnings).collect()
+    }
+}
+
 /// Problems of one service on its own (also used for `lb service add`).
 pub fn service_problems(s: &ServiceConfig) -> Vec<String> {
     let mut p = Vec::new();
@@ -523,12 +573,21 @@ pub fn backend_problems(b: &BackendConfig) -> Vec<String> {
                     "backend {a}: health.path {path:?} must start with '/' and hold no spaces"
                 ));
             }
-            (CheckKind::Tcp, Some(_)) => {
+            (CheckKind::Tcp | CheckKind::Udp, Some(_)) => {
                 p.push(format!(
                     "backend {a}: health.path is for kind \"http\" only"
                 ));
             }
             _ => {}
+        }
+        if h.send.is_some() && h.kind != CheckKind::Udp {
+            p.push(format!("backend {a}: health.send is for kind \"udp\" only"));
+        }
+        if h.send
+            .as_ref()
+            .is_some_and(|s| s.is_empty() || s.len() > 1024)
+        {
+            p.push(format!("backend {a}: health.send must be 1 to 1024 bytes"));
         }
     }
     p

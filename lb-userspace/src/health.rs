@@ -71,6 +71,8 @@ pub struct TargetState {
     pub transitions: u64,
     /// The result of the last check; empty before the first one.
     pub last_reason: String,
+    /// The result of the last failed check; empty before the first failure.
+    pub last_failure: String,
 }
 
 type Key = (String, IpAddr);
@@ -109,6 +111,7 @@ impl Progress {
                 failures: 0,
                 transitions: 0,
                 last_reason: String::new(),
+                last_failure: String::new(),
             },
             streak: 0,
         }
@@ -120,6 +123,9 @@ impl Progress {
         s.checks += 1;
         s.failures += u64::from(!result.ok);
         s.last_reason.clone_from(&result.reason);
+        if !result.ok {
+            s.last_failure.clone_from(&result.reason);
+        }
         if result.ok == s.up {
             self.streak = 0;
             return None;
@@ -276,6 +282,12 @@ impl CheckResult {
 
 /// Runs one check, bounded as a whole by the configured timeout.
 async fn check(addr: SocketAddr, config: &HealthConfig) -> CheckResult {
+    if config.kind == CheckKind::Udp {
+        return match tokio::time::timeout(config.timeout(), udp_check(addr, config)).await {
+            Ok(result) => result,
+            Err(_) => CheckResult::fail(format_args!("no UDP answer in {}ms", config.timeout_ms)),
+        };
+    }
     let attempt = async {
         let mut stream = TcpStream::connect(addr)
             .await
@@ -283,11 +295,42 @@ async fn check(addr: SocketAddr, config: &HealthConfig) -> CheckResult {
         match config.kind {
             CheckKind::Tcp => Ok(CheckResult::ok("connected")),
             CheckKind::Http => http_get(&mut stream, addr, config.http_path()).await,
+            CheckKind::Udp => unreachable!("checked above"),
         }
     };
     match tokio::time::timeout(config.timeout(), attempt).await {
         Ok(Ok(result)) | Ok(Err(result)) => result,
         Err(_) => CheckResult::fail(format_args!("timeout after {}ms", config.timeout_ms)),
+    }
+}
+
+/// Sends the configured datagram from a connected socket and waits for any answer; a
+/// connected socket hears the ICMP port unreachable as "refused".
+async fn udp_check(addr: SocketAddr, config: &HealthConfig) -> CheckResult {
+    let local: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let attempt = async {
+        let sock = tokio::net::UdpSocket::bind(local)
+            .await
+            .map_err(|e| io_reason("bind", &e))?;
+        sock.connect(addr)
+            .await
+            .map_err(|e| io_reason("connect", &e))?;
+        sock.send(config.udp_payload())
+            .await
+            .map_err(|e| io_reason("send", &e))?;
+        let mut buf = [0u8; 1500];
+        let n = sock
+            .recv(&mut buf)
+            .await
+            .map_err(|e| io_reason("answer", &e))?;
+        Ok(CheckResult::ok(format_args!("answered ({n} bytes)")))
+    };
+    match attempt.await {
+        Ok(r) | Err(r) => r,
     }
 }
 
@@ -387,6 +430,7 @@ mod tests {
             kind,
             path: (kind == CheckKind::Http).then(|| "/health".into()),
             port: None,
+            send: None,
             interval_ms: 20,
             timeout_ms: 50,
             rise,
@@ -507,6 +551,38 @@ mod tests {
         assert_eq!(status_code(b"HTTP/2 200"), None);
         assert_eq!(status_code(b"SSH-2.0-OpenSSH"), None);
         assert_eq!(status_code(b"\xff\xfe"), None);
+    }
+
+    #[tokio::test]
+    async fn udp_check_needs_an_answer() {
+        // An echo server: the payload comes back.
+        let server = tokio::net::UdpSocket::bind((LOCAL, 0)).await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        let echo = tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = server.recv_from(&mut buf).await {
+                assert_eq!(&buf[..n], b"ping");
+                let _ = server.send_to(&buf[..n], from).await;
+            }
+        });
+        let (tx, mut rx) = mpsc::channel(16);
+        let checker = Checker::new(tx);
+        let mut c = config(CheckKind::Udp, 1, 2);
+        c.send = Some("ping".into());
+        checker.set_targets(vec![target(port, c)]);
+        wait_for("two good checks", || state(&checker).checks >= 2).await;
+        let s = state(&checker);
+        assert!(s.up && s.failures == 0, "{s:?}");
+        assert_eq!(s.last_reason, "answered (4 bytes)");
+        assert_eq!(s.last_failure, "");
+
+        // Nothing listens any more: the port unreachable makes the check fail.
+        echo.abort();
+        let _ = echo.await;
+        let down = next_event(&mut rx).await;
+        assert!(!down.up, "{down:?}");
+        assert_eq!(down.reason, "answer refused");
+        assert_eq!(state(&checker).last_failure, "answer refused");
     }
 
     #[tokio::test]

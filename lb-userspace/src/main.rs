@@ -45,6 +45,9 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
         }
         Command::Config(ConfigCmd::Check { file }) => {
             let c = Config::load(&file)?;
+            for w in c.warnings() {
+                eprintln!("lb: warning: {w}");
+            }
             println!(
                 "{}: valid ({} services, {} backends, interfaces {})",
                 file.display(),

@@ -157,6 +157,9 @@ async fn start_dataplane(
     } else {
         info!(pin_dir = %config.agent.pin_dir.display(), "starting a fresh data plane");
     }
+    for w in config.warnings() {
+        warn!("{w}");
+    }
     let mut agent = Agent::new(file, file_agent, config, dp)?;
     agent.apply_node()?;
     // Tables that already match what the configuration gives are left as they are.
@@ -395,7 +398,14 @@ impl Agent {
             .programmer
             .plan(&self.desired(&next), name, &key_of(svc))
         {
-            Ok(p) => Response::Plan(p),
+            Ok(mut p) => {
+                p.warnings = next
+                    .iter()
+                    .find(|s| s.name == name)
+                    .map(crate::config::service_warnings)
+                    .unwrap_or_default();
+                Response::Plan(p)
+            }
             Err(e) => error(chain(&e)),
         }
     }
@@ -437,7 +447,13 @@ impl Agent {
         }
         self.config.services = next;
         self.update_health_targets();
-        let plan = plan.unwrap_or_default();
+        let mut plan = plan.unwrap_or_default();
+        if let Some(s) = self.config.services.iter().find(|s| s.name == name) {
+            plan.warnings = crate::config::service_warnings(s);
+            for w in &plan.warnings {
+                warn!(%caller, "{w}");
+            }
+        }
         info!(
             %caller,
             change = %desired::describe(change),
@@ -481,6 +497,9 @@ impl Agent {
                 return error(e);
             }
         };
+        for w in config.warnings() {
+            warn!("{w}");
+        }
         let mut ignored = reload::ignored(&self.config.node, &config.node, "node");
         ignored.extend(reload::ignored(&self.file_agent, &config.agent, "agent"));
         let mut changed = reload::service_changes(&self.config.services, &config.services);
@@ -609,6 +628,9 @@ impl Agent {
                         checks: check.map_or(0, |t| t.checks),
                         check_failures: check.map_or(0, |t| t.failures),
                         health_transitions: check.map_or(0, |t| t.transitions),
+                        last_failure: check
+                            .map(|t| t.last_failure.clone())
+                            .filter(|f| !f.is_empty()),
                     }
                 })
                 .collect();

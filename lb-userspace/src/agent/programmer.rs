@@ -456,5 +456,6 @@ fn summarize(
             .into_iter()
             .map(|((from, to), buckets)| Move { from, to, buckets })
             .collect(),
+        warnings: Vec::new(),
     }
 }

@@ -255,6 +255,7 @@ fn health_of(s: &crate::api::Status) -> Vec<crate::health::TargetState> {
                     failures: b.check_failures,
                     transitions: b.health_transitions,
                     last_reason: String::new(),
+                    last_failure: b.last_failure.clone().unwrap_or_default(),
                 })
         })
         .collect()
