@@ -203,7 +203,12 @@ pub fn render_reload(r: &ReloadReport) -> String {
     let mut out = if r.changed.is_empty() {
         format!("reloaded {}: no change\n", r.file)
     } else {
-        format!("reloaded {}: {} changes\n", r.file, r.changed.len())
+        let n = r.changed.len();
+        format!(
+            "reloaded {}: {n} change{}\n",
+            r.file,
+            if n == 1 { "" } else { "s" }
+        )
     };
     for c in &r.changed {
         out.push_str(&format!("  changed: {c}\n"));

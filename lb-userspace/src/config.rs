@@ -290,12 +290,13 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The JSON does not fit the format: `field` is where (`services[0].backends[1].weight`),
-    /// `source` says what is wrong there, with the value it found.
-    #[error("{path}: {field}: {source}")]
+    /// `error` says what is wrong there, with the value it found (it is in the message,
+    /// so it is not also a `source`).
+    #[error("{path}: {field}: {error}")]
     Parse {
         path: PathBuf,
         field: String,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error("{path}: invalid configuration:\n  - {}", problems.join("\n  - "))]
     Invalid {
@@ -325,7 +326,7 @@ impl Config {
             ConfigError::Parse {
                 path: path.into(),
                 field,
-                source: e.into_inner(),
+                error: e.into_inner(),
             }
         })?;
         let problems = config.problems();
