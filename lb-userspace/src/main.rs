@@ -10,6 +10,9 @@ use lb::{
     config::Config,
 };
 
+/// The config format's man page (hand-written: it documents the file, not the command line).
+const CONFIG_MAN_PAGE: &str = include_str!("../dist/lb.json.5");
+
 /// `lb reload` applied what it could, but settings that need a restart were left.
 const EXIT_RELOAD_IGNORED: u8 = 3;
 
@@ -67,7 +70,11 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
         Command::Man { dir } => {
             std::fs::create_dir_all(&dir)?;
             clap_mangen::generate_to(Cli::command(), &dir)?;
-            println!("man pages written to {}", dir.display());
+            std::fs::write(dir.join("lb.json.5"), CONFIG_MAN_PAGE)?;
+            println!(
+                "man pages written to {} (lb.1 and its subcommands; lb.json.5, the config format)",
+                dir.display()
+            );
             return Ok(ExitCode::SUCCESS);
         }
         Command::List(ref a) => {
