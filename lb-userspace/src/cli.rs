@@ -166,6 +166,10 @@ pub struct BackendAddArgs {
     /// The datagram a udp check sends (any answer is healthy).
     #[arg(long)]
     pub health_send: Option<String>,
+    /// Check through the tunnel, GUE-encapsulated to the VIP as client packets travel
+    /// (tcp or udp).
+    #[arg(long)]
+    pub health_tunnel: bool,
     #[arg(long, default_value_t = 1000)]
     pub health_interval_ms: u64,
     #[arg(long, default_value_t = 500)]
@@ -221,6 +225,7 @@ impl BackendCmd {
                         path: a.health_path.clone(),
                         port: a.health_port,
                         send: a.health_send.clone(),
+                        tunnel: a.health_tunnel,
                         interval_ms: a.health_interval_ms,
                         timeout_ms: a.health_timeout_ms,
                         rise: a.health_rise,

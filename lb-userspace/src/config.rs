@@ -205,6 +205,10 @@ pub struct HealthConfig {
     /// is healthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send: Option<String>,
+    /// Check through the tunnel: the probe goes to the backend GUE-encapsulated, to the
+    /// VIP, as client packets do (`tcp`: IPv4 VIPs, needs CAP_NET_RAW; `udp`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tunnel: bool,
     #[serde(default = "default_interval_ms")]
     pub interval_ms: u64,
     #[serde(default = "default_timeout_ms")]
@@ -413,6 +417,17 @@ impl Config {
                         b.address
                     ));
                 }
+                let tunnel = b.health.as_ref().is_some_and(|h| h.tunnel);
+                if tunnel
+                    && (s.vip.is_ipv4() && n.address_v4.is_none()
+                        || s.vip.is_ipv6() && n.address_v6.is_none())
+                {
+                    p.push(format!(
+                        "{at}: backend {}: a tunnel check needs the node's address of the VIP's \
+                         family (the probe's source)",
+                        b.address
+                    ));
+                }
                 if b.address.is_ipv6() && n.address_v6.is_none() {
                     p.push(format!(
                         "{at}: backend {} is IPv6 but the node has no address_v6",
@@ -528,6 +543,13 @@ pub fn service_problems(s: &ServiceConfig) -> Vec<String> {
     let mut seen = BTreeSet::new();
     for b in &s.backends {
         p.extend(backend_problems(b));
+        let tunnel = b.health.as_ref().filter(|h| h.tunnel);
+        if tunnel.is_some_and(|h| h.kind == CheckKind::Tcp) && s.vip.is_ipv6() {
+            p.push(format!(
+                "backend {}: TCP tunnel checks are for IPv4 VIPs (use kind \"udp\" or no tunnel)",
+                b.address
+            ));
+        }
         if !seen.insert(b.address) {
             p.push(format!("backend {} is listed twice", b.address));
         }
@@ -580,6 +602,11 @@ pub fn backend_problems(b: &BackendConfig) -> Vec<String> {
                 ));
             }
             _ => {}
+        }
+        if h.tunnel && h.kind == CheckKind::Http {
+            p.push(format!(
+                "backend {a}: health.tunnel is for kinds \"tcp\" and \"udp\""
+            ));
         }
         if h.send.is_some() && h.kind != CheckKind::Udp {
             p.push(format!("backend {a}: health.send is for kind \"udp\" only"));

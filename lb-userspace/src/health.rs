@@ -19,7 +19,10 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+pub use self::tunnel::Tunnel;
 use crate::config::{CheckKind, HealthConfig};
+
+mod tunnel;
 
 /// The most of an HTTP answer read to find its status line.
 const MAX_STATUS_LINE: usize = 1024;
@@ -35,6 +38,8 @@ pub struct Target {
     /// The state a new target starts in. Up, except for a backend the running data
     /// plane already had out of its table: it must pass `rise` checks to come back.
     pub initially_up: bool,
+    /// Check through the tunnel, as client packets travel (`health.tunnel`).
+    pub tunnel: Option<Tunnel>,
 }
 
 impl Target {
@@ -46,6 +51,7 @@ impl Target {
             port: config.port.unwrap_or(service_port),
             config,
             initially_up: true,
+            tunnel: None,
         }
     }
 }
@@ -85,6 +91,7 @@ pub struct Checker {
 
 struct Running {
     port: u16,
+    tunnel: Option<Tunnel>,
     config: HealthConfig,
     progress: Arc<Mutex<Progress>>,
     task: JoinHandle<()>,
@@ -167,7 +174,7 @@ impl Checker {
                 r.task.abort();
                 return false;
             };
-            if t.port == r.port && t.config == r.config {
+            if t.port == r.port && t.config == r.config && t.tunnel == r.tunnel {
                 wanted.remove(key);
                 return true;
             }
@@ -189,6 +196,7 @@ impl Checker {
                 key,
                 Running {
                     port: t.port,
+                    tunnel: t.tunnel,
                     config: t.config,
                     progress,
                     task,
@@ -234,7 +242,10 @@ async fn run(t: Target, progress: Arc<Mutex<Progress>>, events: mpsc::Sender<Hea
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let result = check(addr, &t.config).await;
+        let result = match &t.tunnel {
+            Some(tunnel) => self::tunnel::check(t.backend, t.port, tunnel, &t.config).await,
+            None => check(addr, &t.config).await,
+        };
         let flipped = lock(&progress).record(&result, t.config.rise, t.config.fall);
         let Some(up) = flipped else {
             if !result.ok {
@@ -431,6 +442,7 @@ mod tests {
             path: (kind == CheckKind::Http).then(|| "/health".into()),
             port: None,
             send: None,
+            tunnel: false,
             interval_ms: 20,
             timeout_ms: 50,
             rise,

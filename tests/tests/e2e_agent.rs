@@ -582,6 +582,67 @@ fn commands_survive_restart_and_reload_and_one_agent_runs_per_pin_dir() {
     );
 }
 
+#[test]
+fn tunnel_check_marks_down_a_backend_that_cannot_decapsulate() {
+    if !can_run("tunnel_check_marks_down_a_backend_that_cannot_decapsulate") {
+        return;
+    }
+    let lab = lab(2, 200, 2);
+    // The same service, checked through the tunnel: a SYN to the VIP, GUE-encapsulated.
+    let mut c = lb_config(&lab.topo, 200, 2);
+    for b in c["services"][0]["backends"].as_array_mut().unwrap() {
+        b["health"] = json!({ "kind": "tcp", "tunnel": true, "interval_ms": 200,
+                              "timeout_ms": 150, "rise": 1, "fall": 2 });
+    }
+    lab.lb().write_config(&c).unwrap();
+    let out = lab.lb().ok(&["reload"]).unwrap();
+    println!("{}", out.trim());
+    let health = |i: usize| -> (String, u64, String) {
+        let st = lab.lb().status().unwrap();
+        let b = &st["services"][0]["backends"][i];
+        (
+            b["health"].as_str().unwrap_or("").to_string(),
+            b["checks"].as_u64().unwrap_or(0),
+            b["last_failure"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {}",
+                lab.lb().ok(&["list", "--stats"]).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait("tunnel checks to pass", &|| {
+        (0..2).all(|i| {
+            let (h, checks, fail) = health(i);
+            h == "up" && checks >= 3 && fail.is_empty()
+        })
+    });
+    // Backend 0's program goes away: direct connections to it would still work, client
+    // packets (encapsulated) no longer reach its stack.
+    lab.agents[1].ok(&["detach"]).unwrap();
+    wait("backend 0 down", &|| health(0).0 == "down");
+    let (_, _, reason) = health(0);
+    let list = lab.lb().ok(&["list"]).unwrap();
+    println!("{list}");
+    assert!(reason.contains("does not decapsulate"), "{reason}");
+    assert!(
+        list.contains("last failure: GUE port unreachable"),
+        "{list}"
+    );
+    assert_eq!(health(1).0, "up", "backend 1 still decapsulates");
+    assert_eq!(
+        lab.spread(20).len(),
+        1,
+        "new connections go to backend 1 only"
+    );
+}
+
 /// The services of a status without its counters, which move with traffic and checks.
 fn shape(status: &Value) -> Value {
     let mut s = status["services"].clone();

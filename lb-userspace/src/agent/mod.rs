@@ -342,6 +342,16 @@ impl Agent {
             for b in &s.backends {
                 if let Some(h) = &b.health {
                     let mut t = health::Target::new(&s.name, b.address, s.port, h.clone());
+                    let n = &self.config.node;
+                    let node = match s.vip {
+                        IpAddr::V4(_) => n.address_v4.map(IpAddr::V4),
+                        IpAddr::V6(_) => n.address_v6.map(IpAddr::V6),
+                    };
+                    t.tunnel = node.filter(|_| h.tunnel).map(|node| health::Tunnel {
+                        node,
+                        gue_port: n.gue_port,
+                        vip: s.vip,
+                    });
                     t.initially_up = self.health.get(&(s.name.clone(), b.address)) != Some(&false);
                     targets.push(t);
                 }
