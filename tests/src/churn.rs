@@ -1133,6 +1133,25 @@ impl Lab {
         self.health[i] = None;
     }
 
+    /// Restarts every LB agent (SIGTERM, then a new process with the same file), one after
+    /// the other; returns what each logged about its tables at the start.
+    pub fn restart_lbs(&mut self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for agent in &mut self.lb_agents {
+            agent.terminate()?;
+            let logged = agent.log().len();
+            agent.spawn()?;
+            let log = agent.log();
+            out.extend(
+                log[logged..]
+                    .lines()
+                    .filter(|l| l.contains("table rebuilt") || l.contains("running tables"))
+                    .map(|l| format!("{}: {}", agent.name, l.split("INFO ").last().unwrap_or(l))),
+            );
+        }
+        Ok(out)
+    }
+
     /// Waits until every LB agent reports `backend` with health `want` ("up"/"down") in
     /// every service, at most `timeout`.
     pub fn wait_health(&self, backend: &str, want: &str, timeout: Duration) -> Result<Duration> {
