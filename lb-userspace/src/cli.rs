@@ -3,6 +3,7 @@
 use std::{net::IpAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
+use clap_complete::engine::{ArgValueCandidates, CompletionCandidate};
 
 use crate::{
     api::Change,
@@ -44,6 +45,7 @@ pub enum Command {
     /// Show how a service's buckets are shared among its backends.
     Table {
         /// The service's name.
+        #[arg(add = ArgValueCandidates::new(service_names))]
         service: String,
         #[arg(long)]
         json: bool,
@@ -102,7 +104,10 @@ pub enum ServiceCmd {
     /// Add a service (backends are added with `lb backend add`).
     Add(ServiceAddArgs),
     /// Remove a service: its VIP:port is passed to the stack again.
-    Remove { service: String },
+    Remove {
+        #[arg(add = ArgValueCandidates::new(service_names))]
+        service: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +148,7 @@ pub enum BackendCmd {
 #[derive(Debug, Args)]
 pub struct BackendRef {
     /// The service's name.
+    #[arg(add = ArgValueCandidates::new(service_names))]
     pub service: String,
     /// The backend's address.
     pub address: IpAddr,
@@ -189,6 +195,23 @@ pub enum PlanCmd {
     /// What a backend change would move.
     #[command(subcommand)]
     Backend(BackendCmd),
+}
+
+/// Service names for shell completion, asked of the running agent (`LB_SOCKET` or the
+/// default socket); none when it cannot be reached.
+fn service_names() -> Vec<CompletionCandidate> {
+    let socket = std::env::var_os("LB_SOCKET").map_or_else(
+        || PathBuf::from(crate::config::DEFAULT_API_SOCKET),
+        PathBuf::from,
+    );
+    match crate::client::request(&socket, &crate::api::Request::Status {}) {
+        Ok(crate::api::Response::Status(s)) => s
+            .services
+            .into_iter()
+            .map(|s| CompletionCandidate::new(s.name))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 impl ServiceCmd {

@@ -256,8 +256,11 @@ impl HealthConfig {
 fn default_gue_port() -> u16 {
     DEFAULT_GUE_PORT
 }
+/// Where the API socket is unless `agent.api_socket` says otherwise.
+pub const DEFAULT_API_SOCKET: &str = "/run/lb/lb.sock";
+
 fn default_api_socket() -> PathBuf {
-    PathBuf::from("/run/lb/lb.sock")
+    PathBuf::from(DEFAULT_API_SOCKET)
 }
 fn default_metrics() -> Option<SocketAddr> {
     Some(SocketAddr::from(([127, 0, 0, 1], 9640)))

@@ -17,6 +17,9 @@ const CONFIG_MAN_PAGE: &str = include_str!("../dist/lb.json.5");
 const EXIT_RELOAD_IGNORED: u8 = 3;
 
 fn main() -> ExitCode {
+    // `COMPLETE=bash lb` prints a completion script that asks `lb` itself, so values
+    // such as service names come from the running agent.
+    clap_complete::CompleteEnv::with_factory(Cli::command).complete();
     let matches = Cli::command().get_matches();
     // The agent takes `--socket` only when it was given (flag or LB_SOCKET), not its
     // default: the file's `agent.api_socket` holds otherwise.
