@@ -532,6 +532,45 @@ fn commands_survive_restart_and_reload_and_one_agent_runs_per_pin_dir() {
     );
     assert_eq!(lab.lb().ok(&["table", "web", "--json"]).unwrap(), table);
 
+    // Another pin directory but the same socket: refused, the socket stays the first's.
+    let dir = tempdir(&lab.topo.id);
+    let mut other: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    other["agent"]["pin_dir"] = json!(format!("/sys/fs/bpf/{}-other", lab.topo.id));
+    other["agent"]["metrics"] = Value::Null;
+    let other_path = dir.join("other.json");
+    std::fs::write(&other_path, serde_json::to_vec(&other).unwrap()).unwrap();
+    let out = lab
+        .lb()
+        .run_in_ns(&["agent", "--config", other_path.to_str().unwrap()])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("agent on a live socket: {}", err.trim());
+    assert!(
+        !out.status.success() && err.contains("another agent answers on"),
+        "{err}"
+    );
+    let other_pins = other["agent"]["pin_dir"].as_str().unwrap();
+    assert!(
+        !std::path::Path::new(other_pins).exists(),
+        "the refused agent left {other_pins}"
+    );
+    assert_eq!(lab.lb().ok(&["table", "web", "--json"]).unwrap(), table);
+
+    // `ip netns exec` gives a mount namespace of its own: refused, with the way that works.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.topo.lbs[0].ns.name()])
+        .arg(tests::agent::lb_binary())
+        .args(["agent", "--config", &config])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("ip netns exec: {}", err.trim());
+    assert!(
+        !out.status.success() && err.contains("nsenter --net=/run/netns/NAME"),
+        "{err}"
+    );
+    assert_eq!(lab.lb().ok(&["table", "web", "--json"]).unwrap(), table);
+
     // Restart: the drain holds and no bucket moves.
     lab.agents[0].terminate().unwrap();
     let logged = lab.lb().log().len();
@@ -560,7 +599,6 @@ fn commands_survive_restart_and_reload_and_one_agent_runs_per_pin_dir() {
     );
 
     // A failed start leaves no pins behind.
-    let dir = tempdir(&lab.topo.id);
     let pin_dir = format!("/sys/fs/bpf/{}-failed", lab.topo.id);
     let bad = json!({
         "node": { "interfaces": ["nosuchif0"], "address_v4": "10.9.9.9" },
