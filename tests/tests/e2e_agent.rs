@@ -621,6 +621,50 @@ fn commands_survive_restart_and_reload_and_one_agent_runs_per_pin_dir() {
 }
 
 #[test]
+fn the_agent_runs_without_root_with_three_capabilities() {
+    if !can_run("the_agent_runs_without_root_with_three_capabilities") {
+        return;
+    }
+    let mut lab = lab(2, 200, 2);
+    // The root agent goes with its pins; one as `nobody` takes its place.
+    lab.agents.remove(0);
+    const NOBODY: u32 = 65534;
+    let lb = Agent::start_as(
+        &lab.topo.id,
+        &lab.topo.lbs[0],
+        lb_config(&lab.topo, 200, 2),
+        Some(NOBODY),
+    )
+    .unwrap();
+    lab.agents.insert(0, lb);
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", lab.lb().pid().unwrap())).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .unwrap_or("")
+            .to_string()
+    };
+    println!("{}\n{}", field("Uid:"), field("CapEff:"));
+    assert!(field("Uid:").contains(&NOBODY.to_string()), "{status}");
+    assert_eq!(lab.spread(20).len(), 2, "forwards to both backends");
+    let b0 = lab.topo.backends[0].v4.to_string();
+    lab.lb().ok(&["backend", "drain", "web", &b0]).unwrap();
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(&lab.lb().config_path).unwrap()).unwrap();
+    assert_eq!(
+        file["services"][0]["backends"][0]["drain"], true,
+        "saved: {file}"
+    );
+    assert_eq!(
+        lab.spread(20).len(),
+        1,
+        "the drained backend gets no new connections"
+    );
+}
+
+#[test]
 fn tunnel_check_marks_down_a_backend_that_cannot_decapsulate() {
     if !can_run("tunnel_check_marks_down_a_backend_that_cannot_decapsulate") {
         return;
