@@ -107,10 +107,16 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
         Command::Reload => Request::Reload {},
         Command::Detach => Request::Detach {},
     };
-    if let Request::Plan { change } | Request::Apply { change } = &req {
+    let resp = client::request(&cli.socket, &req)?;
+    // Warned only for a change the agent accepts (or would).
+    if let (
+        Request::Plan { change } | Request::Apply { change },
+        Response::Plan(_) | Response::Applied(_),
+    ) = (&req, &resp)
+    {
         warn_empty_service(change);
     }
-    Ok(match client::request(&cli.socket, &req)? {
+    Ok(match resp {
         Response::Plan(p) => print(&client::render_plan(&p, false)),
         Response::Applied(p) => print(&client::render_plan(&p, true)),
         Response::Done { message } => print(&message),

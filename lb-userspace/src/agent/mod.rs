@@ -61,6 +61,11 @@ pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()
         config.agent.api_socket = s;
     }
     let pin_dir = config.agent.pin_dir.clone();
+    // Handled from here on: a SIGTERM during the start takes effect once the start is
+    // complete, instead of killing the process with half its pins made.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     crate::bpffs::ensure_mounted(&pin_dir)?;
     // Before anything is touched: one agent per pin directory.
     let lock = lock::acquire(&pin_dir)?;
@@ -89,9 +94,7 @@ pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()
             return Err(e);
         }
     };
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    server.ready();
     info!("agent ready");
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     let (event_tx, mut events) = mpsc::channel::<HealthEvent>(256);

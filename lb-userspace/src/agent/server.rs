@@ -7,7 +7,7 @@ use std::{
     os::unix::fs::MetadataExt,
     path::Path,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
 };
@@ -37,6 +37,9 @@ pub struct Server {
     /// Connections with a request in flight: their answers are written before the
     /// agent ends.
     busy: Arc<AtomicUsize>,
+    /// Set once the agent serves: until then requests are answered "still starting"
+    /// at once rather than left waiting while the program loads.
+    ready: Arc<AtomicBool>,
 }
 
 impl Drop for Server {
@@ -49,6 +52,11 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// The agent has started: requests go to it from now on.
+    pub fn ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
     /// Stops accepting and waits (a bounded time) until every request taken has been
     /// answered, so a client is never left without its answer (`lb detach`).
     pub async fn finish(self) {
@@ -151,12 +159,13 @@ pub fn start(path: &Path, access: Access, calls: mpsc::Sender<Call>) -> Result<S
     let id = file_id(path).with_context(|| format!("{} vanished", path.display()))?;
     info!(socket = %path.display(), "API listening");
     let busy = Arc::new(AtomicUsize::new(0));
-    let b = busy.clone();
+    let ready = Arc::new(AtomicBool::new(false));
+    let (b, r) = (busy.clone(), ready.clone());
     let task = tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, access, calls.clone(), b.clone()));
+                    tokio::spawn(serve(stream, access, calls.clone(), b.clone(), r.clone()));
                 }
                 Err(e) => warn!("API accept failed: {e}"),
             }
@@ -167,6 +176,7 @@ pub fn start(path: &Path, access: Access, calls: mpsc::Sender<Call>) -> Result<S
         path: path.to_path_buf(),
         id,
         busy,
+        ready,
     })
 }
 
@@ -175,6 +185,7 @@ async fn serve(
     access: Access,
     calls: mpsc::Sender<Call>,
     busy: Arc<AtomicUsize>,
+    ready: Arc<AtomicBool>,
 ) {
     let cred = stream.peer_cred().ok();
     let caller = Caller {
@@ -188,8 +199,9 @@ async fn serve(
         let _ = reply(
             &mut write,
             &Response::Error {
-                message: "permission denied: the lb API is for root (and a configured \
-                          read-only group)"
+                message: "permission denied: the lb API is for root only (and the agent's \
+                          own user; members of agent.api_read_only_group may list, show \
+                          tables and plan)"
                     .into(),
             },
         )
@@ -207,6 +219,11 @@ async fn serve(
                         .into(),
                 }
             }
+            Ok(_) if !ready.load(Ordering::Acquire) => Response::Error {
+                message: "the agent is still starting (loading the program, writing the \
+                          tables); try again in a moment"
+                    .into(),
+            },
             Ok(req) => call(&calls, req, caller).await,
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
