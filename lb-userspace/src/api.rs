@@ -28,6 +28,16 @@ pub enum Request {
     Detach {},
 }
 
+impl Request {
+    /// Whether the request only reads (allowed to the read-only API group).
+    pub fn changes_nothing(&self) -> bool {
+        matches!(
+            self,
+            Request::Status {} | Request::Table { .. } | Request::Plan { .. }
+        )
+    }
+}
+
 /// A change to the service set.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -71,9 +81,22 @@ pub enum Response {
     Done {
         message: String,
     },
+    /// A reload was applied: what changed, and what waits for a restart.
+    Reloaded(ReloadReport),
     Error {
         message: String,
     },
+}
+
+/// What a reload did.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct ReloadReport {
+    pub file: String,
+    /// One line per change applied (services, backends, their tables, `backend_vips`).
+    pub changed: Vec<String>,
+    /// One line per setting that differs from the running one but takes effect only
+    /// with a restart (`node`, `agent`).
+    pub ignored: Vec<String>,
 }
 
 /// Everything `lb list` shows.
@@ -132,6 +155,10 @@ pub struct BackendStatus {
     pub check_failures: u64,
     /// Up/down transitions since the agent started.
     pub health_transitions: u64,
+    /// Why the most recent failed check failed ("connect refused", "timeout after
+    /// 500ms"); absent when no check has failed since the agent started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<String>,
 }
 
 /// `lb table SERVICE`.
@@ -161,6 +188,9 @@ pub struct PlanSummary {
     pub buckets: u32,
     pub moved: u32,
     pub moves: Vec<Move>,
+    /// What is allowed but likely wrong in the service after the change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

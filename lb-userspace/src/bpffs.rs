@@ -20,6 +20,16 @@ pub fn ensure_mounted(pin_dir: &Path) -> Result<()> {
     if is_bpffs(Path::new(BPFFS))? {
         return Ok(());
     }
+    if let Some(parent) = private_mount_namespace() {
+        bail!(
+            "no bpffs at {BPFFS}, and lb agent runs in a mount namespace of its own \
+             (`ip netns exec` makes one): a bpffs mounted here would vanish with the \
+             namespace and take the pinned program with it, or miss the pins already on the \
+             host. Enter only the network namespace instead: \
+             `nsenter --net=/run/netns/NAME lb agent --config FILE` (parent PID {parent} \
+             is in another mount namespace)"
+        );
+    }
     let (src, dst, fstype) = (
         CString::new("bpf")?,
         CString::new(BPFFS)?,
@@ -40,6 +50,16 @@ pub fn ensure_mounted(pin_dir: &Path) -> Result<()> {
     }
     tracing::info!("mounted bpffs at {BPFFS}");
     Ok(())
+}
+
+/// The parent's PID when this process is in another mount namespace than its parent
+/// (as after `ip netns exec`); `None` when they share one or it cannot be told.
+fn private_mount_namespace() -> Option<u32> {
+    // SAFETY: getppid cannot fail.
+    let parent = unsafe { libc::getppid() } as u32;
+    let own = std::fs::read_link("/proc/self/ns/mnt").ok()?;
+    let theirs = std::fs::read_link(format!("/proc/{parent}/ns/mnt")).ok()?;
+    (own != theirs).then_some(parent)
 }
 
 fn is_bpffs(path: &Path) -> Result<bool> {

@@ -3,6 +3,7 @@
 use std::{net::IpAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
+use clap_complete::engine::{ArgValueCandidates, CompletionCandidate};
 
 use crate::{
     api::Change,
@@ -44,6 +45,7 @@ pub enum Command {
     /// Show how a service's buckets are shared among its backends.
     Table {
         /// The service's name.
+        #[arg(add = ArgValueCandidates::new(service_names))]
         service: String,
         #[arg(long)]
         json: bool,
@@ -102,7 +104,10 @@ pub enum ServiceCmd {
     /// Add a service (backends are added with `lb backend add`).
     Add(ServiceAddArgs),
     /// Remove a service: its VIP:port is passed to the stack again.
-    Remove { service: String },
+    Remove {
+        #[arg(add = ArgValueCandidates::new(service_names))]
+        service: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +148,7 @@ pub enum BackendCmd {
 #[derive(Debug, Args)]
 pub struct BackendRef {
     /// The service's name.
+    #[arg(add = ArgValueCandidates::new(service_names))]
     pub service: String,
     /// The backend's address.
     pub address: IpAddr,
@@ -154,7 +160,7 @@ pub struct BackendAddArgs {
     pub at: BackendRef,
     #[arg(long, default_value_t = 100)]
     pub weight: u32,
-    /// Health check: tcp or http (none when absent).
+    /// Health check: tcp, http or udp (none when absent).
     #[arg(long)]
     pub health: Option<CheckKind>,
     /// Port to check (the service port when absent).
@@ -163,6 +169,13 @@ pub struct BackendAddArgs {
     /// HTTP path to check.
     #[arg(long)]
     pub health_path: Option<String>,
+    /// The datagram a udp check sends (any answer is healthy).
+    #[arg(long)]
+    pub health_send: Option<String>,
+    /// Check through the tunnel, GUE-encapsulated to the VIP as client packets travel
+    /// (tcp or udp).
+    #[arg(long)]
+    pub health_tunnel: bool,
     #[arg(long, default_value_t = 1000)]
     pub health_interval_ms: u64,
     #[arg(long, default_value_t = 500)]
@@ -184,14 +197,20 @@ pub enum PlanCmd {
     Backend(BackendCmd),
 }
 
-impl std::str::FromStr for CheckKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "tcp" => Ok(CheckKind::Tcp),
-            "http" => Ok(CheckKind::Http),
-            _ => Err(format!("unknown health check {s:?} (tcp or http)")),
-        }
+/// Service names for shell completion, asked of the running agent (`LB_SOCKET` or the
+/// default socket); none when it cannot be reached.
+fn service_names() -> Vec<CompletionCandidate> {
+    let socket = std::env::var_os("LB_SOCKET").map_or_else(
+        || PathBuf::from(crate::config::DEFAULT_API_SOCKET),
+        PathBuf::from,
+    );
+    match crate::client::request(&socket, &crate::api::Request::Status {}) {
+        Ok(crate::api::Response::Status(s)) => s
+            .services
+            .into_iter()
+            .map(|s| CompletionCandidate::new(s.name))
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -228,6 +247,8 @@ impl BackendCmd {
                         kind,
                         path: a.health_path.clone(),
                         port: a.health_port,
+                        send: a.health_send.clone(),
+                        tunnel: a.health_tunnel,
                         interval_ms: a.health_interval_ms,
                         timeout_ms: a.health_timeout_ms,
                         rise: a.health_rise,
@@ -309,6 +330,6 @@ mod tests {
             "sctp",
         ])
         .unwrap_err();
-        assert!(e.to_string().contains("unknown protocol"), "{e}");
+        assert!(e.to_string().contains("[possible values: tcp, udp]"), "{e}");
     }
 }

@@ -8,21 +8,22 @@ use std::{
 };
 
 use crate::api::{
-    BackendStatus, Health, PlanSummary, Request, Response, ServiceStatus, Status, TableSummary,
+    BackendStatus, Health, PlanSummary, ReloadReport, Request, Response, ServiceStatus, Status,
+    TableSummary,
 };
 
 /// Errors of talking to the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the agent at {path}: {source} (is `lb agent` running? are you root?)")]
+    #[error("cannot reach the agent at {path} (is `lb agent` running? are you root?)")]
     Connect {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("talking to the agent: {0}")]
+    #[error("talking to the agent")]
     Io(#[from] std::io::Error),
-    #[error("the agent's answer is not understood: {0}")]
+    #[error("the agent's answer is not understood")]
     Decode(#[from] serde_json::Error),
     #[error("the agent closed the connection without answering")]
     NoAnswer,
@@ -122,6 +123,14 @@ pub fn render_status(s: &Status, stats: bool, exact: bool) -> String {
                     human(b.check_failures, exact)
                 ));
             }
+            // Why a backend is down (or, with --stats, why its last check failed).
+            if let Some(f) = b
+                .last_failure
+                .as_ref()
+                .filter(|_| stats || b.health == Health::Down)
+            {
+                out.push_str(&format!("  last failure: {f}"));
+            }
             out.push('\n');
         }
     }
@@ -181,6 +190,9 @@ pub fn render_plan(p: &PlanSummary, applied: bool) -> String {
         100.0 * f64::from(p.moved) / f64::from(p.buckets.max(1))
     );
     let name = |a: &Option<std::net::IpAddr>| a.map_or("(none)".to_string(), |a| a.to_string());
+    for w in &p.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
     for m in &p.moves {
         out.push_str(&format!(
             "  {:<26} -> {:<26} {:>8}\n",
@@ -188,6 +200,27 @@ pub fn render_plan(p: &PlanSummary, applied: bool) -> String {
             name(&m.to),
             m.buckets
         ));
+    }
+    out
+}
+
+/// `lb reload`: what changed, and what waits for a restart.
+pub fn render_reload(r: &ReloadReport) -> String {
+    let mut out = if r.changed.is_empty() {
+        format!("reloaded {}: no change\n", r.file)
+    } else {
+        let n = r.changed.len();
+        format!(
+            "reloaded {}: {n} change{}\n",
+            r.file,
+            if n == 1 { "" } else { "s" }
+        )
+    };
+    for c in &r.changed {
+        out.push_str(&format!("  changed: {c}\n"));
+    }
+    for i in &r.ignored {
+        out.push_str(&format!("  ignored: {i}\n"));
     }
     out
 }

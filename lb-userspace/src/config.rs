@@ -81,6 +81,10 @@ pub struct AgentConfig {
     /// Entries of the shared bucket map (all tables, double-buffered).
     #[serde(default = "default_bucket_slots")]
     pub bucket_slots: u32,
+    /// A group whose members (by primary group) may use the API's read-only requests
+    /// (list, table, plan); the socket is then mode 0660 and owned by that group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_read_only_group: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -90,12 +94,25 @@ impl Default for AgentConfig {
             metrics: default_metrics(),
             pin_dir: default_pin_dir(),
             bucket_slots: default_bucket_slots(),
+            api_read_only_group: None,
         }
     }
 }
 
 /// Transport protocol of a service.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Deserialize,
+    Serialize,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -184,6 +201,14 @@ pub struct HealthConfig {
     /// Port to check; the service port when absent.
     #[serde(default)]
     pub port: Option<u16>,
+    /// The datagram a `udp` check sends (text; `lb-health-check` when unset). Any answer
+    /// is healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send: Option<String>,
+    /// Check through the tunnel: the probe goes to the backend GUE-encapsulated, to the
+    /// VIP, as client packets do (`tcp`: IPv4 VIPs, needs CAP_NET_RAW; `udp`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tunnel: bool,
     #[serde(default = "default_interval_ms")]
     pub interval_ms: u64,
     #[serde(default = "default_timeout_ms")]
@@ -197,16 +222,24 @@ pub struct HealthConfig {
 }
 
 /// What a health check does.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {
     /// A TCP connect.
     Tcp,
     /// An HTTP GET whose status must be 2xx or 3xx.
     Http,
+    /// A UDP datagram (`send`) that must be answered; an ICMP port unreachable or no
+    /// answer within the timeout is a failure.
+    Udp,
 }
 
 impl HealthConfig {
+    /// The datagram a `udp` check sends.
+    pub fn udp_payload(&self) -> &[u8] {
+        self.send.as_deref().unwrap_or("lb-health-check").as_bytes()
+    }
+
     /// The HTTP path to get (`/` when unset).
     pub fn http_path(&self) -> &str {
         self.path.as_deref().unwrap_or("/")
@@ -223,8 +256,11 @@ impl HealthConfig {
 fn default_gue_port() -> u16 {
     DEFAULT_GUE_PORT
 }
+/// Where the API socket is unless `agent.api_socket` says otherwise.
+pub const DEFAULT_API_SOCKET: &str = "/run/lb/lb.sock";
+
 fn default_api_socket() -> PathBuf {
-    PathBuf::from("/run/lb/lb.sock")
+    PathBuf::from(DEFAULT_API_SOCKET)
 }
 fn default_metrics() -> Option<SocketAddr> {
     Some(SocketAddr::from(([127, 0, 0, 1], 9640)))
@@ -260,11 +296,14 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a valid configuration")]
+    /// The JSON does not fit the format: `field` is where (`services[0].backends[1].weight`),
+    /// `error` says what is wrong there, with the value it found (it is in the message,
+    /// so it is not also a `source`).
+    #[error("{path}: {field}: {error}")]
     Parse {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        field: String,
+        error: serde_json::Error,
     },
     #[error("{path}: invalid configuration:\n  - {}", problems.join("\n  - "))]
     Invalid {
@@ -276,13 +315,26 @@ pub enum ConfigError {
 impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read(path).map_err(|source| ConfigError::Read {
             path: path.into(),
             source,
         })?;
-        let config: Config = serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.into(),
-            source,
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates the contents of `path`.
+    pub fn parse(path: &Path, text: &[u8]) -> Result<Config, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_slice(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = match e.path().to_string() {
+                p if p == "." => "(top level)".to_string(),
+                p => p,
+            };
+            ConfigError::Parse {
+                path: path.into(),
+                field,
+                error: e.into_inner(),
+            }
         })?;
         let problems = config.problems();
         if problems.is_empty() {
@@ -389,6 +441,17 @@ impl Config {
                         b.address
                     ));
                 }
+                let tunnel = b.health.as_ref().is_some_and(|h| h.tunnel);
+                if tunnel
+                    && (s.vip.is_ipv4() && n.address_v4.is_none()
+                        || s.vip.is_ipv6() && n.address_v6.is_none())
+                {
+                    p.push(format!(
+                        "{at}: backend {}: a tunnel check needs the node's address of the VIP's \
+                         family (the probe's source)",
+                        b.address
+                    ));
+                }
                 if b.address.is_ipv6() && n.address_v6.is_none() {
                     p.push(format!(
                         "{at}: backend {} is IPv6 but the node has no address_v6",
@@ -420,6 +483,44 @@ impl Config {
             }
         }
         p
+    }
+}
+
+/// What is allowed but likely wrong in a service: a check of the service's own port with
+/// the other protocol (a TCP check of a UDP service fails forever, and the reverse).
+pub fn service_warnings(s: &ServiceConfig) -> Vec<String> {
+    let mut w = Vec::new();
+    for b in &s.backends {
+        let Some(h) = &b.health else { continue };
+        let check_proto = match h.kind {
+            CheckKind::Tcp | CheckKind::Http => Protocol::Tcp,
+            CheckKind::Udp => Protocol::Udp,
+        };
+        if h.port.is_none() && check_proto != s.protocol {
+            w.push(format!(
+                "service {}: backend {}: a {} check of the {} service's own port {} fails \
+                 unless something answers {} there; use kind {:?} or set health.port",
+                s.name,
+                b.address,
+                format!("{:?}", h.kind).to_lowercase(),
+                s.protocol,
+                s.port,
+                check_proto,
+                if s.protocol == Protocol::Udp {
+                    "udp"
+                } else {
+                    "tcp"
+                }
+            ));
+        }
+    }
+    w
+}
+
+impl Config {
+    /// Every warning of `service_warnings`, for all services.
+    pub fn warnings(&self) -> Vec<String> {
+        self.services.iter().flat_map(service_warnings).collect()
     }
 }
 
@@ -466,6 +567,13 @@ pub fn service_problems(s: &ServiceConfig) -> Vec<String> {
     let mut seen = BTreeSet::new();
     for b in &s.backends {
         p.extend(backend_problems(b));
+        let tunnel = b.health.as_ref().filter(|h| h.tunnel);
+        if tunnel.is_some_and(|h| h.kind == CheckKind::Tcp) && s.vip.is_ipv6() {
+            p.push(format!(
+                "backend {}: TCP tunnel checks are for IPv4 VIPs (use kind \"udp\" or no tunnel)",
+                b.address
+            ));
+        }
         if !seen.insert(b.address) {
             p.push(format!("backend {} is listed twice", b.address));
         }
@@ -512,12 +620,26 @@ pub fn backend_problems(b: &BackendConfig) -> Vec<String> {
                     "backend {a}: health.path {path:?} must start with '/' and hold no spaces"
                 ));
             }
-            (CheckKind::Tcp, Some(_)) => {
+            (CheckKind::Tcp | CheckKind::Udp, Some(_)) => {
                 p.push(format!(
                     "backend {a}: health.path is for kind \"http\" only"
                 ));
             }
             _ => {}
+        }
+        if h.tunnel && h.kind == CheckKind::Http {
+            p.push(format!(
+                "backend {a}: health.tunnel is for kinds \"tcp\" and \"udp\""
+            ));
+        }
+        if h.send.is_some() && h.kind != CheckKind::Udp {
+            p.push(format!("backend {a}: health.send is for kind \"udp\" only"));
+        }
+        if h.send
+            .as_ref()
+            .is_some_and(|s| s.is_empty() || s.len() > 1024)
+        {
+            p.push(format!("backend {a}: health.send must be 1 to 1024 bytes"));
         }
     }
     p

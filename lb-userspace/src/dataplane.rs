@@ -40,7 +40,7 @@ pub enum DataplaneError {
     },
     #[error("map {name} is missing from the object")]
     MissingMap { name: &'static str },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]

@@ -19,7 +19,10 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+pub use self::tunnel::Tunnel;
 use crate::config::{CheckKind, HealthConfig};
+
+mod tunnel;
 
 /// The most of an HTTP answer read to find its status line.
 const MAX_STATUS_LINE: usize = 1024;
@@ -35,6 +38,8 @@ pub struct Target {
     /// The state a new target starts in. Up, except for a backend the running data
     /// plane already had out of its table: it must pass `rise` checks to come back.
     pub initially_up: bool,
+    /// Check through the tunnel, as client packets travel (`health.tunnel`).
+    pub tunnel: Option<Tunnel>,
 }
 
 impl Target {
@@ -46,6 +51,7 @@ impl Target {
             port: config.port.unwrap_or(service_port),
             config,
             initially_up: true,
+            tunnel: None,
         }
     }
 }
@@ -71,6 +77,8 @@ pub struct TargetState {
     pub transitions: u64,
     /// The result of the last check; empty before the first one.
     pub last_reason: String,
+    /// The result of the last failed check; empty before the first failure.
+    pub last_failure: String,
 }
 
 type Key = (String, IpAddr);
@@ -83,6 +91,7 @@ pub struct Checker {
 
 struct Running {
     port: u16,
+    tunnel: Option<Tunnel>,
     config: HealthConfig,
     progress: Arc<Mutex<Progress>>,
     task: JoinHandle<()>,
@@ -109,6 +118,7 @@ impl Progress {
                 failures: 0,
                 transitions: 0,
                 last_reason: String::new(),
+                last_failure: String::new(),
             },
             streak: 0,
         }
@@ -120,6 +130,9 @@ impl Progress {
         s.checks += 1;
         s.failures += u64::from(!result.ok);
         s.last_reason.clone_from(&result.reason);
+        if !result.ok {
+            s.last_failure.clone_from(&result.reason);
+        }
         if result.ok == s.up {
             self.streak = 0;
             return None;
@@ -161,7 +174,7 @@ impl Checker {
                 r.task.abort();
                 return false;
             };
-            if t.port == r.port && t.config == r.config {
+            if t.port == r.port && t.config == r.config && t.tunnel == r.tunnel {
                 wanted.remove(key);
                 return true;
             }
@@ -183,6 +196,7 @@ impl Checker {
                 key,
                 Running {
                     port: t.port,
+                    tunnel: t.tunnel,
                     config: t.config,
                     progress,
                     task,
@@ -228,7 +242,10 @@ async fn run(t: Target, progress: Arc<Mutex<Progress>>, events: mpsc::Sender<Hea
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let result = check(addr, &t.config).await;
+        let result = match &t.tunnel {
+            Some(tunnel) => self::tunnel::check(t.backend, t.port, tunnel, &t.config).await,
+            None => check(addr, &t.config).await,
+        };
         let flipped = lock(&progress).record(&result, t.config.rise, t.config.fall);
         let Some(up) = flipped else {
             if !result.ok {
@@ -276,6 +293,12 @@ impl CheckResult {
 
 /// Runs one check, bounded as a whole by the configured timeout.
 async fn check(addr: SocketAddr, config: &HealthConfig) -> CheckResult {
+    if config.kind == CheckKind::Udp {
+        return match tokio::time::timeout(config.timeout(), udp_check(addr, config)).await {
+            Ok(result) => result,
+            Err(_) => CheckResult::fail(format_args!("no UDP answer in {}ms", config.timeout_ms)),
+        };
+    }
     let attempt = async {
         let mut stream = TcpStream::connect(addr)
             .await
@@ -283,11 +306,42 @@ async fn check(addr: SocketAddr, config: &HealthConfig) -> CheckResult {
         match config.kind {
             CheckKind::Tcp => Ok(CheckResult::ok("connected")),
             CheckKind::Http => http_get(&mut stream, addr, config.http_path()).await,
+            CheckKind::Udp => unreachable!("checked above"),
         }
     };
     match tokio::time::timeout(config.timeout(), attempt).await {
         Ok(Ok(result)) | Ok(Err(result)) => result,
         Err(_) => CheckResult::fail(format_args!("timeout after {}ms", config.timeout_ms)),
+    }
+}
+
+/// Sends the configured datagram from a connected socket and waits for any answer; a
+/// connected socket hears the ICMP port unreachable as "refused".
+async fn udp_check(addr: SocketAddr, config: &HealthConfig) -> CheckResult {
+    let local: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let attempt = async {
+        let sock = tokio::net::UdpSocket::bind(local)
+            .await
+            .map_err(|e| io_reason("bind", &e))?;
+        sock.connect(addr)
+            .await
+            .map_err(|e| io_reason("connect", &e))?;
+        sock.send(config.udp_payload())
+            .await
+            .map_err(|e| io_reason("send", &e))?;
+        let mut buf = [0u8; 1500];
+        let n = sock
+            .recv(&mut buf)
+            .await
+            .map_err(|e| io_reason("answer", &e))?;
+        Ok(CheckResult::ok(format_args!("answered ({n} bytes)")))
+    };
+    match attempt.await {
+        Ok(r) | Err(r) => r,
     }
 }
 
@@ -387,6 +441,8 @@ mod tests {
             kind,
             path: (kind == CheckKind::Http).then(|| "/health".into()),
             port: None,
+            send: None,
+            tunnel: false,
             interval_ms: 20,
             timeout_ms: 50,
             rise,
@@ -507,6 +563,38 @@ mod tests {
         assert_eq!(status_code(b"HTTP/2 200"), None);
         assert_eq!(status_code(b"SSH-2.0-OpenSSH"), None);
         assert_eq!(status_code(b"\xff\xfe"), None);
+    }
+
+    #[tokio::test]
+    async fn udp_check_needs_an_answer() {
+        // An echo server: the payload comes back.
+        let server = tokio::net::UdpSocket::bind((LOCAL, 0)).await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        let echo = tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = server.recv_from(&mut buf).await {
+                assert_eq!(&buf[..n], b"ping");
+                let _ = server.send_to(&buf[..n], from).await;
+            }
+        });
+        let (tx, mut rx) = mpsc::channel(16);
+        let checker = Checker::new(tx);
+        let mut c = config(CheckKind::Udp, 1, 2);
+        c.send = Some("ping".into());
+        checker.set_targets(vec![target(port, c)]);
+        wait_for("two good checks", || state(&checker).checks >= 2).await;
+        let s = state(&checker);
+        assert!(s.up && s.failures == 0, "{s:?}");
+        assert_eq!(s.last_reason, "answered (4 bytes)");
+        assert_eq!(s.last_failure, "");
+
+        // Nothing listens any more: the port unreachable makes the check fail.
+        echo.abort();
+        let _ = echo.await;
+        let down = next_event(&mut rx).await;
+        assert!(!down.up, "{down:?}");
+        assert_eq!(down.reason, "answer refused");
+        assert_eq!(state(&checker).last_failure, "answer refused");
     }
 
     #[tokio::test]

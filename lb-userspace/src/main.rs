@@ -2,17 +2,36 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser};
+use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
 use lb::{
-    api::{Request, Response},
+    api::{Change, Request, Response},
     cli::{Cli, Command, ConfigCmd},
     client,
     config::Config,
 };
 
+/// The config format's man page (hand-written: it documents the file, not the command line).
+const CONFIG_MAN_PAGE: &str = include_str!("../dist/lb.json.5");
+
+/// `lb reload` applied what it could, but settings that need a restart were left.
+const EXIT_RELOAD_IGNORED: u8 = 3;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    // `COMPLETE=bash lb` prints a completion script that asks `lb` itself, so values
+    // such as service names come from the running agent.
+    clap_complete::CompleteEnv::with_factory(Cli::command).complete();
+    let matches = Cli::command().get_matches();
+    // The agent takes `--socket` only when it was given (flag or LB_SOCKET), not its
+    // default: the file's `agent.api_socket` holds otherwise.
+    let socket_given = matches!(
+        matches.value_source("socket"),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    );
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match run(cli, socket_given) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("lb: {e:#}");
@@ -21,16 +40,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
     let req = match cli.command {
         Command::Agent(args) => {
             init_logging();
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(lb::agent::run(args.config))?;
+            let socket = socket_given.then(|| cli.socket.clone());
+            rt.block_on(lb::agent::run(args.config, socket))?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Config(ConfigCmd::Check { file }) => {
             let c = Config::load(&file)?;
+            for w in c.warnings() {
+                eprintln!("lb: warning: {w}");
+            }
             println!(
                 "{}: valid ({} services, {} backends, interfaces {})",
                 file.display(),
@@ -50,7 +73,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Man { dir } => {
             std::fs::create_dir_all(&dir)?;
             clap_mangen::generate_to(Cli::command(), &dir)?;
-            println!("man pages written to {}", dir.display());
+            std::fs::write(dir.join("lb.json.5"), CONFIG_MAN_PAGE)?;
+            println!(
+                "man pages written to {} (lb.1 and its subcommands; lb.json.5, the config format)",
+                dir.display()
+            );
             return Ok(ExitCode::SUCCESS);
         }
         Command::List(ref a) => {
@@ -80,12 +107,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reload => Request::Reload {},
         Command::Detach => Request::Detach {},
     };
-    Ok(match client::request(&cli.socket, &req)? {
+    let resp = client::request(&cli.socket, &req)?;
+    // Warned only for a change the agent accepts (or would).
+    if let (
+        Request::Plan { change } | Request::Apply { change },
+        Response::Plan(_) | Response::Applied(_),
+    ) = (&req, &resp)
+    {
+        warn_empty_service(change);
+    }
+    Ok(match resp {
         Response::Plan(p) => print(&client::render_plan(&p, false)),
         Response::Applied(p) => print(&client::render_plan(&p, true)),
         Response::Done { message } => print(&message),
+        Response::Reloaded(r) => {
+            print(&client::render_reload(&r));
+            if r.ignored.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_RELOAD_IGNORED)
+            }
+        }
         other => unexpected(other),
     })
+}
+
+/// A service without backends drops what reaches its VIP: say so before it is made.
+fn warn_empty_service(change: &Change) {
+    if let Change::ServiceAdd { service } = change {
+        if service.backends.is_empty() {
+            eprintln!(
+                "lb: warning: service {} has no backends: packets to {} {}:{} are dropped \
+                 (counted as drop_no_backend) until one is added with `lb backend add {} ADDRESS`",
+                service.name, service.protocol, service.vip, service.port, service.name
+            );
+        }
+    }
 }
 
 fn print(s: &str) -> ExitCode {

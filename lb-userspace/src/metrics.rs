@@ -430,6 +430,7 @@ mod tests {
             failures: 4,
             transitions: 1,
             last_reason: "HTTP 503".into(),
+            last_failure: "HTTP 503".into(),
         }]
     }
 

@@ -55,7 +55,12 @@ pub struct Agent {
     pub log_path: PathBuf,
     ns: Netns,
     child: Option<NsChild>,
+    /// Run as this user (and group), with only the capabilities the agent documents.
+    run_as: Option<u32>,
 }
+
+/// The capabilities `lb agent` needs without root (docs/agent.md, "Privileges").
+pub const AGENT_CAPS: &str = "+bpf,+net_admin,+perfmon";
 
 /// Where a test's agent files live.
 fn run_dir(id: &str) -> PathBuf {
@@ -65,7 +70,18 @@ fn run_dir(id: &str) -> PathBuf {
 impl Agent {
     /// Writes `config` (the file's JSON; `agent` settings are filled in) and starts the
     /// agent in `node`'s namespace. Waits until its API answers.
-    pub fn start(topo_id: &str, node: &Node, mut config: Value) -> Result<Agent> {
+    pub fn start(topo_id: &str, node: &Node, config: Value) -> Result<Agent> {
+        Agent::start_as(topo_id, node, config, None)
+    }
+
+    /// As `start`, as user `uid` when given: the pin directory and the config's directory
+    /// are made that user's, and the agent runs through `setpriv` with [`AGENT_CAPS`] only.
+    pub fn start_as(
+        topo_id: &str,
+        node: &Node,
+        mut config: Value,
+        run_as: Option<u32>,
+    ) -> Result<Agent> {
         let dir = run_dir(topo_id);
         std::fs::create_dir_all(&dir)?;
         let name = format!("{topo_id}-{}", node.name);
@@ -89,7 +105,14 @@ impl Agent {
             log_path,
             ns: Netns::open(node.ns.name())?,
             child: None,
+            run_as,
         };
+        if let Some(uid) = run_as {
+            std::fs::create_dir_all(&agent.pin_dir)?;
+            for p in [&agent.pin_dir, &dir, &agent.config_path] {
+                std::os::unix::fs::chown(p, Some(uid), Some(uid))?;
+            }
+        }
         agent.spawn()?;
         Ok(agent)
     }
@@ -100,7 +123,20 @@ impl Agent {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let mut cmd = Command::new(lb_binary());
+        let mut cmd = match self.run_as {
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .arg("--clear-groups")
+                    .arg(format!("--inh-caps={AGENT_CAPS}"))
+                    .arg(format!("--ambient-caps={AGENT_CAPS}"))
+                    .arg(format!("--bounding-set=-all,{AGENT_CAPS}"))
+                    .arg(lb_binary());
+                c
+            }
+            None => Command::new(lb_binary()),
+        };
         cmd.arg("agent")
             .arg("--config")
             .arg(&self.config_path)
@@ -157,6 +193,23 @@ impl Agent {
         // SAFETY: signalling our own child by PID.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         Ok(c.wait()?)
+    }
+
+    /// The agent process's PID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Runs `lb args...` to completion in the agent's network namespace (another
+    /// `lb agent`, say); stdin closed, output captured.
+    pub fn run_in_ns(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(lb_binary());
+        cmd.args(args)
+            .env("LB_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Ok(self.ns.spawn(&mut cmd)?.into_inner().wait_with_output()?)
     }
 
     /// Runs `lb --socket <this agent> args...`.

@@ -1033,40 +1033,6 @@ impl Lab {
         )
     }
 
-    /// Rewrites every LB agent's config file with `members` (backend name, weight) as
-    /// the services' backends: what an operator saves before restarting agents after
-    /// changes made with the CLI.
-    pub fn save_configs(&self, members: &[(&str, u32)]) -> Result<()> {
-        let members: Vec<(usize, u32)> = members
-            .iter()
-            .map(|&(name, w)| (self.backend(name).index, w))
-            .collect();
-        let services = self.service_configs(&members);
-        for (agent, n) in self.lb_agents.iter().zip(&self.topo.lbs) {
-            agent.write_config(&json!({ "node": node_config(n), "services": services }))?;
-        }
-        Ok(())
-    }
-
-    /// Restarts LB agent `i` (SIGTERM, then start) and returns how many buckets its
-    /// start moved, from its log ("table rebuilt ... moved=N why=\"start\"").
-    pub fn restart_lb_agent(&mut self, i: usize) -> Result<u64> {
-        let agent = &mut self.lb_agents[i];
-        let before = agent.log().len();
-        let status = agent.terminate()?;
-        if !status.success() {
-            bail!("{} exited with {status} on SIGTERM", agent.name);
-        }
-        agent.spawn()?;
-        let log = agent.log();
-        Ok(log[before..]
-            .lines()
-            .filter(|l| l.contains("table rebuilt"))
-            .filter_map(|l| l.split("moved=").nth(1))
-            .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .sum())
-    }
-
     /// Whether every LB node's live table of every service is the same (both hops of
     /// every bucket); otherwise which node and service differ from lb0's.
     pub fn tables_differ(&self) -> Result<Vec<String>> {
@@ -1267,6 +1233,25 @@ impl Lab {
     pub fn fail_health(&mut self, backend: &str) {
         let i = self.backend(backend).index;
         self.health[i] = None;
+    }
+
+    /// Restarts every LB agent (SIGTERM, then a new process with the same file), one after
+    /// the other; returns what each logged about its tables at the start.
+    pub fn restart_lbs(&mut self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for agent in &mut self.lb_agents {
+            agent.terminate()?;
+            let logged = agent.log().len();
+            agent.spawn()?;
+            let log = agent.log();
+            out.extend(
+                log[logged..]
+                    .lines()
+                    .filter(|l| l.contains("table rebuilt") || l.contains("running tables"))
+                    .map(|l| format!("{}: {}", agent.name, l.split("INFO ").last().unwrap_or(l))),
+            );
+        }
+        Ok(out)
     }
 
     /// Waits until every LB agent reports `backend` with health `want` ("up"/"down") in

@@ -501,6 +501,230 @@ fn bad_configs_are_refused_and_change_nothing() {
     assert_eq!(st["services"][0]["backends"][0]["weight"], 7);
 }
 
+#[test]
+fn commands_survive_restart_and_reload_and_one_agent_runs_per_pin_dir() {
+    if !can_run("commands_survive_restart_and_reload_and_one_agent_runs_per_pin_dir") {
+        return;
+    }
+    let mut lab = lab(2, 200, 2);
+    let b0 = lab.topo.backends[0].v4.to_string();
+    let out = lab.lb().ok(&["backend", "drain", "web", &b0]).unwrap();
+    println!("lb backend drain web {b0}: {}", out.trim());
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(&lab.lb().config_path).unwrap()).unwrap();
+    assert_eq!(
+        file["services"][0]["backends"][0]["drain"], true,
+        "the drain is in the file: {file}"
+    );
+    let table = lab.lb().ok(&["table", "web", "--json"]).unwrap();
+
+    // A second agent on the same pin directory refuses before touching anything, and
+    // names the first; the first keeps its socket and answers.
+    let first = lab.lb().pid().unwrap();
+    let config = lab.lb().config_path.to_str().unwrap().to_string();
+    let out = lab.lb().run_in_ns(&["agent", "--config", &config]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("second agent: {}", err.trim());
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("another lb agent (PID {first}) runs")),
+        "{err}"
+    );
+    assert_eq!(lab.lb().ok(&["table", "web", "--json"]).unwrap(), table);
+
+    // Another pin directory but the same socket: refused, the socket stays the first's.
+    let dir = tempdir(&lab.topo.id);
+    let mut other: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    other["agent"]["pin_dir"] = json!(format!("/sys/fs/bpf/{}-other", lab.topo.id));
+    other["agent"]["metrics"] = Value::Null;
+    let other_path = dir.join("other.json");
+    std::fs::write(&other_path, serde_json::to_vec(&other).unwrap()).unwrap();
+    let out = lab
+        .lb()
+        .run_in_ns(&["agent", "--config", other_path.to_str().unwrap()])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("agent on a live socket: {}", err.trim());
+    assert!(
+        !out.status.success() && err.contains("another agent answers on"),
+        "{err}"
+    );
+    let other_pins = other["agent"]["pin_dir"].as_str().unwrap();
+    assert!(
+        !std::path::Path::new(other_pins).exists(),
+        "the refused agent left {other_pins}"
+    );
+    assert_eq!(lab.lb().ok(&["table", "web", "--json"]).unwrap(), table);
+
+    // `ip netns exec` gives a mount namespace of its own: refused, with the way that works.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.topo.lbs[0].ns.name()])
+        .arg(tests::agent::lb_binary())
+        .args(["agent", "--config", &config])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("ip netns exec: {}", err.trim());
+    assert!(
+        !out.status.success() && err.contains("nsenter --net=/run/netns/NAME"),
+        "{err}"
+    );
+    assert_eq!(lab.lb().ok(&["table", "web", "--json"]).unwrap(), table);
+
+    // Restart: the drain holds and no bucket moves.
+    lab.agents[0].terminate().unwrap();
+    let logged = lab.lb().log().len();
+    lab.agents[0].spawn().unwrap();
+    let st = lab.lb().status().unwrap();
+    assert_eq!(st["services"][0]["backends"][0]["drain"], true, "{st}");
+    assert_eq!(
+        lab.lb().ok(&["table", "web", "--json"]).unwrap(),
+        table,
+        "the restart moved buckets"
+    );
+    let log = lab.lb().log()[logged..].to_string();
+    assert!(!log.contains("table rebuilt"), "{log}");
+    assert!(log.contains("rebuilt=0"), "{log}");
+
+    // A reload of the file as the agent saved it changes nothing.
+    let out = lab.lb().ok(&["reload"]).unwrap();
+    println!("lb reload: {}", out.trim());
+    assert!(out.contains("no change"), "{out}");
+    assert_eq!(lab.lb().ok(&["table", "web", "--json"]).unwrap(), table);
+    let seen = lab.spread(20);
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the undrained backend gets new connections: {seen:?}"
+    );
+
+    // A failed start leaves no pins behind.
+    let pin_dir = format!("/sys/fs/bpf/{}-failed", lab.topo.id);
+    let bad = json!({
+        "node": { "interfaces": ["nosuchif0"], "address_v4": "10.9.9.9" },
+        "agent": { "pin_dir": pin_dir, "metrics": null,
+                   "api_socket": dir.join("failed.sock") },
+    });
+    let path = dir.join("failed.json");
+    std::fs::write(&path, serde_json::to_vec(&bad).unwrap()).unwrap();
+    let out = lab
+        .lb()
+        .run_in_ns(&["agent", "--config", path.to_str().unwrap()])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("failed start: {}", err.trim().lines().last().unwrap_or(""));
+    assert!(!out.status.success() && err.contains("nosuchif0"), "{err}");
+    assert!(
+        !std::path::Path::new(&pin_dir).exists(),
+        "the failed start left {pin_dir}: {err}"
+    );
+}
+
+#[test]
+fn the_agent_runs_without_root_with_three_capabilities() {
+    if !can_run("the_agent_runs_without_root_with_three_capabilities") {
+        return;
+    }
+    let mut lab = lab(2, 200, 2);
+    // The root agent goes with its pins; one as `nobody` takes its place.
+    lab.agents.remove(0);
+    const NOBODY: u32 = 65534;
+    let lb = Agent::start_as(
+        &lab.topo.id,
+        &lab.topo.lbs[0],
+        lb_config(&lab.topo, 200, 2),
+        Some(NOBODY),
+    )
+    .unwrap();
+    lab.agents.insert(0, lb);
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", lab.lb().pid().unwrap())).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .unwrap_or("")
+            .to_string()
+    };
+    println!("{}\n{}", field("Uid:"), field("CapEff:"));
+    assert!(field("Uid:").contains(&NOBODY.to_string()), "{status}");
+    assert_eq!(lab.spread(20).len(), 2, "forwards to both backends");
+    let b0 = lab.topo.backends[0].v4.to_string();
+    lab.lb().ok(&["backend", "drain", "web", &b0]).unwrap();
+    let file: Value =
+        serde_json::from_slice(&std::fs::read(&lab.lb().config_path).unwrap()).unwrap();
+    assert_eq!(
+        file["services"][0]["backends"][0]["drain"], true,
+        "saved: {file}"
+    );
+    assert_eq!(
+        lab.spread(20).len(),
+        1,
+        "the drained backend gets no new connections"
+    );
+}
+
+#[test]
+fn tunnel_check_marks_down_a_backend_that_cannot_decapsulate() {
+    if !can_run("tunnel_check_marks_down_a_backend_that_cannot_decapsulate") {
+        return;
+    }
+    let lab = lab(2, 200, 2);
+    // The same service, checked through the tunnel: a SYN to the VIP, GUE-encapsulated.
+    let mut c = lb_config(&lab.topo, 200, 2);
+    for b in c["services"][0]["backends"].as_array_mut().unwrap() {
+        b["health"] = json!({ "kind": "tcp", "tunnel": true, "interval_ms": 200,
+                              "timeout_ms": 150, "rise": 1, "fall": 2 });
+    }
+    lab.lb().write_config(&c).unwrap();
+    let out = lab.lb().ok(&["reload"]).unwrap();
+    println!("{}", out.trim());
+    let health = |i: usize| -> (String, u64, String) {
+        let st = lab.lb().status().unwrap();
+        let b = &st["services"][0]["backends"][i];
+        (
+            b["health"].as_str().unwrap_or("").to_string(),
+            b["checks"].as_u64().unwrap_or(0),
+            b["last_failure"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {}",
+                lab.lb().ok(&["list", "--stats"]).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait("tunnel checks to pass", &|| {
+        (0..2).all(|i| {
+            let (h, checks, fail) = health(i);
+            h == "up" && checks >= 3 && fail.is_empty()
+        })
+    });
+    // Backend 0's program goes away: direct connections to it would still work, client
+    // packets (encapsulated) no longer reach its stack.
+    lab.agents[1].ok(&["detach"]).unwrap();
+    wait("backend 0 down", &|| health(0).0 == "down");
+    let (_, _, reason) = health(0);
+    let list = lab.lb().ok(&["list"]).unwrap();
+    println!("{list}");
+    assert!(reason.contains("does not decapsulate"), "{reason}");
+    assert!(
+        list.contains("last failure: GUE port unreachable"),
+        "{list}"
+    );
+    assert_eq!(health(1).0, "up", "backend 1 still decapsulates");
+    assert_eq!(
+        lab.spread(20).len(),
+        1,
+        "new connections go to backend 1 only"
+    );
+}
+
 /// The services of a status without its counters, which move with traffic and checks.
 fn shape(status: &Value) -> Value {
     let mut s = status["services"].clone();

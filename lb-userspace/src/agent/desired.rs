@@ -95,6 +95,41 @@ pub fn apply(services: &[ServiceConfig], change: &Change) -> Result<Vec<ServiceC
     Ok(next)
 }
 
+/// A change in a few words, for the log.
+pub fn describe(change: &Change) -> String {
+    match change {
+        Change::ServiceAdd { service: s } => format!(
+            "service add {} {} {}:{} ({} backends)",
+            s.name,
+            s.protocol,
+            s.vip,
+            s.port,
+            s.backends.len()
+        ),
+        Change::ServiceRemove { service } => format!("service remove {service}"),
+        Change::BackendAdd { service, backend } => format!(
+            "backend add {service} {} weight {}",
+            backend.address, backend.weight
+        ),
+        Change::BackendRemove { service, address } => {
+            format!("backend remove {service} {address}")
+        }
+        Change::SetWeight {
+            service,
+            address,
+            weight,
+        } => format!("backend set-weight {service} {address} {weight}"),
+        Change::Drain {
+            service,
+            address,
+            drain,
+        } => format!(
+            "backend {} {service} {address}",
+            if *drain { "drain" } else { "undrain" }
+        ),
+    }
+}
+
 /// The service a change is about.
 pub fn service_of(change: &Change) -> &str {
     match change {

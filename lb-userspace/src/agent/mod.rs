@@ -5,8 +5,11 @@
 //! signals send it messages, so every change is applied in order, whole or not at all.
 
 mod desired;
+mod lock;
 mod netlink;
+mod persist;
 mod programmer;
+mod reload;
 mod server;
 
 use std::{
@@ -22,33 +25,131 @@ use lb_common::{
     maps::{names, ServiceKey},
     stats::Reason,
 };
+use sd_notify::NotifyState;
 use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
 };
 use tracing::{error, info, warn};
 
-use self::programmer::Programmer;
 pub use self::programmer::{Desired, Member};
+use self::{
+    persist::ConfigFile,
+    programmer::{ProgramError, Programmer},
+    server::Caller,
+};
 use crate::{
-    api::{BackendStatus, Change, Health, ReasonCount, Request, Response, ServiceStatus, Status},
-    config::{Config, ServiceConfig, XdpMode},
+    api::{
+        BackendStatus, Change, Health, PlanSummary, ReasonCount, ReloadReport, Request, Response,
+        ServiceStatus, Status,
+    },
+    config::{AgentConfig, Config, ServiceConfig, XdpMode},
     dataplane::{Dataplane, LoadOptions, Node},
     health::{self, Checker, HealthEvent},
     table::BackendState,
 };
 
-/// A request from the API or metrics server, with where to send the answer.
-pub type Call = (Request, oneshot::Sender<Response>);
+/// A request from the API or metrics server, who sent it, and where to send the answer.
+pub type Call = (Request, Caller, oneshot::Sender<Response>);
 
-/// Runs the agent until SIGTERM/SIGINT (forwarding stays) or `lb detach`.
-pub async fn run(config_path: PathBuf) -> Result<()> {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("lb agent must run as root (it loads BPF programs and configures interfaces)");
+/// Runs the agent until SIGTERM/SIGINT (forwarding stays) or `lb detach`. `api_socket`,
+/// when given (`lb --socket`), replaces `agent.api_socket` of the file.
+pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()> {
+    let (file, mut config) = ConfigFile::load(&config_path)?;
+    let file_agent = config.agent.clone();
+    if let Some(s) = api_socket {
+        config.agent.api_socket = s;
     }
-    let config = Config::load(&config_path)?;
-    crate::bpffs::ensure_mounted(&config.agent.pin_dir)?;
+    let pin_dir = config.agent.pin_dir.clone();
+    // Handled from here on: a SIGTERM during the start takes effect once the start is
+    // complete, instead of killing the process with half its pins made.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    crate::bpffs::ensure_mounted(&pin_dir)?;
+    // Before anything is touched: one agent per pin directory.
+    let lock = lock::acquire(&pin_dir)?;
+    // Then the listeners: a socket or port in use fails the start while nothing moved.
+    let (call_tx, mut calls) = mpsc::channel::<Call>(64);
+    let listening = listen(&config, call_tx.clone()).await;
+    let server = match listening {
+        Ok(s) => s,
+        Err(e) => {
+            if lock.created {
+                let _ = std::fs::remove_dir(&pin_dir);
+            }
+            return Err(e);
+        }
+    };
+    let had_pins = std::fs::read_dir(pin_dir.join("maps")).is_ok_and(|mut d| d.next().is_some());
+    let mut agent = match start_dataplane(file, file_agent, config).await {
+        Ok(a) => a,
+        Err(e) => {
+            if !had_pins {
+                // Nothing ran from these pins: remove what this start made, so the next
+                // start is a fresh one again.
+                let removed = Dataplane::unpin_all(&pin_dir).map_or(0, |r| r.len());
+                error!(pins = removed, pin_dir = %pin_dir.display(), "start failed; removed the pins it created");
+            }
+            return Err(e);
+        }
+    };
+    server.ready();
+    info!("agent ready");
+    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    let (event_tx, mut events) = mpsc::channel::<HealthEvent>(256);
+    agent.checker = Some(Checker::new(event_tx));
+    agent.update_health_targets();
+    loop {
+        tokio::select! {
+            Some((req, caller, reply)) = calls.recv() => {
+                let detach = matches!(req, Request::Detach {});
+                let resp = agent.handle(req, caller);
+                let failed = matches!(resp, Response::Error { .. });
+                let _ = reply.send(resp);
+                if detach && !failed {
+                    notify(&[NotifyState::Stopping]);
+                    break;
+                }
+            }
+            Some(ev) = events.recv() => agent.health_changed(ev),
+            _ = hup.recv() => {
+                let _ = agent.reload(Caller::default(), "SIGHUP");
+            }
+            _ = term.recv() => { agent.stopping("SIGTERM"); break; }
+            _ = int.recv() => { agent.stopping("SIGINT"); break; }
+        }
+    }
+    // Answers taken are written before the process ends (`lb detach` gets its answer).
+    server.finish().await;
+    drop(lock);
+    Ok(())
+}
+
+/// The API socket and the metrics listener.
+async fn listen(config: &Config, calls: mpsc::Sender<Call>) -> Result<server::Server> {
+    let read_only_gid = match &config.agent.api_read_only_group {
+        Some(g) => Some(group_id(g)?),
+        None => None,
+    };
+    let server = server::start(
+        &config.agent.api_socket,
+        server::Access { read_only_gid },
+        calls.clone(),
+    )?;
+    if let Some(addr) = config.agent.metrics {
+        server::start_metrics(addr, calls).await?;
+    }
+    Ok(server)
+}
+
+/// Loads (or takes over) the data plane, brings it in line with the configuration and
+/// attaches it.
+async fn start_dataplane(
+    file: ConfigFile,
+    file_agent: AgentConfig,
+    config: Config,
+) -> Result<Agent> {
     let dp = Dataplane::load(&LoadOptions {
         bucket_slots: config.agent.bucket_slots,
         pin_dir: Some(config.agent.pin_dir.clone()),
@@ -59,50 +160,58 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     } else {
         info!(pin_dir = %config.agent.pin_dir.display(), "starting a fresh data plane");
     }
-    let mut agent = Agent::new(config_path, config, dp)?;
+    for w in config.warnings() {
+        warn!("{w}");
+    }
+    let mut agent = Agent::new(file, file_agent, config, dp)?;
     agent.apply_node()?;
-    agent.resync("start");
+    // Tables that already match what the configuration gives are left as they are.
+    let rebuilt = agent.resync("start");
+    info!(
+        services = agent.config.services.len(),
+        rebuilt,
+        unchanged = agent.config.services.len().saturating_sub(rebuilt),
+        "running tables compared with the configuration"
+    );
     agent.attach_all()?;
+    Ok(agent)
+}
 
-    let (call_tx, mut calls) = mpsc::channel::<Call>(64);
-    let (event_tx, mut events) = mpsc::channel::<HealthEvent>(256);
-    agent.checker = Some(Checker::new(event_tx));
-    agent.update_health_targets();
-    let server = server::start(&agent.config.agent.api_socket, call_tx.clone())?;
-    if let Some(addr) = agent.config.agent.metrics {
-        server::start_metrics(addr, call_tx.clone()).await?;
+/// Tells systemd (`Type=notify`) where the agent is; nothing without `NOTIFY_SOCKET`.
+fn notify(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!("telling systemd: {e}");
     }
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    info!("agent ready");
-    loop {
-        tokio::select! {
-            Some((req, reply)) = calls.recv() => {
-                let detach = matches!(req, Request::Detach {});
-                let resp = agent.handle(req);
-                let failed = matches!(resp, Response::Error { .. });
-                let _ = reply.send(resp);
-                if detach && !failed {
-                    break;
-                }
-            }
-            Some(ev) = events.recv() => agent.health_changed(ev),
-            _ = hup.recv() => {
-                if let Response::Error { message } = agent.reload() {
-                    error!("reload refused: {message}");
-                }
-            }
-            _ = term.recv() => { agent.stopping("SIGTERM"); break; }
-            _ = int.recv() => { agent.stopping("SIGINT"); break; }
-        }
+}
+
+/// The id of group `name`.
+fn group_id(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: zeroed out struct filled by getgrnam_r.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: valid pointers and buffer length.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        bail!("agent.api_read_only_group: no group named {name:?}");
     }
-    drop(server);
-    Ok(())
+    Ok(grp.gr_gid)
 }
 
 struct Agent {
-    config_path: PathBuf,
+    /// The file, the truth that commands write back to.
+    file: ConfigFile,
+    /// The file's `agent` section (the running one may have `--socket` in it).
+    file_agent: AgentConfig,
     config: Config,
     programmer: Programmer,
     checker: Option<Checker>,
@@ -111,7 +220,12 @@ struct Agent {
 }
 
 impl Agent {
-    fn new(config_path: PathBuf, config: Config, dp: Dataplane) -> Result<Self> {
+    fn new(
+        file: ConfigFile,
+        file_agent: AgentConfig,
+        config: Config,
+        dp: Dataplane,
+    ) -> Result<Self> {
         let programmer = Programmer::adopt(dp, config.node.hash_seed, config.agent.bucket_slots)
             .context("reading the data plane's state")?;
         // A checked backend missing from a table the data plane already had was down (or
@@ -126,7 +240,8 @@ impl Agent {
             }
         }
         Ok(Agent {
-            config_path,
+            file,
+            file_agent,
             config,
             programmer,
             checker: None,
@@ -165,6 +280,7 @@ impl Agent {
     }
 
     fn stopping(&self, signal: &str) {
+        notify(&[NotifyState::Stopping]);
         info!(
             signal,
             pin_dir = %self.config.agent.pin_dir.display(),
@@ -200,16 +316,26 @@ impl Agent {
             .collect()
     }
 
-    /// Brings the maps in line with the configuration; logs what moved.
-    fn resync(&mut self, why: &str) {
+    /// Brings the maps in line with the configuration; logs what moved. Returns how many
+    /// tables were rewritten.
+    fn resync(&mut self, why: &str) -> usize {
+        self.sync_services(why).map_or(0, |c| c.len())
+    }
+
+    /// As `resync`, returning what moved per rewritten table.
+    fn sync_services(&mut self, why: &str) -> Result<Vec<PlanSummary>, ProgramError> {
         let wanted = self.desired(&self.config.services);
         match self.programmer.sync(&wanted) {
             Ok(changes) => {
-                for c in changes {
+                for c in &changes {
                     info!(service = %c.service, moved = c.moved, buckets = c.buckets, why, "table rebuilt");
                 }
+                Ok(changes)
             }
-            Err(e) => error!("applying the services failed ({why}): {e:#}"),
+            Err(e) => {
+                error!("applying the services failed ({why}): {}", chain(&e));
+                Err(e)
+            }
         }
     }
 
@@ -219,6 +345,16 @@ impl Agent {
             for b in &s.backends {
                 if let Some(h) = &b.health {
                     let mut t = health::Target::new(&s.name, b.address, s.port, h.clone());
+                    let n = &self.config.node;
+                    let node = match s.vip {
+                        IpAddr::V4(_) => n.address_v4.map(IpAddr::V4),
+                        IpAddr::V6(_) => n.address_v6.map(IpAddr::V6),
+                    };
+                    t.tunnel = node.filter(|_| h.tunnel).map(|node| health::Tunnel {
+                        node,
+                        gue_port: n.gue_port,
+                        vip: s.vip,
+                    });
                     t.initially_up = self.health.get(&(s.name.clone(), b.address)) != Some(&false);
                     targets.push(t);
                 }
@@ -242,7 +378,7 @@ impl Agent {
         self.resync(why);
     }
 
-    fn handle(&mut self, req: Request) -> Response {
+    fn handle(&mut self, req: Request, caller: Caller) -> Response {
         match req {
             Request::Status {} => Response::Status(self.status()),
             Request::Table { service } => {
@@ -252,9 +388,9 @@ impl Agent {
                 }
             }
             Request::Plan { change } => self.plan(&change),
-            Request::Apply { change } => self.apply(&change),
-            Request::Reload {} => self.reload(),
-            Request::Detach {} => self.detach(),
+            Request::Apply { change } => self.apply(&change, caller),
+            Request::Reload {} => self.reload(caller, "lb reload"),
+            Request::Detach {} => self.detach(caller),
         }
     }
 
@@ -275,16 +411,24 @@ impl Agent {
             .programmer
             .plan(&self.desired(&next), name, &key_of(svc))
         {
-            Ok(p) => Response::Plan(p),
+            Ok(mut p) => {
+                p.warnings = next
+                    .iter()
+                    .find(|s| s.name == name)
+                    .map(crate::config::service_warnings)
+                    .unwrap_or_default();
+                Response::Plan(p)
+            }
             Err(e) => error(chain(&e)),
         }
     }
 
-    fn apply(&mut self, change: &Change) -> Response {
+    /// Applies a command's change: checked, written to the file, then to the maps.
+    fn apply(&mut self, change: &Change, caller: Caller) -> Response {
         let next = match desired::apply(&self.config.services, change) {
             Ok(n) => n,
             Err(e) => {
-                warn!("change refused: {e}");
+                warn!(%caller, change = %desired::describe(change), "change refused: {e}");
                 return error(e);
             }
         };
@@ -296,9 +440,21 @@ impl Agent {
             .find(|s| s.name == name)
             .map(key_of);
         let plan = key.and_then(|k| self.programmer.plan(&wanted, &name, &k).ok());
+        // The file first: a change that cannot be kept is not made.
+        let before = self.file_config();
+        let mut after = before.clone();
+        after.services = next.clone();
+        if let Err(e) = self.file.save(&after) {
+            let e = chain(&e);
+            warn!(%caller, change = %desired::describe(change), "change refused: {e}");
+            return error(format!("not applied: {e}"));
+        }
         if let Err(e) = self.programmer.sync(&wanted) {
-            error!("change {change:?} failed: {e:#}");
-            // Put the maps back in line with the unchanged services.
+            error!(%caller, change = %desired::describe(change), "change failed: {}", chain(&e));
+            // Put the file and the maps back in line with the unchanged services.
+            if let Err(e) = self.file.save(&before) {
+                error!("restoring {}: {}", self.file.path().display(), chain(&e));
+            }
             self.resync("rollback");
             return error(chain(&e));
         }
@@ -308,39 +464,117 @@ impl Agent {
             error!("putting the VIPs this node serves on lo failed: {e:#}");
         }
         self.update_health_targets();
-        info!(?change, "change applied");
-        Response::Applied(plan.unwrap_or_default())
-    }
-
-    fn reload(&mut self) -> Response {
-        let config = match Config::load(&self.config_path) {
-            Ok(c) => c,
-            Err(e) => return error(chain(&e)),
-        };
-        if config.node != self.config.node || config.agent != self.config.agent {
-            warn!(
-                "reload: node and agent settings change only with a restart; services are reloaded"
-            );
-        }
-        if config.served_vips() != self.config.served_vips() {
-            if let Err(e) = netlink::ensure_vips_on_lo(&config.served_vips()) {
-                return error(format!("{e:#}"));
+        let mut plan = plan.unwrap_or_default();
+        if let Some(s) = self.config.services.iter().find(|s| s.name == name) {
+            plan.warnings = crate::config::service_warnings(s);
+            for w in &plan.warnings {
+                warn!(%caller, "{w}");
             }
         }
+        info!(
+            %caller,
+            change = %desired::describe(change),
+            service = %name,
+            moved = plan.moved,
+            buckets = plan.buckets,
+            file = %self.file.path().display(),
+            "change applied and saved"
+        );
+        Response::Applied(plan)
+    }
+
+    /// The configuration as the file should hold it: the running one with the file's own
+    /// `agent` section.
+    fn file_config(&self) -> Config {
+        Config {
+            agent: self.file_agent.clone(),
+            ..self.config.clone()
+        }
+    }
+
+    /// Rereads the file: services, backends and `backend_vips` are applied, `node` and
+    /// `agent` settings are reported as waiting for a restart.
+    fn reload(&mut self, caller: Caller, via: &str) -> Response {
+        notify(&[
+            NotifyState::Reloading,
+            NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
+        ]);
+        let resp = self.reload_file(caller, via);
+        notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+        resp
+    }
+
+    fn reload_file(&mut self, caller: Caller, via: &str) -> Response {
+        let path = self.file.path().to_path_buf();
+        let (file, config) = match ConfigFile::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                let e = chain(&e);
+                warn!(%caller, via, "reload refused, nothing changed: {e}");
+                return error(e);
+            }
+        };
+        for w in config.warnings() {
+            warn!("{w}");
+        }
+        let mut ignored = reload::ignored(&self.config.node, &config.node, "node");
+        ignored.extend(reload::ignored(&self.file_agent, &config.agent, "agent"));
+        let mut changed = reload::service_changes(&self.config.services, &config.services);
+        // `backend_vips` and the VIPs of services that gain this node as a backend.
+        if config.served_vips() != self.config.served_vips() {
+            if let Err(e) = netlink::ensure_vips_on_lo(&config.served_vips()) {
+                let e = format!("{e:#}");
+                warn!(%caller, via, "reload refused, nothing changed: {e}");
+                return error(e);
+            }
+        }
+        if config.backend_vips != self.config.backend_vips {
+            changed.push(reload::vips_change(
+                &self.config.backend_vips,
+                &config.backend_vips,
+            ));
+        }
+        self.file = file;
         self.config.services = config.services;
         self.config.backend_vips = config.backend_vips;
         self.update_health_targets();
-        self.resync("reload");
-        info!(file = %self.config_path.display(), "configuration reloaded");
-        Response::Done {
-            message: format!("reloaded {}", self.config_path.display()),
+        let mut moved = 0;
+        match self.sync_services("reload") {
+            Ok(tables) => {
+                for t in tables {
+                    moved += t.moved;
+                    changed.push(format!(
+                        "service {}: table rebuilt, {} of {} buckets moved",
+                        t.service, t.moved, t.buckets
+                    ));
+                }
+            }
+            Err(e) => changed.push(format!("applying the services failed: {}", chain(&e))),
         }
+        info!(
+            %caller,
+            via,
+            file = %path.display(),
+            changes = changed.len(),
+            moved,
+            ignored = %ignored.join("; "),
+            "configuration reloaded"
+        );
+        for c in &changed {
+            info!(%caller, "reload: {c}");
+        }
+        Response::Reloaded(ReloadReport {
+            file: path.display().to_string(),
+            changed,
+            ignored,
+        })
     }
 
-    fn detach(&mut self) -> Response {
+    fn detach(&mut self, caller: Caller) -> Response {
         match Dataplane::unpin_all(&self.config.agent.pin_dir) {
             Ok(removed) => {
                 info!(
+                    %caller,
                     pins = removed.len(),
                     "detached: program removed from the interfaces, pins deleted; agent stopping"
                 );
@@ -415,6 +649,9 @@ impl Agent {
                         checks: check.map_or(0, |t| t.checks),
                         check_failures: check.map_or(0, |t| t.failures),
                         health_transitions: check.map_or(0, |t| t.transitions),
+                        last_failure: check
+                            .map(|t| t.last_failure.clone())
+                            .filter(|f| !f.is_empty()),
                     }
                 })
                 .collect();

@@ -74,7 +74,7 @@ impl Live {
 pub enum ProgramError {
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
-    #[error("service {service}: {source}")]
+    #[error("service {service}")]
     Table {
         service: String,
         #[source]
@@ -456,5 +456,6 @@ fn summarize(
             .into_iter()
             .map(|((from, to), buckets)| Move { from, to, buckets })
             .collect(),
+        warnings: Vec::new(),
     }
 }

@@ -373,11 +373,17 @@ fn print_lab(topo: &Topology, record: &Record) {
         None => println!("No XDP program on the router's ends."),
     }
     println!();
+    let first = topo
+        .nodes()
+        .next()
+        .map_or(topo.router.name(), |n| n.ns.name());
+    // nsenter --net enters only the network namespace: an agent started this way pins on
+    // the host's bpffs. `ip netns exec` would give it a mount namespace of its own, where
+    // its pins die with it (the agent refuses to start there).
+    println!("Enter a node:     nsenter --net=/run/netns/{first} bash");
     println!(
-        "Enter a node:     ip netns exec {} bash",
-        topo.nodes()
-            .next()
-            .map_or(topo.router.name(), |n| n.ns.name())
+        "Run an agent:     nsenter --net=/run/netns/{first} lb agent --config FILE   \
+         (not ip netns exec)"
     );
     if topo.spec.lbs_serve {
         let dir = run_dir(name);
