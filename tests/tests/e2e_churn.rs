@@ -168,8 +168,10 @@ fn established_flows_survive_backend_churn() {
             }
             5 => {
                 lab.fail_health("b2");
+                // A bound, not a target: on a loaded machine the verdicts and the
+                // rebuilds after them take seconds (the figure is printed).
                 b2_down_after = lab
-                    .wait_health("b2", "down", Duration::from_secs(5))
+                    .wait_health("b2", "down", Duration::from_secs(20))
                     .unwrap();
                 vec![format!(
                     "b2 down on both LB nodes after {b2_down_after:.1?}"
