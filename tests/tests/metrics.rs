@@ -184,3 +184,116 @@ fn openmetrics_passes_promtool_openmetrics_parser() {
     }
     assert!(om.ends_with("# EOF\n"));
 }
+
+/// The repository's root.
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Names of every sample the endpoint exports (every family is on every page).
+fn exported() -> std::collections::BTreeSet<String> {
+    samples(&page(Format::Text))
+        .iter()
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+        .collect()
+}
+
+/// The `lb_...` metric names `text` mentions.
+fn lb_names(text: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let bytes = text.as_bytes();
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b':';
+    for (i, _) in text.match_indices("lb_") {
+        if i > 0 && word(bytes[i - 1]) {
+            continue;
+        }
+        let end = text[i..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(text.len(), |n| i + n);
+        names.push(&text[i..end]);
+    }
+    names
+}
+
+/// Every string under a key `key` in a JSON document.
+fn strings_at<'a>(v: &'a serde_json::Value, key: &str, out: &mut Vec<&'a str>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match v {
+                    serde_json::Value::String(s) if k == key => out.push(s),
+                    _ => strings_at(v, key, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| strings_at(v, key, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn dashboard_queries_only_exported_metrics_in_valid_promql() {
+    let path = repo().join("docs/grafana/lb-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).expect("the dashboard is JSON");
+    let mut exprs = Vec::new();
+    strings_at(&dashboard["panels"], "expr", &mut exprs);
+    let mut templates = Vec::new();
+    strings_at(&dashboard["templating"], "definition", &mut templates);
+    assert!(exprs.len() >= 15, "{} queries", exprs.len());
+    let exported = exported();
+    for e in exprs.iter().chain(&templates) {
+        let names = lb_names(e);
+        assert!(!names.is_empty(), "no lb metric in {e:?}");
+        for n in names {
+            assert!(exported.contains(n), "{n} in {e:?} is not exported");
+        }
+    }
+    // promtool parses PromQL in rule files: each query becomes a recording rule, with
+    // Grafana's variables given values (JSON is YAML).
+    let rules = serde_json::json!({"groups": [{
+        "name": "dashboard",
+        "rules": exprs.iter().enumerate().map(|(i, e)| serde_json::json!({
+            "record": format!("dashboard:query_{i}"),
+            "expr": e.replace("$__rate_interval", "1m")
+                .replace("$instance", ".*")
+                .replace("$service", ".*"),
+        })).collect::<Vec<_>>(),
+    }]});
+    let file = std::env::temp_dir().join(format!("lb-dashboard-{}.yml", std::process::id()));
+    std::fs::write(&file, rules.to_string()).unwrap();
+    let out = promtool(&["check", "rules", file.to_str().unwrap()], "");
+    let _ = std::fs::remove_file(&file);
+    println!("dashboard queries, promtool check rules:\n{}", show(&out));
+    assert!(out.status.success(), "{}", show(&out));
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_query_only_exported_metrics() {
+    let dir = repo().join("docs/prometheus");
+    let rules = std::fs::read_to_string(dir.join("lb-alerts.yml")).unwrap();
+    let exported = exported();
+    let names = lb_names(&rules);
+    assert!(names.len() >= 3, "{names:?}");
+    for n in names {
+        assert!(exported.contains(n), "{n} in lb-alerts.yml is not exported");
+    }
+    let check = Command::new("promtool")
+        .args(["check", "rules", "lb-alerts.yml"])
+        .current_dir(&dir)
+        .output()
+        .expect("promtool");
+    println!("promtool check rules:\n{}", show(&check));
+    assert!(check.status.success(), "{}", show(&check));
+    // The alerts fire on made-up series as they should (and not before).
+    let test = Command::new("promtool")
+        .args(["test", "rules", "lb-alerts.test.yml"])
+        .current_dir(&dir)
+        .output()
+        .expect("promtool");
+    println!("promtool test rules:\n{}", show(&test));
+    assert!(test.status.success(), "{}", show(&test));
+}
