@@ -117,10 +117,17 @@ fn samples(page: &str) -> Vec<&str> {
 fn classic_text_passes_promtool_check_metrics() {
     let text = page(Format::Text);
     let out = promtool(&["check", "metrics"], &text);
-    println!("promtool check metrics (text/plain; version=0.0.4):\n{}", show(&out));
+    println!(
+        "promtool check metrics (text/plain; version=0.0.4):\n{}",
+        show(&out)
+    );
     assert!(out.status.success(), "{}\n{text}", show(&out));
     // Lint findings are printed even when they are only warnings.
-    assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{}", show(&out));
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "{}",
+        show(&out)
+    );
 }
 
 /// `promtool check metrics` reads the classic format only (on an OpenMetrics page it
@@ -157,7 +164,10 @@ fn openmetrics_passes_promtool_openmetrics_parser() {
         "",
     );
     let _ = std::fs::remove_dir_all(&dir);
-    println!("promtool tsdb create-blocks-from openmetrics:\n{}", show(&out));
+    println!(
+        "promtool tsdb create-blocks-from openmetrics:\n{}",
+        show(&out)
+    );
     assert!(out.status.success(), "{}\n{om}", show(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let text = page(Format::Text);
