@@ -89,13 +89,14 @@ pub fn health(h: Health) -> &'static str {
 /// `lb list`: a service line, then one line per backend, like `ipvsadm -Ln`.
 pub fn render_status(s: &Status, stats: bool, exact: bool) -> String {
     let mut out = String::new();
-    let head = "Prot LocalAddress:Port           Name             Buckets";
+    // Service rows: the table's size in buckets; backend rows: the buckets it owns.
+    let head = "Prot LocalAddress:Port           Name               Table";
     out.push_str(head);
     if stats {
         out.push_str("    Packets      Bytes");
     }
     out.push('\n');
-    out.push_str("  -> RemoteAddress              Weight State  Health  Buckets");
+    out.push_str("  -> RemoteAddress              Weight State  Health    Owned");
     if stats {
         out.push_str("    Packets      Bytes     Checks  Failed");
     }

@@ -10,7 +10,7 @@ use std::{
 
 use ratatui::{
     crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers},
-    layout::{Constraint, Layout},
+    layout::{Alignment, Constraint, Layout},
     style::{Color, Modifier, Style},
     text::Line,
     widgets::{Block, Cell, Paragraph, Row, Table},
@@ -87,6 +87,11 @@ fn health_style(h: Health, draining: bool) -> Style {
     }
 }
 
+/// A number's cell, right-aligned.
+fn num(s: String) -> Cell<'static> {
+    Cell::from(Line::from(s).alignment(Alignment::Right))
+}
+
 /// Draws `view` on `frame`.
 pub fn draw(frame: &mut Frame, view: &View) {
     let rates = view.rates.as_ref();
@@ -110,10 +115,10 @@ pub fn draw(frame: &mut Frame, view: &View) {
                 Cell::from(""),
                 Cell::from(""),
                 Cell::from(""),
-                Cell::from(format!("{}", 1u64 << svc.table_bits)),
-                Cell::from(pps),
-                Cell::from(bps),
-                Cell::from(human(svc.packets, false)),
+                num(format!("{}", 1u64 << svc.table_bits)),
+                num(pps),
+                num(bps),
+                num(human(svc.packets, false)),
                 Cell::from(""),
             ])
             .style(Style::new().add_modifier(Modifier::BOLD)),
@@ -124,25 +129,25 @@ pub fn draw(frame: &mut Frame, view: &View) {
             let state = client::state(b);
             rows.push(Row::new(vec![
                 Cell::from(format!("  -> {}", b.address)),
-                Cell::from(b.weight.to_string()),
+                num(b.weight.to_string()),
                 Cell::from(state),
                 Cell::from(client::health(b.health))
                     .style(health_style(b.health, state == "drain")),
-                Cell::from(format!(
+                num(format!(
                     "{:.1}%",
                     100.0 * f64::from(b.buckets) / size as f64
                 )),
-                Cell::from(pps),
-                Cell::from(bps),
-                Cell::from(human(b.packets, false)),
-                Cell::from(format!("{}/{}", b.check_failures, b.checks)),
+                num(pps),
+                num(bps),
+                num(human(b.packets, false)),
+                num(format!("{}/{}", b.check_failures, b.checks)),
             ]));
         }
     }
     let services = Table::new(
         rows,
         [
-            Constraint::Min(34),
+            Constraint::Length(36),
             Constraint::Length(6),
             Constraint::Length(6),
             Constraint::Length(6),
@@ -155,15 +160,15 @@ pub fn draw(frame: &mut Frame, view: &View) {
     )
     .header(
         Row::new([
-            "service / backend",
-            "weight",
-            "state",
-            "health",
-            "share",
-            "pkts/s",
-            "bytes/s",
-            "packets",
-            "fail/check",
+            Cell::from("service / backend"),
+            num("weight".into()),
+            Cell::from("state"),
+            Cell::from("health"),
+            num("share".into()),
+            num("pkts/s".into()),
+            num("bytes/s".into()),
+            num("packets".into()),
+            num("fail/check".into()),
         ])
         .style(Style::new().add_modifier(Modifier::REVERSED)),
     )
@@ -184,9 +189,9 @@ pub fn draw(frame: &mut Frame, view: &View) {
                 Style::new()
             };
             Row::new(vec![
-                c.reason.clone(),
-                per_s,
-                human(c.packets, false),
+                Cell::from(c.reason.clone()),
+                num(per_s),
+                num(human(c.packets, false)),
             ])
             .style(style)
         })
@@ -201,7 +206,11 @@ pub fn draw(frame: &mut Frame, view: &View) {
         ],
     )
     .header(
-        Row::new(["reason", "pkts/s", "packets"])
+        Row::new([
+            Cell::from("reason"),
+            num("pkts/s".into()),
+            num("packets".into()),
+        ])
             .style(Style::new().add_modifier(Modifier::REVERSED)),
     )
     .block(Block::bordered().title(" data plane by reason (drops in red) "));

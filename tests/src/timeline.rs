@@ -17,6 +17,16 @@ use crate::churn::{Fate, Flow};
 /// The font the chart is written in; `cargo xtask setup` installs it.
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
+/// Line colours that stay apart on white.
+const PALETTE: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
+
 /// Sparkline levels, lowest first; `·` is a second with nothing answered.
 const LEVELS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 
@@ -27,7 +37,7 @@ pub struct Timeline {
     pub answered: BTreeMap<String, Vec<u64>>,
     /// Flows that broke per backend (the one they began on), one entry per second.
     pub broken: BTreeMap<String, Vec<u64>>,
-    /// Changes: (second, label).
+    /// Changes: (second, label); the label's first character marks it in `render`.
     pub marks: Vec<(f64, String)>,
 }
 
@@ -86,9 +96,9 @@ impl Timeline {
         let n = self.seconds();
         let mut out = String::new();
         let mut ruler: Vec<char> = vec![' '; n];
-        for (i, (at, _)) in self.marks.iter().enumerate() {
+        for (at, what) in &self.marks {
             if let Some(c) = ruler.get_mut(*at as usize) {
-                *c = char::from_digit(i as u32 + 1, 36).unwrap_or('^');
+                *c = what.chars().next().unwrap_or('^');
             }
         }
         let mut scale = String::new();
@@ -112,11 +122,8 @@ impl Timeline {
             "changes",
             ruler.iter().collect::<String>().trim_end()
         ));
-        for (i, (at, what)) in self.marks.iter().enumerate() {
-            out.push_str(&format!(
-                "    {} at {at:.1}s: {what}\n",
-                char::from_digit(i as u32 + 1, 36).unwrap_or('^')
-            ));
+        for (at, what) in &self.marks {
+            out.push_str(&format!("    {what} (at {at:.1}s)\n"));
         }
         let mut breaks = Vec::new();
         for s in 0..n {
@@ -159,7 +166,7 @@ impl Timeline {
             .unwrap_or(1)
             .max(1) as f64;
         let broken_peak = self.broken.values().flatten().copied().max().unwrap_or(0);
-        let colour = |i: usize| Palette99::pick(i).to_rgba();
+        let colour = |i: usize| PALETTE[i % PALETTE.len()].to_rgba();
 
         let mut chart = ChartBuilder::on(&top)
             .margin(12)
@@ -303,7 +310,7 @@ mod tests {
             flow("b1", broke.clone()),
             flow("b1", broke),
         ];
-        let marks = vec![(started + Duration::from_millis(11_500), "fail b1".into())];
+        let marks = vec![(started + Duration::from_millis(11_500), "5 fail b1".into())];
         Timeline::new(started, &answered, &flows, &marks, 20)
     }
 
@@ -320,7 +327,8 @@ mod tests {
             text.contains("broken flows per second: 12s: b1 2\n"),
             "{text}"
         );
-        assert!(text.contains("1 at 11.5s: fail b1"), "{text}");
+        assert!(text.contains("    5 fail b1 (at 11.5s)\n"), "{text}");
+        assert!(text.contains(&format!("{}5\n", " ".repeat(11))), "{text}");
         // b1's line: full until second 12, then nothing answered.
         let b1 = text.lines().find(|l| l.contains("b1 (max")).unwrap();
         let want = format!("{}{}", "█".repeat(12), "·".repeat(8));
