@@ -397,7 +397,8 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
     lab.fail_health("b2");
     let took = lab.wait_health("b2", "down", Duration::from_secs(10))?;
     let b2 = lab.backend("b2").v4.to_string();
-    println!("  checks every 200 ms, down after 2 failures in a row: a checker sees it in 0.2 to 0.4 s");
+    println!("  checks every 200 ms, down after 2 failures in a row: each checker should say");
+    println!("  so 0.2 to 0.4 s after the failure (plus scheduling on a busy machine)");
     for (node, seen, rebuilt) in down_times(lab, &b2, failed_at) {
         let seen: Vec<String> = seen.iter().map(|(s, at)| format!("{s} {at:.2} s")).collect();
         println!(
@@ -406,11 +407,11 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
         );
     }
     println!(
-        "  `lb list` showed b2 down on both nodes after {:.2} s: the agent handles one thing at",
+        "  `lb list` showed b2 down on both nodes after {:.2} s: the rest is each agent",
         took.as_secs_f64()
     );
-    println!("  a time, so a status waits for the table rebuilds (65,536 buckets per service,");
-    println!("  this debug build) that the verdicts start");
+    println!("  rebuilding both services' 65,536-bucket tables and writing the changed buckets");
+    println!("  (this debug build), one verdict after the other, before it answers a status");
     println!("  a down backend leaves the tables: its flows now reach others, which reset");
     println!("  TCP and answer UDP themselves");
     let n = report_step(lab, &flows, 5, Some("b2"))?;
