@@ -381,7 +381,10 @@ mod tests {
             text.lines()
                 .any(|l| l.split_whitespace().eq(words.iter().copied()))
         };
-        assert!(has(&["TCP", "10.100.0.1:80", "web", "1000", "100K"]), "{text}");
+        assert!(
+            has(&["TCP", "10.100.0.1:80", "web", "1000", "100K"]),
+            "{text}"
+        );
         assert!(
             has(&["->", "10.0.0.2", "100", "active", "up", "500", "50K"]),
             "{text}"

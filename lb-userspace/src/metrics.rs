@@ -568,7 +568,11 @@ mod tests {
         r#"lb_health_checks_total{service="web",backend="10.0.4.2"} 9"#,
         r#"lb_health_check_failures_total{service="web",backend="10.0.4.2"} 4"#,
         r#"lb_health_transitions_total{service="web",backend="10.0.4.2"} 1"#,
-        concat!(r#"lb_agent_build_info{version=""#, env!("CARGO_PKG_VERSION"), r#""} 1"#),
+        concat!(
+            r#"lb_agent_build_info{version=""#,
+            env!("CARGO_PKG_VERSION"),
+            r#""} 1"#
+        ),
     ];
 
     fn assert_page(text: &str) {
@@ -584,7 +588,10 @@ mod tests {
     fn openmetrics_names_counter_families_without_total() {
         let text = render(&status(), &health(), Format::OpenMetrics);
         assert_page(&text);
-        assert!(text.contains("\n# TYPE lb_service_packets counter\n"), "{text}");
+        assert!(
+            text.contains("\n# TYPE lb_service_packets counter\n"),
+            "{text}"
+        );
         assert!(text.contains("\n# TYPE lb_agent_build info\n"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
@@ -598,7 +605,10 @@ mod tests {
             "# TYPE lb_service_packets_total counter",
             "# TYPE lb_agent_build_info gauge",
         ] {
-            assert!(text.contains(&format!("{want}\n")), "missing {want:?}:\n{text}");
+            assert!(
+                text.contains(&format!("{want}\n")),
+                "missing {want:?}:\n{text}"
+            );
         }
         assert!(!text.contains("# EOF"), "{text}");
     }

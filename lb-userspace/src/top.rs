@@ -211,7 +211,7 @@ pub fn draw(frame: &mut Frame, view: &View) {
             num("pkts/s".into()),
             num("packets".into()),
         ])
-            .style(Style::new().add_modifier(Modifier::REVERSED)),
+        .style(Style::new().add_modifier(Modifier::REVERSED)),
     )
     .block(Block::bordered().title(" data plane by reason (drops in red) "));
 
@@ -309,7 +309,10 @@ mod tests {
                 })
                 .unwrap_or_else(|| panic!("no {first:?} in\n{text}"))
         };
-        assert!(text.contains("forwarded 1000 pkts/s, dropped 10.0 pkts/s"), "{text}");
+        assert!(
+            text.contains("forwarded 1000 pkts/s, dropped 10.0 pkts/s"),
+            "{text}"
+        );
         assert_eq!(
             row("10.0.3.2"),
             ["->", "10.0.3.2", "100", "active", "up", "75.0%", "1000", "100K", "3000", "0/10"]

@@ -375,7 +375,11 @@ fn two_lb_nodes_send_every_flow_to_the_same_backend() {
                     .unwrap_or_else(|| panic!("no table_digest of {} in {st}", s.name))
             };
             let d = digest(0);
-            assert!(d != 0 && d == digest(1), "{when}: digests of {} differ", s.name);
+            assert!(
+                d != 0 && d == digest(1),
+                "{when}: digests of {} differ",
+                s.name
+            );
             let seconds = t0.buckets.iter().filter(|(_, s)| s.is_some()).count();
             println!("{when}: {}: lb0 and lb1 tables identical ({} buckets, {seconds} with a second hop)", s.name, t0.buckets.len());
         }

@@ -23,7 +23,10 @@ const APT: &[(&str, &str)] = &[
     ("llvm-22-dev", "the LLVM bpf-linker links against"),
     ("iproute2", "ip, for the namespace tests and the lab"),
     ("ethtool", "veth offload settings in the namespace tests"),
-    ("prometheus", "promtool, to check the metrics page and the alert rules"),
+    (
+        "prometheus",
+        "promtool, to check the metrics page and the alert rules",
+    ),
     ("fonts-dejavu-core", "the font of the demo's chart"),
 ];
 

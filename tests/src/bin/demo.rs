@@ -139,7 +139,8 @@ fn log_offset(line: &str, since: SystemTime) -> Option<f64> {
     let clock = stamp.split_once('T')?.1.trim_end_matches('Z');
     let mut parts = clock.split(':');
     let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
-    let at = h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?;
+    let at =
+        h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?;
     let mut d = at - day_seconds(since);
     if d < -43_200.0 {
         d += 86_400.0;
@@ -147,10 +148,17 @@ fn log_offset(line: &str, since: SystemTime) -> Option<f64> {
     Some(d)
 }
 
-/// What each LB agent logged about `addr` going down after `since`: per node, the
-/// seconds at which its checker declared it down per service, and at which its tables
-/// were last rebuilt for that.
-fn down_times(lab: &Lab, addr: &str, since: SystemTime) -> Vec<(String, Vec<(String, f64)>, f64)> {
+/// What an LB agent logged about a backend going down, in seconds after the failure.
+struct DownTimes {
+    node: String,
+    /// When its checker declared the backend down, per service.
+    seen: Vec<(String, f64)>,
+    /// When its last table rebuild for a backend going down was done.
+    rebuilt: f64,
+}
+
+/// What each LB agent logged about `addr` going down after `since`.
+fn down_times(lab: &Lab, addr: &str, since: SystemTime) -> Vec<DownTimes> {
     lab.lb_agents
         .iter()
         .enumerate()
@@ -167,14 +175,20 @@ fn down_times(lab: &Lab, addr: &str, since: SystemTime) -> Vec<(String, Vec<(Str
                         .find_map(|w| w.strip_prefix(&format!("{name}=")))
                         .map(|v| v.trim_matches('"').to_string())
                 };
-                if line.contains("lb::health: backend down") && field("backend").as_deref() == Some(addr) {
+                if line.contains("lb::health: backend down")
+                    && field("backend").as_deref() == Some(addr)
+                {
                     seen.push((field("service").unwrap_or_default(), at));
                 }
                 if line.contains("table rebuilt") && line.contains("backend down") {
                     rebuilt = rebuilt.max(at);
                 }
             }
-            (format!("lb{i}"), seen, rebuilt)
+            DownTimes {
+                node: format!("lb{i}"),
+                seen,
+                rebuilt,
+            }
         })
         .collect()
 }
@@ -355,7 +369,10 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
     let args = lab.add_backend_args(100);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     show_commands(&lab.apply_each("b3", &args)?);
-    println!("  (4 commands: 2 services on 2 LB nodes, {:.1?})", t.elapsed());
+    println!(
+        "  (4 commands: 2 services on 2 LB nodes, {:.1?})",
+        t.elapsed()
+    );
     let n = report_step(lab, &flows, 3, None)?;
     broken_total += n;
     broken_outside_failed += n;
@@ -369,7 +386,10 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
     marks.push((Instant::now(), "4 drain b1".into()));
     let t = Instant::now();
     show_commands(&lab.apply_each("b1", &["backend", "drain", "{service}", "{addr}"])?);
-    println!("  (4 commands: 2 services on 2 LB nodes, {:.1?})", t.elapsed());
+    println!(
+        "  (4 commands: 2 services on 2 LB nodes, {:.1?})",
+        t.elapsed()
+    );
     let before = flows.snapshot();
     let n = report_step(lab, &flows, 4, None)?;
     broken_total += n;
@@ -385,7 +405,12 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
     let (tcp, _) = sample(lab, false)?;
     println!("  new connections: {} (none to b1)", shares(&tcp));
     show_lb(lab, 0, &["list"], "after: b1 drain")?;
-    show_lb(lab, 0, &["table", "web"], "b1 owns no first hop, but is second hop of the buckets it had")?;
+    show_lb(
+        lab,
+        0,
+        &["table", "web"],
+        "b1 owns no first hop, but is second hop of the buckets it had",
+    )?;
 
     header("5. Fail b2's health check");
     println!("  lb0's `lb list` before: as after step 4");
@@ -399,8 +424,16 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
     let b2 = lab.backend("b2").v4.to_string();
     println!("  checks every 200 ms, down after 2 failures in a row: each checker should say");
     println!("  so 0.2 to 0.4 s after the failure (plus scheduling on a busy machine)");
-    for (node, seen, rebuilt) in down_times(lab, &b2, failed_at) {
-        let seen: Vec<String> = seen.iter().map(|(s, at)| format!("{s} {at:.2} s")).collect();
+    for DownTimes {
+        node,
+        seen,
+        rebuilt,
+    } in down_times(lab, &b2, failed_at)
+    {
+        let seen: Vec<String> = seen
+            .iter()
+            .map(|(s, at)| format!("{s} {at:.2} s"))
+            .collect();
         println!(
             "    {node}: checks failed b2 at {}; tables rebuilt by {rebuilt:.2} s",
             seen.join(", ")
@@ -434,7 +467,10 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
     let timeline = Timeline::new(started, &answered, &end, &marks, seconds);
     print!("{}", timeline.render());
     let chart = chart_path();
-    timeline.write_png(&chart, "lb demo: requests answered and flows broken per second, by backend")?;
+    timeline.write_png(
+        &chart,
+        "lb demo: requests answered and flows broken per second, by backend",
+    )?;
     println!("  chart: {}", chart.display());
 
     header("Summary");
