@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{anyhow, Context, Result};
-use plotters::prelude::*;
+use plotters::{coord::types::RangedCoordf64, prelude::*};
 
 use crate::churn::{Fate, Flow};
 
@@ -168,20 +168,7 @@ impl Timeline {
         let broken_peak = self.broken.values().flatten().copied().max().unwrap_or(0);
         let colour = |i: usize| PALETTE[i % PALETTE.len()].to_rgba();
 
-        let mut chart = ChartBuilder::on(&top)
-            .margin(12)
-            .x_label_area_size(45)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0f64..n, 0f64..peak * 1.15)?;
-        chart
-            .configure_mesh()
-            .y_desc("requests answered per second")
-            .x_desc("seconds")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| format!("{y:.0}"))
-            .label_style(("sans-serif", 15))
-            .axis_desc_style(("sans-serif", 16))
-            .draw()?;
+        let mut chart = panel(&top, n, peak * 1.15, "requests answered per second")?;
         for (i, (b, v)) in self.answered.iter().enumerate() {
             let c = colour(i);
             chart
@@ -213,20 +200,12 @@ impl Timeline {
             .border_style(BLACK.mix(0.3))
             .draw()?;
 
-        let mut chart = ChartBuilder::on(&bottom)
-            .margin(12)
-            .x_label_area_size(45)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0f64..n, 0f64..(broken_peak.max(1) as f64 * 1.2))?;
-        chart
-            .configure_mesh()
-            .y_desc("flows broken per second")
-            .x_desc("seconds")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| format!("{y:.0}"))
-            .label_style(("sans-serif", 15))
-            .axis_desc_style(("sans-serif", 16))
-            .draw()?;
+        let mut chart = panel(
+            &bottom,
+            n,
+            broken_peak.max(1) as f64 * 1.2,
+            "flows broken per second",
+        )?;
         let backends = self.broken.len().max(1) as f64;
         for (i, (b, v)) in self.broken.iter().enumerate() {
             let c = colour(i);
@@ -257,6 +236,35 @@ impl Timeline {
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
+}
+
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+type Chart<'a> = ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A chart over `area`: seconds 0 to `seconds` across, 0 to `top` up, axes drawn.
+fn panel<'a>(area: &Area<'a>, seconds: f64, top: f64, what: &str) -> Result<Chart<'a>> {
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..seconds, 0f64..top)?;
+    chart
+        .configure_mesh()
+        .y_desc(what)
+        .x_desc("seconds")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        // Counts: ticks between whole numbers stay unlabelled.
+        .y_label_formatter(&|y| {
+            if y.fract() == 0.0 {
+                format!("{y:.0}")
+            } else {
+                String::new()
+            }
+        })
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 16))
+        .draw()?;
+    Ok(chart)
 }
 
 /// Registers DejaVu Sans as "sans-serif" for plotters, once.

@@ -94,6 +94,15 @@ fn promtool(args: &[&str], input: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// Runs promtool with `args` in `dir`.
+fn promtool_in(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool is missing: `cargo xtask setup` installs it (Debian's prometheus)")
+}
+
 fn show(o: &Output) -> String {
     format!(
         "exit {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -291,19 +300,11 @@ fn alert_rules_pass_promtool_and_query_only_exported_metrics() {
     for n in names {
         assert!(exported.contains(n), "{n} in lb-alerts.yml is not exported");
     }
-    let check = Command::new("promtool")
-        .args(["check", "rules", "lb-alerts.yml"])
-        .current_dir(&dir)
-        .output()
-        .expect("promtool");
+    let check = promtool_in(&dir, &["check", "rules", "lb-alerts.yml"]);
     println!("promtool check rules:\n{}", show(&check));
     assert!(check.status.success(), "{}", show(&check));
     // The alerts fire on made-up series as they should (and not before).
-    let test = Command::new("promtool")
-        .args(["test", "rules", "lb-alerts.test.yml"])
-        .current_dir(&dir)
-        .output()
-        .expect("promtool");
+    let test = promtool_in(&dir, &["test", "rules", "lb-alerts.test.yml"]);
     println!("promtool test rules:\n{}", show(&test));
     assert!(test.status.success(), "{}", show(&test));
 }
