@@ -123,6 +123,13 @@ pub struct ServiceStatus {
     pub table_bits: u32,
     pub packets: u64,
     pub bytes: u64,
+    /// Buckets whose first hop changed in table rebuilds since the agent started.
+    #[serde(default)]
+    pub moved_buckets: u64,
+    /// A fingerprint of the live table (first and second hops by address): nodes that
+    /// forward alike have equal digests. 0 when the service has no table.
+    #[serde(default)]
+    pub table_digest: u64,
     pub backends: Vec<BackendStatus>,
 }
 

@@ -36,6 +36,12 @@ pub enum Command {
     Agent(AgentArgs),
     /// List services and backends, ipvsadm-style.
     List(ListArgs),
+    /// A live view of services, backends, shares, rates, health and drops; q quits.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0, value_parser = interval)]
+        interval: f64,
+    },
     /// Add or remove services.
     #[command(subcommand)]
     Service(ServiceCmd),
@@ -91,6 +97,20 @@ pub struct ListArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    /// Packets/s and bytes/s per service and backend, measured over `--interval`.
+    #[arg(long, conflicts_with = "stats")]
+    pub rate: bool,
+    /// Seconds to measure `--rate` over.
+    #[arg(long, default_value_t = 1.0, value_parser = interval, requires = "rate")]
+    pub interval: f64,
+}
+
+/// A positive number of seconds, at most an hour.
+fn interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 3600]")),
+    }
 }
 
 #[derive(Debug, Subcommand)]

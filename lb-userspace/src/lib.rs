@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod ebpf;
 pub mod health;
 pub mod metrics;
+pub mod top;
 
 pub mod agent;
 pub mod bpffs;

@@ -80,6 +80,21 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
             );
             return Ok(ExitCode::SUCCESS);
         }
+        Command::List(ref a) if a.rate => {
+            let (before, start) = (status(&cli.socket)?, std::time::Instant::now());
+            std::thread::sleep(std::time::Duration::from_secs_f64(a.interval));
+            let after = status(&cli.socket)?;
+            let rates = client::Rates::between(&before, &after, start.elapsed().as_secs_f64());
+            return Ok(if a.json {
+                print(&serde_json::to_string_pretty(&rates)?)
+            } else {
+                print(&client::render_rates(&after, &rates, a.exact))
+            });
+        }
+        Command::Top { interval } => {
+            lb::top::run(&cli.socket, std::time::Duration::from_secs_f64(interval))?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::List(ref a) => {
             let resp = client::request(&cli.socket, &Request::Status {})?;
             return Ok(match resp {
@@ -142,6 +157,15 @@ fn warn_empty_service(change: &Change) {
                 service.name, service.protocol, service.vip, service.port, service.name
             );
         }
+    }
+}
+
+/// The agent's status, or what it answered instead as an error.
+fn status(socket: &std::path::Path) -> anyhow::Result<lb::api::Status> {
+    match client::request(socket, &Request::Status {})? {
+        Response::Status(s) => Ok(s),
+        Response::Error { message } => anyhow::bail!("{message}"),
+        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
     }
 }
 

@@ -1,12 +1,14 @@
 //! Prometheus metrics: a fresh registry per scrape, filled from the agent's status and the
-//! health checker's snapshot, served by a minimal read-only HTTP endpoint.
+//! health checker's snapshot, served by a minimal read-only HTTP endpoint in the format
+//! the scraper asks for: OpenMetrics 1.0 when its `Accept` header prefers it (Prometheus
+//! does), the classic text format 0.0.4 otherwise. See docs/metrics.md.
 
-use std::{collections::BTreeSet, future::Future, net::IpAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
 use prometheus_client::{
-    encoding::{text::encode, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::{prometheus_text, text, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
     registry::Registry,
 };
 use tokio::{
@@ -28,8 +30,49 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CLIENTS: usize = 16;
 
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The two exposition formats the endpoint speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0: counter families named without `_total`, ends with `# EOF`.
+    OpenMetrics,
+    /// Prometheus' classic text format 0.0.4: `# HELP`/`# TYPE` name the samples.
+    Text,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => prometheus_text::CONTENT_TYPE,
+        }
+    }
+
+    /// The format for an `Accept` header: OpenMetrics when the client weighs it at least
+    /// as high as any form of plain text, the classic text format otherwise (no header,
+    /// `*/*`, browsers).
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let (mut openmetrics, mut plain) = (0.0f32, 0.0f32);
+        for range in accept.unwrap_or("").split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(Some(1.0), |(_, v)| v.trim().parse::<f32>().ok())
+                .unwrap_or(0.0);
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" | "text/*" | "*/*" => plain = plain.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= plain {
+            Format::OpenMetrics
+        } else {
+            Format::Text
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabels {
@@ -40,19 +83,24 @@ struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceNameLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceBackendLabels {
     service: String,
     backend: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BackendLabels {
-    backend: String,
+struct ReasonLabels {
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: String,
+struct BuildLabels {
+    version: String,
 }
 
 type Counters<L> = Family<L, Counter>;
@@ -69,28 +117,59 @@ fn family<M: Default + Clone + prometheus_client::registry::Metric>(
     m
 }
 
-/// The metrics of `status` and `health` in the OpenMetrics text format (which Prometheus'
-/// classic text parser reads as well). Counter names get the `_total` suffix.
-pub fn render(status: &Status, health: &[TargetState]) -> String {
+/// Traffic forwarded to one backend: the labels it is exported under and its counters.
+pub struct BackendTraffic<'a> {
+    /// Empty while the data plane counts a backend's traffic across all its services.
+    pub service: &'a str,
+    pub backend: IpAddr,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The backend traffic counters of `status`, each counted once. The data plane counts a
+/// backend's packets per address, across the services that share it, so each address is
+/// reported once with an empty `service` label (which Prometheus drops), keeping sums
+/// over the metric right. This is the one place that reads backend traffic for metrics.
+pub fn backend_traffic(status: &Status) -> Vec<BackendTraffic<'_>> {
+    let mut seen = std::collections::BTreeSet::<IpAddr>::new();
+    status
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter())
+        .filter(|b| seen.insert(b.address))
+        .map(|b| BackendTraffic {
+            service: "",
+            backend: b.address,
+            packets: b.packets,
+            bytes: b.bytes,
+        })
+        .collect()
+}
+
+/// The agent's version, as `lb_agent_build_info` reports it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The metrics of `status` and `health` in `format`. Every family is registered on every
+/// scrape, with or without samples, so the page always names the same metrics.
+pub fn render(status: &Status, health: &[TargetState], format: Format) -> String {
     let mut r = Registry::with_prefix("lb");
     let svc_packets: Counters<ServiceLabels> =
         family(&mut r, "service_packets", "Packets forwarded for a service");
     let svc_bytes: Counters<ServiceLabels> =
         family(&mut r, "service_bytes", "Bytes forwarded for a service");
-    let be_packets: Counters<BackendLabels> = family(
-        &mut r,
-        "backend_packets",
-        "Packets forwarded to a backend, all its services together",
-    );
-    let be_bytes: Counters<BackendLabels> = family(
-        &mut r,
-        "backend_bytes",
-        "Bytes forwarded to a backend, all its services together",
-    );
+    let be_packets: Counters<ServiceBackendLabels> =
+        family(&mut r, "backend_packets", "Packets forwarded to a backend");
+    let be_bytes: Counters<ServiceBackendLabels> =
+        family(&mut r, "backend_bytes", "Bytes forwarded to a backend");
     let be_up: Gauges<ServiceBackendLabels> = family(
         &mut r,
         "backend_up",
         "1 when the backend is healthy or unchecked, 0 when its health check failed",
+    );
+    let be_checked: Gauges<ServiceBackendLabels> = family(
+        &mut r,
+        "backend_checked",
+        "1 when the backend has a health check",
     );
     let be_weight: Gauges<ServiceBackendLabels> =
         family(&mut r, "backend_weight", "Configured weight of the backend");
@@ -102,12 +181,24 @@ pub fn render(status: &Status, health: &[TargetState]) -> String {
     let be_buckets: Gauges<ServiceBackendLabels> = family(
         &mut r,
         "backend_buckets",
-        "Buckets of the service's live table the backend owns",
+        "Buckets of the service's live table the backend owns (first hop)",
+    );
+    let table_buckets: Gauges<ServiceNameLabels> =
+        family(&mut r, "table_buckets", "Buckets in the service's table");
+    let table_digest: Gauges<ServiceNameLabels> = family(
+        &mut r,
+        "table_digest",
+        "Fingerprint of the service's live table; equal on nodes that forward alike",
+    );
+    let moved: Counters<ServiceNameLabels> = family(
+        &mut r,
+        "table_moved_buckets",
+        "Buckets whose first hop changed in table rebuilds",
     );
     let reasons: Counters<ReasonLabels> = family(
         &mut r,
         "dataplane_packets",
-        "Data-plane packets by what happened to them",
+        "Data-plane packets by what happened to them (docs/counters.md)",
     );
     let rebuilds: Counter = family(&mut r, "table_rebuilds", "Forwarding tables rebuilt");
     let checks: Counters<ServiceBackendLabels> =
@@ -119,10 +210,14 @@ pub fn render(status: &Status, health: &[TargetState]) -> String {
         "health_transitions",
         "Times a backend went up or down by its health check",
     );
+    r.register(
+        "agent_build",
+        "The running agent's version",
+        Info::new(BuildLabels {
+            version: VERSION.to_string(),
+        }),
+    );
 
-    // Backend traffic is counted per address across services: report each address once
-    // so that sums over the metric are right.
-    let mut seen = BTreeSet::<IpAddr>::new();
     for s in &status.services {
         let labels = ServiceLabels {
             service: s.name.clone(),
@@ -132,6 +227,17 @@ pub fn render(status: &Status, health: &[TargetState]) -> String {
         };
         svc_packets.get_or_create(&labels).inc_by(s.packets);
         svc_bytes.get_or_create(&labels).inc_by(s.bytes);
+        let name = ServiceNameLabels {
+            service: s.name.clone(),
+        };
+        table_buckets
+            .get_or_create(&name)
+            .set(1i64 << s.table_bits.min(62));
+        // 53 bits: exact in the float a sample carries.
+        table_digest
+            .get_or_create(&name)
+            .set(i64::try_from(s.table_digest & ((1 << 53) - 1)).unwrap_or(0));
+        moved.get_or_create(&name).inc_by(s.moved_buckets);
         for b in &s.backends {
             let l = ServiceBackendLabels {
                 service: s.name.clone(),
@@ -140,17 +246,21 @@ pub fn render(status: &Status, health: &[TargetState]) -> String {
             be_up
                 .get_or_create(&l)
                 .set(i64::from(b.health != Health::Down));
+            be_checked
+                .get_or_create(&l)
+                .set(i64::from(b.health != Health::Unchecked));
             be_weight.get_or_create(&l).set(i64::from(b.weight));
             be_drain.get_or_create(&l).set(i64::from(b.drain));
             be_buckets.get_or_create(&l).set(i64::from(b.buckets));
-            if seen.insert(b.address) {
-                let l = BackendLabels {
-                    backend: b.address.to_string(),
-                };
-                be_packets.get_or_create(&l).inc_by(b.packets);
-                be_bytes.get_or_create(&l).inc_by(b.bytes);
-            }
         }
+    }
+    for t in backend_traffic(status) {
+        let l = ServiceBackendLabels {
+            service: t.service.to_string(),
+            backend: t.backend.to_string(),
+        };
+        be_packets.get_or_create(&l).inc_by(t.packets);
+        be_bytes.get_or_create(&l).inc_by(t.bytes);
     }
     for c in &status.reasons {
         let l = ReasonLabels {
@@ -170,23 +280,27 @@ pub fn render(status: &Status, health: &[TargetState]) -> String {
     }
 
     let mut out = String::new();
-    encode(&mut out, &r).expect("writing to a String cannot fail");
+    match format {
+        Format::OpenMetrics => text::encode(&mut out, &r),
+        Format::Text => prometheus_text::encode(&mut out, &r),
+    }
+    .expect("writing to a String cannot fail");
     out
 }
 
-/// Serves `GET /metrics` (and `HEAD`) on `listener` with the text `source` gives at each
-/// scrape; other paths get 404, other methods 405. One request per connection. Runs until
+/// Serves `GET /metrics` (and `HEAD`) on `listener` with the page `source` renders at each
+/// scrape in the negotiated format; other paths get 404, other methods 405. One request per connection. Runs until
 /// the task is dropped; errors of single connections are logged, not returned.
 pub async fn serve<F>(listener: TcpListener, source: F)
 where
-    F: Fn() -> BoxFuture<'static, String> + Send + Sync + 'static,
+    F: Fn(Format) -> BoxFuture<'static, String> + Send + Sync + 'static,
 {
     serve_with(listener, source, CLIENT_TIMEOUT).await
 }
 
 async fn serve_with<F>(listener: TcpListener, source: F, timeout: Duration)
 where
-    F: Fn() -> BoxFuture<'static, String> + Send + Sync + 'static,
+    F: Fn(Format) -> BoxFuture<'static, String> + Send + Sync + 'static,
 {
     let source = Arc::new(source);
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
@@ -225,7 +339,7 @@ async fn bounded<T>(
 /// Reads one request head and answers it.
 async fn respond<F>(mut stream: TcpStream, source: &F) -> std::io::Result<()>
 where
-    F: Fn() -> BoxFuture<'static, String>,
+    F: Fn(Format) -> BoxFuture<'static, String>,
 {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -244,12 +358,12 @@ where
         buf.extend_from_slice(&chunk[..n]);
     };
     match scrape(&buf[..head_len]) {
-        Ok(Scrape {
-            head_only,
-            content_type,
-        }) => {
-            let headers = format!("Content-Type: {content_type}\r\n");
-            let answer = Answer::new(200, "OK", headers, source().await.into_bytes());
+        Ok(Scrape { head_only, format }) => {
+            let headers = format!(
+                "Content-Type: {}\r\nVary: Accept\r\n",
+                format.content_type()
+            );
+            let answer = Answer::new(200, "OK", headers, source(format).await.into_bytes());
             answer.send(&mut stream, !head_only).await
         }
         Err(answer) => answer.send(&mut stream, true).await,
@@ -260,7 +374,7 @@ where
 #[derive(Debug, PartialEq)]
 struct Scrape {
     head_only: bool,
-    content_type: &'static str,
+    format: Format,
 }
 
 /// Judges a request head: a scrape, or the error answer it gets.
@@ -289,20 +403,14 @@ fn scrape(head: &[u8]) -> Result<Scrape, Answer> {
             return Err(answer);
         }
     };
-    // Prometheus asks for OpenMetrics, which is what is rendered; anyone else gets the
-    // classic type, whose parsers read the same text, and browsers show it.
-    let openmetrics = lines.any(|l| {
-        l.split_once(':').is_some_and(|(name, value)| {
-            name.eq_ignore_ascii_case("accept") && value.contains("application/openmetrics-text")
-        })
+    let accept = lines.find_map(|l| {
+        l.split_once(':')
+            .filter(|(name, _)| name.trim().eq_ignore_ascii_case("accept"))
+            .map(|(_, value)| value)
     });
     Ok(Scrape {
         head_only,
-        content_type: if openmetrics {
-            OPENMETRICS
-        } else {
-            PROMETHEUS_TEXT
-        },
+        format: Format::negotiate(accept),
     })
 }
 
@@ -399,6 +507,8 @@ mod tests {
                     table_bits: 16,
                     packets: 13,
                     bytes: 1300,
+                    moved_buckets: 13104,
+                    table_digest: 0x1234_5678_9abc,
                     backends: vec![backend("10.0.3.2", Health::Up, 10), drained],
                 },
                 ServiceStatus {
@@ -409,6 +519,8 @@ mod tests {
                     table_bits: 16,
                     packets: 0,
                     bytes: 0,
+                    moved_buckets: 0,
+                    table_digest: 0,
                     // Shared with "web": its traffic is counted once.
                     backends: vec![backend("10.0.3.2", Health::Unchecked, 10)],
                 },
@@ -434,51 +546,112 @@ mod tests {
         }]
     }
 
+    /// Samples both formats carry alike.
     const PAGE: &[&str] = &[
-        "# TYPE lb_service_packets counter",
         r#"lb_service_packets_total{service="web",vip="10.100.0.1",port="80",protocol="tcp"} 13"#,
         r#"lb_service_bytes_total{service="dns",vip="2001:db8::53",port="53",protocol="udp"} 0"#,
-        r#"lb_backend_packets_total{backend="10.0.3.2"} 10"#,
-        r#"lb_backend_bytes_total{backend="10.0.4.2"} 300"#,
-        "# TYPE lb_backend_up gauge",
+        r#"lb_backend_packets_total{service="",backend="10.0.3.2"} 10"#,
+        r#"lb_backend_bytes_total{service="",backend="10.0.4.2"} 300"#,
         r#"lb_backend_up{service="web",backend="10.0.3.2"} 1"#,
         r#"lb_backend_up{service="web",backend="10.0.4.2"} 0"#,
         r#"lb_backend_up{service="dns",backend="10.0.3.2"} 1"#,
+        r#"lb_backend_checked{service="dns",backend="10.0.3.2"} 0"#,
+        r#"lb_backend_checked{service="web",backend="10.0.4.2"} 1"#,
         r#"lb_backend_weight{service="web",backend="10.0.4.2"} 7"#,
         r#"lb_backend_drain{service="web",backend="10.0.4.2"} 1"#,
         r#"lb_backend_drain{service="web",backend="10.0.3.2"} 0"#,
         r#"lb_backend_buckets{service="dns",backend="10.0.3.2"} 32768"#,
+        r#"lb_table_buckets{service="web"} 65536"#,
+        r#"lb_table_digest{service="web"} 20015998343868"#,
+        r#"lb_table_moved_buckets_total{service="web"} 13104"#,
         r#"lb_dataplane_packets_total{reason="forwarded"} 42"#,
         "lb_table_rebuilds_total 5",
         r#"lb_health_checks_total{service="web",backend="10.0.4.2"} 9"#,
         r#"lb_health_check_failures_total{service="web",backend="10.0.4.2"} 4"#,
         r#"lb_health_transitions_total{service="web",backend="10.0.4.2"} 1"#,
+        concat!(
+            r#"lb_agent_build_info{version=""#,
+            env!("CARGO_PKG_VERSION"),
+            r#""} 1"#
+        ),
     ];
 
-    #[test]
-    fn render_has_every_metric() {
-        let text = render(&status(), &health());
+    fn assert_page(text: &str) {
         let lines: Vec<&str> = text.lines().collect();
         for want in PAGE {
             assert!(lines.contains(want), "missing {want:?} in:\n{text}");
         }
-        let shared = r#"lb_backend_packets_total{backend="10.0.3.2"}"#;
+        let shared = r#"lb_backend_packets_total{service="",backend="10.0.3.2"}"#;
         assert_eq!(text.matches(shared).count(), 1, "{text}");
+    }
+
+    #[test]
+    fn openmetrics_names_counter_families_without_total() {
+        let text = render(&status(), &health(), Format::OpenMetrics);
+        assert_page(&text);
+        assert!(
+            text.contains("\n# TYPE lb_service_packets counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("\n# TYPE lb_agent_build info\n"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
 
     #[test]
+    fn classic_text_names_every_sample_in_help_and_type() {
+        let text = render(&status(), &health(), Format::Text);
+        assert_page(&text);
+        for want in [
+            "# HELP lb_service_packets_total Packets forwarded for a service.",
+            "# TYPE lb_service_packets_total counter",
+            "# TYPE lb_agent_build_info gauge",
+        ] {
+            assert!(
+                text.contains(&format!("{want}\n")),
+                "missing {want:?}:\n{text}"
+            );
+        }
+        assert!(!text.contains("# EOF"), "{text}");
+    }
+
+    #[test]
     fn render_of_nothing_is_a_valid_page() {
-        let text = render(&Status::default(), &[]);
+        let text = render(&Status::default(), &[], Format::OpenMetrics);
         assert!(text.contains("lb_table_rebuilds_total 0\n"), "{text}");
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn accept_header_picks_the_format() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                          version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(None), Format::Text);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
+        assert_eq!(
+            Format::negotiate(Some("text/html,application/xhtml+xml,*/*;q=0.8")),
+            Format::Text
+        );
+        assert_eq!(
+            Format::negotiate(Some("text/plain, application/openmetrics-text;q=0.5")),
+            Format::Text
+        );
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text; q=0, */*")),
+            Format::Text
+        );
+        assert_eq!(
+            Format::negotiate(Some("Application/OpenMetrics-Text")),
+            Format::OpenMetrics
+        );
     }
 
     async fn server() -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let source =
-            || -> BoxFuture<'static, String> { Box::pin(async { render(&status(), &health()) }) };
+        let source = |format| -> BoxFuture<'static, String> {
+            Box::pin(async move { render(&status(), &health(), format) })
+        };
         tokio::spawn(serve_with(listener, source, Duration::from_millis(200)));
         addr
     }
@@ -505,6 +678,7 @@ mod tests {
         assert!(head.contains("\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8"));
         assert!(head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())));
         assert!(body.contains("lb_table_rebuilds_total 5\n"), "{body}");
+        assert!(!body.contains("# EOF"), "{body}");
 
         let a = fetch(
             addr,
@@ -513,6 +687,7 @@ mod tests {
         )
         .await;
         assert!(a.contains("\r\nContent-Type: application/openmetrics-text; version=1.0.0"));
+        assert!(a.ends_with("# EOF\n"), "{a}");
 
         let a = fetch(addr, "HEAD /metrics HTTP/1.0\r\n\r\n").await;
         assert!(

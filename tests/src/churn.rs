@@ -415,6 +415,16 @@ pub enum Fate {
     },
 }
 
+/// A command run on an LB node.
+#[derive(Clone, Debug)]
+pub struct Ran {
+    /// "lb0", "lb1", ...
+    pub node: String,
+    /// As an operator would type it: "lb backend drain web 10.1.1.2".
+    pub command: String,
+    pub output: String,
+}
+
 /// One long-lived flow.
 #[derive(Clone, Debug)]
 pub struct Flow {
@@ -457,6 +467,10 @@ struct Shared {
     /// Servers whose flows the workers close.
     close: Mutex<BTreeSet<String>>,
     exchanges: AtomicU64,
+    /// When the flows started talking.
+    started: Instant,
+    /// Answered exchanges by (whole seconds since `started`, the flow's backend).
+    answered: Mutex<BTreeMap<(u64, String), u64>>,
 }
 
 /// What to open.
@@ -527,6 +541,8 @@ impl Flows {
             step: AtomicUsize::new(0),
             close: Mutex::new(BTreeSet::new()),
             exchanges: AtomicU64::new(0),
+            started: Instant::now(),
+            answered: Mutex::new(BTreeMap::new()),
         });
         let workers = plan.workers.max(1);
         let mut owned: Vec<Vec<(usize, Conn)>> = (0..workers).map(|_| Vec::new()).collect();
@@ -551,6 +567,16 @@ impl Flows {
     /// A copy of every flow's state.
     pub fn snapshot(&self) -> Vec<Flow> {
         self.shared.flows.lock().expect("not poisoned").clone()
+    }
+
+    /// When the flows started talking: second 0 of `answered`.
+    pub fn started(&self) -> Instant {
+        self.shared.started
+    }
+
+    /// Answered exchanges per (second since `started`, backend the flow began on).
+    pub fn answered(&self) -> BTreeMap<(u64, String), u64> {
+        self.shared.answered.lock().expect("not poisoned").clone()
     }
 
     /// Successful exchanges so far, all flows together.
@@ -658,6 +684,13 @@ fn drive(mut mine: Vec<(usize, Conn)>, shared: &Shared, period: Duration, timeou
                 Ok(()) => {
                     flows[idx].exchanges += 1;
                     shared.exchanges.fetch_add(1, Ordering::Relaxed);
+                    let second = shared.started.elapsed().as_secs();
+                    *shared
+                        .answered
+                        .lock()
+                        .expect("not poisoned")
+                        .entry((second, server))
+                        .or_default() += 1;
                     i += 1;
                 }
                 Err(why) => {
@@ -1097,6 +1130,16 @@ impl Lab {
     /// `args` are replaced by the service's name and the backend's address of its
     /// family. Returns the first LB's output per service.
     pub fn apply(&self, backend: &str, args: &[&str]) -> Result<Vec<String>> {
+        Ok(self
+            .apply_each(backend, args)?
+            .into_iter()
+            .filter(|r| r.node == "lb0")
+            .map(|r| r.output)
+            .collect())
+    }
+
+    /// As `apply`, with every command that ran, where, and what it printed, in order.
+    pub fn apply_each(&self, backend: &str, args: &[&str]) -> Result<Vec<Ran>> {
         let b = self.backend(backend);
         let mut out = Vec::new();
         for s in &self.services {
@@ -1107,10 +1150,11 @@ impl Lab {
                 .collect();
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             for (i, agent) in self.lb_agents.iter().enumerate() {
-                let o = agent.ok(&args)?;
-                if i == 0 {
-                    out.push(o);
-                }
+                out.push(Ran {
+                    node: format!("lb{i}"),
+                    command: format!("lb {}", args.join(" ")),
+                    output: agent.ok(&args)?,
+                });
             }
         }
         Ok(out)
@@ -1198,35 +1242,35 @@ impl Lab {
 
     /// `lb backend add` for `backend` on every service, with the lab's health check.
     pub fn add_backend(&self, backend: &str, weight: u32) -> Result<Vec<String>> {
+        let args = self.add_backend_args(weight);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.apply(backend, &args)
+    }
+
+    /// The arguments of `lb backend add` (with `{service}` and `{addr}` for `apply`) that
+    /// give a backend the lab's health check.
+    pub fn add_backend_args(&self, weight: u32) -> Vec<String> {
         let p = &self.plan;
-        let (w, iv, to, fall) = (
-            weight.to_string(),
-            p.interval_ms.to_string(),
-            (p.interval_ms / 2).to_string(),
-            p.fall.to_string(),
-        );
-        let port = HEALTH_PORT.to_string();
-        self.apply(
-            backend,
-            &[
-                "backend",
-                "add",
-                "{service}",
-                "{addr}",
-                "--weight",
-                &w,
-                "--health",
-                "tcp",
-                "--health-port",
-                &port,
-                "--health-interval-ms",
-                &iv,
-                "--health-timeout-ms",
-                &to,
-                "--health-fall",
-                &fall,
-            ],
-        )
+        [
+            "backend",
+            "add",
+            "{service}",
+            "{addr}",
+            "--weight",
+            &weight.to_string(),
+            "--health",
+            "tcp",
+            "--health-port",
+            &HEALTH_PORT.to_string(),
+            "--health-interval-ms",
+            &p.interval_ms.to_string(),
+            "--health-timeout-ms",
+            &(p.interval_ms / 2).to_string(),
+            "--health-fall",
+            &p.fall.to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     /// Closes `backend`'s health port, so its checks fail.

@@ -58,6 +58,7 @@ pub mod cleanup;
 pub mod fixture;
 pub mod link;
 pub mod netns;
+pub mod timeline;
 pub mod topology;
 pub mod traffic;
 pub mod xdp;

@@ -377,6 +377,23 @@ fn two_lb_nodes_send_every_flow_to_the_same_backend() {
         for s in &lab.services {
             let (t0, t1) = (lab.table(0, s).unwrap(), lab.table(1, s).unwrap());
             assert_eq!(t0, t1, "{when}: lb0 and lb1 differ on {}", s.name);
+            // The agents' digests (lb_table_digest) agree as the tables do.
+            let digest = |lb: usize| {
+                let st = lab.lb_agents[lb].status().unwrap();
+                st["services"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|x| x["name"] == s.name)
+                    .and_then(|x| x["table_digest"].as_u64())
+                    .unwrap_or_else(|| panic!("no table_digest of {} in {st}", s.name))
+            };
+            let d = digest(0);
+            assert!(
+                d != 0 && d == digest(1),
+                "{when}: digests of {} differ",
+                s.name
+            );
             let seconds = t0.buckets.iter().filter(|(_, s)| s.is_some()).count();
             println!("{when}: {}: lb0 and lb1 tables identical ({} buckets, {seconds} with a second hop)", s.name, t0.buckets.len());
         }

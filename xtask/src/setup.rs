@@ -23,6 +23,11 @@ const APT: &[(&str, &str)] = &[
     ("llvm-22-dev", "the LLVM bpf-linker links against"),
     ("iproute2", "ip, for the namespace tests and the lab"),
     ("ethtool", "veth offload settings in the namespace tests"),
+    (
+        "prometheus",
+        "promtool, to check the metrics page and the alert rules",
+    ),
+    ("fonts-dejavu-core", "the font of the demo's chart"),
 ];
 
 const LINKER_VERSION: &str = "0.13.0";

@@ -655,6 +655,8 @@ impl Agent {
                     }
                 })
                 .collect();
+            let (table_digest, moved_buckets) =
+                self.programmer.table_facts(&key).unwrap_or_default();
             services.push(ServiceStatus {
                 name: s.name.clone(),
                 vip: s.vip,
@@ -663,6 +665,8 @@ impl Agent {
                 table_bits: s.bits(),
                 packets: counters.packets,
                 bytes: counters.bytes,
+                moved_buckets,
+                table_digest,
                 backends,
             });
         }

@@ -59,6 +59,10 @@ struct Live {
     /// writes only the buckets that differ from what that half already holds.
     live_raw: Vec<Bucket>,
     spare_raw: Option<Vec<Bucket>>,
+    /// `digest(&table)`, kept to answer status calls cheaply.
+    digest: u64,
+    /// Buckets whose first hop changed in rebuilds since the agent started.
+    moved: u64,
 }
 
 impl Live {
@@ -130,9 +134,11 @@ impl Programmer {
                     base,
                     bits: v.table_bits,
                     upper,
+                    digest: digest(&table),
                     table,
                     live_raw: raw,
                     spare_raw: None,
+                    moved: 0,
                 },
             );
         }
@@ -236,18 +242,22 @@ impl Programmer {
             if prev.is_some_and(|l| l.table == next) {
                 continue;
             }
-            summaries.push(summarize(
-                &want.name,
-                prev.map(|l| l.table.as_slice()),
-                &next,
-            ));
-            self.write(want, next)?;
+            let summary = summarize(&want.name, prev.map(|l| l.table.as_slice()), &next);
+            // A first table (or one of a new size) moves nothing that was forwarded.
+            let moved = if prev.is_some() {
+                u64::from(summary.moved)
+            } else {
+                0
+            };
+            summaries.push(summary);
+            self.write(want, next, moved)?;
         }
         self.free_unused_slots()?;
         Ok(summaries)
     }
 
-    fn write(&mut self, want: &Desired, table: Owners) -> Result<(), ProgramError> {
+    /// Writes `table` into the spare half and flips to it; `moved` buckets changed owner.
+    fn write(&mut self, want: &Desired, table: Owners, moved: u64) -> Result<(), ProgramError> {
         let mut buckets = Vec::with_capacity(table.len());
         for (first, second) in &table {
             let first = match first {
@@ -271,14 +281,17 @@ impl Programmer {
             Some(l) if l.bits == want.bits => (l.spare_raw.clone(), Some(l.live_raw.clone())),
             _ => (None, None),
         };
+        let moved = self.live.get(&want.key).map_or(0, |l| l.moved) + moved;
         let live = Live {
             id,
             base,
             bits: want.bits,
             upper,
+            digest: digest(&table),
             table,
             live_raw: buckets,
             spare_raw: old_live,
+            moved,
         };
         self.dp
             .write_table_changes(live.live_offset(), &live.live_raw, spare.as_deref())?;
@@ -427,10 +440,45 @@ impl Programmer {
         self.live.get(key).map(|l| l.id)
     }
 
+    /// The live table's digest (see `digest`) and the buckets moved in it since the
+    /// agent started; `None` when the service has no table.
+    pub fn table_facts(&self, key: &ServiceKey) -> Option<(u64, u64)> {
+        self.live.get(key).map(|l| (l.digest, l.moved))
+    }
+
     /// The backend slot of `a`.
     pub fn slot_of(&self, a: &IpAddr) -> Option<u32> {
         self.slots.get(a).copied()
     }
+}
+
+/// A fingerprint of a table in backend addresses (first and second hop of every bucket):
+/// equal on every node that forwards alike, whatever backend slots the nodes gave. FNV-1a,
+/// cut to 53 bits so that a metric's float carries it exactly.
+fn digest(table: &Owners) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(PRIME);
+        }
+    };
+    for (first, second) in table {
+        for hop in [first, second] {
+            match hop {
+                None => eat(&[0]),
+                Some(IpAddr::V4(a)) => {
+                    eat(&[4]);
+                    eat(&a.octets());
+                }
+                Some(IpAddr::V6(a)) => {
+                    eat(&[6]);
+                    eat(&a.octets());
+                }
+            }
+        }
+    }
+    h & ((1 << 53) - 1)
 }
 
 /// What changed owner between `prev` and `next`.
@@ -457,5 +505,26 @@ fn summarize(
             .map(|((from, to), buckets)| Move { from, to, buckets })
             .collect(),
         warnings: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_sees_every_hop_and_fits_a_float() {
+        let a: IpAddr = "10.0.3.2".parse().unwrap();
+        let b: IpAddr = "2001:db8::2".parse().unwrap();
+        let table: Owners = vec![(Some(a), None), (Some(b), Some(a)), (None, None)];
+        assert_eq!(digest(&table), digest(&table.clone()));
+        assert!(digest(&table) < 1 << 53);
+        for changed in [
+            vec![(Some(a), None), (Some(b), Some(b)), (None, None)],
+            vec![(Some(b), None), (Some(b), Some(a)), (None, None)],
+            vec![(Some(a), None), (Some(b), Some(a))],
+        ] {
+            assert_ne!(digest(&table), digest(&changed), "{changed:?}");
+        }
     }
 }

@@ -280,11 +280,11 @@ fn health_of(s: &crate::api::Status) -> Vec<crate::health::TargetState> {
 
 /// Serves Prometheus metrics at `addr`, each scrape rendered from a fresh status.
 pub async fn start_metrics(addr: SocketAddr, calls: mpsc::Sender<Call>) -> Result<()> {
-    let source = move || {
+    let source = move |format| {
         let calls = calls.clone();
         let fut: futures::future::BoxFuture<'static, String> = Box::pin(async move {
             match call(&calls, Request::Status {}, Caller::default()).await {
-                Response::Status(s) => crate::metrics::render(&s, &health_of(&s)),
+                Response::Status(s) => crate::metrics::render(&s, &health_of(&s), format),
                 _ => String::new(),
             }
         });

@@ -12,15 +12,18 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    path::PathBuf,
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{bail, Result};
 use tests::{
-    churn::{broken_in, per_server, Fate, Flow, FlowPlan, Flows, Lab, LabPlan},
-    tcp_request, udp_request,
+    churn::{broken_in, per_server, Fate, Flow, FlowPlan, Flows, Lab, LabPlan, Ran},
+    tcp_request,
+    timeline::Timeline,
+    udp_request,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -103,6 +106,98 @@ fn main() -> ExitCode {
 
 fn header(title: &str) {
     println!("\n== {title}");
+}
+
+/// Where the timeline chart goes: `LB_DEMO_CHART`, else `target/demo-timeline.png`.
+fn chart_path() -> PathBuf {
+    std::env::var_os("LB_DEMO_CHART").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/demo-timeline.png"),
+        PathBuf::from,
+    )
+}
+
+/// Prints every command that ran and where, with the first line of what it printed.
+fn show_commands(ran: &[Ran]) {
+    for r in ran {
+        println!("  {}$ {}", r.node, r.command);
+        println!("       {}", r.output.lines().next().unwrap_or_default());
+    }
+}
+
+/// Prints `lb <args>` as run on LB node `lb`, indented.
+fn show_lb(lab: &Lab, lb: usize, args: &[&str], when: &str) -> Result<()> {
+    println!("  lb{lb}$ lb {}   ({when})", args.join(" "));
+    for line in lab.lb_agents[lb].ok(args)?.lines() {
+        println!("    {line}");
+    }
+    Ok(())
+}
+
+/// Seconds since midnight UTC of `t`.
+fn day_seconds(t: SystemTime) -> f64 {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    (d.as_secs() % 86_400) as f64 + f64::from(d.subsec_nanos()) / 1e9
+}
+
+/// Seconds from `since` to the time stamp that starts an agent's log line
+/// ("2026-12-03T22:20:01.123456Z  INFO ...").
+fn log_offset(line: &str, since: SystemTime) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?;
+    let clock = stamp.split_once('T')?.1.trim_end_matches('Z');
+    let mut parts = clock.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    let at =
+        h.parse::<f64>().ok()? * 3600.0 + m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?;
+    let mut d = at - day_seconds(since);
+    if d < -43_200.0 {
+        d += 86_400.0;
+    }
+    Some(d)
+}
+
+/// What an LB agent logged about a backend going down, in seconds after the failure.
+struct DownTimes {
+    node: String,
+    /// When its checker declared the backend down, per service.
+    seen: Vec<(String, f64)>,
+    /// When its last table rebuild for a backend going down was done.
+    rebuilt: f64,
+}
+
+/// What each LB agent logged about `addr` going down after `since`.
+fn down_times(lab: &Lab, addr: &str, since: SystemTime) -> Vec<DownTimes> {
+    lab.lb_agents
+        .iter()
+        .enumerate()
+        .map(|(i, agent)| {
+            let log = agent.log();
+            let mut seen = Vec::new();
+            let mut rebuilt: f64 = 0.0;
+            for line in log.lines() {
+                let Some(at) = log_offset(line, since).filter(|d| *d >= 0.0) else {
+                    continue;
+                };
+                let field = |name: &str| {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                        .map(|v| v.trim_matches('"').to_string())
+                };
+                if line.contains("lb::health: backend down")
+                    && field("backend").as_deref() == Some(addr)
+                {
+                    seen.push((field("service").unwrap_or_default(), at));
+                }
+                if line.contains("table rebuilt") && line.contains("backend down") {
+                    rebuilt = rebuilt.max(at);
+                }
+            }
+            DownTimes {
+                node: format!("lb{i}"),
+                seen,
+                rebuilt,
+            }
+        })
+        .collect()
 }
 
 /// Percent of `n` in `total`.
@@ -210,6 +305,10 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
     for line in lab.lb_agents[0].ok(&["list"])?.lines() {
         println!("    {line}");
     }
+    println!(
+        "  (to watch lb0 live from another terminal: lb top --socket {})",
+        lab.lb_agents[0].socket.display()
+    );
 
     header("1. New connections follow the weights");
     let (tcp, udp) = sample(lab, true)?;
@@ -268,30 +367,37 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
     let mut broken_total = 0;
     let mut broken_outside_failed = 0;
 
+    let mut marks: Vec<(Instant, String)> = Vec::new();
+
     header("3. Add backend b3 (weight 100)");
+    println!("  lb0's `lb list` before: as at the start");
     flows.set_step(3);
-    let b3 = lab.backend("b3").v4;
-    println!("  $ lb backend add web {b3} --weight 100 --health tcp ...   (on lb0 and lb1)");
+    marks.push((Instant::now(), "3 add b3".into()));
     let t = Instant::now();
-    for line in lab.add_backend("b3", 100)? {
-        println!("  {}", line.lines().next().unwrap_or_default());
-    }
-    println!("  (applied on both LB nodes in {:.1?})", t.elapsed());
+    let args = lab.add_backend_args(100);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    show_commands(&lab.apply_each("b3", &args)?);
+    println!(
+        "  (4 commands: 2 services on 2 LB nodes, {:.1?})",
+        t.elapsed()
+    );
     let n = report_step(lab, &flows, 3, None)?;
     broken_total += n;
     broken_outside_failed += n;
     let (tcp, _) = sample(lab, false)?;
     println!("  new connections: {} (b3 expected 20%)", shares(&tcp));
+    show_lb(lab, 0, &["list"], "after")?;
 
     header("4. Drain b1");
+    println!("  lb0's `lb list` before: as after step 3");
     flows.set_step(4);
-    let b1 = lab.backend("b1").v4;
-    println!("  $ lb backend drain web {b1}   (on lb0 and lb1)");
+    marks.push((Instant::now(), "4 drain b1".into()));
     let t = Instant::now();
-    for line in lab.apply("b1", &["backend", "drain", "{service}", "{addr}"])? {
-        println!("  {}", line.lines().next().unwrap_or_default());
-    }
-    println!("  (applied on both LB nodes in {:.1?})", t.elapsed());
+    show_commands(&lab.apply_each("b1", &["backend", "drain", "{service}", "{addr}"])?);
+    println!(
+        "  (4 commands: 2 services on 2 LB nodes, {:.1?})",
+        t.elapsed()
+    );
     let before = flows.snapshot();
     let n = report_step(lab, &flows, 4, None)?;
     broken_total += n;
@@ -306,13 +412,47 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
     println!("  their packets reach the new owner, which hands them on to b1 (second hop)");
     let (tcp, _) = sample(lab, false)?;
     println!("  new connections: {} (none to b1)", shares(&tcp));
+    show_lb(lab, 0, &["list"], "after: b1 drain")?;
+    show_lb(
+        lab,
+        0,
+        &["table", "web"],
+        "b1 owns no first hop, but is second hop of the buckets it had",
+    )?;
 
     header("5. Fail b2's health check");
+    println!("  lb0's `lb list` before: as after step 4");
     flows.set_step(5);
-    println!("  b2's health server stops; its TCP and UDP servers keep running");
+    println!("  b2's health server (port 8080 on b2) stops; its TCP and UDP servers keep");
+    println!("  running. No lb command runs: each LB agent's own checks notice.");
+    let failed_at = SystemTime::now();
+    marks.push((Instant::now(), "5 fail b2".into()));
     lab.fail_health("b2");
     let took = lab.wait_health("b2", "down", Duration::from_secs(10))?;
-    println!("  both LB nodes mark b2 down after {took:.1?} (checks every 200 ms, 2 failures)");
+    let b2 = lab.backend("b2").v4.to_string();
+    println!("  checks every 200 ms, down after 2 failures in a row: each checker should say");
+    println!("  so 0.2 to 0.4 s after the failure (plus scheduling on a busy machine)");
+    for DownTimes {
+        node,
+        seen,
+        rebuilt,
+    } in down_times(lab, &b2, failed_at)
+    {
+        let seen: Vec<String> = seen
+            .iter()
+            .map(|(s, at)| format!("{s} {at:.2} s"))
+            .collect();
+        println!(
+            "    {node}: checks failed b2 at {}; tables rebuilt by {rebuilt:.2} s",
+            seen.join(", ")
+        );
+    }
+    println!(
+        "  `lb list` showed b2 down on both nodes after {:.2} s: the rest is each agent",
+        took.as_secs_f64()
+    );
+    println!("  rebuilding both services' 65,536-bucket tables and writing the changed buckets");
+    println!("  (this debug build), one verdict after the other, before it answers a status");
     println!("  a down backend leaves the tables: its flows now reach others, which reset");
     println!("  TCP and answer UDP themselves");
     let n = report_step(lab, &flows, 5, Some("b2"))?;
@@ -324,9 +464,24 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
         .count();
     let (tcp, _) = sample(lab, false)?;
     println!("  new connections: {} (none to b2)", shares(&tcp));
+    show_lb(lab, 0, &["list"], "after: b2 down")?;
+
+    header("Timeline: requests answered per second by each backend's established flows");
+    let started = flows.started();
+    // Whole seconds only: the last, cut short, would look like a drop.
+    let seconds = started.elapsed().as_secs() as usize;
+    let answered = flows.answered();
+    let end = flows.stop();
+    let timeline = Timeline::new(started, &answered, &end, &marks, seconds);
+    print!("{}", timeline.render());
+    let chart = chart_path();
+    timeline.write_png(
+        &chart,
+        "lb demo: requests answered and flows broken per second, by backend",
+    )?;
+    println!("  chart: {}", chart.display());
 
     header("Summary");
-    let end = flows.stop();
     let held = end.iter().filter(|f| f.fate == Fate::Open).count();
     let exchanges: u64 = end.iter().map(|f| f.exchanges).sum();
     println!("  {total_flows} established flows, 3 changes, {exchanges} requests answered");
