@@ -145,7 +145,9 @@ impl Agent {
             .stdout(log.try_clone()?)
             .stderr(log);
         self.child = Some(self.ns.spawn(&mut cmd)?);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Loading the program runs the verifier: seconds alone, far more on a machine
+        // busy with builds.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if self
                 .lb(&["list"])
@@ -165,7 +167,7 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "lb agent {} did not answer within 20 s:\n{}",
+                    "lb agent {} did not answer within 60 s:\n{}",
                     self.name,
                     self.log()
                 );
