@@ -65,6 +65,7 @@ fn health(s: &Status) -> Vec<TargetState> {
                 failures: b.check_failures,
                 transitions: b.health_transitions,
                 last_reason: String::new(),
+                last_failure: String::new(),
             });
         }
     }
