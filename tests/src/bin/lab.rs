@@ -218,6 +218,10 @@ fn run_dir(name: &str) -> PathBuf {
 }
 
 /// Starts every Unimog node's servers (`lab serve`) and agent in the background.
+#[expect(
+    clippy::zombie_processes,
+    reason = "they outlive `lab up`, which exits at once; init reaps them"
+)]
 fn start_unimog(name: &str, topo: &Topology, record: &mut Record) -> Result<()> {
     let dir = run_dir(name);
     fs::create_dir_all(&dir)?;
