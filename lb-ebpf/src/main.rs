@@ -52,9 +52,11 @@ fn process(ctx: &XdpContext) -> Verdict {
         return pass(Reason::PassNotService);
     }
     let mut ip = Ip::EMPTY;
-    if parse::ip(ctx, l2.l3_off, l2.ether_type == ETH_P_IPV6, &mut ip).is_err() {
-        // IPv6 addresses are read before the extension headers: a broken chain to a VIP
-        // is lb's to drop, not the stack's to route.
+    let parsed = parse::ip(ctx, l2.l3_off, l2.ether_type == ETH_P_IPV6, &mut ip);
+    if parsed.is_err() || !parse::lengths_ok(ctx, &ip, ctx.data_end() - ctx.data()) {
+        // The addresses are read before the extension headers: a broken header (or one
+        // whose lengths contradict the frame) to a VIP is lb's to drop, not the stack's
+        // to route; the backend's kernel would discard it.
         if maps::is_vip(&ip.dst) {
             return verdict::drop(Reason::DropMalformed);
         }

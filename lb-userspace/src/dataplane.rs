@@ -23,9 +23,10 @@ use lb_common::{
         VipRefs, NODE_CONFIGURED, VIP_FILTER_WORDS,
     },
     stats::Reason,
+    tcp_window::{self, TcpSockOffsets},
 };
 
-use crate::ebpf;
+use crate::{ebpf, kernel_btf};
 
 /// Errors from loading the program or touching its maps.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +117,13 @@ impl Dataplane {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // Without the kernel's BTF the program checks a socket's state but not its
+        // windows (`lb_common::tcp_window`).
+        let tcp_sock = kernel_btf::tcp_sock_offsets().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no struct tcp_sock layout: socket windows unchecked");
+            TcpSockOffsets::UNKNOWN
+        });
+        loader.override_global(tcp_window::OFFSETS_GLOBAL, &tcp_sock, true);
         let mut ebpf = loader.load(ebpf::object()).map_err(DataplaneError::Load)?;
         load_program(&mut ebpf, ebpf::PROGRAM)?;
         Ok(Dataplane {

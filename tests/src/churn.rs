@@ -244,7 +244,7 @@ fn reuseport_udp(local: SocketAddr, peer: Option<SocketAddr>) -> io::Result<UdpS
     Ok(sock)
 }
 
-fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(crate) fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match a {
@@ -1131,6 +1131,15 @@ impl Lab {
     pub fn fail_health(&mut self, backend: &str) {
         let i = self.backend(backend).index;
         self.health[i] = None;
+    }
+
+    /// Opens `backend`'s health port again, so its checks pass.
+    pub fn restore_health(&mut self, backend: &str) -> Result<()> {
+        let b = self.backend(backend);
+        let server = TcpServer::start(b, &b.name, &b.sockaddrs(HEALTH_PORT))?;
+        let i = b.index;
+        self.health[i] = Some(server);
+        Ok(())
     }
 
     /// Waits until every LB agent reports `backend` with health `want` ("up"/"down") in
