@@ -160,10 +160,19 @@ mod tests {
     #[test]
     fn another_connections_segments_are_out() {
         let s = state(1000, 5000);
-        assert!(!in_window(&s, 1000 + 65_536, 5000, true), "beyond the window");
-        assert!(!in_window(&s, 1000u32.wrapping_sub(SEQ_SLACK + 1), 5000, true), "far behind");
+        assert!(
+            !in_window(&s, 1000 + 65_536, 5000, true),
+            "beyond the window"
+        );
+        assert!(
+            !in_window(&s, 1000u32.wrapping_sub(SEQ_SLACK + 1), 5000, true),
+            "far behind"
+        );
         assert!(!in_window(&s, 1000, 5001, true), "acknowledges unsent data");
-        assert!(!in_window(&s, 1000, 5000u32.wrapping_sub(65_536), true), "too old an ACK");
+        assert!(
+            !in_window(&s, 1000, 5000u32.wrapping_sub(65_536), true),
+            "too old an ACK"
+        );
         assert!(!in_window(&s, 0x8000_0000, 0x9000_0000, true));
     }
 }

@@ -14,7 +14,7 @@ use lb_common::{
 
 use crate::{
     forward::{self, NextHop},
-    maps::{self, BACKENDS, BACKEND_STATS, BUCKETS, SERVICES, SERVICE_STATS},
+    maps::{self, BACKENDS, BUCKETS, SERVICES},
     parse::{Flow, Ip, ETH_P_IP, ETH_P_IPV6, L2},
     ptr,
     verdict::{drop, pass, Verdict},
@@ -88,8 +88,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
     let v = encapsulate(ctx, node, l2, ip, &first.addr, hash, hops_left, next_hop);
     match v {
         Some(Ok(action)) => {
-            maps::add(&SERVICE_STATS, svc.id, bytes);
-            maps::add(&BACKEND_STATS, bucket.first, bytes);
+            maps::add(svc.id, bucket.first, bytes);
             Verdict::new(action, reason)
         }
         Some(Err(r)) => drop(r),

@@ -197,9 +197,15 @@ fn syncookie_ok(ctx: &XdpContext, sk: *mut bpf_sock, inner: &Ip) -> bool {
         return false;
     };
     let (iph, iph_len) = if inner.v6 {
-        (ptr::at::<[u8; 40]>(ctx, inner.l3_off).map(|p| p.cast::<u8>()), 40)
+        (
+            ptr::at::<[u8; 40]>(ctx, inner.l3_off).map(|p| p.cast::<u8>()),
+            40,
+        )
     } else {
-        (ptr::at::<[u8; 20]>(ctx, inner.l3_off).map(|p| p.cast::<u8>()), 20)
+        (
+            ptr::at::<[u8; 20]>(ctx, inner.l3_off).map(|p| p.cast::<u8>()),
+            20,
+        )
     };
     let Some(iph) = iph else {
         return false;

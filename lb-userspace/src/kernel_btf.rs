@@ -67,7 +67,13 @@ impl<'a> Blob<'a> {
 
     /// The byte offset of `member` in the struct whose `vlen` members start at `at`;
     /// `None` when it has none of that name or it is a bitfield.
-    fn member(&self, at: usize, vlen: usize, kind_flag: bool, member: &str) -> Result<Option<u32>, BtfError> {
+    fn member(
+        &self,
+        at: usize,
+        vlen: usize,
+        kind_flag: bool,
+        member: &str,
+    ) -> Result<Option<u32>, BtfError> {
         for i in 0..vlen {
             let m = at + i * 12;
             if self.str_at(self.u32_at(m)?)? != member.as_bytes() {

@@ -1,7 +1,7 @@
 //! Prometheus metrics: a fresh registry per scrape, filled from the agent's status and the
 //! health checker's snapshot, served by a minimal read-only HTTP endpoint.
 
-use std::{collections::BTreeSet, future::Future, net::IpAddr, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
 use prometheus_client::{
@@ -46,11 +46,6 @@ struct ServiceBackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BackendLabels {
-    backend: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -77,15 +72,15 @@ pub fn render(status: &Status, health: &[TargetState]) -> String {
         family(&mut r, "service_packets", "Packets forwarded for a service");
     let svc_bytes: Counters<ServiceLabels> =
         family(&mut r, "service_bytes", "Bytes forwarded for a service");
-    let be_packets: Counters<BackendLabels> = family(
+    let be_packets: Counters<ServiceBackendLabels> = family(
         &mut r,
         "backend_packets",
-        "Packets forwarded to a backend, all its services together",
+        "Packets a service forwarded to a backend",
     );
-    let be_bytes: Counters<BackendLabels> = family(
+    let be_bytes: Counters<ServiceBackendLabels> = family(
         &mut r,
         "backend_bytes",
-        "Bytes forwarded to a backend, all its services together",
+        "Bytes a service forwarded to a backend",
     );
     let be_up: Gauges<ServiceBackendLabels> = family(
         &mut r,
@@ -120,9 +115,6 @@ pub fn render(status: &Status, health: &[TargetState]) -> String {
         "Times a backend went up or down by its health check",
     );
 
-    // Backend traffic is counted per address across services: report each address once
-    // so that sums over the metric are right.
-    let mut seen = BTreeSet::<IpAddr>::new();
     for s in &status.services {
         let labels = ServiceLabels {
             service: s.name.clone(),
@@ -143,13 +135,8 @@ pub fn render(status: &Status, health: &[TargetState]) -> String {
             be_weight.get_or_create(&l).set(i64::from(b.weight));
             be_drain.get_or_create(&l).set(i64::from(b.drain));
             be_buckets.get_or_create(&l).set(i64::from(b.buckets));
-            if seen.insert(b.address) {
-                let l = BackendLabels {
-                    backend: b.address.to_string(),
-                };
-                be_packets.get_or_create(&l).inc_by(b.packets);
-                be_bytes.get_or_create(&l).inc_by(b.bytes);
-            }
+            be_packets.get_or_create(&l).inc_by(b.packets);
+            be_bytes.get_or_create(&l).inc_by(b.bytes);
         }
     }
     for c in &status.reasons {
@@ -409,8 +396,8 @@ mod tests {
                     table_bits: 16,
                     packets: 0,
                     bytes: 0,
-                    // Shared with "web": its traffic is counted once.
-                    backends: vec![backend("10.0.3.2", Health::Unchecked, 10)],
+                    // Shared with "web", which sent it everything.
+                    backends: vec![backend("10.0.3.2", Health::Unchecked, 0)],
                 },
             ],
             reasons: vec![ReasonCount {
@@ -437,8 +424,9 @@ mod tests {
         "# TYPE lb_service_packets counter",
         r#"lb_service_packets_total{service="web",vip="10.100.0.1",port="80",protocol="tcp"} 13"#,
         r#"lb_service_bytes_total{service="dns",vip="2001:db8::53",port="53",protocol="udp"} 0"#,
-        r#"lb_backend_packets_total{backend="10.0.3.2"} 10"#,
-        r#"lb_backend_bytes_total{backend="10.0.4.2"} 300"#,
+        r#"lb_backend_packets_total{service="web",backend="10.0.3.2"} 10"#,
+        r#"lb_backend_bytes_total{service="web",backend="10.0.4.2"} 300"#,
+        r#"lb_backend_packets_total{service="dns",backend="10.0.3.2"} 0"#,
         "# TYPE lb_backend_up gauge",
         r#"lb_backend_up{service="web",backend="10.0.3.2"} 1"#,
         r#"lb_backend_up{service="web",backend="10.0.4.2"} 0"#,
@@ -461,8 +449,6 @@ mod tests {
         for want in PAGE {
             assert!(lines.contains(want), "missing {want:?} in:\n{text}");
         }
-        let shared = r#"lb_backend_packets_total{backend="10.0.3.2"}"#;
-        assert_eq!(text.matches(shared).count(), 1, "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
 

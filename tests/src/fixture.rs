@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use lb::dataplane::Dataplane;
 use lb_common::{
-    maps::{Bucket, ServiceKey, ServiceValue},
+    maps::{Bucket, ServiceBackendKey, ServiceKey, ServiceValue, NO_BACKEND},
     packet::example::NODE_MAC,
 };
 
@@ -86,8 +86,9 @@ pub fn test_run(dp: &mut Dataplane, ifindex: u32, input: &[u8]) -> Result<Run> {
 }
 
 /// Writes `buckets` (a power of two of them) as the table of service `id`, at
-/// `id * buckets.len()` in the bucket map, and points the service (`addr`, `port`,
-/// `proto`) at it: how the tests set up a data plane without the agent.
+/// `id * buckets.len()` in the bucket map, opens the counters of the service and each
+/// backend it sends to, and points the service (`addr`, `port`, `proto`) at the table:
+/// how the tests set up a data plane without the agent.
 pub fn install_service(
     dp: &mut Dataplane,
     (addr, port, proto): ([u8; 16], u16, u8),
@@ -96,6 +97,17 @@ pub fn install_service(
 ) -> Result<()> {
     let offset = id * buckets.len() as u32;
     dp.write_table(offset, buckets)?;
+    let firsts: std::collections::BTreeSet<u32> = buckets
+        .iter()
+        .map(|b| b.first)
+        .filter(|f| *f != NO_BACKEND)
+        .collect();
+    for backend in firsts {
+        dp.open_service_backend(ServiceBackendKey {
+            service: id,
+            backend,
+        })?;
+    }
     let key = ServiceKey {
         addr,
         port_be: port.to_be(),

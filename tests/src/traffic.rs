@@ -284,8 +284,7 @@ fn bound_connect(local: SocketAddr, dst: SocketAddr, timeout: Duration) -> io::R
     ];
     for (opt, val, len) in opts {
         // SAFETY: a valid fd and an option value of the size given.
-        if unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, val, len as libc::socklen_t) }
-            != 0
+        if unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, val, len as libc::socklen_t) } != 0
         {
             return Err(io::Error::last_os_error());
         }

@@ -34,7 +34,14 @@ fn tuple(client: SocketAddr, svc: &LabService) -> FlowTuple {
 
 /// Whether `ns` has an ESTABLISHED TCP socket whose peer is `peer`.
 fn established_to(ns: &Netns, peer: SocketAddr) -> Result<bool> {
-    let out = ns.exec(&["ss", "-Htn", "state", "established", "dst", &peer.to_string()])?;
+    let out = ns.exec(&[
+        "ss",
+        "-Htn",
+        "state",
+        "established",
+        "dst",
+        &peer.to_string(),
+    ])?;
     Ok(!out.trim().is_empty())
 }
 

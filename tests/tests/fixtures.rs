@@ -25,7 +25,7 @@ use lb_common::{
     addr::v4_mapped,
     encap::{FLAG_CHAINED, FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_HLEN, HOP_LIST_TYPE},
     hash::{bucket_index, flow_hash, outer_source_port, FlowTuple},
-    maps::{names, Bucket},
+    maps::{Bucket, Counters, ServiceBackendKey},
     packet::example::{NODE_MAC, PEER_MAC},
     stats::Reason,
 };
@@ -393,11 +393,15 @@ struct Case {
 
 fn run_case(dp: &mut Dataplane, ifindex: u32, c: &Case) -> Result<()> {
     let before = dp.reason_counts()?;
+    let pair = |dp: &mut Dataplane, service, backend| -> Result<Counters> {
+        let key = ServiceBackendKey { service, backend };
+        let all = dp.service_backend_counters()?;
+        all.get(&key)
+            .copied()
+            .ok_or_else(|| anyhow::anyhow!("no counters for {key:?}"))
+    };
     let counters_before = match c.counted {
-        Some((s, b)) => Some((
-            dp.counters(names::SERVICE_STATS, s)?,
-            dp.counters(names::BACKEND_STATS, b)?,
-        )),
+        Some((s, b)) => Some((dp.service_counters(s)?, pair(dp, s, b)?)),
         None => None,
     };
     let run = fixture::test_run(dp, ifindex, &c.input)?;
@@ -424,14 +428,14 @@ fn run_case(dp: &mut Dataplane, ifindex: u32, c: &Case) -> Result<()> {
         }
     }
     if let (Some((s, b)), Some((sb, bb))) = (c.counted, counters_before) {
-        let sa = dp.counters(names::SERVICE_STATS, s)?;
-        let ba = dp.counters(names::BACKEND_STATS, b)?;
+        let sa = dp.service_counters(s)?;
+        let ba = pair(dp, s, b)?;
         let bytes = c.input.len() as u64;
         if sa.packets != sb.packets + 1 || sa.bytes != sb.bytes + bytes {
             bail!("service {s} counters {sa:?}, before {sb:?}");
         }
         if ba.packets != bb.packets + 1 || ba.bytes != bb.bytes + bytes {
-            bail!("backend {b} counters {ba:?}, before {bb:?}");
+            bail!("service {s}, backend {b} counters {ba:?}, before {bb:?}");
         }
     }
     Ok(())
@@ -870,7 +874,12 @@ fn backend_cases(socks: &LocalSockets) -> Vec<Case> {
     ));
     cases.push(accept(
         "GUE: listener and an ACK with a valid SYN cookie, accepted",
-        tcp4_seq(socks.cookie.client, socks.cookie.server, socks.cookie.seq, socks.cookie.ack),
+        tcp4_seq(
+            socks.cookie.client,
+            socks.cookie.server,
+            socks.cookie.seq,
+            socks.cookie.ack,
+        ),
         1,
         0,
         Reason::AcceptSocket,
@@ -901,19 +910,39 @@ fn backend_cases(socks: &LocalSockets) -> Vec<Case> {
     };
     cases.push(chained(
         "GUE: established socket, sequence number outside its receive window, second hop",
-        tcp4_seq(est.client, est.server, est.seq.wrapping_add(0x4000_0000), est.ack),
+        tcp4_seq(
+            est.client,
+            est.server,
+            est.seq.wrapping_add(0x4000_0000),
+            est.ack,
+        ),
     ));
     cases.push(chained(
         "GUE: established socket, sequence number far behind its window, second hop",
-        tcp4_seq(est.client, est.server, est.seq.wrapping_sub(0x0100_0000), est.ack),
+        tcp4_seq(
+            est.client,
+            est.server,
+            est.seq.wrapping_sub(0x0100_0000),
+            est.ack,
+        ),
     ));
     cases.push(chained(
         "GUE: established socket, acknowledges data it never sent, second hop",
-        tcp4_seq(est.client, est.server, est.seq, est.ack.wrapping_add(0x1000)),
+        tcp4_seq(
+            est.client,
+            est.server,
+            est.seq,
+            est.ack.wrapping_add(0x1000),
+        ),
     ));
     cases.push(chained(
         "GUE: established socket, acknowledgment older than any window, second hop",
-        tcp4_seq(est.client, est.server, est.seq, est.ack.wrapping_sub(0x4000_0000)),
+        tcp4_seq(
+            est.client,
+            est.server,
+            est.seq,
+            est.ack.wrapping_sub(0x4000_0000),
+        ),
     ));
     let tw = socks.time_wait;
     cases.push(chained(

@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode as AyaXdpMode;
 use lb_common::{
     addr,
-    maps::{names, ServiceKey},
+    maps::{ServiceBackendKey, ServiceKey},
     stats::Reason,
 };
 use tokio::{
@@ -364,32 +364,29 @@ impl Agent {
             })
             .unwrap_or_default();
         let mut services = Vec::new();
+        let pairs = self
+            .programmer
+            .dataplane()
+            .service_backend_counters()
+            .unwrap_or_default();
         for s in &self.config.services {
             let key = key_of(s);
             let owned = self.programmer.owned(&key);
-            let counters = self
-                .programmer
-                .service_id_of(&key)
-                .and_then(|id| {
-                    self.programmer
-                        .dataplane()
-                        .counters(names::SERVICE_STATS, id)
-                        .ok()
-                })
+            let id = self.programmer.service_id_of(&key);
+            let counters = id
+                .and_then(|id| self.programmer.dataplane().service_counters(id).ok())
                 .unwrap_or_default();
             let backends = s
                 .backends
                 .iter()
                 .map(|b| {
-                    let c = self
-                        .programmer
-                        .slot_of(&b.address)
-                        .and_then(|slot| {
-                            self.programmer
-                                .dataplane()
-                                .counters(names::BACKEND_STATS, slot)
-                                .ok()
+                    // What this service sent to the backend, not all its services.
+                    let c = id
+                        .zip(self.programmer.slot_of(&b.address))
+                        .and_then(|(service, backend)| {
+                            pairs.get(&ServiceBackendKey { service, backend })
                         })
+                        .copied()
                         .unwrap_or_default();
                     let check = checks.get(&(s.name.clone(), b.address));
                     BackendStatus {
