@@ -181,10 +181,11 @@ impl Class {
     pub fn reasons(&self) -> Reasons {
         match self {
             Class::Decided(r) => Reasons::one(*r),
-            Class::Service(f) => Reasons::one(if f.icmp {
-                Reason::IcmpForwarded
+            Class::Service(f) => (if f.icmp {
+                Reasons::one(Reason::IcmpForwarded)
             } else {
-                Reason::Encapsulated
+                // Too big once encapsulated: answered with ICMP when the rules allow.
+                Reasons::one(Reason::Encapsulated).with(Reason::IcmpTooBigSent)
             })
             .with(Reason::DropNoBackend)
             .with(Reason::DropFibMiss)

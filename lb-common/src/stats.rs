@@ -46,10 +46,13 @@ pub enum Reason {
     ReturnedToFirstHop,
     /// GUE received and accepted: sent back by the last hop (see `ReturnedToFirstHop`).
     AcceptReturned,
+    /// Too big once encapsulated (IPv4 with DF, or IPv6): answered with ICMP
+    /// "fragmentation needed" / ICMPv6 "packet too big" carrying the MTU that fits.
+    IcmpTooBigSent,
 }
 
 impl Reason {
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = 20;
 
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::PassNotIp,
@@ -71,6 +74,7 @@ impl Reason {
         Reason::DropBadGue,
         Reason::ReturnedToFirstHop,
         Reason::AcceptReturned,
+        Reason::IcmpTooBigSent,
     ];
 
     /// The metric label of the reason.
@@ -95,6 +99,7 @@ impl Reason {
             Reason::DropBadGue => "drop_bad_gue",
             Reason::ReturnedToFirstHop => "returned_to_first_hop",
             Reason::AcceptReturned => "accept_returned",
+            Reason::IcmpTooBigSent => "icmp_too_big_sent",
         }
     }
 }

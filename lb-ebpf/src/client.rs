@@ -14,6 +14,7 @@ use lb_common::{
 
 use crate::{
     forward::{self, NextHop},
+    icmp_reply,
     maps::{self, BACKENDS, BUCKETS, SERVICES},
     parse::{Flow, Ip, ETH_P_IP, ETH_P_IPV6, L2},
     ptr,
@@ -91,7 +92,13 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
             maps::add(svc.id, bucket.first, bytes);
             Verdict::new(action, reason)
         }
-        Some(Err(r)) => drop(r),
+        Some(Err(r)) => {
+            // The entry point answers the client (`icmp_reply`), not an ICMP error.
+            if r == Reason::DropTooBig && !flow.icmp {
+                icmp_reply::remember_hop(&first.addr);
+            }
+            drop(r)
+        }
         None => drop(Reason::DropMalformed),
     }
 }

@@ -13,6 +13,7 @@ mod backend;
 mod bench;
 mod client;
 mod forward;
+mod icmp_reply;
 mod maps;
 mod parse;
 mod ptr;
@@ -65,7 +66,11 @@ fn process(ctx: &XdpContext) -> Verdict {
     if is_gue_to_me(ctx, node, &ip) {
         return backend::handle(ctx, &ip);
     }
-    client::handle(ctx, node, &l2, &ip)
+    let v = client::handle(ctx, node, &l2, &ip);
+    if v.reason_index() == Reason::DropTooBig as u32 {
+        return icmp_reply::too_big(ctx, node, &l2, &ip);
+    }
+    v
 }
 
 /// The fast path for foreign traffic: a well-formed IP header (IPv6 without extension

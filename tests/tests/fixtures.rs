@@ -804,20 +804,78 @@ fn client_cases() -> Vec<Case> {
         Reason::DropNoBackend,
     ));
 
-    // 1500-byte MTU: an IPv4 packet of 1460 bytes becomes 1512 once encapsulated.
+    // 1500-byte MTU: an IPv4 packet of 1460 bytes becomes 1512 once encapsulated. With
+    // DF the client is told the largest packet that fits (1500 - 52); without, dropped.
+    let payload: Vec<u8> = (0..1420u32).map(|i| i as u8).collect();
     let mut big = Vec::new();
     PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
         .ipv4(CLIENT4, VIP4, 64)
         .tcp(40020, 80, 1, 1000)
         .ack(1)
-        .write(&mut big, &[0u8; 1420])
+        .write(&mut big, &payload)
         .unwrap();
+    cases.push(Case {
+        name: "too big once encapsulated, IPv4 with DF: ICMP fragmentation needed, MTU 1448",
+        output: Out::Bytes(too_big_reply(&big, 1500 - 52)),
+        input: big.clone(),
+        verdict: XDP_TX,
+        reason: Reason::IcmpTooBigSent,
+        counted: None,
+    });
+    let mut no_df = big;
+    no_df[14 + 6] = 0;
+    fix_ipv4_checksum(&mut no_df);
     cases.push(drop(
-        "too big for the egress MTU once encapsulated",
-        big,
+        "too big once encapsulated, IPv4 without DF: dropped",
+        no_df,
         Reason::DropTooBig,
     ));
+    // IPv6 to a service with IPv6 backends: 1500 - 72 fits.
+    let mut big6 = Vec::new();
+    PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
+        .ipv6(client6().octets(), vip6().octets(), 64)
+        .tcp(40021, 80, 1, 1000)
+        .ack(1)
+        .write(&mut big6, &payload)
+        .unwrap();
+    cases.push(Case {
+        name: "too big once encapsulated, IPv6: ICMPv6 packet too big, MTU 1428",
+        output: Out::Bytes(too_big_reply(&big6, 1500 - 72)),
+        input: big6,
+        verdict: XDP_TX,
+        reason: Reason::IcmpTooBigSent,
+        counted: None,
+    });
     cases
+}
+
+/// What lb answers a client frame that is too big once encapsulated: from the VIP back to
+/// the client (MAC addresses swapped), ICMP fragmentation needed (IPv4, no DF on the
+/// reply) or ICMPv6 packet too big with `mtu`, quoting the first 504 bytes of the packet.
+/// Built with etherparse's own ICMP code.
+fn too_big_reply(frame: &[u8], mtu: u32) -> Vec<u8> {
+    let quote = &frame[14..14 + 504];
+    let b = PacketBuilder::ethernet2(NODE_MAC, PEER_MAC);
+    let mut v = Vec::new();
+    if frame[12..14] == [0x86, 0xdd] {
+        let (h, _) = Ipv6Header::from_slice(&frame[14..]).unwrap();
+        b.ipv6(h.destination, h.source, 64)
+            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu })
+            .write(&mut v, quote)
+            .unwrap();
+    } else {
+        let (h, _) = Ipv4Header::from_slice(&frame[14..]).unwrap();
+        let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, h.destination, h.source).unwrap();
+        ip.dont_fragment = false;
+        let unreachable = etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: mtu as u16,
+        };
+        b.ip(IpHeaders::Ipv4(ip, Default::default()))
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(unreachable))
+            .write(&mut v, quote)
+            .unwrap();
+    }
+    v
 }
 
 /// `frame` (Ethernet, IPv6, no extension headers) with an 8-byte routing header of type
