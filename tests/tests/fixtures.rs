@@ -12,7 +12,7 @@ use std::{
     io::Read as _,
     mem::size_of,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::{AsRawFd as _, FromRawFd as _},
+    os::fd::FromRawFd as _,
     sync::atomic::{AtomicBool, Ordering},
 };
 
@@ -1270,7 +1270,7 @@ fn local_sockets() -> Result<LocalSockets> {
     let server_addr = listener.local_addr()?;
     let client = TcpStream::connect((vip, 80))?;
     let (server, _) = listener.accept()?;
-    let (seq, ack) = next_seq_ack(&client)?;
+    let (seq, ack) = fixture::next_seq_ack(&client)?;
     let est = Segment {
         client: client.local_addr()?,
         server: server_addr,
@@ -1281,7 +1281,7 @@ fn local_sockets() -> Result<LocalSockets> {
     // The server closes first, so its side ends in TIME_WAIT.
     let closing = TcpStream::connect((vip, 80))?;
     let (closed, _) = listener.accept()?;
-    let (seq, ack) = next_seq_ack(&closing)?;
+    let (seq, ack) = fixture::next_seq_ack(&closing)?;
     let time_wait = Segment {
         client: closing.local_addr()?,
         server: server_addr,
@@ -1311,57 +1311,6 @@ fn local_sockets() -> Result<LocalSockets> {
         cookie,
         udp_port: 5300,
     })
-}
-
-/// The sequence number of the next segment `s` sends and the acknowledgment it carries,
-/// read in TCP repair mode (left again without a window probe).
-fn next_seq_ack(s: &TcpStream) -> Result<(u32, u32)> {
-    const TCP_REPAIR: libc::c_int = 19;
-    const TCP_REPAIR_QUEUE: libc::c_int = 20;
-    const TCP_QUEUE_SEQ: libc::c_int = 21;
-    const TCP_RECV_QUEUE: libc::c_int = 1;
-    const TCP_SEND_QUEUE: libc::c_int = 2;
-    const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
-    let fd = s.as_raw_fd();
-    let set = |opt, v: libc::c_int| -> Result<()> {
-        // SAFETY: a valid socket fd and an int option of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            bail!("setsockopt {opt}: {}", std::io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    let get_seq = |queue| -> Result<u32> {
-        set(TCP_REPAIR_QUEUE, queue)?;
-        let mut v: u32 = 0;
-        let mut len = size_of::<u32>() as libc::socklen_t;
-        // SAFETY: a valid socket fd and a u32 buffer of the length given.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                TCP_QUEUE_SEQ,
-                (&mut v as *mut u32).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            bail!("TCP_QUEUE_SEQ: {}", std::io::Error::last_os_error());
-        }
-        Ok(v)
-    };
-    set(TCP_REPAIR, 1)?;
-    let seqs = get_seq(TCP_SEND_QUEUE).and_then(|snd| Ok((snd, get_seq(TCP_RECV_QUEUE)?)));
-    set(TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)?;
-    seqs
 }
 
 /// Sends a SYN from a raw socket to `server`'s listener with SYN cookies forced on, and

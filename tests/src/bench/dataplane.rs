@@ -130,7 +130,7 @@ pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
         configure(&mut dp)?;
         let sockets = Sockets::open(s.flows)?;
         let mut harness = Harness::load(dp.ebpf(), ifindex)?;
-        let cases: Vec<Case> = cases(s.flows, &sockets.established_ports)
+        let cases: Vec<Case> = cases(s.flows, &sockets.established)
             .into_iter()
             .filter(|c| names.contains(&c.name))
             .collect();
@@ -362,11 +362,21 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
 }
 
 /// Sockets of the backend side: a listener on VIP4:80 and established connections to it,
-/// whose client ports the decapsulation case uses.
+/// whose client ports and next sequence numbers the decapsulation case uses (a segment
+/// must fall in its socket's windows).
 struct Sockets {
     _listener: TcpListener,
     _conns: Vec<(TcpStream, TcpStream)>,
-    established_ports: Vec<u16>,
+    established: Vec<Established>,
+}
+
+/// A client port of an established connection to VIP4:80 and the sequence and
+/// acknowledgment numbers its next segment carries.
+#[derive(Clone, Copy)]
+pub struct Established {
+    pub port: u16,
+    pub seq: u32,
+    pub ack: u32,
 }
 
 impl Sockets {
@@ -377,13 +387,18 @@ impl Sockets {
         for _ in 0..n {
             let client = TcpStream::connect((VIP4, 80))?;
             let (server, _) = listener.accept()?;
-            ports.push(client.local_addr()?.port());
+            let (seq, ack) = crate::fixture::next_seq_ack(&client)?;
+            ports.push(Established {
+                port: client.local_addr()?.port(),
+                seq,
+                ack,
+            });
             conns.push((client, server));
         }
         Ok(Sockets {
             _listener: listener,
             _conns: conns,
-            established_ports: ports,
+            established: ports,
         })
     }
 }
@@ -403,9 +418,9 @@ fn client_port(i: usize) -> u16 {
     10_000 + (i as u16).wrapping_mul(211) % 50_000
 }
 
-/// Build every case with `flows` frames; `established` are client ports of connections
-/// to VIP4:80 on this node.
-pub fn cases(flows: usize, established: &[u16]) -> Vec<Case> {
+/// Build every case with `flows` frames; `established` are connections to VIP4:80 on this
+/// node.
+pub fn cases(flows: usize, established: &[Established]) -> Vec<Case> {
     let each = |f: &dyn Fn(usize) -> Vec<u8>| (0..flows).map(f).collect::<Vec<_>>();
     let encap = |name, frames, reason| Case {
         name,
@@ -450,7 +465,8 @@ pub fn cases(flows: usize, established: &[u16]) -> Vec<Case> {
         Case {
             name: CASES[5],
             frames: each(&|i| {
-                let inner = packets::tcp4(m, VIP4, VIP4, established[i], 80, false);
+                let e = established[i];
+                let inner = packets::tcp4_ack(m, VIP4, VIP4, (e.port, 80), e.seq, e.ack);
                 to_node(i, &inner)
             }),
             verdict: XDP_PASS,
@@ -481,7 +497,13 @@ mod tests {
 
     #[test]
     fn flows_are_distinct_and_fit_the_harness() {
-        let ports: Vec<u16> = (0..256).map(|i| 30_000 + i).collect();
+        let ports: Vec<Established> = (0..256)
+            .map(|i| Established {
+                port: 30_000 + i,
+                seq: 1,
+                ack: 2,
+            })
+            .collect();
         for c in cases(256, &ports) {
             let distinct: HashSet<&Vec<u8>> = c.frames.iter().collect();
             assert_eq!(distinct.len(), 256, "{}", c.name);
