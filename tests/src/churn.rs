@@ -1133,6 +1133,39 @@ impl Lab {
         self.health[i] = None;
     }
 
+    /// Lines of each of `sizes` bytes echoed through the TCP services (IPv4 and, when the
+    /// lab serves it, IPv6) on a new connection each: full-size packets make it through
+    /// the encapsulation (path-MTU discovery, MSS clamping). Returns one line per echo.
+    pub fn large_echoes(&self, sizes: &[usize], timeout: Duration) -> Result<Vec<String>> {
+        let client = &self.topo.clients[0];
+        let mut done = Vec::new();
+        for svc in self.services.iter().filter(|s| s.proto == 6) {
+            let mut conn = TcpConn::connect(client, svc.dst(), timeout)?;
+            for &size in sizes {
+                let mut line: Vec<u8> = (0..size - 1).map(|i| b'a' + (i % 26) as u8).collect();
+                line.push(b'\n');
+                let started = Instant::now();
+                conn.echo(&line).with_context(|| {
+                    format!(
+                        "{size}-byte line to {} ({}) via {}\n  backend paths:\n    {}",
+                        svc.name,
+                        svc.dst(),
+                        conn.server,
+                        self.backend_paths().join("\n    ")
+                    )
+                })?;
+                done.push(format!(
+                    "{size} bytes to {} ({}) on {}: echoed in {:.1?}",
+                    svc.name,
+                    svc.dst(),
+                    conn.server,
+                    started.elapsed()
+                ));
+            }
+        }
+        Ok(done)
+    }
+
     /// Opens `backend`'s health port again, so its checks pass.
     pub fn restore_health(&mut self, backend: &str) -> Result<()> {
         let b = self.backend(backend);

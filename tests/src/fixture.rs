@@ -175,4 +175,3 @@ pub fn next_seq_ack(s: &std::net::TcpStream) -> Result<(u32, u32)> {
     set(TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)?;
     seqs
 }
-

@@ -146,6 +146,9 @@ impl Agent {
             netlink::enable_forwarding(ifname)?;
         }
         netlink::ensure_vips_on_lo(&self.config.backend_vips)?;
+        if let Some(mss) = self.config.vip_mss {
+            netlink::clamp_vip_mss(&self.config.backend_vips, mss)?;
+        }
         Ok(())
     }
 
@@ -318,13 +321,20 @@ impl Agent {
                 "reload: node and agent settings change only with a restart; services are reloaded"
             );
         }
-        if config.backend_vips != self.config.backend_vips {
+        if config.backend_vips != self.config.backend_vips || config.vip_mss != self.config.vip_mss
+        {
             if let Err(e) = netlink::ensure_vips_on_lo(&config.backend_vips) {
                 return error(format!("{e:#}"));
+            }
+            if let Some(mss) = config.vip_mss {
+                if let Err(e) = netlink::clamp_vip_mss(&config.backend_vips, mss) {
+                    return error(format!("{e:#}"));
+                }
             }
         }
         self.config.services = config.services;
         self.config.backend_vips = config.backend_vips;
+        self.config.vip_mss = config.vip_mss;
         self.update_health_targets();
         self.resync("reload");
         info!(file = %self.config_path.display(), "configuration reloaded");

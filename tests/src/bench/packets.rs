@@ -30,7 +30,14 @@ pub fn tcp4(m: Macs, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, syn: 
 }
 
 /// A TCP ACK over IPv4 with sequence number `seq` acknowledging `ack`; no payload.
-pub fn tcp4_ack(m: Macs, src: Ipv4Addr, dst: Ipv4Addr, ports: (u16, u16), seq: u32, ack: u32) -> Vec<u8> {
+pub fn tcp4_ack(
+    m: Macs,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ports: (u16, u16),
+    seq: u32,
+    ack: u32,
+) -> Vec<u8> {
     let mut v = Vec::new();
     PacketBuilder::ethernet2(m.src, m.dst)
         .ipv4(src.octets(), dst.octets(), 64)
