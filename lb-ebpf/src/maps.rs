@@ -55,7 +55,7 @@ pub fn add(id: u32, backend: u32, bytes: u64) {
         service: id,
         backend,
     };
-    bump(SERVICE_BACKEND_STATS.get_ptr_mut(&key), bytes);
+    bump(SERVICE_BACKEND_STATS.get_ptr_mut(key), bytes);
 }
 
 #[inline(always)]

@@ -530,8 +530,11 @@ fn tempdir(id: &str) -> std::path::PathBuf {
     d
 }
 
-/// Per service: (packets, bytes) of its line and of each backend row.
-fn counter_rows(status: &Value) -> BTreeMap<String, ((u64, u64), Vec<(String, u64, u64)>)> {
+/// A backend row: address, packets, bytes.
+type Row = (String, u64, u64);
+
+/// Per service: (packets, bytes) of its line and its backend rows.
+fn counter_rows(status: &Value) -> BTreeMap<String, ((u64, u64), Vec<Row>)> {
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     status["services"]
         .as_array()
