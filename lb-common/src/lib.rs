@@ -11,3 +11,4 @@ pub mod limits;
 pub mod maps;
 pub mod packet;
 pub mod stats;
+pub mod tcp_window;

@@ -7,6 +7,9 @@ pub const MAX_SERVICES: u32 = 1024;
 pub const MAX_BACKENDS: u32 = 16384;
 /// Backends of one service.
 pub const MAX_BACKENDS_PER_SERVICE: u32 = 4096;
+/// (service, backend) pairs on one node, over all services: the entries of the
+/// per-(service, backend) counters.
+pub const MAX_SERVICE_BACKENDS: u32 = 65536;
 /// Smallest and largest table of one service, as powers of two.
 pub const MIN_TABLE_BITS: u32 = 4;
 pub const MAX_TABLE_BITS: u32 = 20;

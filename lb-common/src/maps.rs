@@ -112,6 +112,20 @@ pub struct Counters {
     pub bytes: u64,
 }
 
+/// Key of `SERVICE_BACKEND_STATS`: what one service forwarded to one backend. The agent
+/// creates the entry (zeroed) before a table of the service sends anything to the slot,
+/// and deletes it when the backend leaves the service, so a reused slot or service id
+/// starts from zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceBackendKey {
+    /// `ServiceValue::id`.
+    pub service: u32,
+    /// The backend's slot in `BACKENDS`.
+    pub backend: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceBackendKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Bucket>() == 8);
@@ -129,7 +143,7 @@ pub mod names {
     pub const NODE: &str = "NODE";
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
-    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const SERVICE_BACKEND_STATS: &str = "SERVICE_BACKEND_STATS";
 }
 
 #[cfg(feature = "user")]
@@ -142,6 +156,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for ServiceBackendKey {}
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::{
         UDP_LEN,
     },
     hash::FlowTuple,
+    maps::vip_filter_bit,
     stats::Reason,
 };
 
@@ -180,10 +181,11 @@ impl Class {
     pub fn reasons(&self) -> Reasons {
         match self {
             Class::Decided(r) => Reasons::one(*r),
-            Class::Service(f) => Reasons::one(if f.icmp {
-                Reason::IcmpForwarded
+            Class::Service(f) => (if f.icmp {
+                Reasons::one(Reason::IcmpForwarded)
             } else {
-                Reason::Encapsulated
+                // Too big once encapsulated: answered with ICMP when the rules allow.
+                Reasons::one(Reason::Encapsulated).with(Reason::IcmpTooBigSent)
             })
             .with(Reason::DropNoBackend)
             .with(Reason::DropFibMiss)
@@ -298,6 +300,35 @@ fn ipv4(f: &[u8], off: usize) -> Result<Ip, Unparsable> {
     })
 }
 
+/// Whether the lengths in the header of the whole packet `ip` agree with the frame (the
+/// program's `parse::lengths_ok`): an IPv4 total length within the frame and at least the
+/// IP and transport headers, an IPv6 payload length within the frame.
+pub fn lengths_ok(f: &[u8], ip: &Ip) -> bool {
+    let Some(h) = read::<8>(f, ip.l3_off) else {
+        return false;
+    };
+    if ip.v6 {
+        let payload_len = u16::from_be_bytes([h[4], h[5]]) as usize;
+        return ip.l3_off + IPV6_LEN + payload_len <= f.len();
+    }
+    let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+    let l4_min = if !ip.fragment || u16::from_be_bytes([h[6], h[7]]) & 0x1fff == 0 {
+        min_l4_len(ip.proto)
+    } else {
+        0
+    };
+    ip.l3_off + tot_len <= f.len() && tot_len >= ip.l4_off - ip.l3_off + l4_min
+}
+
+/// The smallest transport header of `proto` (TCP, UDP, ICMP; 0 for the rest).
+pub fn min_l4_len(proto: u8) -> usize {
+    match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP | IPPROTO_ICMP => 8,
+        _ => 0,
+    }
+}
+
 fn ipv6(f: &[u8], off: usize) -> Result<Ip, Unparsable> {
     let h = read::<IPV6_LEN>(f, off).ok_or(Unparsable)?;
     if h[0] >> 4 != 6 {
@@ -309,7 +340,11 @@ fn ipv6(f: &[u8], off: usize) -> Result<Ip, Unparsable> {
     for _ in 0..MAX_EXT_HEADERS {
         match proto {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let e = read::<2>(f, l4_off).ok_or(Unparsable)?;
+                let e = read::<4>(f, l4_off).ok_or(Unparsable)?;
+                // Routing type 0 with segments left (deprecated, RFC 5095).
+                if proto == IPPROTO_ROUTING && e[2] == 0 && e[3] != 0 {
+                    return Err(Unparsable);
+                }
                 proto = e[0];
                 l4_off += (e[1] as usize + 1) * 8;
             }
@@ -421,22 +456,68 @@ pub fn classify(node: &NodeView<'_>, frame: &[u8]) -> Class {
         Ok(None) => return Decided(Reason::PassNotIp),
         Err(Unparsable) => return Decided(Reason::PassUnparsed),
     };
-    let Ok(outer) = ip(frame, l3_off, v6) else {
-        // The program reads IPv6 addresses before walking extension headers: a broken
-        // chain to a VIP is dropped, not passed.
-        if let Some(h) = read::<IPV6_LEN>(frame, l3_off).filter(|h| v6 && h[0] >> 4 == 6) {
-            let mut dst = [0u8; 16];
-            dst.copy_from_slice(&h[24..40]);
-            if node.is_vip(&dst) {
-                return Decided(Reason::DropMalformed);
+    if certainly_not_for_lb(node, frame, l3_off, v6) {
+        return Decided(Reason::PassNotService);
+    }
+    let outer = match ip(frame, l3_off, v6) {
+        Ok(o) if lengths_ok(frame, &o) => o,
+        Ok(o) => return Decided(broken_header(node, &o.dst)),
+        Err(Unparsable) => {
+            // The program reads IPv6 addresses before walking extension headers: a broken
+            // chain to a VIP is dropped, not passed.
+            if let Some(h) = read::<IPV6_LEN>(frame, l3_off).filter(|h| v6 && h[0] >> 4 == 6) {
+                let mut dst = [0u8; 16];
+                dst.copy_from_slice(&h[24..40]);
+                return Decided(broken_header(node, &dst));
             }
+            return Decided(Reason::PassUnparsed);
         }
-        return Decided(Reason::PassUnparsed);
     };
     if is_gue_to_me(node, frame, &outer) {
         return backend(frame, &outer);
     }
     client(node, frame, &outer)
+}
+
+/// The program's fast path for foreign traffic: an IP header of the right version (IPv6
+/// straight to TCP, UDP or ICMPv6) to an address that is not this node's and whose bit in
+/// the VIP filter no VIP sets.
+fn certainly_not_for_lb(node: &NodeView<'_>, f: &[u8], l3_off: usize, v6: bool) -> bool {
+    let dst = if v6 {
+        let Some(h) = read::<8>(f, l3_off) else {
+            return false;
+        };
+        if h[0] >> 4 != 6 || !matches!(h[6], IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMPV6) {
+            return false;
+        }
+        let Some(dst) = read::<16>(f, l3_off + 24) else {
+            return false;
+        };
+        if dst == node.addr_v6 {
+            return false;
+        }
+        dst
+    } else {
+        let Some(h) = read::<IPV4_LEN>(f, l3_off) else {
+            return false;
+        };
+        let dst = [h[16], h[17], h[18], h[19]];
+        if h[0] >> 4 != 4 || dst == node.addr_v4 {
+            return false;
+        }
+        v4_mapped(dst)
+    };
+    let bit = vip_filter_bit(&dst);
+    !node.services.iter().any(|s| vip_filter_bit(&s.vip) == bit)
+}
+
+/// A header that does not parse or contradicts the frame: to a VIP dropped, else passed.
+fn broken_header(node: &NodeView<'_>, dst: &[u8; 16]) -> Reason {
+    if node.is_vip(dst) {
+        Reason::DropMalformed
+    } else {
+        Reason::PassUnparsed
+    }
 }
 
 fn is_gue_to_me(node: &NodeView<'_>, f: &[u8], ip: &Ip) -> bool {
@@ -504,7 +585,7 @@ fn backend(f: &[u8], outer: &Ip) -> Class {
 
     let inner_off = gue_off + GUE_LEN;
     let inner = match ip(f, inner_off, inner_v6) {
-        Ok(i) if !i.bad_ihl => i,
+        Ok(i) if !i.bad_ihl && lengths_ok(f, &i) => i,
         _ => return Decided(Reason::DropMalformed),
     };
     if flags & FLAG_RETURNED != 0 {

@@ -53,10 +53,13 @@ pub enum Reason {
     /// To a VIP, the bucket's first hop is this node but no local socket owns the flow:
     /// encapsulated to the bucket's second hop, chained, as a first hop passes it on.
     SentOnFromLocal,
+    /// Too big once encapsulated (IPv4 with DF, or IPv6): answered with ICMP
+    /// "fragmentation needed" / ICMPv6 "packet too big" carrying the MTU that fits.
+    IcmpTooBigSent,
 }
 
 impl Reason {
-    pub const COUNT: usize = 21;
+    pub const COUNT: usize = 22;
 
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::PassNotIp,
@@ -80,6 +83,7 @@ impl Reason {
         Reason::AcceptReturned,
         Reason::DeliveredLocally,
         Reason::SentOnFromLocal,
+        Reason::IcmpTooBigSent,
     ];
 
     /// The metric label of the reason.
@@ -106,6 +110,7 @@ impl Reason {
             Reason::AcceptReturned => "accept_returned",
             Reason::DeliveredLocally => "delivered_locally",
             Reason::SentOnFromLocal => "sent_on_from_local",
+            Reason::IcmpTooBigSent => "icmp_too_big_sent",
         }
     }
 }

@@ -47,7 +47,10 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
 
     let inner_off = gue_off + GUE_LEN;
     let mut inner = Ip::EMPTY;
-    if parse::ip(ctx, inner_off, inner_v6, &mut inner).is_err() {
+    let frame = ctx.data_end() - ctx.data();
+    if parse::ip(ctx, inner_off, inner_v6, &mut inner).is_err()
+        || !parse::lengths_ok(ctx, &inner, frame)
+    {
         return drop(Reason::DropMalformed);
     }
     if inner.bad_ihl {

@@ -20,14 +20,16 @@ use lb_common::{
 
 use crate::{
     forward::{self, NextHop},
-    maps::{self, BACKENDS, BACKEND_STATS, BUCKETS, SERVICES, SERVICE_STATS},
+    icmp_reply,
+    maps::{self, BACKENDS, BUCKETS, SERVICES},
     parse::{Flow, Ip, ETH_P_IP, ETH_P_IPV6, L2},
     ptr,
     verdict::{drop, pass, Verdict},
 };
 
+/// `unclaimed`: asked again after `local_claim` found no local socket owning the flow.
 #[inline(never)]
-pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict {
+pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip, unclaimed: bool) -> Verdict {
     // Without ports there is no flow to hash: such packets to a VIP cannot be forwarded
     // right, so they are dropped and counted; to anything else they pass untouched.
     let unusable = |reason| {
@@ -74,13 +76,13 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
     let Some(first) = present(bucket.first) else {
         return drop(Reason::DropNoBackend);
     };
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
     // This node is the first hop: what its backend path would decide, made here, so
-    // nothing is encapsulated to the node itself. Asked before anything else is read:
-    // a local flow is the common case on a node that serves.
+    // nothing is encapsulated to the node itself. The entry point asks the local sockets
+    // first (`local_claim`), before anything else is read, and comes back when none owns
+    // the flow: the socket lookup's frames would not fit under this one's.
     let local = is_local(node, &first.addr);
-    if local && crate::backend::claim(ctx, &flow, ip, false).is_some() {
-        return delivered(svc.id, bucket.first, bytes);
+    if local && !unclaimed {
+        return Verdict::ask_local(svc.id, bucket.first);
     }
     // The previous owner, when it can be chained to: a hop list cannot switch the outer
     // family.
@@ -90,14 +92,21 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
             .filter(|s| is_v4_mapped(&s.addr) == is_v4_mapped(&first.addr))
             .map(|s| (bucket.second, s));
     }
-    let mut route = Route {
-        hash,
-        reason: if flow.icmp {
-            Reason::IcmpForwarded
-        } else {
-            Reason::Encapsulated
-        },
+    let mut reason = if flow.icmp {
+        Reason::IcmpForwarded
+    } else {
+        Reason::Encapsulated
+    };
+    // The outer headers as far as the bucket decides them; `encapsulate` adds the rest.
+    let mut outer = Outer {
+        src: [0; 16],
         dst: first.addr,
+        src_port: outer_source_port(hash),
+        dst_port: u16::from_be(node.gue_port_be),
+        inner_len: 0,
+        inner_v6: ip.v6,
+        tos: 0,
+        flow_label: hash,
         hops_left: 0,
         flags: 0,
         next_hop: [0; 16],
@@ -106,45 +115,46 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
     if local {
         let Some((index, second)) = second else {
             // No one else to ask: the local stack answers for itself.
-            return delivered(svc.id, bucket.first, bytes);
+            return delivered(ctx, svc.id, bucket.first);
         };
         // As a first hop passes a packet it does not own on: to the second hop, chained,
         // with no hop left, so an unowned UDP flow comes back here.
-        route.reason = Reason::SentOnFromLocal;
-        route.dst = second.addr;
-        route.flags = FLAG_CHAINED;
-        route.next_hop = second.addr;
+        reason = Reason::SentOnFromLocal;
+        outer.dst = second.addr;
+        outer.flags = FLAG_CHAINED;
+        outer.next_hop = second.addr;
         backend = index;
     } else if let Some((_, second)) = second {
-        route.hops_left = 1;
-        route.next_hop = second.addr;
+        outer.hops_left = 1;
+        outer.next_hop = second.addr;
     }
-    counted(
-        encapsulate(ctx, node, l2, ip, &route),
-        svc.id,
-        backend,
-        bytes,
-    )
+    let v = encapsulate(ctx, node, l2, ip, &mut outer);
+    if v.action() != xdp_action::XDP_DROP {
+        maps::add(svc.id, backend, (ctx.data_end() - ctx.data()) as u64);
+        return Verdict::new(v.action(), reason);
+    } else if v.reason_index() == Reason::DropTooBig as u32 && !flow.icmp {
+        // The entry point answers the client (`icmp_reply`), not an ICMP error.
+        icmp_reply::remember_hop(&outer.dst);
+    }
+    v
+}
+
+/// Whether a local socket owns the flow of `ip`, a packet for a service whose bucket's
+/// first hop is this node (`Verdict::ask_local`): the backend path's question, asked
+/// from the entry point, where the socket lookup's frames fit.
+#[inline(never)]
+pub fn local_claim(ctx: &XdpContext, ip: &Ip) -> bool {
+    let mut flow = Flow::EMPTY;
+    matches!(crate::parse::flow(ctx, ip, &mut flow), Ok(true))
+        && crate::backend::claim(ctx, &flow, ip, false).is_some()
 }
 
 /// A packet passed to the local stack untouched, counted for the service and this node's
 /// own backend.
 #[inline(always)]
-fn delivered(service: u32, backend: u32, bytes: u64) -> Verdict {
-    maps::add(&SERVICE_STATS, service, bytes);
-    maps::add(&BACKEND_STATS, backend, bytes);
+pub fn delivered(ctx: &XdpContext, service: u32, backend: u32) -> Verdict {
+    maps::add(service, backend, (ctx.data_end() - ctx.data()) as u64);
     pass(Reason::DeliveredLocally)
-}
-
-/// The verdict of an encapsulation, with the service's and the backend's counters moved
-/// when the packet was sent.
-#[inline(always)]
-fn counted(v: Verdict, service: u32, backend: u32, bytes: u64) -> Verdict {
-    if v.action() != xdp_action::XDP_DROP {
-        maps::add(&SERVICE_STATS, service, bytes);
-        maps::add(&BACKEND_STATS, backend, bytes);
-    }
-    v
 }
 
 /// Whether `addr` (a backend's) is one of this node's own addresses.
@@ -157,18 +167,6 @@ fn is_local(node: &NodeConfig, addr: &[u8; 16]) -> bool {
     }
 }
 
-/// Where an encapsulated packet goes: the outer destination and the hop list, and the
-/// flow's hash (for the outer source port and flow label).
-struct Route {
-    hash: u32,
-    /// The reason the packet is counted under when it is sent.
-    reason: Reason,
-    dst: [u8; 16],
-    hops_left: u8,
-    flags: u8,
-    next_hop: [u8; 16],
-}
-
 #[inline(always)]
 fn present(index: u32) -> Option<&'static Backend> {
     BACKENDS
@@ -176,12 +174,20 @@ fn present(index: u32) -> Option<&'static Backend> {
         .filter(|b| b.flags & BACKEND_PRESENT != 0)
 }
 
-/// Puts the outer headers in front of the IP packet at `ip.l3_off` and sends it along
-/// `route`.
-#[inline(always)]
-fn encapsulate(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip, route: &Route) -> Verdict {
-    match outer_headers(ctx, node, l2, ip, route) {
-        Some(Ok(action)) => Verdict::new(action, route.reason),
+/// Puts the outer headers in front of the IP packet at `ip.l3_off` and sends it to
+/// `outer.dst`, completing `outer` (source, length, TOS). The verdict's reason is the
+/// caller's to set when the packet was sent. Not inlined: with `handle`'s frame and the
+/// route lookup's under it, one frame would not fit the verifier's 512 bytes.
+#[inline(never)]
+fn encapsulate(
+    ctx: &XdpContext,
+    node: &NodeConfig,
+    l2: &L2,
+    ip: &Ip,
+    outer: &mut Outer,
+) -> Verdict {
+    match outer_headers(ctx, node, l2, ip, outer) {
+        Some(Ok(action)) => Verdict::new(action, Reason::Encapsulated),
         Some(Err(r)) => drop(r),
         None => drop(Reason::DropMalformed),
     }
@@ -195,9 +201,9 @@ fn outer_headers(
     node: &NodeConfig,
     l2: &L2,
     ip: &Ip,
-    route: &Route,
+    outer: &mut Outer,
 ) -> Option<Result<u32, Reason>> {
-    let (dst, hash) = (&route.dst, route.hash);
+    let dst = &outer.dst;
     let outer_v4 = is_v4_mapped(dst);
     let src = if outer_v4 {
         if node.addr_v4 == [0; 4] {
@@ -226,19 +232,9 @@ fn outer_headers(
     } else {
         vtc[1]
     };
-    let outer = Outer {
-        src,
-        dst: *dst,
-        src_port: outer_source_port(hash),
-        dst_port: u16::from_be(node.gue_port_be),
-        inner_len: inner_len as u16,
-        inner_v6: ip.v6,
-        tos,
-        flow_label: hash,
-        hops_left: route.hops_left,
-        flags: route.flags,
-        next_hop: route.next_hop,
-    };
+    outer.src = src;
+    outer.inner_len = inner_len as u16;
+    outer.tos = tos;
     let delta = (ETH_LEN + encap_len - l2.l3_off) as i32;
     // SAFETY: plain helper call; every packet pointer is derived anew afterwards.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {
@@ -247,12 +243,12 @@ fn outer_headers(
     if outer_v4 {
         let out = ptr::at::<[u8; ENCAP_LEN_V4]>(ctx, ETH_LEN)?;
         // SAFETY: bounds checked by `ptr::at`.
-        write_outer_v4(&outer, unsafe { &mut *out });
+        write_outer_v4(outer, unsafe { &mut *out });
         forward::send(ctx, &hop, ETH_P_IP).map(Ok)
     } else {
         let out = ptr::at::<[u8; ENCAP_LEN_V6]>(ctx, ETH_LEN)?;
         // SAFETY: as above.
-        write_outer_v6(&outer, unsafe { &mut *out });
+        write_outer_v6(outer, unsafe { &mut *out });
         forward::send(ctx, &hop, ETH_P_IPV6).map(Ok)
     }
 }

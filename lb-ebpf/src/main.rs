@@ -13,6 +13,7 @@ mod backend;
 mod bench;
 mod client;
 mod forward;
+mod icmp_reply;
 mod maps;
 mod parse;
 mod ptr;
@@ -52,9 +53,11 @@ fn process(ctx: &XdpContext) -> Verdict {
         return pass(Reason::PassNotService);
     }
     let mut ip = Ip::EMPTY;
-    if parse::ip(ctx, l2.l3_off, l2.ether_type == ETH_P_IPV6, &mut ip).is_err() {
-        // IPv6 addresses are read before the extension headers: a broken chain to a VIP
-        // is lb's to drop, not the stack's to route.
+    let parsed = parse::ip(ctx, l2.l3_off, l2.ether_type == ETH_P_IPV6, &mut ip);
+    if parsed.is_err() || !parse::lengths_ok(ctx, &ip, ctx.data_end() - ctx.data()) {
+        // The addresses are read before the extension headers: a broken header (or one
+        // whose lengths contradict the frame) to a VIP is lb's to drop, not the stack's
+        // to route; the backend's kernel would discard it.
         if maps::is_vip(&ip.dst) {
             return verdict::drop(Reason::DropMalformed);
         }
@@ -63,7 +66,17 @@ fn process(ctx: &XdpContext) -> Verdict {
     if is_gue_to_me(ctx, node, &ip) {
         return backend::handle(ctx, &ip);
     }
-    client::handle(ctx, node, &l2, &ip)
+    let mut v = client::handle(ctx, node, &l2, &ip, false);
+    if let Some((service, backend)) = v.asked_local() {
+        if client::local_claim(ctx, &ip) {
+            return client::delivered(ctx, service, backend);
+        }
+        v = client::handle(ctx, node, &l2, &ip, true);
+    }
+    if v.reason_index() == Reason::DropTooBig as u32 {
+        return icmp_reply::too_big(ctx, node, &l2, &ip);
+    }
+    v
 }
 
 /// The fast path for foreign traffic: a well-formed IP header (IPv6 without extension

@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
-    limits::{DEFAULT_BUCKET_SLOTS, MAX_BACKENDS, MAX_SERVICES},
+    limits::{DEFAULT_BUCKET_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_SERVICE_BACKENDS},
     maps::{
-        vip_filter_bit, Backend, Bucket, Counters, NodeConfig, ServiceKey, ServiceValue, VipRefs,
-        VIP_FILTER_WORDS,
+        vip_filter_bit, Backend, Bucket, Counters, NodeConfig, ServiceBackendKey, ServiceKey,
+        ServiceValue, VipRefs, VIP_FILTER_WORDS,
     },
     stats::Reason,
 };
@@ -32,8 +32,10 @@ pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason
 #[map]
 pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
+/// What each service forwarded to each of its backends (entries made by the agent).
 #[map]
-pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static SERVICE_BACKEND_STATS: PerCpuHashMap<ServiceBackendKey, Counters> =
+    PerCpuHashMap::with_max_entries(MAX_SERVICE_BACKENDS, 0);
 
 /// Counts one packet under the reason with index `reason`.
 #[inline(always)]
@@ -44,11 +46,22 @@ pub fn count(reason: u32) {
     }
 }
 
-/// Adds a packet of `bytes` to a per-service or per-backend counter.
+/// Adds a packet of `bytes` to the counters of service `id` and of its backend in slot
+/// `backend`.
 #[inline(always)]
-pub fn add(map: &PerCpuArray<Counters>, index: u32, bytes: u64) {
-    if let Some(c) = map.get_ptr_mut(index) {
-        // SAFETY: as in `count`.
+pub fn add(id: u32, backend: u32, bytes: u64) {
+    bump(SERVICE_STATS.get_ptr_mut(id), bytes);
+    let key = ServiceBackendKey {
+        service: id,
+        backend,
+    };
+    bump(SERVICE_BACKEND_STATS.get_ptr_mut(key), bytes);
+}
+
+#[inline(always)]
+fn bump(c: Option<*mut Counters>, bytes: u64) {
+    if let Some(c) = c {
+        // SAFETY: a per-CPU value, only this CPU writes it while the program runs.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;

@@ -94,6 +94,11 @@ impl Ip {
 /// Parses the IP header at `off`, IPv4 or IPv6 as `v6` says, into `out`. Results come
 /// back through a pointer (BPF functions return scalars only) and are written in place:
 /// temporaries would cost stack, of which BPF has 512 bytes for the whole call chain.
+///
+/// `Invalid` also for a type-0 routing header with segments left (deprecated, RFC 5095:
+/// the packet would go on elsewhere). The addresses are read by then, so a caller can
+/// tell whether it was to a VIP. Returning at once, rather than carrying a flag, keeps
+/// the verifier's paths few.
 #[inline(never)]
 pub fn ip(ctx: &XdpContext, off: usize, v6: bool, out: &mut Ip) -> Result<(), ParseError> {
     if v6 {
@@ -101,6 +106,29 @@ pub fn ip(ctx: &XdpContext, off: usize, v6: bool, out: &mut Ip) -> Result<(), Pa
     } else {
         ipv4(ctx, off, out)
     }
+}
+
+/// Whether the lengths in the header of the whole packet `ip` agree with the frame of
+/// `frame` bytes: an IPv4 total length within the frame and at least the IP and transport
+/// headers, an IPv6 payload length within the frame. (A packet quoted in an ICMP error is
+/// cut short by design: this is not for it.)
+#[inline(never)]
+pub fn lengths_ok(ctx: &XdpContext, ip: &Ip, frame: usize) -> bool {
+    let Some(h) = ptr::read::<[u8; 8]>(ctx, ip.l3_off) else {
+        return false;
+    };
+    if ip.v6 {
+        let payload_len = u16::from_be_bytes([h[4], h[5]]) as usize;
+        return ip.l3_off + IPV6_LEN + payload_len <= frame;
+    }
+    let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+    // Only a first fragment (or a whole packet) carries the transport header.
+    let l4_min = if !ip.fragment || u16::from_be_bytes([h[6], h[7]]) & 0x1fff == 0 {
+        min_l4_len(ip.proto)
+    } else {
+        0
+    };
+    ip.l3_off + tot_len <= frame && tot_len >= ip.l4_off - ip.l3_off + l4_min
 }
 
 #[inline(always)]
@@ -141,7 +169,11 @@ fn ipv6(ctx: &XdpContext, off: usize, out: &mut Ip) -> Result<(), ParseError> {
     for _ in 0..MAX_EXT_HEADERS {
         match proto {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let e: [u8; 2] = ptr::read(ctx, l4_off).ok_or(ParseError::Truncated)?;
+                let e: [u8; 4] = ptr::read(ctx, l4_off).ok_or(ParseError::Truncated)?;
+                // Routing type 0 with segments left: the packet would go on elsewhere.
+                if proto == IPPROTO_ROUTING && e[2] == 0 && e[3] != 0 {
+                    return Err(ParseError::Invalid);
+                }
                 proto = e[0];
                 l4_off += (e[1] as usize + 1) * 8;
             }
@@ -161,6 +193,16 @@ fn ipv6(ctx: &XdpContext, off: usize, out: &mut Ip) -> Result<(), ParseError> {
     out.fragment = fragment;
     out.bad_ihl = false;
     Ok(())
+}
+
+/// The smallest transport header of `proto` (TCP, UDP, ICMP; 0 for the rest).
+#[inline(always)]
+fn min_l4_len(proto: u8) -> usize {
+    match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP | IPPROTO_ICMP => 8,
+        _ => 0,
+    }
 }
 
 /// The flow a packet belongs to, as its owner (the backend's socket) sees it.

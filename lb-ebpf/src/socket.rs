@@ -1,5 +1,8 @@
 //! Does a socket on this host own a flow? The backend path asks before it accepts a
-//! packet that is not a new connection.
+//! packet that is not a new connection. A socket owns a TCP segment only if it still
+//! carries that connection: not in TIME_WAIT, and with the segment's sequence and
+//! acknowledgment numbers inside its windows (`lb_common::tcp_window`), so a socket left
+//! over from an earlier connection on the same ports cannot take a new one's packets.
 
 use core::{
     mem::size_of,
@@ -9,7 +12,8 @@ use core::{
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple},
     helpers::generated::{
-        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp, bpf_skc_to_tcp_sock,
+        bpf_tcp_check_syncookie,
     },
     programs::XdpContext,
     EbpfContext,
@@ -17,6 +21,7 @@ use aya_ebpf::{
 use lb_common::{
     addr::{ne_words, v4_part},
     hash::FlowTuple,
+    tcp_window::{ack_in_window, seq_in_window, TcpSockOffsets},
 };
 
 use crate::{
@@ -27,11 +32,22 @@ use crate::{
 /// `BPF_F_CURRENT_NETNS` (-1) as the helpers' u64 argument.
 const CURRENT_NETNS: u64 = u64::MAX;
 const TCP_ESTABLISHED: u32 = 1;
+const TCP_SYN_SENT: u32 = 2;
+const TCP_TIME_WAIT: u32 = 6;
+const TCP_CLOSE: u32 = 7;
 const TCP_LISTEN: u32 = 10;
+const TCP_NEW_SYN_RECV: u32 = 12;
 
-/// True when a local socket owns `flow`: for TCP an established (or handshaking or
-/// closing) socket, or a listener for which the packet carries a valid SYN cookie; for
-/// UDP a socket connected to the flow's source.
+/// Where `struct tcp_sock` keeps the fields `tcp_window` reads, in this kernel: set by the
+/// loader from the kernel's BTF. A read-only global, so the verifier knows the values and
+/// checks each field access against the kernel's own type.
+#[unsafe(no_mangle)]
+static TCP_SOCK_OFFSETS: TcpSockOffsets = TcpSockOffsets::UNKNOWN;
+
+/// True when a local socket owns `flow`: for TCP a connected socket (established,
+/// handshaking or closing, not TIME_WAIT) whose windows the segment falls in, or a
+/// listener for which the packet carries a valid SYN cookie; for UDP a socket connected
+/// to the flow's source.
 #[inline(never)]
 pub fn owns(ctx: &XdpContext, flow: &Flow, inner: &Ip) -> bool {
     // SAFETY: a plain C union; zero is valid.
@@ -48,8 +64,16 @@ pub fn owns(ctx: &XdpContext, flow: &Flow, inner: &Ip) -> bool {
             }
             // SAFETY: non-null socket from the helper; `state` is readable on sock_common.
             let state = unsafe { (*sk).state };
-            let owned = state != TCP_LISTEN
-                || (!flow.icmp && flow.tcp_flags & TCP_ACK != 0 && syncookie_ok(ctx, sk, inner));
+            let owned = match state {
+                TCP_LISTEN => {
+                    !flow.icmp && flow.tcp_flags & TCP_ACK != 0 && syncookie_ok(ctx, sk, inner)
+                }
+                TCP_TIME_WAIT | TCP_CLOSE => false,
+                // A handshake in progress (request socket, or a local connect).
+                TCP_NEW_SYN_RECV | TCP_SYN_SENT => true,
+                // An ICMP error quotes an earlier segment: the socket decides on it.
+                _ => flow.icmp || segment_in_window(ctx, sk, flow, inner),
+            };
             // SAFETY: releases the reference taken above.
             unsafe { bpf_sk_release(sk.cast()) };
             owned
@@ -66,6 +90,52 @@ pub fn owns(ctx: &XdpContext, flow: &Flow, inner: &Ip) -> bool {
             owned
         }
         _ => false,
+    }
+}
+
+/// True when the TCP segment of `flow` (at `inner.l4_off`) falls in the windows of the
+/// full socket `sk`. Without the field offsets (no kernel BTF), the state check alone
+/// decides. Values are checked as they are read: the frame stays small.
+#[inline(never)]
+fn segment_in_window(ctx: &XdpContext, sk: *mut bpf_sock, flow: &Flow, inner: &Ip) -> bool {
+    let o = addr_of!(TCP_SOCK_OFFSETS);
+    // SAFETY: reads of the loader-set global's fields.
+    let offset = |f: *const u32| unsafe { read_volatile(f) } as usize;
+    // SAFETY: the address of a field of a static.
+    if offset(unsafe { addr_of!((*o).rcv_nxt) }) == TcpSockOffsets::UNKNOWN_OFFSET as usize {
+        return true;
+    }
+    let Some(h) = ptr::read::<[u8; 8]>(ctx, inner.l4_off + 4) else {
+        return false;
+    };
+    // SAFETY: `sk` is a referenced socket from the lookup; the helper gives its
+    // `tcp_sock` or null.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as *const u8;
+    if tp.is_null() {
+        return true;
+    }
+    // SAFETY: offsets of `u32` members of `struct tcp_sock` from the kernel's BTF (the
+    // verifier checks every access against that type), read from a static's fields.
+    let field = |f: *const u32| unsafe { read_volatile(tp.add(offset(f)).cast::<u32>()) };
+    // SAFETY: addresses of fields of a static.
+    unsafe {
+        let seq = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        if !seq_in_window(
+            seq,
+            field(addr_of!((*o).rcv_nxt)),
+            field(addr_of!((*o).rcv_wup)),
+            field(addr_of!((*o).rcv_wnd)),
+        ) {
+            return false;
+        }
+        let ack = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        flow.tcp_flags & TCP_ACK == 0
+            || ack_in_window(
+                ack,
+                field(addr_of!((*o).snd_una)),
+                field(addr_of!((*o).snd_nxt)),
+                field(addr_of!((*o).max_window)),
+            )
     }
 }
 
@@ -119,27 +189,28 @@ fn fill(t: &mut bpf_sock_tuple, f: &FlowTuple, v6: bool) -> u32 {
 }
 
 /// An ACK to a listener completes a handshake whose SYN was answered with a cookie.
-/// The helper reads the fixed headers in the packet itself: no copies on the stack, whose
-/// frames are small on the client path's call chain.
+/// The helper reads only the fixed headers, given as bounds-checked packet pointers (stack
+/// copies would cost the frame they need).
 #[inline(never)]
 fn syncookie_ok(ctx: &XdpContext, sk: *mut bpf_sock, inner: &Ip) -> bool {
     let Some(th) = ptr::at::<[u8; 20]>(ctx, inner.l4_off) else {
         return false;
     };
-    // SAFETY: both pointers are bounds-checked for the lengths passed, and the helper
-    // only reads.
-    let rc = unsafe {
-        if inner.v6 {
-            let Some(iph) = ptr::at::<[u8; 40]>(ctx, inner.l3_off) else {
-                return false;
-            };
-            bpf_tcp_check_syncookie(sk.cast(), iph.cast(), 40, th.cast(), 20)
-        } else {
-            let Some(iph) = ptr::at::<[u8; 20]>(ctx, inner.l3_off) else {
-                return false;
-            };
-            bpf_tcp_check_syncookie(sk.cast(), iph.cast(), 20, th.cast(), 20)
-        }
+    let (iph, iph_len) = if inner.v6 {
+        (
+            ptr::at::<[u8; 40]>(ctx, inner.l3_off).map(|p| p.cast::<u8>()),
+            40,
+        )
+    } else {
+        (
+            ptr::at::<[u8; 20]>(ctx, inner.l3_off).map(|p| p.cast::<u8>()),
+            20,
+        )
     };
+    let Some(iph) = iph else {
+        return false;
+    };
+    // SAFETY: the helper reads `iph_len` / 20 bytes, bounds checked by `ptr::at`.
+    let rc = unsafe { bpf_tcp_check_syncookie(sk.cast(), iph.cast(), iph_len, th.cast(), 20) };
     rc == 0
 }

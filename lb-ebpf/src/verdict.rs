@@ -12,6 +12,9 @@ use lb_common::stats::Reason;
 #[repr(transparent)]
 pub struct Verdict(u64);
 
+/// The action of `Verdict::ask_local`: no XDP action has this value.
+const ASK_LOCAL: u32 = 0xff;
+
 impl Verdict {
     #[inline(always)]
     pub fn new(action: u32, reason: Reason) -> Self {
@@ -21,6 +24,21 @@ impl Verdict {
     #[inline(always)]
     pub fn action(self) -> u32 {
         self.0 as u32
+    }
+
+    /// Not a verdict yet: the client path found this node the bucket's first hop and asks
+    /// the entry point to look for a local socket (`client::local_claim`). Carries the
+    /// service id and the backend slot, for the counters (both below 2^16).
+    #[inline(always)]
+    pub fn ask_local(service: u32, backend: u32) -> Self {
+        Verdict(((service as u64) << 48) | (((backend & 0xffff) as u64) << 32) | ASK_LOCAL as u64)
+    }
+
+    /// The service id and backend slot of an `ask_local` verdict.
+    #[inline(always)]
+    pub fn asked_local(self) -> Option<(u32, u32)> {
+        (self.action() == ASK_LOCAL)
+            .then_some(((self.0 >> 48) as u32, (self.0 >> 32) as u32 & 0xffff))
     }
 
     /// The reason's index in `REASON_STATS`.

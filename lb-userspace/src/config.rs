@@ -31,6 +31,38 @@ pub struct Config {
     /// VIPs this node serves as a backend: put on `lo` so the stack accepts them.
     #[serde(default)]
     pub backend_vips: Vec<IpAddr>,
+    /// The largest MSS this node advertises on connections to its backend VIPs, so that
+    /// clients' full-size segments fit the load balancer's encapsulation (docs/mtu.md);
+    /// `null` leaves the stack's own.
+    #[serde(default = "default_vip_mss")]
+    pub vip_mss: Option<VipMss>,
+}
+
+/// MSS per VIP family (see `Config::vip_mss`).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VipMss {
+    #[serde(default = "default_vip_mss_v4")]
+    pub ipv4: u16,
+    #[serde(default = "default_vip_mss_v6")]
+    pub ipv6: u16,
+}
+
+/// 1500-byte links, the IPv6 outer overhead (72, the larger), IPv4 and TCP headers (40).
+fn default_vip_mss_v4() -> u16 {
+    1500 - 72 - 40
+}
+
+/// As for IPv4, with IPv6 and TCP headers (60).
+fn default_vip_mss_v6() -> u16 {
+    1500 - 72 - 60
+}
+
+fn default_vip_mss() -> Option<VipMss> {
+    Some(VipMss {
+        ipv4: default_vip_mss_v4(),
+        ipv6: default_vip_mss_v6(),
+    })
 }
 
 /// This node's place in the network.
@@ -480,6 +512,15 @@ impl Config {
             }
             if v.is_unspecified() || v.is_multicast() {
                 p.push(format!("backend_vips: {v} cannot be a VIP"));
+            }
+        }
+        // The smallest MSS each family must take (576 - 40, 1280 - 60).
+        if let Some(m) = self.vip_mss {
+            if m.ipv4 < 536 {
+                p.push(format!("vip_mss.ipv4: {} is below 536", m.ipv4));
+            }
+            if m.ipv6 < 1220 {
+                p.push(format!("vip_mss.ipv6: {} is below 1220", m.ipv6));
             }
         }
         p

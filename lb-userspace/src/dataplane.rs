@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
@@ -19,13 +19,14 @@ use aya::{
 use lb_common::{
     addr,
     maps::{
-        names, vip_filter_bit, Backend, Bucket, Counters, NodeConfig, ServiceKey, ServiceValue,
-        VipRefs, NODE_CONFIGURED, VIP_FILTER_WORDS,
+        names, vip_filter_bit, Backend, Bucket, Counters, NodeConfig, ServiceBackendKey,
+        ServiceKey, ServiceValue, VipRefs, NODE_CONFIGURED, VIP_FILTER_WORDS,
     },
     stats::Reason,
+    tcp_window::{self, TcpSockOffsets},
 };
 
-use crate::ebpf;
+use crate::{ebpf, kernel_btf};
 
 /// Errors from loading the program or touching its maps.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +86,7 @@ pub const MAP_NAMES: [&str; 9] = [
     names::NODE,
     names::REASON_STATS,
     names::SERVICE_STATS,
-    names::BACKEND_STATS,
+    names::SERVICE_BACKEND_STATS,
 ];
 
 /// The loaded object: the main program verified and loaded, maps created.
@@ -116,6 +117,13 @@ impl Dataplane {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // Without the kernel's BTF the program checks a socket's state but not its
+        // windows (`lb_common::tcp_window`).
+        let tcp_sock = kernel_btf::tcp_sock_offsets().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no struct tcp_sock layout: socket windows unchecked");
+            TcpSockOffsets::UNKNOWN
+        });
+        loader.override_global(tcp_window::OFFSETS_GLOBAL, &tcp_sock, true);
         let mut ebpf = loader.load(ebpf::object()).map_err(DataplaneError::Load)?;
         load_program(&mut ebpf, ebpf::PROGRAM)?;
         Ok(Dataplane {
@@ -390,14 +398,60 @@ impl Dataplane {
             .collect()
     }
 
-    /// A per-service or per-backend counter, summed over CPUs.
-    pub fn counters(&mut self, map: &'static str, index: u32) -> Result<Counters, DataplaneError> {
-        let m: PerCpuArray<&mut MapData, Counters> = self.map_mut(map)?;
-        let per_cpu = m.get(&index, 0).map_err(|source| map_err(map, source))?;
-        Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
-            packets: a.packets + c.packets,
-            bytes: a.bytes + c.bytes,
-        }))
+    /// The counters of service `id` (`SERVICE_STATS`), summed over CPUs.
+    pub fn service_counters(&mut self, id: u32) -> Result<Counters, DataplaneError> {
+        let m: PerCpuArray<&mut MapData, Counters> = self.map_mut(names::SERVICE_STATS)?;
+        let per_cpu = m
+            .get(&id, 0)
+            .map_err(|source| map_err(names::SERVICE_STATS, source))?;
+        Ok(sum(&per_cpu))
+    }
+
+    /// Sets the counters of service `id` to zero: a new service taking a freed id.
+    pub fn zero_service_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let zero = zeroed_per_cpu().map_err(|source| map_err(names::SERVICE_STATS, source))?;
+        let mut m: PerCpuArray<&mut MapData, Counters> = self.map_mut(names::SERVICE_STATS)?;
+        m.set(id, zero, 0)
+            .map_err(|source| map_err(names::SERVICE_STATS, source))
+    }
+
+    /// What each service forwarded to each of its backends, summed over CPUs, by
+    /// (service id, backend slot).
+    pub fn service_backend_counters(
+        &mut self,
+    ) -> Result<std::collections::BTreeMap<ServiceBackendKey, Counters>, DataplaneError> {
+        let name = names::SERVICE_BACKEND_STATS;
+        let m: PerCpuHashMap<&mut MapData, ServiceBackendKey, Counters> = self.map_mut(name)?;
+        m.iter()
+            .map(|r| {
+                let (k, v) = r.map_err(|source| map_err(name, source))?;
+                Ok((k, sum(&v)))
+            })
+            .collect()
+    }
+
+    /// Starts the counters of a (service, backend) pair at zero, replacing any.
+    pub fn open_service_backend(&mut self, key: ServiceBackendKey) -> Result<(), DataplaneError> {
+        let name = names::SERVICE_BACKEND_STATS;
+        let zero = zeroed_per_cpu().map_err(|source| map_err(name, source))?;
+        let mut m: PerCpuHashMap<&mut MapData, ServiceBackendKey, Counters> = self.map_mut(name)?;
+        m.insert(key, zero, 0)
+            .map_err(|source| map_err(name, source))
+    }
+
+    /// Drops the counters of a (service, backend) pair.
+    pub fn close_service_backend(&mut self, key: ServiceBackendKey) -> Result<(), DataplaneError> {
+        let name = names::SERVICE_BACKEND_STATS;
+        let mut m: PerCpuHashMap<&mut MapData, ServiceBackendKey, Counters> = self.map_mut(name)?;
+        match m.remove(&key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(map_err(name, source)),
+        }
     }
 
     fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DataplaneError>
@@ -419,6 +473,25 @@ pub struct Node {
     pub gue_port: u16,
     pub addr_v4: Option<std::net::Ipv4Addr>,
     pub addr_v6: Option<std::net::Ipv6Addr>,
+}
+
+fn sum(per_cpu: &PerCpuValues<Counters>) -> Counters {
+    per_cpu.iter().fold(Counters::default(), |a, c| Counters {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+    })
+}
+
+/// Zero counters for every possible CPU.
+fn zeroed_per_cpu() -> Result<PerCpuValues<Counters>, aya::maps::MapError> {
+    let io = |io_error| {
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error,
+        })
+    };
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| io(e))?;
+    PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(io)
 }
 
 fn pin_err(path: &Path, e: impl std::fmt::Display) -> DataplaneError {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod dataplane;
 pub mod ebpf;
 pub mod health;
+pub mod kernel_btf;
 pub mod metrics;
 pub mod top;
 

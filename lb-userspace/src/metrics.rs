@@ -117,31 +117,29 @@ fn family<M: Default + Clone + prometheus_client::registry::Metric>(
     m
 }
 
-/// Traffic forwarded to one backend: the labels it is exported under and its counters.
+/// Traffic a service forwarded to one of its backends: the labels it is exported under
+/// and its counters.
 pub struct BackendTraffic<'a> {
-    /// Empty while the data plane counts a backend's traffic across all its services.
     pub service: &'a str,
     pub backend: IpAddr,
     pub packets: u64,
     pub bytes: u64,
 }
 
-/// The backend traffic counters of `status`, each counted once. The data plane counts a
-/// backend's packets per address, across the services that share it, so each address is
-/// reported once with an empty `service` label (which Prometheus drops), keeping sums
-/// over the metric right. This is the one place that reads backend traffic for metrics.
+/// The backend traffic counters of `status`, per (service, backend): the data plane
+/// counts what each service sends each of its backends, so a service's backend rows add
+/// up to its own line. This is the one place that reads backend traffic for metrics.
 pub fn backend_traffic(status: &Status) -> Vec<BackendTraffic<'_>> {
-    let mut seen = std::collections::BTreeSet::<IpAddr>::new();
     status
         .services
         .iter()
-        .flat_map(|s| s.backends.iter())
-        .filter(|b| seen.insert(b.address))
-        .map(|b| BackendTraffic {
-            service: "",
-            backend: b.address,
-            packets: b.packets,
-            bytes: b.bytes,
+        .flat_map(|s| {
+            s.backends.iter().map(move |b| BackendTraffic {
+                service: &s.name,
+                backend: b.address,
+                packets: b.packets,
+                bytes: b.bytes,
+            })
         })
         .collect()
 }
@@ -157,10 +155,16 @@ pub fn render(status: &Status, health: &[TargetState], format: Format) -> String
         family(&mut r, "service_packets", "Packets forwarded for a service");
     let svc_bytes: Counters<ServiceLabels> =
         family(&mut r, "service_bytes", "Bytes forwarded for a service");
-    let be_packets: Counters<ServiceBackendLabels> =
-        family(&mut r, "backend_packets", "Packets forwarded to a backend");
-    let be_bytes: Counters<ServiceBackendLabels> =
-        family(&mut r, "backend_bytes", "Bytes forwarded to a backend");
+    let be_packets: Counters<ServiceBackendLabels> = family(
+        &mut r,
+        "backend_packets",
+        "Packets a service forwarded to a backend",
+    );
+    let be_bytes: Counters<ServiceBackendLabels> = family(
+        &mut r,
+        "backend_bytes",
+        "Bytes a service forwarded to a backend",
+    );
     let be_up: Gauges<ServiceBackendLabels> = family(
         &mut r,
         "backend_up",
@@ -521,8 +525,8 @@ mod tests {
                     bytes: 0,
                     moved_buckets: 0,
                     table_digest: 0,
-                    // Shared with "web": its traffic is counted once.
-                    backends: vec![backend("10.0.3.2", Health::Unchecked, 10)],
+                    // Shared with "web", which sent it everything.
+                    backends: vec![backend("10.0.3.2", Health::Unchecked, 0)],
                 },
             ],
             reasons: vec![ReasonCount {
@@ -550,8 +554,9 @@ mod tests {
     const PAGE: &[&str] = &[
         r#"lb_service_packets_total{service="web",vip="10.100.0.1",port="80",protocol="tcp"} 13"#,
         r#"lb_service_bytes_total{service="dns",vip="2001:db8::53",port="53",protocol="udp"} 0"#,
-        r#"lb_backend_packets_total{service="",backend="10.0.3.2"} 10"#,
-        r#"lb_backend_bytes_total{service="",backend="10.0.4.2"} 300"#,
+        r#"lb_backend_packets_total{service="web",backend="10.0.3.2"} 10"#,
+        r#"lb_backend_bytes_total{service="web",backend="10.0.4.2"} 300"#,
+        r#"lb_backend_packets_total{service="dns",backend="10.0.3.2"} 0"#,
         r#"lb_backend_up{service="web",backend="10.0.3.2"} 1"#,
         r#"lb_backend_up{service="web",backend="10.0.4.2"} 0"#,
         r#"lb_backend_up{service="dns",backend="10.0.3.2"} 1"#,
@@ -581,8 +586,6 @@ mod tests {
         for want in PAGE {
             assert!(lines.contains(want), "missing {want:?} in:\n{text}");
         }
-        let shared = r#"lb_backend_packets_total{service="",backend="10.0.3.2"}"#;
-        assert_eq!(text.matches(shared).count(), 1, "{text}");
     }
 
     #[test]

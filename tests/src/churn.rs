@@ -244,7 +244,7 @@ fn reuseport_udp(local: SocketAddr, peer: Option<SocketAddr>) -> io::Result<UdpS
     Ok(sock)
 }
 
-fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(crate) fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match a {
@@ -1296,6 +1296,48 @@ impl Lab {
             );
         }
         Ok(out)
+    }
+
+    /// Lines of each of `sizes` bytes echoed through the TCP services (IPv4 and, when the
+    /// lab serves it, IPv6) on a new connection each: full-size packets make it through
+    /// the encapsulation (path-MTU discovery, MSS clamping). Returns one line per echo.
+    pub fn large_echoes(&self, sizes: &[usize], timeout: Duration) -> Result<Vec<String>> {
+        let client = &self.topo.clients[0];
+        let mut done = Vec::new();
+        for svc in self.services.iter().filter(|s| s.proto == 6) {
+            let mut conn = TcpConn::connect(client, svc.dst(), timeout)?;
+            for &size in sizes {
+                let mut line: Vec<u8> = (0..size - 1).map(|i| b'a' + (i % 26) as u8).collect();
+                line.push(b'\n');
+                let started = Instant::now();
+                conn.echo(&line).with_context(|| {
+                    format!(
+                        "{size}-byte line to {} ({}) via {}\n  backend paths:\n    {}",
+                        svc.name,
+                        svc.dst(),
+                        conn.server,
+                        self.backend_paths().join("\n    ")
+                    )
+                })?;
+                done.push(format!(
+                    "{size} bytes to {} ({}) on {}: echoed in {:.1?}",
+                    svc.name,
+                    svc.dst(),
+                    conn.server,
+                    started.elapsed()
+                ));
+            }
+        }
+        Ok(done)
+    }
+
+    /// Opens `backend`'s health port again, so its checks pass.
+    pub fn restore_health(&mut self, backend: &str) -> Result<()> {
+        let b = self.backend(backend);
+        let server = TcpServer::start(b, &b.name, &b.sockaddrs(HEALTH_PORT))?;
+        let i = b.index;
+        self.health[i] = Some(server);
+        Ok(())
     }
 
     /// Waits until every LB agent reports `backend` with health `want` ("up"/"down") in

@@ -7,11 +7,11 @@
 //! 10.0.0.2 / fd00::2, backends' networks 10.1.0.0/16 and fd01::/64, VIPs 192.0.2.10
 //! and 2001:db8::10.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use lb::dataplane::Dataplane;
 use lb_common::{
-    maps::{Bucket, ServiceKey, ServiceValue},
+    maps::{Bucket, ServiceBackendKey, ServiceKey, ServiceValue, NO_BACKEND},
     packet::example::NODE_MAC,
 };
 
@@ -86,8 +86,9 @@ pub fn test_run(dp: &mut Dataplane, ifindex: u32, input: &[u8]) -> Result<Run> {
 }
 
 /// Writes `buckets` (a power of two of them) as the table of service `id`, at
-/// `id * buckets.len()` in the bucket map, and points the service (`addr`, `port`,
-/// `proto`) at it: how the tests set up a data plane without the agent.
+/// `id * buckets.len()` in the bucket map, opens the counters of the service and each
+/// backend it sends to, and points the service (`addr`, `port`, `proto`) at the table:
+/// how the tests set up a data plane without the agent.
 pub fn install_service(
     dp: &mut Dataplane,
     (addr, port, proto): ([u8; 16], u16, u8),
@@ -96,6 +97,17 @@ pub fn install_service(
 ) -> Result<()> {
     let offset = id * buckets.len() as u32;
     dp.write_table(offset, buckets)?;
+    let firsts: std::collections::BTreeSet<u32> = buckets
+        .iter()
+        .map(|b| b.first)
+        .filter(|f| *f != NO_BACKEND)
+        .collect();
+    for backend in firsts {
+        dp.open_service_backend(ServiceBackendKey {
+            service: id,
+            backend,
+        })?;
+    }
     let key = ServiceKey {
         addr,
         port_be: port.to_be(),
@@ -110,4 +122,56 @@ pub fn install_service(
     };
     dp.set_service(&key, &value)?;
     Ok(())
+}
+
+/// The sequence number of the next segment `s` sends and the acknowledgment it carries,
+/// read in TCP repair mode (left again without a window probe).
+pub fn next_seq_ack(s: &std::net::TcpStream) -> Result<(u32, u32)> {
+    const TCP_REPAIR: libc::c_int = 19;
+    const TCP_REPAIR_QUEUE: libc::c_int = 20;
+    const TCP_QUEUE_SEQ: libc::c_int = 21;
+    const TCP_RECV_QUEUE: libc::c_int = 1;
+    const TCP_SEND_QUEUE: libc::c_int = 2;
+    const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let set = |opt, v: libc::c_int| -> Result<()> {
+        // SAFETY: a valid socket fd and an int option of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            bail!("setsockopt {opt}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let get_seq = |queue| -> Result<u32> {
+        set(TCP_REPAIR_QUEUE, queue)?;
+        let mut v: u32 = 0;
+        let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+        // SAFETY: a valid socket fd and a u32 buffer of the length given.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                TCP_QUEUE_SEQ,
+                (&mut v as *mut u32).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            bail!("TCP_QUEUE_SEQ: {}", std::io::Error::last_os_error());
+        }
+        Ok(v)
+    };
+    set(TCP_REPAIR, 1)?;
+    let seqs = get_seq(TCP_SEND_QUEUE).and_then(|snd| Ok((snd, get_seq(TCP_RECV_QUEUE)?)));
+    set(TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)?;
+    seqs
 }

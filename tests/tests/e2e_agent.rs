@@ -753,3 +753,95 @@ fn tempdir(id: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A backend row: address, packets, bytes.
+type Row = (String, u64, u64);
+
+/// Per service: (packets, bytes) of its line and its backend rows.
+fn counter_rows(status: &Value) -> BTreeMap<String, ((u64, u64), Vec<Row>)> {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    status["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let rows = s["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    let a = b["address"].as_str().unwrap_or_default().to_string();
+                    (a, n(&b["packets"]), n(&b["bytes"]))
+                })
+                .collect();
+            let name = s["name"].as_str().unwrap_or_default().to_string();
+            (name, ((n(&s["packets"]), n(&s["bytes"])), rows))
+        })
+        .collect()
+}
+
+#[test]
+fn backend_counters_are_per_service_and_start_at_zero() {
+    if !can_run("backend_counters_are_per_service_and_start_at_zero") {
+        return;
+    }
+    let lab = lab(3, 200, 2);
+    let b0 = lab.topo.backends[0].v4.to_string();
+    let b1 = lab.topo.backends[1].v4.to_string();
+    let b2 = lab.topo.backends[2].v4.to_string();
+    // A second service, port 81 of the same VIP, shares b0 and b1 with `web`.
+    let any81: SocketAddr = "[::]:81".parse().unwrap();
+    let _servers81: Vec<TcpServer> = lab
+        .topo
+        .backends
+        .iter()
+        .map(|b| TcpServer::start(b, &b.name, &[any81]).unwrap())
+        .collect();
+    let vip = lab.topo.vip_v4().to_string();
+    lab.lb()
+        .ok(&[
+            "service", "add", "--name", "alt", "--vip", &vip, "--port", "81",
+        ])
+        .unwrap();
+    for b in [&b0, &b1] {
+        lab.lb().ok(&["backend", "add", "alt", b]).unwrap();
+    }
+    let alt = SocketAddr::new(lab.topo.vip_v4().into(), 81);
+    let seen = lab.spread(30);
+    assert_eq!(seen.len(), 3, "web's backends all serve: {seen:?}");
+    for _ in 0..12 {
+        tcp_request(&lab.topo.clients[0], alt, TIMEOUT).unwrap();
+    }
+
+    let rows = counter_rows(&lab.lb().status().unwrap());
+    for (name, ((packets, bytes), backends)) in &rows {
+        let sum_p: u64 = backends.iter().map(|b| b.1).sum();
+        let sum_b: u64 = backends.iter().map(|b| b.2).sum();
+        println!("{name}: {packets} packets, {bytes} bytes; backends {backends:?}");
+        assert!(*packets > 0, "{name} forwarded nothing");
+        assert_eq!(
+            (sum_p, sum_b),
+            (*packets, *bytes),
+            "{name}: backend rows do not add up to the service line"
+        );
+    }
+    let list = lab.lb().ok(&["list", "--stats", "--exact"]).unwrap();
+    println!("{list}");
+
+    // b2 leaves web, its only service, and comes back: it starts from zero, not from
+    // what it had.
+    let before = rows["web"].1.iter().find(|b| b.0 == b2).map_or(0, |b| b.1);
+    assert!(before > 0, "b2 got no traffic from web");
+    lab.lb().ok(&["backend", "remove", "web", &b2]).unwrap();
+    lab.lb().ok(&["backend", "add", "alt", &b2]).unwrap();
+    lab.lb().ok(&["backend", "add", "web", &b2]).unwrap();
+    let rows = counter_rows(&lab.lb().status().unwrap());
+    for svc in ["web", "alt"] {
+        let again = rows[svc].1.iter().find(|b| b.0 == b2).expect("b2 listed");
+        assert_eq!(
+            (again.1, again.2),
+            (0, 0),
+            "b2 back in {svc} inherited counters (it had {before} packets in web)"
+        );
+    }
+}

@@ -1,7 +1,8 @@
 //! Established connections while the backend set changes: long-lived TCP connections
 //! (IPv4 and IPv6) and connected-UDP sessions keep talking through two LB nodes behind
 //! ECMP while a backend is added, reweighted, drained, removed and failed. Only the
-//! flows of the failed backend may break. And two LB nodes send every flow to the same
+//! flows of the failed backend may break. Lines of 1,400 and 20,000 bytes echo through
+//! the VIPs (IPv4 and IPv6) on 1500-byte links, before and after a backend is added. And two LB nodes send every flow to the same
 //! backend, before and after a change.
 
 use std::{
@@ -18,6 +19,9 @@ use tests::{
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
+/// Lines larger than a 1500-byte link takes once encapsulated (20,000 bytes: many
+/// full-size segments).
+const LARGE_LINES: [usize; 2] = [1_400, 20_000];
 
 /// Two clients, two LB nodes, backends b0-b2 in the services and b3 spare. Tables of
 /// 2^16 buckets, the default.
@@ -134,6 +138,10 @@ fn established_flows_survive_backend_churn() {
         per_server(&start)
     );
     flows.settle(3, Duration::from_secs(10));
+    // Full-size packets on 1500-byte links, before the backend set changes.
+    for l in lab.large_echoes(&LARGE_LINES, TIMEOUT).unwrap() {
+        println!("large echo before: {l}");
+    }
 
     let steps: [&str; 6] = [
         "add b3 at weight 50",
@@ -191,6 +199,11 @@ fn established_flows_survive_backend_churn() {
         };
         // Every open flow talks a few times under the new tables.
         flows.settle(5, Duration::from_secs(10));
+        if step == 1 {
+            for l in lab.large_echoes(&LARGE_LINES, TIMEOUT).unwrap() {
+                println!("large echo after adding b3: {l}");
+            }
+        }
         let now = flows.snapshot();
         let broken = broken_in(&now, step);
         println!("step {step}: {what}\n{}", moved(&out));

@@ -9,7 +9,10 @@
 //! checked here on 6.18).
 
 use std::{
+    io::Read as _,
+    mem::size_of,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::FromRawFd as _,
     sync::atomic::{AtomicBool, Ordering},
 };
 
@@ -22,7 +25,7 @@ use lb_common::{
     addr::v4_mapped,
     encap::{FLAG_CHAINED, FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_HLEN, HOP_LIST_TYPE},
     hash::{bucket_index, flow_hash, outer_source_port, FlowTuple},
-    maps::{names, Bucket},
+    maps::{Bucket, Counters, ServiceBackendKey},
     packet::example::{NODE_MAC, PEER_MAC},
     stats::Reason,
 };
@@ -174,6 +177,22 @@ fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8
     let b = if syn { b.syn() } else { b.ack(5000) };
     let mut v = Vec::new();
     b.write(&mut v, b"hello").unwrap();
+    v
+}
+
+/// A TCP ACK segment from `src` to `dst` (IPv4) with sequence number `seq`, acknowledging
+/// `ack`.
+fn tcp4_seq(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+        panic!("IPv4 only");
+    };
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
+        .ipv4(s.octets(), d.octets(), 64)
+        .tcp(src.port(), dst.port(), seq, 65000)
+        .ack(ack)
+        .write(&mut v, b"hello")
+        .unwrap();
     v
 }
 
@@ -374,11 +393,15 @@ struct Case {
 
 fn run_case(dp: &mut Dataplane, ifindex: u32, c: &Case) -> Result<()> {
     let before = dp.reason_counts()?;
+    let pair = |dp: &mut Dataplane, service, backend| -> Result<Counters> {
+        let key = ServiceBackendKey { service, backend };
+        let all = dp.service_backend_counters()?;
+        all.get(&key)
+            .copied()
+            .ok_or_else(|| anyhow::anyhow!("no counters for {key:?}"))
+    };
     let counters_before = match c.counted {
-        Some((s, b)) => Some((
-            dp.counters(names::SERVICE_STATS, s)?,
-            dp.counters(names::BACKEND_STATS, b)?,
-        )),
+        Some((s, b)) => Some((dp.service_counters(s)?, pair(dp, s, b)?)),
         None => None,
     };
     let run = fixture::test_run(dp, ifindex, &c.input)?;
@@ -405,14 +428,14 @@ fn run_case(dp: &mut Dataplane, ifindex: u32, c: &Case) -> Result<()> {
         }
     }
     if let (Some((s, b)), Some((sb, bb))) = (c.counted, counters_before) {
-        let sa = dp.counters(names::SERVICE_STATS, s)?;
-        let ba = dp.counters(names::BACKEND_STATS, b)?;
+        let sa = dp.service_counters(s)?;
+        let ba = pair(dp, s, b)?;
         let bytes = c.input.len() as u64;
         if sa.packets != sb.packets + 1 || sa.bytes != sb.bytes + bytes {
             bail!("service {s} counters {sa:?}, before {sb:?}");
         }
         if ba.packets != bb.packets + 1 || ba.bytes != bb.bytes + bytes {
-            bail!("backend {b} counters {ba:?}, before {bb:?}");
+            bail!("service {s}, backend {b} counters {ba:?}, before {bb:?}");
         }
     }
     Ok(())
@@ -685,6 +708,69 @@ fn client_cases() -> Vec<Case> {
         Reason::DropMalformed,
     ));
 
+    // Lengths that contradict the frame, and a type-0 routing header with segments left:
+    // the backend's kernel would discard them, so to a VIP they are dropped here; to
+    // anything else they pass untouched.
+    for (dst, vip) in [(VIP4, true), (OTHER4, false)] {
+        let mut long = tcp4(CLIENT4, dst, 40030, 80, false);
+        long.truncate(14 + 40);
+        long[14 + 2..14 + 4].copy_from_slice(&1500u16.to_be_bytes());
+        fix_ipv4_checksum(&mut long);
+        let mut short = tcp4(CLIENT4, dst, 40031, 80, false);
+        short[14 + 2..14 + 4].copy_from_slice(&21u16.to_be_bytes());
+        fix_ipv4_checksum(&mut short);
+        if vip {
+            cases.push(drop(
+                "IPv4 total length beyond the frame, to a VIP",
+                long,
+                Reason::DropMalformed,
+            ));
+            cases.push(drop(
+                "IPv4 total length below IP and TCP headers, to a VIP",
+                short,
+                Reason::DropMalformed,
+            ));
+        } else {
+            cases.push(pass(
+                "IPv4 total length beyond the frame, to a non-VIP, passes",
+                long,
+                Reason::PassNotService,
+            ));
+            cases.push(pass(
+                "IPv4 total length below the headers, to a non-VIP, passes",
+                short,
+                Reason::PassNotService,
+            ));
+        }
+    }
+    for (dst, vip) in [(vip6(), true), (client6(), false)] {
+        let mut long = tcp6(client6(), dst, 40032, 80, false);
+        long[14 + 4..14 + 6].copy_from_slice(&1400u16.to_be_bytes());
+        let rh0 = with_routing_header(&tcp6(client6(), dst, 40033, 80, false), 0, 1);
+        let (reason, name_long, name_rh0) = if vip {
+            (
+                Reason::DropMalformed,
+                "IPv6 payload length beyond the frame, to a VIP",
+                "IPv6 type-0 routing header with segments left, to a VIP",
+            )
+        } else {
+            (
+                Reason::PassNotService,
+                "IPv6 payload length beyond the frame, to a non-VIP, passes",
+                "IPv6 type-0 routing header with segments left, to a non-VIP, passes",
+            )
+        };
+        if vip {
+            cases.push(drop(name_long, long, reason));
+            cases.push(drop(name_rh0, rh0, reason));
+        } else {
+            cases.push(pass(name_long, long, reason));
+            // With an extension header it misses the fast path for foreign traffic and
+            // is passed for being unparsable.
+            cases.push(pass(name_rh0, rh0, Reason::PassUnparsed));
+        }
+    }
+
     // Fragments.
     let mut frag = tcp4(CLIENT4, VIP4, 40016, 80, true);
     frag[14 + 6] = 0x20; // more fragments
@@ -718,20 +804,91 @@ fn client_cases() -> Vec<Case> {
         Reason::DropNoBackend,
     ));
 
-    // 1500-byte MTU: an IPv4 packet of 1460 bytes becomes 1512 once encapsulated.
+    // 1500-byte MTU: an IPv4 packet of 1460 bytes becomes 1512 once encapsulated. With
+    // DF the client is told the largest packet that fits (1500 - 52); without, dropped.
+    let payload: Vec<u8> = (0..1420u32).map(|i| i as u8).collect();
     let mut big = Vec::new();
     PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
         .ipv4(CLIENT4, VIP4, 64)
         .tcp(40020, 80, 1, 1000)
         .ack(1)
-        .write(&mut big, &[0u8; 1420])
+        .write(&mut big, &payload)
         .unwrap();
+    cases.push(Case {
+        name: "too big once encapsulated, IPv4 with DF: ICMP fragmentation needed, MTU 1448",
+        output: Out::Bytes(too_big_reply(&big, 1500 - 52)),
+        input: big.clone(),
+        verdict: XDP_TX,
+        reason: Reason::IcmpTooBigSent,
+        counted: None,
+    });
+    let mut no_df = big;
+    no_df[14 + 6] = 0;
+    fix_ipv4_checksum(&mut no_df);
     cases.push(drop(
-        "too big for the egress MTU once encapsulated",
-        big,
+        "too big once encapsulated, IPv4 without DF: dropped",
+        no_df,
         Reason::DropTooBig,
     ));
+    // IPv6 to a service with IPv6 backends: 1500 - 72 fits.
+    let mut big6 = Vec::new();
+    PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
+        .ipv6(client6().octets(), vip6().octets(), 64)
+        .tcp(40021, 80, 1, 1000)
+        .ack(1)
+        .write(&mut big6, &payload)
+        .unwrap();
+    cases.push(Case {
+        name: "too big once encapsulated, IPv6: ICMPv6 packet too big, MTU 1428",
+        output: Out::Bytes(too_big_reply(&big6, 1500 - 72)),
+        input: big6,
+        verdict: XDP_TX,
+        reason: Reason::IcmpTooBigSent,
+        counted: None,
+    });
     cases
+}
+
+/// What lb answers a client frame that is too big once encapsulated: from the VIP back to
+/// the client (MAC addresses swapped), ICMP fragmentation needed (IPv4, no DF on the
+/// reply) or ICMPv6 packet too big with `mtu`, quoting the first 504 bytes of the packet.
+/// Built with etherparse's own ICMP code.
+fn too_big_reply(frame: &[u8], mtu: u32) -> Vec<u8> {
+    let quote = &frame[14..14 + 504];
+    let b = PacketBuilder::ethernet2(NODE_MAC, PEER_MAC);
+    let mut v = Vec::new();
+    if frame[12..14] == [0x86, 0xdd] {
+        let (h, _) = Ipv6Header::from_slice(&frame[14..]).unwrap();
+        b.ipv6(h.destination, h.source, 64)
+            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu })
+            .write(&mut v, quote)
+            .unwrap();
+    } else {
+        let (h, _) = Ipv4Header::from_slice(&frame[14..]).unwrap();
+        let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, h.destination, h.source).unwrap();
+        ip.dont_fragment = false;
+        let unreachable = etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+            next_hop_mtu: mtu as u16,
+        };
+        b.ip(IpHeaders::Ipv4(ip, Default::default()))
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(unreachable))
+            .write(&mut v, quote)
+            .unwrap();
+    }
+    v
+}
+
+/// `frame` (Ethernet, IPv6, no extension headers) with an 8-byte routing header of type
+/// `ty` and `segments_left` put in front of its transport header.
+fn with_routing_header(frame: &[u8], ty: u8, segments_left: u8) -> Vec<u8> {
+    let at = 14 + 40;
+    let mut v = frame[..at].to_vec();
+    v.extend_from_slice(&[frame[14 + 6], 0, ty, segments_left, 0, 0, 0, 0]);
+    v.extend_from_slice(&frame[at..]);
+    v[14 + 6] = 43;
+    let len = u16::from_be_bytes([v[14 + 4], v[14 + 5]]) + 8;
+    v[14 + 4..14 + 6].copy_from_slice(&len.to_be_bytes());
+    v
 }
 
 fn fix_ipv4_checksum(frame: &mut [u8]) {
@@ -741,10 +898,10 @@ fn fix_ipv4_checksum(frame: &mut [u8]) {
     frame[14 + 10..14 + 12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
 }
 
-/// Backend-path cases. `est_port`: client port of an established TCP connection to
-/// VIP4:80 on this node; `udp_port`: peer port of a connected UDP socket on VIP4:53.
-fn backend_cases(est_port: u16, udp_port: u16) -> Vec<Case> {
+/// Backend-path cases, with the sockets of `socks` on this node.
+fn backend_cases(socks: &LocalSockets) -> Vec<Case> {
     let mut cases = Vec::new();
+    let udp_port = socks.udp_port;
     let second = v4_mapped(backend4(2));
     let accept = |name, inner: Vec<u8>, hops, flags, reason| {
         let input = gue_to_node(&inner, hops, flags, second);
@@ -765,12 +922,90 @@ fn backend_cases(est_port: u16, udp_port: u16) -> Vec<Case> {
         0,
         Reason::AcceptSyn,
     ));
+    let est = socks.est;
     cases.push(accept(
-        "GUE: established local TCP socket accepts",
-        tcp4(VIP4, VIP4, est_port, 80, false),
+        "GUE: established local TCP socket, segment in its windows, accepted",
+        tcp4_seq(est.client, est.server, est.seq, est.ack),
         1,
         0,
         Reason::AcceptSocket,
+    ));
+    cases.push(accept(
+        "GUE: listener and an ACK with a valid SYN cookie, accepted",
+        tcp4_seq(
+            socks.cookie.client,
+            socks.cookie.server,
+            socks.cookie.seq,
+            socks.cookie.ack,
+        ),
+        1,
+        0,
+        Reason::AcceptSocket,
+    ));
+    // Segments a local socket must not own: another connection's on the same ports.
+    // They go on to the second hop, this node now the outer source, one hop fewer.
+    let chained = |name, inner: Vec<u8>| {
+        let input = gue_to_node(&inner, 1, 0, second);
+        let output = encapsulated(
+            GW_MAC,
+            NODE_MAC,
+            v4_mapped(NODE4),
+            second,
+            50000,
+            0,
+            FLAG_CHAINED,
+            second,
+            &inner[14..],
+        );
+        Case {
+            name,
+            input,
+            verdict: XDP_TX,
+            output: Out::Bytes(output),
+            reason: Reason::SecondHop,
+            counted: None,
+        }
+    };
+    cases.push(chained(
+        "GUE: established socket, sequence number outside its receive window, second hop",
+        tcp4_seq(
+            est.client,
+            est.server,
+            est.seq.wrapping_add(0x4000_0000),
+            est.ack,
+        ),
+    ));
+    cases.push(chained(
+        "GUE: established socket, sequence number far behind its window, second hop",
+        tcp4_seq(
+            est.client,
+            est.server,
+            est.seq.wrapping_sub(0x0100_0000),
+            est.ack,
+        ),
+    ));
+    cases.push(chained(
+        "GUE: established socket, acknowledges data it never sent, second hop",
+        tcp4_seq(
+            est.client,
+            est.server,
+            est.seq,
+            est.ack.wrapping_add(0x1000),
+        ),
+    ));
+    cases.push(chained(
+        "GUE: established socket, acknowledgment older than any window, second hop",
+        tcp4_seq(
+            est.client,
+            est.server,
+            est.seq,
+            est.ack.wrapping_sub(0x4000_0000),
+        ),
+    ));
+    let tw = socks.time_wait;
+    cases.push(chained(
+        "GUE: a TIME_WAIT socket does not own the flow, second hop",
+        tcp4_seq(tw.client, tw.server, tw.seq, tw.ack),
     ));
     cases.push(accept(
         "GUE: connected local UDP socket accepts",
@@ -953,14 +1188,41 @@ fn backend_cases(est_port: u16, udp_port: u16) -> Vec<Case> {
     bad[14 + 20 + 8 + 4] = b'x';
     cases.push(drop("GUE: private data not lb's", bad, Reason::DropBadGue));
     let g = gue_to_node(&inner, 1, 0, second);
+    // Cut frames whose outer header says so (the outer lengths follow the cut).
+    let cut = |len: usize| {
+        let mut c = g[..len].to_vec();
+        c[14 + 2..14 + 4].copy_from_slice(&((len - 14) as u16).to_be_bytes());
+        c[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&((len - 14 - 20) as u16).to_be_bytes());
+        fix_ipv4_checksum(&mut c);
+        c
+    };
     cases.push(drop(
         "GUE: cut short inside the hop list",
-        g[..14 + 20 + 8 + 10].to_vec(),
+        cut(14 + 20 + 8 + 10),
         Reason::DropMalformed,
     ));
     cases.push(drop(
         "GUE: inner TCP header cut short",
-        g[..14 + 20 + 8 + 24 + 20 + 8].to_vec(),
+        cut(14 + 20 + 8 + 24 + 20 + 8),
+        Reason::DropMalformed,
+    ));
+    cases.push(Case {
+        name: "GUE: outer length beyond the frame, not lb's: passed untouched",
+        input: g[..14 + 20 + 8 + 24 + 20 + 8].to_vec(),
+        verdict: XDP_PASS,
+        output: Out::Same,
+        reason: Reason::PassUnparsed,
+        counted: None,
+    });
+    let inner_long = {
+        let mut i = tcp4(CLIENT4, VIP4, 41012, 80, false);
+        i[14 + 2..14 + 4].copy_from_slice(&1400u16.to_be_bytes());
+        fix_ipv4_checksum(&mut i);
+        i
+    };
+    cases.push(drop(
+        "GUE: inner IPv4 total length beyond the frame",
+        gue_to_node(&inner_long, 1, 0, second),
         Reason::DropMalformed,
     ));
 
@@ -976,25 +1238,64 @@ fn backend_cases(est_port: u16, udp_port: u16) -> Vec<Case> {
     cases
 }
 
-/// Sockets that own flows on this node: an established TCP connection to VIP4:80 (its
-/// client port) and UDP sockets on VIP4:53 and [VIP6]:53 connected to port 5300 of the
-/// same address.
+/// A TCP flow to VIP4:80 on this node and the sequence numbers its next segment from the
+/// client carries.
+#[derive(Clone, Copy)]
+struct Segment {
+    client: SocketAddr,
+    server: SocketAddr,
+    seq: u32,
+    ack: u32,
+}
+
+/// Sockets on this node: an established TCP connection to VIP4:80, a connection to it
+/// that the server closed first (its server side in TIME_WAIT), a SYN-cookie handshake
+/// with its listener, and UDP sockets on VIP4:53 and [VIP6]:53 connected to port 5300
+/// of the same address.
 struct LocalSockets {
     _listener: TcpListener,
     _client: TcpStream,
     _server: TcpStream,
     _udp: UdpSocket,
     _udp6: UdpSocket,
-    est_port: u16,
+    est: Segment,
+    time_wait: Segment,
+    cookie: Segment,
     udp_port: u16,
 }
 
 fn local_sockets() -> Result<LocalSockets> {
     let vip = Ipv4Addr::from(VIP4);
     let listener = TcpListener::bind((vip, 80))?;
+    let server_addr = listener.local_addr()?;
     let client = TcpStream::connect((vip, 80))?;
     let (server, _) = listener.accept()?;
-    let est_port = client.local_addr()?.port();
+    let (seq, ack) = fixture::next_seq_ack(&client)?;
+    let est = Segment {
+        client: client.local_addr()?,
+        server: server_addr,
+        seq,
+        ack,
+    };
+
+    // The server closes first, so its side ends in TIME_WAIT.
+    let closing = TcpStream::connect((vip, 80))?;
+    let (closed, _) = listener.accept()?;
+    let (seq, ack) = fixture::next_seq_ack(&closing)?;
+    let time_wait = Segment {
+        client: closing.local_addr()?,
+        server: server_addr,
+        seq: seq.wrapping_add(1),
+        ack: ack.wrapping_add(1),
+    };
+    drop(closed);
+    let mut buf = [0u8; 1];
+    (&closing).read_exact(&mut buf).ok();
+    drop(closing);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+
+    let cookie = syncookie_handshake(server_addr)?;
+
     let udp = UdpSocket::bind((vip, 53))?;
     udp.connect((vip, 5300))?;
     let udp6 = UdpSocket::bind((vip6(), 53))?;
@@ -1005,9 +1306,88 @@ fn local_sockets() -> Result<LocalSockets> {
         _server: server,
         _udp: udp,
         _udp6: udp6,
-        est_port,
+        est,
+        time_wait,
+        cookie,
         udp_port: 5300,
     })
+}
+
+/// Sends a SYN from a raw socket to `server`'s listener with SYN cookies forced on, and
+/// returns the ACK that completes the handshake: the cookie is the SYN-ACK's sequence
+/// number, and no request socket remembers the SYN.
+fn syncookie_handshake(server: SocketAddr) -> Result<Segment> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "2")?;
+    let IpAddr::V4(vip) = server.ip() else {
+        bail!("IPv4 only");
+    };
+    let client = SocketAddr::new(server.ip(), 40999);
+    let isn: u32 = 0x1234_5678;
+    let mut syn = etherparse::TcpHeader::new(client.port(), server.port(), isn, 65000);
+    syn.syn = true;
+    syn.checksum = syn.calc_checksum_ipv4_raw(vip.octets(), vip.octets(), &[])?;
+    // SAFETY: plain socket call; the fd is owned by the UdpSocket-free wrapper below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+    if fd < 0 {
+        bail!("raw socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns; closed when `_owned` drops.
+    let _owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let timeout = libc::timeval {
+        tv_sec: 2,
+        tv_usec: 0,
+    };
+    // SAFETY: a valid fd and a timeval of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    to.sin_family = libc::AF_INET as libc::sa_family_t;
+    to.sin_addr.s_addr = u32::from_ne_bytes(vip.octets());
+    let bytes = syn.to_bytes();
+    // SAFETY: a valid fd, buffer and sockaddr_in of the sizes given.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            0,
+            (&to as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        bail!("sending the SYN: {}", std::io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 1500];
+    for _ in 0..16 {
+        // SAFETY: a valid fd and buffer of the size given.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            bail!("no SYN-ACK: {}", std::io::Error::last_os_error());
+        }
+        let Ok((_, rest)) = Ipv4Header::from_slice(&buf[..n as usize]) else {
+            continue;
+        };
+        let Ok((th, _)) = etherparse::TcpHeader::from_slice(rest) else {
+            continue;
+        };
+        if th.syn && th.ack && th.source_port == server.port() && th.destination_port == 40999 {
+            return Ok(Segment {
+                client,
+                server,
+                seq: isn.wrapping_add(1),
+                ack: th.sequence_number.wrapping_add(1),
+            });
+        }
+    }
+    bail!("no SYN-ACK among the packets seen")
 }
 
 #[test]
@@ -1036,7 +1416,7 @@ fn data_plane_fixtures() {
             let socks = local_sockets()?;
             let cases: Vec<Case> = client_cases()
                 .into_iter()
-                .chain(backend_cases(socks.est_port, socks.udp_port))
+                .chain(backend_cases(&socks))
                 .collect();
             for c in &cases {
                 results.push((c.name, run_case(&mut dp, ifindex, c)));

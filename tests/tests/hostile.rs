@@ -130,7 +130,8 @@ fn expected_verdict(r: Reason) -> u32 {
         Reason::Encapsulated
         | Reason::IcmpForwarded
         | Reason::SecondHop
-        | Reason::ReturnedToFirstHop => XDP_TX,
+        | Reason::ReturnedToFirstHop
+        | Reason::IcmpTooBigSent => XDP_TX,
         r if r.name().starts_with("drop_") => XDP_DROP,
         _ => XDP_PASS,
     }

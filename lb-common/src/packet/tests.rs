@@ -133,6 +133,31 @@ const BACKEND2_V4: [u8; 4] = [10, 1, 0, 3];
 /// fd01::3
 const BACKEND2_V6: [u8; 16] = [0xfd, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
 
+/// A type-0 routing header with `segments_left` in front of `payload`.
+fn routing0(next: u8, segments_left: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = ext(next, 0, payload);
+    v[3] = segments_left;
+    v
+}
+
+/// Sets the total length of the IPv4 packet `p` (and its header checksum).
+fn set_tot_len4(p: &mut [u8], len: u16) {
+    p[2..4].copy_from_slice(&len.to_be_bytes());
+    p[10..12].copy_from_slice(&[0, 0]);
+    let mut h = [0u8; IPV4_LEN];
+    h.copy_from_slice(&p[..IPV4_LEN]);
+    let sum = crate::encap::ipv4_checksum(&h);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// The first `len` bytes of a GUE frame over IPv4, its outer lengths saying so.
+fn cut_outer4(frame: &[u8], len: usize) -> Vec<u8> {
+    let mut f = frame[..len].to_vec();
+    set_tot_len4(&mut f[14..], (len - 14) as u16);
+    f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&((len - 14 - 20) as u16).to_be_bytes());
+    f
+}
+
 fn tcp4(src: [u8; 4], dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
     ipv4(src, dst, IPPROTO_TCP, &tcp(40000, dport, flags, b"hello"))
 }
@@ -703,16 +728,92 @@ fn seeds() -> Vec<(&'static str, Vec<u8>, Want)> {
         ),
         (
             "gue4-cut-in-hop-list",
-            gue4_to_node(&tcp4(CLIENT_V4, VIP_V4, 80, ACK), 1, 0, hop2)[..14 + 20 + 8 + 10]
-                .to_vec(),
+            cut_outer4(
+                &gue4_to_node(&tcp4(CLIENT_V4, VIP_V4, 80, ACK), 1, 0, hop2),
+                14 + 20 + 8 + 10,
+            ),
             Is(DropMalformed),
         ),
         (
             "gue4-cut-in-inner-tcp",
+            cut_outer4(
+                &gue4_to_node(&tcp4(CLIENT_V4, VIP_V4, 80, ACK), 1, 0, hop2),
+                14 + 20 + 8 + 24 + 20 + 8,
+            ),
+            Is(DropMalformed),
+        ),
+        (
+            "gue4-outer-length-beyond-frame",
             gue4_to_node(&tcp4(CLIENT_V4, VIP_V4, 80, ACK), 1, 0, hop2)
                 [..14 + 20 + 8 + 24 + 20 + 8]
                 .to_vec(),
+            Is(PassUnparsed),
+        ),
+        (
+            "gue4-inner-length-beyond-frame",
+            {
+                let mut inner = tcp4(CLIENT_V4, VIP_V4, 80, ACK);
+                set_tot_len4(&mut inner, 1400);
+                gue4_to_node(&inner, 1, 0, hop2)
+            },
             Is(DropMalformed),
+        ),
+        (
+            "tcp4-length-beyond-frame-vip",
+            {
+                let mut f = v4(tcp4(CLIENT_V4, VIP_V4, 80, ACK));
+                f.truncate(14 + 40);
+                set_tot_len4(&mut f[14..], 1500);
+                f
+            },
+            Is(DropMalformed),
+        ),
+        (
+            "tcp4-length-below-headers-vip",
+            {
+                let mut f = v4(tcp4(CLIENT_V4, VIP_V4, 80, ACK));
+                set_tot_len4(&mut f[14..], 21);
+                f
+            },
+            Is(DropMalformed),
+        ),
+        (
+            "tcp4-length-beyond-frame-other",
+            {
+                let mut f = v4(tcp4(CLIENT_V4, OTHER_V4, 80, ACK));
+                set_tot_len4(&mut f[14..], 1500);
+                f
+            },
+            Is(PassNotService),
+        ),
+        (
+            "tcp6-length-beyond-frame-vip",
+            {
+                let mut f = v6(tcp6(CLIENT_V6, VIP_V6, 80, ACK));
+                f[14 + 4..14 + 6].copy_from_slice(&1400u16.to_be_bytes());
+                f
+            },
+            Is(DropMalformed),
+        ),
+        (
+            "tcp6-routing-type0-segments-left-vip",
+            v6(ipv6(
+                CLIENT_V6,
+                VIP_V6,
+                IPPROTO_ROUTING,
+                &routing0(IPPROTO_TCP, 1, &tcp(40000, 80, ACK, b"")),
+            )),
+            Is(DropMalformed),
+        ),
+        (
+            "tcp6-routing-type0-segments-left-other",
+            v6(ipv6(
+                CLIENT_V6,
+                CLIENT_V6,
+                IPPROTO_ROUTING,
+                &routing0(IPPROTO_TCP, 1, &tcp(40000, 80, ACK, b"")),
+            )),
+            Is(PassUnparsed),
         ),
         (
             "gue4-inner-ihl-3",

@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode as AyaXdpMode;
 use lb_common::{
     addr,
-    maps::{names, ServiceKey},
+    maps::{ServiceBackendKey, ServiceKey},
     stats::Reason,
 };
 use sd_notify::NotifyState;
@@ -260,7 +260,7 @@ impl Agent {
         for ifname in &n.interfaces {
             netlink::enable_forwarding(ifname)?;
         }
-        netlink::ensure_vips_on_lo(&self.config.served_vips())?;
+        serve_vips(&self.config)?;
         Ok(())
     }
 
@@ -460,7 +460,7 @@ impl Agent {
         }
         self.config.services = next;
         // A service may have gained this node itself as a backend.
-        if let Err(e) = netlink::ensure_vips_on_lo(&self.config.served_vips()) {
+        if let Err(e) = serve_vips(&self.config) {
             error!("putting the VIPs this node serves on lo failed: {e:#}");
         }
         self.update_health_targets();
@@ -520,9 +520,12 @@ impl Agent {
         let mut ignored = reload::ignored(&self.config.node, &config.node, "node");
         ignored.extend(reload::ignored(&self.file_agent, &config.agent, "agent"));
         let mut changed = reload::service_changes(&self.config.services, &config.services);
-        // `backend_vips` and the VIPs of services that gain this node as a backend.
-        if config.served_vips() != self.config.served_vips() {
-            if let Err(e) = netlink::ensure_vips_on_lo(&config.served_vips()) {
+        // `backend_vips` and the VIPs of services that gain this node as a backend, with
+        // their MSS clamped.
+        if config.served_vips() != self.config.served_vips()
+            || config.vip_mss != self.config.vip_mss
+        {
+            if let Err(e) = serve_vips(&config) {
                 let e = format!("{e:#}");
                 warn!(%caller, via, "reload refused, nothing changed: {e}");
                 return error(e);
@@ -537,6 +540,7 @@ impl Agent {
         self.file = file;
         self.config.services = config.services;
         self.config.backend_vips = config.backend_vips;
+        self.config.vip_mss = config.vip_mss;
         self.update_health_targets();
         let mut moved = 0;
         match self.sync_services("reload") {
@@ -602,32 +606,29 @@ impl Agent {
             })
             .unwrap_or_default();
         let mut services = Vec::new();
+        let pairs = self
+            .programmer
+            .dataplane()
+            .service_backend_counters()
+            .unwrap_or_default();
         for s in &self.config.services {
             let key = key_of(s);
             let owned = self.programmer.owned(&key);
-            let counters = self
-                .programmer
-                .service_id_of(&key)
-                .and_then(|id| {
-                    self.programmer
-                        .dataplane()
-                        .counters(names::SERVICE_STATS, id)
-                        .ok()
-                })
+            let id = self.programmer.service_id_of(&key);
+            let counters = id
+                .and_then(|id| self.programmer.dataplane().service_counters(id).ok())
                 .unwrap_or_default();
             let backends = s
                 .backends
                 .iter()
                 .map(|b| {
-                    let c = self
-                        .programmer
-                        .slot_of(&b.address)
-                        .and_then(|slot| {
-                            self.programmer
-                                .dataplane()
-                                .counters(names::BACKEND_STATS, slot)
-                                .ok()
+                    // What this service sent to the backend, not all its services.
+                    let c = id
+                        .zip(self.programmer.slot_of(&b.address))
+                        .and_then(|(service, backend)| {
+                            pairs.get(&ServiceBackendKey { service, backend })
                         })
+                        .copied()
                         .unwrap_or_default();
                     let check = checks.get(&(s.name.clone(), b.address));
                     BackendStatus {
@@ -687,6 +688,17 @@ impl Agent {
             table_rebuilds: self.programmer.rebuilds,
         }
     }
+}
+
+/// Puts the VIPs `config` serves on `lo` (`Config::served_vips`), with the MSS advertised
+/// on their connections clamped when `vip_mss` says so.
+fn serve_vips(config: &Config) -> Result<()> {
+    let vips = config.served_vips();
+    netlink::ensure_vips_on_lo(&vips)?;
+    if let Some(mss) = config.vip_mss {
+        netlink::clamp_vip_mss(&vips, mss)?;
+    }
+    Ok(())
 }
 
 fn key_of(s: &ServiceConfig) -> ServiceKey {

@@ -12,7 +12,7 @@ use std::{
 
 use lb_common::{
     addr,
-    maps::{Bucket, ServiceKey, ServiceValue, NO_BACKEND},
+    maps::{Bucket, ServiceBackendKey, ServiceKey, ServiceValue, NO_BACKEND},
 };
 
 use crate::{
@@ -98,6 +98,8 @@ pub struct Programmer {
     bucket_slots: u32,
     slots: BTreeMap<IpAddr, u32>,
     live: BTreeMap<ServiceKey, Live>,
+    /// (service, backend) pairs with counters in `SERVICE_BACKEND_STATS`.
+    pairs: BTreeSet<ServiceBackendKey>,
     /// How many tables were written since the start.
     pub rebuilds: u64,
 }
@@ -142,12 +144,14 @@ impl Programmer {
                 },
             );
         }
+        let pairs = dp.service_backend_counters()?.into_keys().collect();
         Ok(Programmer {
             dp,
             seed,
             bucket_slots,
             slots,
             live,
+            pairs,
             rebuilds: 0,
         })
     }
@@ -252,7 +256,8 @@ impl Programmer {
             summaries.push(summary);
             self.write(want, next, moved)?;
         }
-        self.free_unused_slots()?;
+        self.free_unused_slots(wanted)?;
+        self.close_unused_pairs(wanted)?;
         Ok(summaries)
     }
 
@@ -275,8 +280,25 @@ impl Programmer {
         let (id, base, upper) = match self.live.get(&want.key) {
             Some(l) if l.bits == want.bits => (l.id, l.base, !l.upper),
             Some(l) => (l.id, self.region(want)?, false),
-            None => (self.service_id()?, self.region(want)?, false),
+            None => {
+                let id = self.service_id()?;
+                // The id may have been another service's.
+                self.dp.zero_service_counters(id)?;
+                (id, self.region(want)?, false)
+            }
         };
+        // Counters for every backend the table sends to, before it goes live.
+        let firsts: BTreeSet<u32> = buckets
+            .iter()
+            .map(|b| b.first)
+            .filter(|f| *f != NO_BACKEND)
+            .collect();
+        for backend in firsts {
+            self.open_pair(ServiceBackendKey {
+                service: id,
+                backend,
+            })?;
+        }
         let (spare, old_live) = match self.live.get(&want.key) {
             Some(l) if l.bits == want.bits => (l.spare_raw.clone(), Some(l.live_raw.clone())),
             _ => (None, None),
@@ -322,13 +344,54 @@ impl Programmer {
         Ok(s)
     }
 
-    fn free_unused_slots(&mut self) -> Result<(), ProgramError> {
+    /// Starts the counters of `key` at zero unless it has them already.
+    fn open_pair(&mut self, key: ServiceBackendKey) -> Result<(), ProgramError> {
+        if !self.pairs.contains(&key) {
+            self.dp.open_service_backend(key)?;
+            self.pairs.insert(key);
+        }
+        Ok(())
+    }
+
+    /// Drops the counters of pairs whose backend is no longer a member of the service
+    /// (or whose service is gone): a later pair with the same numbers starts at zero.
+    fn close_unused_pairs(&mut self, wanted: &[Desired]) -> Result<(), ProgramError> {
+        let mut keep = BTreeSet::new();
+        for want in wanted {
+            let Some(l) = self.live.get(&want.key) else {
+                continue;
+            };
+            for m in &want.members {
+                if let Some(&backend) = self.slots.get(&m.address) {
+                    keep.insert(ServiceBackendKey {
+                        service: l.id,
+                        backend,
+                    });
+                }
+            }
+        }
+        let gone: Vec<ServiceBackendKey> = self.pairs.difference(&keep).copied().collect();
+        for key in gone {
+            self.dp.close_service_backend(key)?;
+            self.pairs.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Frees the slots of backends no table refers to and no service has as a member:
+    /// a member out of every table (failed, say) keeps its slot, so its counters go on.
+    fn free_unused_slots(&mut self, wanted: &[Desired]) -> Result<(), ProgramError> {
         let used: BTreeSet<IpAddr> = self
             .live
             .values()
             .flat_map(|l| l.table.iter())
             .flat_map(|(f, s)| [*f, *s])
             .flatten()
+            .chain(
+                wanted
+                    .iter()
+                    .flat_map(|w| w.members.iter().map(|m| m.address)),
+            )
             .collect();
         let unused: Vec<(IpAddr, u32)> = self
             .slots

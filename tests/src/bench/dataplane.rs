@@ -132,14 +132,10 @@ pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
         let sockets = Sockets::open(80, s.flows)?;
         let local = Sockets::open(LOCAL_PORT, s.flows)?;
         let mut harness = Harness::load(dp.ebpf(), ifindex)?;
-        let cases: Vec<Case> = cases(
-            s.flows,
-            &sockets.established_ports,
-            &local.established_ports,
-        )
-        .into_iter()
-        .filter(|c| names.contains(&c.name))
-        .collect();
+        let cases: Vec<Case> = cases(s.flows, &sockets.established, &local.established)
+            .into_iter()
+            .filter(|c| names.contains(&c.name))
+            .collect();
         ensure!(!cases.is_empty(), "no case selected");
         let unchanged = cases
             .iter()
@@ -379,12 +375,21 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
 const LOCAL_PORT: u16 = 8080;
 
 /// Sockets of the backend side: a listener on VIP4:`port` and established connections
-/// to it, whose client ports the decapsulation (port 80) and local (`LOCAL_PORT`) cases
-/// use.
+/// to it, whose client ports and next sequence numbers the decapsulation (port 80) and
+/// local (`LOCAL_PORT`) cases use (a segment must fall in its socket's windows).
 struct Sockets {
     _listener: TcpListener,
     _conns: Vec<(TcpStream, TcpStream)>,
-    established_ports: Vec<u16>,
+    established: Vec<Established>,
+}
+
+/// A client port of an established connection to a port of VIP4 and the sequence and
+/// acknowledgment numbers its next segment carries.
+#[derive(Clone, Copy)]
+pub struct Established {
+    pub port: u16,
+    pub seq: u32,
+    pub ack: u32,
 }
 
 impl Sockets {
@@ -395,13 +400,18 @@ impl Sockets {
         for _ in 0..n {
             let client = TcpStream::connect((VIP4, port))?;
             let (server, _) = listener.accept()?;
-            ports.push(client.local_addr()?.port());
+            let (seq, ack) = crate::fixture::next_seq_ack(&client)?;
+            ports.push(Established {
+                port: client.local_addr()?.port(),
+                seq,
+                ack,
+            });
             conns.push((client, server));
         }
         Ok(Sockets {
             _listener: listener,
             _conns: conns,
-            established_ports: ports,
+            established: ports,
         })
     }
 }
@@ -421,9 +431,9 @@ fn client_port(i: usize) -> u16 {
     10_000 + (i as u16).wrapping_mul(211) % 50_000
 }
 
-/// Build every case with `flows` frames; `established` and `local` are client ports of
-/// connections to VIP4:80 and VIP4:`LOCAL_PORT` on this node.
-pub fn cases(flows: usize, established: &[u16], local: &[u16]) -> Vec<Case> {
+/// Build every case with `flows` frames; `established` and `local` are connections to
+/// VIP4:80 and VIP4:`LOCAL_PORT` on this node.
+pub fn cases(flows: usize, established: &[Established], local: &[Established]) -> Vec<Case> {
     let each = |f: &dyn Fn(usize) -> Vec<u8>| (0..flows).map(f).collect::<Vec<_>>();
     let encap = |name, frames, reason| Case {
         name,
@@ -468,7 +478,8 @@ pub fn cases(flows: usize, established: &[u16], local: &[u16]) -> Vec<Case> {
         Case {
             name: CASES[5],
             frames: each(&|i| {
-                let inner = packets::tcp4(m, VIP4, VIP4, established[i], 80, false);
+                let e = established[i];
+                let inner = packets::tcp4_ack(m, VIP4, VIP4, (e.port, 80), e.seq, e.ack);
                 to_node(i, &inner)
             }),
             verdict: XDP_PASS,
@@ -492,7 +503,10 @@ pub fn cases(flows: usize, established: &[u16], local: &[u16]) -> Vec<Case> {
         ),
         Case {
             name: CASES[8],
-            frames: each(&|i| packets::tcp4(m, VIP4, VIP4, local[i], LOCAL_PORT, false)),
+            frames: each(&|i| {
+                let e = local[i];
+                packets::tcp4_ack(m, VIP4, VIP4, (e.port, LOCAL_PORT), e.seq, e.ack)
+            }),
             verdict: XDP_PASS,
             reason: Reason::DeliveredLocally,
         },
@@ -505,9 +519,14 @@ mod tests {
 
     #[test]
     fn flows_are_distinct_and_fit_the_harness() {
-        let ports: Vec<u16> = (0..256).map(|i| 30_000 + i).collect();
-        let local: Vec<u16> = (0..256).map(|i| 40_000 + i).collect();
-        for c in cases(256, &ports, &local) {
+        let ports: Vec<Established> = (0..256)
+            .map(|i| Established {
+                port: 30_000 + i,
+                seq: 1,
+                ack: 2,
+            })
+            .collect();
+        for c in cases(256, &ports, &ports) {
             let distinct: HashSet<&Vec<u8>> = c.frames.iter().collect();
             assert_eq!(distinct.len(), 256, "{}", c.name);
             assert!(

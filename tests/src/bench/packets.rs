@@ -29,6 +29,25 @@ pub fn tcp4(m: Macs, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, syn: 
     v
 }
 
+/// A TCP ACK over IPv4 with sequence number `seq` acknowledging `ack`; no payload.
+pub fn tcp4_ack(
+    m: Macs,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ports: (u16, u16),
+    seq: u32,
+    ack: u32,
+) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(m.src, m.dst)
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(ports.0, ports.1, seq, 65000)
+        .ack(ack)
+        .write(&mut v, &[])
+        .expect("tcp4 frame");
+    v
+}
+
 /// A TCP SYN over IPv6, no payload.
 pub fn tcp6_syn(m: Macs, src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
     let mut v = Vec::new();

@@ -1,0 +1,178 @@
+//! Does a TCP segment belong to the connection a local socket carries? The backend path
+//! asks before it lets a socket own a flow: a socket left over from an earlier connection
+//! on the same addresses and ports (its peer gone, or reset elsewhere) has sequence
+//! numbers unrelated to the new connection's, so the new one's segments fall outside its
+//! windows.
+//!
+//! The check is looser than the stack's own (`tcp_sequence`, `tcp_ack`): a segment it
+//! refuses is one the socket would discard anyway, never one it would use, since a
+//! refused segment goes on to the next hop, whose stack resets the connection.
+//!
+//! The XDP program reads the socket's fields from `struct tcp_sock` at offsets that differ
+//! between kernels: userspace finds them in the kernel's BTF and hands them over in
+//! `TcpSockOffsets`, a read-only global set when the program loads.
+
+/// Symbol of the `TcpSockOffsets` global in the XDP object.
+pub const OFFSETS_GLOBAL: &str = "TCP_SOCK_OFFSETS";
+
+/// Byte offsets in the kernel's `struct tcp_sock` of the `u32` fields the check reads,
+/// `UNKNOWN` for all of them when the kernel's BTF did not tell.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSockOffsets {
+    pub rcv_nxt: u32,
+    pub rcv_wup: u32,
+    pub rcv_wnd: u32,
+    pub snd_una: u32,
+    pub snd_nxt: u32,
+    pub max_window: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<TcpSockOffsets>() == 24);
+
+impl TcpSockOffsets {
+    /// An offset no field has: the program then checks the socket's state only.
+    pub const UNKNOWN_OFFSET: u32 = u32::MAX;
+
+    pub const UNKNOWN: TcpSockOffsets = TcpSockOffsets {
+        rcv_nxt: Self::UNKNOWN_OFFSET,
+        rcv_wup: Self::UNKNOWN_OFFSET,
+        rcv_wnd: Self::UNKNOWN_OFFSET,
+        snd_una: Self::UNKNOWN_OFFSET,
+        snd_nxt: Self::UNKNOWN_OFFSET,
+        max_window: Self::UNKNOWN_OFFSET,
+    };
+
+    /// The `struct tcp_sock` member names, in field order.
+    pub const FIELDS: [&'static str; 6] = [
+        "rcv_nxt",
+        "rcv_wup",
+        "rcv_wnd",
+        "snd_una",
+        "snd_nxt",
+        "max_window",
+    ];
+
+    /// From offsets in `FIELDS` order.
+    pub const fn from_array(o: [u32; 6]) -> Self {
+        TcpSockOffsets {
+            rcv_nxt: o[0],
+            rcv_wup: o[1],
+            rcv_wnd: o[2],
+            snd_una: o[3],
+            snd_nxt: o[4],
+            max_window: o[5],
+        }
+    }
+}
+
+/// A socket's sequence state, as `struct tcp_sock` holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqState {
+    /// Next sequence number expected from the peer.
+    pub rcv_nxt: u32,
+    /// `rcv_nxt` when the receive window was last announced.
+    pub rcv_wup: u32,
+    /// The receive window last announced.
+    pub rcv_wnd: u32,
+    /// Oldest sequence number sent and not acknowledged.
+    pub snd_una: u32,
+    /// Next sequence number to send.
+    pub snd_nxt: u32,
+    /// Largest window the peer ever announced.
+    pub max_window: u32,
+}
+
+/// How far below the window's left edge a segment may start and still be one the
+/// socket answers: a segment carries at most 64 KiB, and keepalive and window probes
+/// start one byte below it.
+pub const SEQ_SLACK: u32 = 0x1_0000;
+
+/// `a` comes before `b` in sequence space.
+#[inline(always)]
+const fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// Whether a segment with sequence number `seq` (and acknowledgment `ack` when `has_ack`)
+/// can be the socket's: see `seq_in_window` and `ack_in_window`.
+#[inline(always)]
+pub fn in_window(s: &SeqState, seq: u32, ack: u32, has_ack: bool) -> bool {
+    seq_in_window(seq, s.rcv_nxt, s.rcv_wup, s.rcv_wnd)
+        && (!has_ack || ack_in_window(ack, s.snd_una, s.snd_nxt, s.max_window))
+}
+
+/// The sequence number lies in the receive window, or less than `SEQ_SLACK` below it.
+#[inline(always)]
+pub fn seq_in_window(seq: u32, rcv_nxt: u32, rcv_wup: u32, rcv_wnd: u32) -> bool {
+    let right = rcv_nxt.wrapping_add(rcv_wnd);
+    let left = rcv_wup.wrapping_sub(SEQ_SLACK);
+    !before(seq, left) && !before(right, seq)
+}
+
+/// The acknowledgment is no further than what the socket sent, and no older than the
+/// peer's largest window behind what was acknowledged.
+#[inline(always)]
+pub fn ack_in_window(ack: u32, snd_una: u32, snd_nxt: u32, max_window: u32) -> bool {
+    let oldest = snd_una.wrapping_sub(max_window);
+    !before(snd_nxt, ack) && !before(ack, oldest)
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain `repr(C)` data, no padding, every bit pattern valid.
+unsafe impl aya::Pod for TcpSockOffsets {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(rcv_nxt: u32, snd_nxt: u32) -> SeqState {
+        SeqState {
+            rcv_nxt,
+            rcv_wup: rcv_nxt,
+            rcv_wnd: 65_535,
+            snd_una: snd_nxt,
+            snd_nxt,
+            max_window: 65_535,
+        }
+    }
+
+    #[test]
+    fn the_next_segment_and_retransmissions_are_in() {
+        let s = state(1000, 5000);
+        assert!(in_window(&s, 1000, 5000, true));
+        assert!(in_window(&s, 1000 + 65_535, 5000, true));
+        // A keepalive probe, and an old ACK of data acknowledged since.
+        assert!(in_window(&s, 999, 5000, true));
+        assert!(in_window(&s, 1000, 5000u32.wrapping_sub(60_000), true));
+        // RST without ACK.
+        assert!(in_window(&s, 1000, 0, false));
+    }
+
+    #[test]
+    fn sequence_numbers_wrap() {
+        let s = state(u32::MAX - 10, 3);
+        assert!(in_window(&s, 5, 3, true));
+        assert!(in_window(&s, u32::MAX - 20, u32::MAX, true));
+        assert!(!in_window(&s, u32::MAX - 10 - SEQ_SLACK - 1, 3, true));
+    }
+
+    #[test]
+    fn another_connections_segments_are_out() {
+        let s = state(1000, 5000);
+        assert!(
+            !in_window(&s, 1000 + 65_536, 5000, true),
+            "beyond the window"
+        );
+        assert!(
+            !in_window(&s, 1000u32.wrapping_sub(SEQ_SLACK + 1), 5000, true),
+            "far behind"
+        );
+        assert!(!in_window(&s, 1000, 5001, true), "acknowledges unsent data");
+        assert!(
+            !in_window(&s, 1000, 5000u32.wrapping_sub(65_536), true),
+            "too old an ACK"
+        );
+        assert!(!in_window(&s, 0x8000_0000, 0x9000_0000, true));
+    }
+}

@@ -1,0 +1,184 @@
+//! Member offsets of kernel structs, read from the kernel's BTF
+//! (`/sys/kernel/btf/vmlinux`): the XDP program reads `struct tcp_sock` fields whose place
+//! differs between kernels (see `lb_common::tcp_window`).
+//!
+//! Only what that needs is parsed: the type section is walked to the named struct and
+//! its members; the format is the kernel's `Documentation/bpf/btf.rst`.
+
+use std::path::Path;
+
+use lb_common::tcp_window::TcpSockOffsets;
+
+const MAGIC: u16 = 0xeb9f;
+const KIND_STRUCT: u32 = 4;
+
+/// Why the offsets could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("reading {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("not BTF, or cut short")]
+    Format,
+    #[error("type kind {0} is unknown to this parser")]
+    UnknownKind(u32),
+    #[error("struct {0} not found")]
+    NoStruct(String),
+    #[error("struct {strct} has no byte-aligned member {member}")]
+    NoMember { strct: String, member: String },
+}
+
+/// The kernel's `struct tcp_sock` offsets, from the running kernel's BTF.
+pub fn tcp_sock_offsets() -> Result<TcpSockOffsets, BtfError> {
+    let path = Path::new("/sys/kernel/btf/vmlinux");
+    let data = std::fs::read(path).map_err(|source| BtfError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let offsets = member_offsets(&data, "tcp_sock", &TcpSockOffsets::FIELDS)?;
+    let mut o = [0u32; 6];
+    o.copy_from_slice(&offsets);
+    Ok(TcpSockOffsets::from_array(o))
+}
+
+/// The BTF blob: little-endian words and the string section.
+struct Blob<'a> {
+    data: &'a [u8],
+    strings: usize,
+}
+
+impl<'a> Blob<'a> {
+    fn u32_at(&self, o: usize) -> Result<u32, BtfError> {
+        let b = self.data.get(o..o + 4).ok_or(BtfError::Format)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn str_at(&self, off: u32) -> Result<&'a [u8], BtfError> {
+        let s = self
+            .data
+            .get(self.strings + off as usize..)
+            .ok_or(BtfError::Format)?;
+        let end = s.iter().position(|b| *b == 0).ok_or(BtfError::Format)?;
+        Ok(&s[..end])
+    }
+
+    /// The byte offset of `member` in the struct whose `vlen` members start at `at`;
+    /// `None` when it has none of that name or it is a bitfield.
+    fn member(
+        &self,
+        at: usize,
+        vlen: usize,
+        kind_flag: bool,
+        member: &str,
+    ) -> Result<Option<u32>, BtfError> {
+        for i in 0..vlen {
+            let m = at + i * 12;
+            if self.str_at(self.u32_at(m)?)? != member.as_bytes() {
+                continue;
+            }
+            let off = self.u32_at(m + 8)?;
+            // With the kind flag, the top byte is a bitfield size.
+            let (bits, bitfield) = if kind_flag {
+                (off & 0x00ff_ffff, off >> 24 != 0)
+            } else {
+                (off, false)
+            };
+            return Ok((!bitfield && bits % 8 == 0).then_some(bits / 8));
+        }
+        Ok(None)
+    }
+}
+
+/// Byte offsets of `members` in the struct named `name` of the BTF blob `data`.
+pub fn member_offsets(data: &[u8], name: &str, members: &[&str]) -> Result<Vec<u32>, BtfError> {
+    let head = Blob { data, strings: 0 };
+    let magic = data.get(0..2).ok_or(BtfError::Format)?;
+    if u16::from_le_bytes([magic[0], magic[1]]) != MAGIC {
+        return Err(BtfError::Format);
+    }
+    let hdr_len = head.u32_at(4)? as usize;
+    let (type_off, type_len) = (head.u32_at(8)? as usize, head.u32_at(12)? as usize);
+    let blob = Blob {
+        data,
+        strings: hdr_len + head.u32_at(16)? as usize,
+    };
+    let types = hdr_len + type_off;
+    let mut at = types;
+    while at < types + type_len {
+        let name_off = blob.u32_at(at)?;
+        let info = blob.u32_at(at + 4)?;
+        let kind = (info >> 24) & 0x1f;
+        let vlen = (info & 0xffff) as usize;
+        at += 12;
+        if kind == KIND_STRUCT && blob.str_at(name_off)? == name.as_bytes() {
+            return members
+                .iter()
+                .map(|m| {
+                    blob.member(at, vlen, info >> 31 == 1, m)?
+                        .ok_or_else(|| BtfError::NoMember {
+                            strct: name.into(),
+                            member: (*m).into(),
+                        })
+                })
+                .collect();
+        }
+        at += trailing_len(kind, vlen)?;
+    }
+    Err(BtfError::NoStruct(name.into()))
+}
+
+/// Bytes that follow a type's 12-byte common part, by kind (BTF_KIND_*).
+fn trailing_len(kind: u32, vlen: usize) -> Result<usize, BtfError> {
+    Ok(match kind {
+        // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
+        2 | 7 | 8 | 9 | 10 | 11 | 12 | 16 | 18 => 0,
+        // INT, VAR, DECL_TAG
+        1 | 14 | 17 => 4,
+        // ARRAY
+        3 => 12,
+        // STRUCT, UNION, DATASEC, ENUM64
+        4 | 5 | 15 | 19 => 12 * vlen,
+        // ENUM, FUNC_PROTO
+        6 | 13 => 8 * vlen,
+        k => return Err(BtfError::UnknownKind(k)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_running_kernel_has_the_tcp_sock_fields() {
+        if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+            eprintln!("skipped: no kernel BTF");
+            return;
+        }
+        let o = tcp_sock_offsets().expect("tcp_sock offsets");
+        let all = [
+            o.rcv_nxt,
+            o.rcv_wup,
+            o.rcv_wnd,
+            o.snd_una,
+            o.snd_nxt,
+            o.max_window,
+        ];
+        for (i, a) in all.iter().enumerate() {
+            assert!(*a > 0 && *a < 4096 && a % 4 == 0, "{i}: {a}");
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn not_btf_is_refused() {
+        assert!(matches!(
+            member_offsets(&[0; 32], "tcp_sock", &["rcv_nxt"]),
+            Err(BtfError::Format)
+        ));
+    }
+}
