@@ -46,10 +46,13 @@ pub enum Reason {
     ReturnedToFirstHop,
     /// GUE received and accepted: sent back by the last hop (see `ReturnedToFirstHop`).
     AcceptReturned,
+    /// Not an outcome, counted besides the packet's own reason: the next hop came from
+    /// `bpf_fib_lookup` because the agent's entry for it was missing or not resolved.
+    FibFallback,
 }
 
 impl Reason {
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = 20;
 
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::PassNotIp,
@@ -71,6 +74,7 @@ impl Reason {
         Reason::DropBadGue,
         Reason::ReturnedToFirstHop,
         Reason::AcceptReturned,
+        Reason::FibFallback,
     ];
 
     /// The metric label of the reason.
@@ -95,7 +99,14 @@ impl Reason {
             Reason::DropBadGue => "drop_bad_gue",
             Reason::ReturnedToFirstHop => "returned_to_first_hop",
             Reason::AcceptReturned => "accept_returned",
+            Reason::FibFallback => "fib_fallback",
         }
+    }
+
+    /// Whether the reason is a packet's outcome (each packet has exactly one), rather
+    /// than an event counted besides it.
+    pub const fn is_outcome(self) -> bool {
+        !matches!(self, Reason::FibFallback)
     }
 }
 

@@ -85,7 +85,17 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict 
     } else {
         Reason::Encapsulated
     };
-    let v = encapsulate(ctx, node, l2, ip, &first.addr, hash, hops_left, next_hop);
+    let v = encapsulate(
+        ctx,
+        node,
+        l2,
+        ip,
+        bucket.first,
+        &first.addr,
+        hash,
+        hops_left,
+        next_hop,
+    );
     match v {
         Some(Ok(action)) => {
             maps::add(&SERVICE_STATS, svc.id, bytes);
@@ -104,7 +114,8 @@ fn present(index: u32) -> Option<&'static Backend> {
         .filter(|b| b.flags & BACKEND_PRESENT != 0)
 }
 
-/// Puts the outer headers in front of the IP packet at `ip.l3_off` and sends it to `dst`.
+/// Puts the outer headers in front of the IP packet at `ip.l3_off` and sends it to `dst`,
+/// the backend in slot `slot`.
 /// `None` when the packet could not be rewritten (no headroom), `Some(Err)` for a drop.
 #[inline(always)]
 #[expect(
@@ -116,6 +127,7 @@ fn encapsulate(
     node: &NodeConfig,
     l2: &L2,
     ip: &Ip,
+    slot: u32,
     dst: &[u8; 16],
     hash: u32,
     hops_left: u8,
@@ -140,7 +152,7 @@ fn encapsulate(
         return Some(Err(Reason::DropTooBig));
     }
     let mut hop = NextHop::EMPTY;
-    if let Err(r) = forward::lookup(ctx, &src, dst, tot_len as u16, &mut hop) {
+    if let Err(r) = forward::lookup(ctx, slot, &src, dst, tot_len as u16, &mut hop) {
         return Some(Err(r));
     }
     let vtc: [u8; 2] = ptr::read(ctx, ip.l3_off)?;

@@ -1,6 +1,7 @@
-//! Sending a rewritten packet on: the next hop's MAC from the kernel's FIB and neighbour
-//! tables (`bpf_fib_lookup`, which also checks the egress MTU), then XDP_TX when it
-//! leaves by the interface it came in on, else a redirect.
+//! Sending a rewritten packet on: the next hop (egress interface, MACs, MTU) from the
+//! agent's next-hop maps, or from the kernel's FIB and neighbour tables
+//! (`bpf_fib_lookup`) when the agent has no resolved entry; then XDP_TX when it leaves by
+//! the interface it came in on, else a redirect.
 
 use core::mem::{size_of, zeroed};
 
@@ -15,10 +16,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     addr::{is_v4_mapped, ne_words, v4_part},
+    maps::{NextHopEntry, NEXTHOP_VALID, NO_BACKEND},
     stats::Reason,
 };
 
-use crate::ptr;
+use crate::{
+    maps::{self, NEXTHOPS, NEXTHOPS_BY_ADDR},
+    ptr,
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -40,11 +45,50 @@ impl NextHop {
     };
 }
 
-/// Looks up the route and neighbour for an outer packet of `tot_len` bytes (from the IP
-/// header on) from `src` to `dst`, into `out`. Not inlined: its 64-byte parameter block
-/// would otherwise sit in the caller's frame, and BPF frames are small.
-#[inline(never)]
+/// The next hop for an outer packet of `tot_len` bytes (from the IP header on) from `src`
+/// to `dst`, into `out`: the agent's entry for backend slot `slot` (or, with
+/// `NO_BACKEND`, for address `dst`), else the kernel's FIB. `Err(DropTooBig)` when the
+/// packet does not fit the egress MTU.
+#[inline(always)]
 pub fn lookup(
+    ctx: &XdpContext,
+    slot: u32,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    tot_len: u16,
+    out: &mut NextHop,
+) -> Result<(), Reason> {
+    let entry = if slot != NO_BACKEND {
+        NEXTHOPS.get(slot)
+    } else {
+        // SAFETY: the value is only read.
+        unsafe { NEXTHOPS_BY_ADDR.get(dst) }
+    };
+    if let Some(e) = entry.filter(|e| e.flags & NEXTHOP_VALID != 0) {
+        return from_entry(e, tot_len, out);
+    }
+    maps::count(Reason::FibFallback as u32);
+    fib(ctx, src, dst, tot_len, out)
+}
+
+#[inline(always)]
+fn from_entry(e: &NextHopEntry, tot_len: u16, out: &mut NextHop) -> Result<(), Reason> {
+    if tot_len > e.mtu {
+        return Err(Reason::DropTooBig);
+    }
+    *out = NextHop {
+        ifindex: e.ifindex,
+        smac: e.smac,
+        dmac: e.dmac,
+    };
+    Ok(())
+}
+
+/// `bpf_fib_lookup` for the route and neighbour, which also checks the MTU. Not inlined:
+/// its 64-byte parameter block would otherwise sit in the caller's frame, and BPF frames
+/// are small.
+#[inline(never)]
+fn fib(
     ctx: &XdpContext,
     src: &[u8; 16],
     dst: &[u8; 16],

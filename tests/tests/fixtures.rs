@@ -398,7 +398,12 @@ fn run_case(dp: &mut Dataplane, ifindex: u32, c: &Case) -> Result<()> {
         _ => {}
     }
     let after = dp.reason_counts()?;
+    // Outcomes only: whether a next hop came from the FIB (`FibFallback`) depends on
+    // what the agent resolved, which these runs leave empty.
     for ((r, a), (_, b)) in after.iter().zip(before.iter()) {
+        if !r.is_outcome() {
+            continue;
+        }
         let want = u64::from(*r == c.reason);
         if a - b != want {
             bail!("counter {} moved by {}, expected {}", r.name(), a - b, want);

@@ -6,6 +6,7 @@
 
 mod desired;
 mod netlink;
+pub mod nexthop;
 mod programmer;
 mod server;
 
@@ -19,16 +20,16 @@ use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode as AyaXdpMode;
 use lb_common::{
     addr,
-    maps::{names, ServiceKey},
+    maps::{names, NextHopEntry, ServiceKey, NEXTHOP_VALID},
     stats::Reason,
 };
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
 };
 use tracing::{error, info, warn};
 
-use self::programmer::Programmer;
+use self::{nexthop::NextHops, programmer::Programmer};
 pub use self::programmer::{Desired, Member};
 use crate::{
     api::{BackendStatus, Change, Health, ReasonCount, Request, Response, ServiceStatus, Status},
@@ -61,6 +62,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
     let mut agent = Agent::new(config_path, config, dp)?;
     agent.apply_node()?;
+    let (hop_addrs, hop_addrs_rx) = watch::channel(Vec::new());
+    let (hop_tx, mut hop_updates) = mpsc::channel::<NextHops>(16);
+    tokio::spawn(nexthop::watch(hop_addrs_rx, hop_tx));
+    agent.hop_addrs = Some(hop_addrs);
     agent.resync("start");
     agent.attach_all()?;
 
@@ -88,6 +93,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 }
             }
             Some(ev) = events.recv() => agent.health_changed(ev),
+            Some(hops) = hop_updates.recv() => agent.nexthops_changed(hops),
             _ = hup.recv() => {
                 if let Response::Error { message } = agent.reload() {
                     error!("reload refused: {message}");
@@ -108,6 +114,12 @@ struct Agent {
     checker: Option<Checker>,
     /// Health by (service, backend), from the checker's events.
     health: BTreeMap<(String, IpAddr), bool>,
+    /// The next hops as last resolved (`nexthop`), by backend address.
+    hops: NextHops,
+    /// What the next-hop maps hold, by backend slot.
+    hops_written: BTreeMap<u32, (IpAddr, NextHopEntry)>,
+    /// The backend addresses whose next hops are to be resolved.
+    hop_addrs: Option<watch::Sender<Vec<IpAddr>>>,
 }
 
 impl Agent {
@@ -131,6 +143,9 @@ impl Agent {
             programmer,
             checker: None,
             health,
+            hops: NextHops::new(),
+            hops_written: BTreeMap::new(),
+            hop_addrs: None,
         })
     }
 
@@ -210,6 +225,59 @@ impl Agent {
                 }
             }
             Err(e) => error!("applying the services failed ({why}): {e:#}"),
+        }
+        self.write_nexthops();
+    }
+
+    fn nexthops_changed(&mut self, changes: NextHops) {
+        self.hops.extend(changes);
+        self.write_nexthops();
+    }
+
+    /// Brings the next-hop maps in line with the backend slots and the resolved next hops,
+    /// and tells the resolver which addresses to follow. An unresolved hop is written as
+    /// an invalid entry: the data plane then asks `bpf_fib_lookup`.
+    fn write_nexthops(&mut self) {
+        let slots: BTreeMap<IpAddr, u32> = self.programmer.slots().clone();
+        let gone: Vec<(u32, IpAddr)> = self
+            .hops_written
+            .iter()
+            .filter(|(s, (a, _))| slots.get(a) != Some(s))
+            .map(|(s, (a, _))| (*s, *a))
+            .collect();
+        let dp = self.programmer.dataplane();
+        for (s, a) in gone {
+            // The slot's own entry was cleared with the slot (`Dataplane::clear_backend`).
+            self.hops_written.remove(&s);
+            if !slots.contains_key(&a) {
+                if let Err(e) = dp.set_nexthop_of(a, None) {
+                    error!("removing the next hop of {a}: {e:#}");
+                }
+            }
+        }
+        for (a, s) in &slots {
+            let e = self.hops.get(a).copied().flatten().unwrap_or_default();
+            if self.hops_written.get(s) == Some(&(*a, e)) {
+                continue;
+            }
+            let by_addr = (e.flags & NEXTHOP_VALID != 0).then_some(e);
+            match dp
+                .set_nexthop(*s, e)
+                .and_then(|()| dp.set_nexthop_of(*a, by_addr))
+            {
+                Ok(()) => {
+                    self.hops_written.insert(*s, (*a, e));
+                }
+                Err(e) => error!("writing the next hop of {a}: {e:#}"),
+            }
+        }
+        if let Some(tx) = &self.hop_addrs {
+            let want: Vec<IpAddr> = slots.keys().copied().collect();
+            tx.send_if_modified(|v| {
+                let changed = *v != want;
+                *v = want;
+                changed
+            });
         }
     }
 
@@ -303,6 +371,7 @@ impl Agent {
             return error(chain(&e));
         }
         self.config.services = next;
+        self.write_nexthops();
         self.update_health_targets();
         info!(?change, "change applied");
         Response::Applied(plan.unwrap_or_default())

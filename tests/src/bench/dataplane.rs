@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use lb::{
+    agent::nexthop,
     dataplane::{Dataplane, LoadOptions, Node},
     table::{self, Backend},
 };
@@ -323,9 +324,9 @@ fn backend6(i: u32) -> Ipv6Addr {
     Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 1 + i as u16)
 }
 
-/// Node settings, backends (slots 0.. IPv4, BACKENDS.. IPv6) and three services, each
-/// with a default-size table from the real builder, as it stands after one backend was
-/// added (so some buckets have a second hop).
+/// Node settings, backends (slots 0.. IPv4, BACKENDS.. IPv6) with their next hops as the
+/// agent resolves them, and three services, each with a default-size table from the real
+/// builder, as it stands after one backend was added (so some buckets have a second hop).
 fn configure(dp: &mut Dataplane) -> Result<()> {
     dp.set_node(&Node {
         hash_seed: SEED,
@@ -334,6 +335,7 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
         addr_v6: Some(NODE6),
     })?;
     let mut families: Vec<Vec<Backend>> = Vec::new();
+    let mut slots = Vec::new();
     for v6 in [false, true] {
         let mut list = Vec::new();
         for i in 0..BACKENDS {
@@ -343,9 +345,18 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
                 (IpAddr::V4(backend4(i)), i)
             };
             dp.set_backend(slot, addr)?;
+            slots.push((addr, slot));
             list.push(Backend::new(addr, 1, slot));
         }
         families.push(list);
+    }
+    let addrs: Vec<IpAddr> = slots.iter().map(|(a, _)| *a).collect();
+    let hops = link::with_netlink(|h| async move { nexthop::resolve(&h, &addrs).await })?;
+    for (addr, slot) in slots {
+        let hop = hops.hops.get(&addr).copied().flatten();
+        let hop = hop.with_context(|| format!("no next hop resolved for backend {addr}"))?;
+        dp.set_nexthop(slot, hop)?;
+        dp.set_nexthop_of(addr, Some(hop))?;
     }
     let services = [
         (to_bytes(VIP4.into()), 80, TCP, &families[0]),
