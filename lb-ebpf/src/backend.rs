@@ -129,7 +129,14 @@ fn pass_on(
     let returning = flags & FLAG_RETURNED != 0;
     let tot_len = ctx.data_end() - ctx.data() - outer.l3_off;
     let mut hop = NextHop::EMPTY;
-    if let Err(r) = forward::lookup(ctx, NO_BACKEND, &outer.dst, next_hop, tot_len as u16, &mut hop) {
+    if let Err(r) = forward::lookup(
+        ctx,
+        NO_BACKEND,
+        &outer.dst,
+        next_hop,
+        tot_len as u16,
+        &mut hop,
+    ) {
         return drop(r);
     }
     if let Some(hops) = ptr::at::<[u8; 2]>(ctx, gue_off + GUE_HEADER_LEN + 2) {

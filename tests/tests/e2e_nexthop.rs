@@ -34,8 +34,7 @@ const CONNS: usize = 8;
 /// The valid entry of `addr` in the agent's pinned `NEXTHOPS_BY_ADDR`.
 fn entry(pin_dir: &Path, addr: IpAddr) -> Option<NextHopEntry> {
     let data = MapData::from_pin(pin_dir.join("maps").join(names::NEXTHOPS_BY_ADDR)).ok()?;
-    let m: HashMap<MapData, [u8; 16], NextHopEntry> =
-        HashMap::try_from(Map::HashMap(data)).ok()?;
+    let m: HashMap<MapData, [u8; 16], NextHopEntry> = HashMap::try_from(Map::HashMap(data)).ok()?;
     m.get(&addr::to_bytes(addr), 0)
         .ok()
         .filter(|e| e.flags & NEXTHOP_VALID != 0)
@@ -143,11 +142,27 @@ fn run(topo: &Topology, second: &tests::SecondLink) -> Result<()> {
     // 1. The gateway's MAC changes (its interface gets a new address, the node learns it).
     let new_mac = [0x02, 0, 0, 0x99, 0, 0x01];
     let mac = link::fmt_mac(&new_mac);
-    topo.router
-        .exec(&["ip", "link", "set", "dev", &lb.router_ifname, "address", &mac])?;
+    topo.router.exec(&[
+        "ip",
+        "link",
+        "set",
+        "dev",
+        &lb.router_ifname,
+        "address",
+        &mac,
+    ])?;
     for gw in [lb.router_v4.to_string(), lb.router_v6.to_string()] {
         lb.exec(&[
-            "ip", "neigh", "replace", &gw, "lladdr", &mac, "dev", &lb.ifname, "nud", "permanent",
+            "ip",
+            "neigh",
+            "replace",
+            &gw,
+            "lladdr",
+            &mac,
+            "dev",
+            &lb.ifname,
+            "nud",
+            "permanent",
         ])?;
     }
     let took = wait_for(&pin_dir, backend, (eth0, new_mac)).context("after the MAC change")?;
@@ -171,8 +186,8 @@ fn run(topo: &Topology, second: &tests::SecondLink) -> Result<()> {
         "dev",
         &second.ifname,
     ])?;
-    let took = wait_for(&pin_dir, backend, (eth1, second.router_mac))
-        .context("after the route moved")?;
+    let took =
+        wait_for(&pin_dir, backend, (eth1, second.router_mac)).context("after the route moved")?;
     println!("route move followed in {took:?}");
     if took > FOLLOW {
         bail!("the next hop followed the route move in {took:?}, more than {FOLLOW:?}");

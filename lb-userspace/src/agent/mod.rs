@@ -29,8 +29,8 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use self::{nexthop::NextHops, programmer::Programmer};
 pub use self::programmer::{Desired, Member};
+use self::{nexthop::NextHops, programmer::Programmer};
 use crate::{
     api::{BackendStatus, Change, Health, ReasonCount, Request, Response, ServiceStatus, Status},
     config::{Config, ServiceConfig, XdpMode},

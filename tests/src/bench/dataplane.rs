@@ -243,7 +243,7 @@ fn run_rounds(
 }
 
 /// Every run of the test run ended in the case's reason, and nothing else was counted.
-fn check_counts(
+pub fn check_counts(
     c: &Case,
     before: &[(Reason, u64)],
     after: &[(Reason, u64)],
@@ -303,7 +303,7 @@ fn spread(dp: &mut Dataplane, harness: &Harness, c: &Case) -> Result<(usize, Opt
     Ok((outputs.len(), (c.verdict == XDP_TX).then_some(dests.len())))
 }
 
-fn median(v: &[f64]) -> f64 {
+pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
@@ -327,7 +327,7 @@ fn backend6(i: u32) -> Ipv6Addr {
 /// Node settings, backends (slots 0.. IPv4, BACKENDS.. IPv6) with their next hops as the
 /// agent resolves them, and three services, each with a default-size table from the real
 /// builder, as it stands after one backend was added (so some buckets have a second hop).
-fn configure(dp: &mut Dataplane) -> Result<()> {
+pub fn configure(dp: &mut Dataplane) -> Result<()> {
     dp.set_node(&Node {
         hash_seed: SEED,
         gue_port: GUE_PORT,
