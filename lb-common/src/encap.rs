@@ -136,28 +136,18 @@ pub fn write_outer_v4(o: &Outer, out: &mut [u8; ENCAP_LEN_V4]) {
     out[7] = 0;
     out[8] = OUTER_TTL;
     out[9] = IPPROTO_UDP;
-    let (src, dst) = (crate::addr::v4_part(&o.src), crate::addr::v4_part(&o.dst));
-    let sum = outer_v4_checksum(o.tos, tot_len, src, dst);
-    out[10..12].copy_from_slice(&sum.to_be_bytes());
-    out[12..16].copy_from_slice(&src);
-    out[16..20].copy_from_slice(&dst);
-    write_udp_gue(o, &mut out[IPV4_LEN..]);
-}
-
-/// The checksum of the outer IPv4 header `write_outer_v4` writes. Only TOS, length and
-/// the addresses vary; the fixed words' sum is a constant, so this is a few additions
-/// instead of a pass over the written bytes.
-#[inline(always)]
-fn outer_v4_checksum(tos: u8, tot_len: u16, src: [u8; 4], dst: [u8; 4]) -> u16 {
-    // 0x4500 (version, IHL), 0x4000 (DF), TTL and protocol; the identification is 0.
+    out[12..16].copy_from_slice(&o.src[12..16]);
+    out[16..20].copy_from_slice(&o.dst[12..16]);
+    // Only TOS, length and addresses vary: the fixed words add up to a constant, so the
+    // checksum is a few additions instead of a pass over the header.
     const FIXED: u32 = 0x4500 + 0x4000 + ((OUTER_TTL as u32) << 8 | IPPROTO_UDP as u32);
-    let words = |a: [u8; 4]| {
-        u32::from(u16::from_be_bytes([a[0], a[1]])) + u32::from(u16::from_be_bytes([a[2], a[3]]))
-    };
-    let mut sum = FIXED + u32::from(tos) + u32::from(tot_len) + words(src) + words(dst);
+    let word = |i: usize| u32::from(u16::from_be_bytes([out[i], out[i + 1]]));
+    let mut sum = FIXED + u32::from(o.tos) + u32::from(tot_len);
+    sum += word(12) + word(14) + word(16) + word(18);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    out[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    write_udp_gue(o, &mut out[IPV4_LEN..]);
 }
 
 /// The outer IPv6 + UDP + GUE + hop list headers of `o`.
