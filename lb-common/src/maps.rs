@@ -104,6 +104,29 @@ pub struct NodeConfig {
 /// The node has been configured; until then the program passes everything.
 pub const NODE_CONFIGURED: u32 = 1;
 
+/// Where a packet to one next hop leaves this node, resolved by the agent from the kernel's
+/// routes, neighbours and links: the value of `NEXTHOPS` (by backend slot, for the client
+/// path) and of `NEXTHOPS_BY_ADDR` (by address, for hops named in a hop list). The data
+/// plane falls back to `bpf_fib_lookup` when the entry is missing or not `NEXTHOP_VALID`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHopEntry {
+    /// The egress interface.
+    pub ifindex: u32,
+    /// The largest outer packet (from the IP header on) the egress takes: the route's
+    /// MTU if it has one, else the interface's.
+    pub mtu: u16,
+    /// `NEXTHOP_*` flags.
+    pub flags: u16,
+    /// The neighbour's MAC (the gateway's, or the hop's own on a connected route).
+    pub dmac: [u8; 6],
+    /// The egress interface's MAC.
+    pub smac: [u8; 6],
+}
+
+/// The entry is resolved and may be used.
+pub const NEXTHOP_VALID: u16 = 1;
+
 /// Packet and byte counters (per CPU in the maps; userspace sums them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -132,6 +155,7 @@ const _: () = assert!(core::mem::size_of::<Bucket>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 32);
 const _: () = assert!(core::mem::size_of::<Counters>() == 16);
+const _: () = assert!(core::mem::size_of::<NextHopEntry>() == 20);
 
 /// Names of the maps in the object file (also their pin names).
 pub mod names {
@@ -144,6 +168,8 @@ pub mod names {
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const SERVICE_BACKEND_STATS: &str = "SERVICE_BACKEND_STATS";
+    pub const NEXTHOPS: &str = "NEXTHOPS";
+    pub const NEXTHOPS_BY_ADDR: &str = "NEXTHOPS_BY_ADDR";
 }
 
 #[cfg(feature = "user")]
@@ -157,6 +183,7 @@ mod pod {
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for ServiceBackendKey {}
+    unsafe impl aya::Pod for NextHopEntry {}
 }
 
 #[cfg(test)]

@@ -56,10 +56,13 @@ pub enum Reason {
     /// Too big once encapsulated (IPv4 with DF, or IPv6): answered with ICMP
     /// "fragmentation needed" / ICMPv6 "packet too big" carrying the MTU that fits.
     IcmpTooBigSent,
+    /// Not an outcome, counted besides the packet's own reason: the next hop came from
+    /// `bpf_fib_lookup` because the agent's entry for it was missing or not resolved.
+    FibFallback,
 }
 
 impl Reason {
-    pub const COUNT: usize = 22;
+    pub const COUNT: usize = 23;
 
     pub const ALL: [Reason; Reason::COUNT] = [
         Reason::PassNotIp,
@@ -84,6 +87,7 @@ impl Reason {
         Reason::DeliveredLocally,
         Reason::SentOnFromLocal,
         Reason::IcmpTooBigSent,
+        Reason::FibFallback,
     ];
 
     /// The metric label of the reason.
@@ -111,7 +115,14 @@ impl Reason {
             Reason::DeliveredLocally => "delivered_locally",
             Reason::SentOnFromLocal => "sent_on_from_local",
             Reason::IcmpTooBigSent => "icmp_too_big_sent",
+            Reason::FibFallback => "fib_fallback",
         }
+    }
+
+    /// Whether the reason is a packet's outcome (each packet has exactly one), rather
+    /// than an event counted besides it.
+    pub const fn is_outcome(self) -> bool {
+        !matches!(self, Reason::FibFallback)
     }
 }
 

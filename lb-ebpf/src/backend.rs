@@ -13,6 +13,7 @@ use lb_common::{
         GUE_HEADER_LEN, HOP_LIST_LEN, HOP_LIST_TYPE, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN,
         MAX_HOPS, OUTER_TTL, UDP_LEN,
     },
+    maps::NO_BACKEND,
     stats::Reason,
 };
 
@@ -142,7 +143,14 @@ fn pass_on(
     let returning = flags & FLAG_RETURNED != 0;
     let tot_len = ctx.data_end() - ctx.data() - outer.l3_off;
     let mut hop = NextHop::EMPTY;
-    if let Err(r) = forward::lookup(ctx, &outer.dst, next_hop, tot_len as u16, &mut hop) {
+    if let Err(r) = forward::lookup(
+        ctx,
+        NO_BACKEND,
+        &outer.dst,
+        next_hop,
+        tot_len as u16,
+        &mut hop,
+    ) {
         return drop(r);
     }
     if let Some(hops) = ptr::at::<[u8; 2]>(ctx, gue_off + GUE_HEADER_LEN + 2) {

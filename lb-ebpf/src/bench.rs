@@ -7,6 +7,8 @@
 //! stored frames (round robin, so each run is another flow). Then it tail-calls the
 //! program in `BENCH_TARGET`: `lb_xdp` to measure it, `lb_pass` to measure the harness.
 //!
+//! `lb_tx` and `lb_drop` serve the live-frames benchmark (tests/src/bench/live.rs).
+//!
 //! Userspace writes the frames, sets `frames` and clears `armed` before each test run.
 //! Layouts are mirrored in the benchmark (tests/src/bench/harness.rs).
 
@@ -60,6 +62,19 @@ static BENCH_STATE: Array<State> = Array::with_max_entries(1, 0);
 
 #[map]
 static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// The floor of the live-frames benchmark: sends every frame back out, nothing else.
+#[xdp]
+pub fn lb_tx(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}
+
+/// The sink on the far end of the live-frames benchmark's veth: what the measured program
+/// transmits is dropped there, the cheapest way for native XDP on veth to take it.
+#[xdp]
+pub fn lb_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
 
 #[xdp]
 pub fn lb_bench(ctx: XdpContext) -> u32 {

@@ -22,14 +22,14 @@ use crate::{
     forward::{self, NextHop},
     icmp_reply,
     maps::{self, BACKENDS, BUCKETS, SERVICES},
-    parse::{Flow, Ip, ETH_P_IP, ETH_P_IPV6, L2},
+    parse::{Flow, Ip, ETH_P_IP, ETH_P_IPV6},
     ptr,
     verdict::{drop, pass, Verdict},
 };
 
 /// `unclaimed`: asked again after `local_claim` found no local socket owning the flow.
 #[inline(never)]
-pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip, unclaimed: bool) -> Verdict {
+pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> Verdict {
     // Without ports there is no flow to hash: such packets to a VIP cannot be forwarded
     // right, so they are dropped and counted; to anything else they pass untouched.
     let unusable = |reason| {
@@ -88,9 +88,8 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip, unclaimed: 
     // family.
     let mut second = None;
     if bucket.second != bucket.first {
-        second = present(bucket.second)
-            .filter(|s| is_v4_mapped(&s.addr) == is_v4_mapped(&first.addr))
-            .map(|s| (bucket.second, s));
+        second =
+            present(bucket.second).filter(|s| is_v4_mapped(&s.addr) == is_v4_mapped(&first.addr));
     }
     let mut reason = if flow.icmp {
         Reason::IcmpForwarded
@@ -111,9 +110,8 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip, unclaimed: 
         flags: 0,
         next_hop: [0; 16],
     };
-    let mut backend = bucket.first;
     if local {
-        let Some((index, second)) = second else {
+        let Some(second) = second else {
             // No one else to ask: the local stack answers for itself.
             return delivered(ctx, svc.id, bucket.first);
         };
@@ -123,14 +121,31 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip, unclaimed: 
         outer.dst = second.addr;
         outer.flags = FLAG_CHAINED;
         outer.next_hop = second.addr;
-        backend = index;
-    } else if let Some((_, second)) = second {
+    } else if let Some(second) = second {
         outer.hops_left = 1;
         outer.next_hop = second.addr;
     }
-    let v = encapsulate(ctx, node, l2, ip, &mut outer);
+    let slot = if reason == Reason::SentOnFromLocal {
+        bucket.second
+    } else {
+        bucket.first
+    };
+    let v = encapsulate(ctx, node, ip, slot, &mut outer);
     if v.action() != xdp_action::XDP_DROP {
-        maps::add(svc.id, backend, (ctx.data_end() - ctx.data()) as u64);
+        // Counted, as every packet of the bucket, under its owner (`sent_on_from_local`
+        // tells those this node handed on), with the length it arrived with: the frame
+        // grew by the outer headers. Not kept from before: this frame has no room left.
+        let encap_len = if is_v4_mapped(&outer.dst) {
+            ENCAP_LEN_V4
+        } else {
+            ENCAP_LEN_V6
+        };
+        let grown = ETH_LEN + encap_len - ip.l3_off;
+        maps::add(
+            svc.id,
+            bucket.first,
+            (ctx.data_end() - ctx.data() - grown) as u64,
+        );
         return Verdict::new(v.action(), reason);
     } else if v.reason_index() == Reason::DropTooBig as u32 && !flow.icmp {
         // The entry point answers the client (`icmp_reply`), not an ICMP error.
@@ -149,10 +164,18 @@ pub fn local_claim(ctx: &XdpContext, ip: &Ip) -> bool {
         && crate::backend::claim(ctx, &flow, ip, false).is_some()
 }
 
+/// `delivered`, for the entry point once `local_claim` found the flow's socket (`bytes`:
+/// the frame's length). Not inlined: the entry point's frame lies under every call chain.
+#[inline(never)]
+pub fn claimed(service: u32, backend: u32, bytes: u64) -> Verdict {
+    maps::add(service, backend, bytes);
+    pass(Reason::DeliveredLocally)
+}
+
 /// A packet passed to the local stack untouched, counted for the service and this node's
 /// own backend.
 #[inline(always)]
-pub fn delivered(ctx: &XdpContext, service: u32, backend: u32) -> Verdict {
+fn delivered(ctx: &XdpContext, service: u32, backend: u32) -> Verdict {
     maps::add(service, backend, (ctx.data_end() - ctx.data()) as u64);
     pass(Reason::DeliveredLocally)
 }
@@ -175,18 +198,17 @@ fn present(index: u32) -> Option<&'static Backend> {
 }
 
 /// Puts the outer headers in front of the IP packet at `ip.l3_off` and sends it to
-/// `outer.dst`, completing `outer` (source, length, TOS). The verdict's reason is the
-/// caller's to set when the packet was sent. Not inlined: with `handle`'s frame and the
-/// route lookup's under it, one frame would not fit the verifier's 512 bytes.
-#[inline(never)]
+/// `outer.dst`, the backend in slot `slot`, completing `outer` (source, length, TOS). The
+/// verdict's reason is the caller's to set when the packet was sent.
+#[inline(always)]
 fn encapsulate(
     ctx: &XdpContext,
     node: &NodeConfig,
-    l2: &L2,
     ip: &Ip,
+    slot: u32,
     outer: &mut Outer,
 ) -> Verdict {
-    match outer_headers(ctx, node, l2, ip, outer) {
+    match outer_headers(ctx, node, ip, slot, outer) {
         Some(Ok(action)) => Verdict::new(action, Reason::Encapsulated),
         Some(Err(r)) => drop(r),
         None => drop(Reason::DropMalformed),
@@ -199,8 +221,8 @@ fn encapsulate(
 fn outer_headers(
     ctx: &XdpContext,
     node: &NodeConfig,
-    l2: &L2,
     ip: &Ip,
+    slot: u32,
     outer: &mut Outer,
 ) -> Option<Result<u32, Reason>> {
     let dst = &outer.dst;
@@ -216,14 +238,14 @@ fn outer_headers(
         }
         node.addr_v6
     };
-    let inner_len = ctx.data_end() - ctx.data() - l2.l3_off;
+    let inner_len = ctx.data_end() - ctx.data() - ip.l3_off;
     let encap_len = if outer_v4 { ENCAP_LEN_V4 } else { ENCAP_LEN_V6 };
     let tot_len = encap_len + inner_len;
     if tot_len > u16::MAX as usize {
         return Some(Err(Reason::DropTooBig));
     }
     let mut hop = NextHop::EMPTY;
-    if let Err(r) = forward::lookup(ctx, &src, dst, tot_len as u16, &mut hop) {
+    if let Err(r) = forward::lookup(ctx, slot, &src, dst, tot_len as u16, &mut hop) {
         return Some(Err(r));
     }
     let vtc: [u8; 2] = ptr::read(ctx, ip.l3_off)?;
@@ -235,7 +257,7 @@ fn outer_headers(
     outer.src = src;
     outer.inner_len = inner_len as u16;
     outer.tos = tos;
-    let delta = (ETH_LEN + encap_len - l2.l3_off) as i32;
+    let delta = (ETH_LEN + encap_len - ip.l3_off) as i32;
     // SAFETY: plain helper call; every packet pointer is derived anew afterwards.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -delta) } != 0 {
         return None;

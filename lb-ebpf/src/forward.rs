@@ -1,6 +1,7 @@
-//! Sending a rewritten packet on: the next hop's MAC from the kernel's FIB and neighbour
-//! tables (`bpf_fib_lookup`, which also checks the egress MTU), then XDP_TX when it
-//! leaves by the interface it came in on, else a redirect.
+//! Sending a rewritten packet on: the next hop (egress interface, MACs, MTU) from the
+//! agent's next-hop maps, or from the kernel's FIB and neighbour tables
+//! (`bpf_fib_lookup`) when the agent has no resolved entry; then XDP_TX when it leaves by
+//! the interface it came in on, else a redirect.
 
 use core::mem::{size_of, zeroed};
 
@@ -10,15 +11,27 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::generated::{bpf_fib_lookup, bpf_redirect},
+    macros::map,
+    maps::PerCpuArray,
     programs::XdpContext,
     EbpfContext,
 };
 use lb_common::{
     addr::{is_v4_mapped, ne_words, v4_part},
+    maps::{NextHopEntry, NEXTHOP_VALID, NO_BACKEND},
     stats::Reason,
 };
 
-use crate::ptr;
+use crate::{
+    maps::{self, NEXTHOPS, NEXTHOPS_BY_ADDR},
+    ptr,
+};
+
+/// `bpf_fib_lookup`'s parameter block, in a per-CPU value rather than on the stack: its
+/// 64 bytes would not fit under the client path's frame (the verifier's 512 bytes for a
+/// call chain).
+#[map]
+static FIB_PARAMS: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -40,19 +53,64 @@ impl NextHop {
     };
 }
 
-/// Looks up the route and neighbour for an outer packet of `tot_len` bytes (from the IP
-/// header on) from `src` to `dst`, into `out`. Not inlined: its 64-byte parameter block
-/// would otherwise sit in the caller's frame, and BPF frames are small.
-#[inline(never)]
+/// The next hop for an outer packet of `tot_len` bytes (from the IP header on) from `src`
+/// to `dst`, into `out`: the agent's entry for backend slot `slot` (or, with
+/// `NO_BACKEND`, for address `dst`), else the kernel's FIB. `Err(DropTooBig)` when the
+/// packet does not fit the egress MTU.
+#[inline(always)]
 pub fn lookup(
+    ctx: &XdpContext,
+    slot: u32,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    tot_len: u16,
+    out: &mut NextHop,
+) -> Result<(), Reason> {
+    let entry = if slot != NO_BACKEND {
+        NEXTHOPS.get(slot)
+    } else {
+        // SAFETY: the value is only read.
+        unsafe { NEXTHOPS_BY_ADDR.get(dst) }
+    };
+    if let Some(e) = entry.filter(|e| e.flags & NEXTHOP_VALID != 0) {
+        return from_entry(e, tot_len, out);
+    }
+    maps::count(Reason::FibFallback as u32);
+    fib(ctx, src, dst, tot_len, out)
+}
+
+#[inline(always)]
+fn from_entry(e: &NextHopEntry, tot_len: u16, out: &mut NextHop) -> Result<(), Reason> {
+    if tot_len > e.mtu {
+        return Err(Reason::DropTooBig);
+    }
+    *out = NextHop {
+        ifindex: e.ifindex,
+        smac: e.smac,
+        dmac: e.dmac,
+    };
+    Ok(())
+}
+
+/// `bpf_fib_lookup` for the route and neighbour, which also checks the MTU. Not inlined:
+/// the fallback's work stays out of the callers' frames, and BPF frames are small.
+#[inline(never)]
+fn fib(
     ctx: &XdpContext,
     src: &[u8; 16],
     dst: &[u8; 16],
     tot_len: u16,
     out: &mut NextHop,
 ) -> Result<(), Reason> {
-    // SAFETY: a plain C struct, all zero is its "unset" state.
-    let mut p: FibParams = unsafe { zeroed() };
+    let Some(p) = FIB_PARAMS.get_ptr_mut(0) else {
+        return Err(Reason::DropFibMiss);
+    };
+    // SAFETY: a per-CPU value, only this CPU touches it while the program runs; a plain C
+    // struct, all zero is its "unset" state.
+    let p = unsafe {
+        *p = zeroed();
+        &mut *p
+    };
     p.l4_protocol = IPPROTO_UDP;
     p.ifindex = ctx.ingress_ifindex() as u32;
     p.__bindgen_anon_1.tot_len = tot_len;
@@ -66,7 +124,7 @@ pub fn lookup(
         p.__bindgen_anon_4.ipv6_dst = ne_words(dst);
     }
     // SAFETY: `p` is a valid, initialised parameter block of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), p, size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
             *out = NextHop {

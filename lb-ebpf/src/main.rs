@@ -66,12 +66,12 @@ fn process(ctx: &XdpContext) -> Verdict {
     if is_gue_to_me(ctx, node, &ip) {
         return backend::handle(ctx, &ip);
     }
-    let mut v = client::handle(ctx, node, &l2, &ip, false);
+    let mut v = client::handle(ctx, node, &ip, false);
     if let Some((service, backend)) = v.asked_local() {
         if client::local_claim(ctx, &ip) {
-            return client::delivered(ctx, service, backend);
+            return client::claimed(service, backend, (ctx.data_end() - ctx.data()) as u64);
         }
-        v = client::handle(ctx, node, &l2, &ip, true);
+        v = client::handle(ctx, node, &ip, true);
     }
     if v.reason_index() == Reason::DropTooBig as u32 {
         return icmp_reply::too_big(ctx, node, &l2, &ip);

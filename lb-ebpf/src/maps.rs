@@ -7,8 +7,8 @@ use aya_ebpf::{
 use lb_common::{
     limits::{DEFAULT_BUCKET_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_SERVICE_BACKENDS},
     maps::{
-        vip_filter_bit, Backend, Bucket, Counters, NodeConfig, ServiceBackendKey, ServiceKey,
-        ServiceValue, VipRefs, VIP_FILTER_WORDS,
+        vip_filter_bit, Backend, Bucket, Counters, NextHopEntry, NodeConfig, ServiceBackendKey,
+        ServiceKey, ServiceValue, VipRefs, VIP_FILTER_WORDS,
     },
     stats::Reason,
 };
@@ -22,6 +22,15 @@ pub static BUCKETS: Array<Bucket> = Array::with_max_entries(DEFAULT_BUCKET_SLOTS
 
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Next hops by backend slot, written by the agent (see `lb_common::maps::NextHopEntry`).
+#[map]
+pub static NEXTHOPS: Array<NextHopEntry> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// The same by address, for hops the packet names (hop lists).
+#[map]
+pub static NEXTHOPS_BY_ADDR: HashMap<[u8; 16], NextHopEntry> =
+    HashMap::with_max_entries(MAX_BACKENDS, 0);
 
 #[map]
 pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);

@@ -19,8 +19,8 @@ use aya::{
 use lb_common::{
     addr,
     maps::{
-        names, vip_filter_bit, Backend, Bucket, Counters, NodeConfig, ServiceBackendKey,
-        ServiceKey, ServiceValue, VipRefs, NODE_CONFIGURED, VIP_FILTER_WORDS,
+        names, vip_filter_bit, Backend, Bucket, Counters, NextHopEntry, NodeConfig,
+        ServiceBackendKey, ServiceKey, ServiceValue, VipRefs, NODE_CONFIGURED, VIP_FILTER_WORDS,
     },
     stats::Reason,
     tcp_window::{self, TcpSockOffsets},
@@ -77,7 +77,7 @@ impl Default for LoadOptions {
 }
 
 /// Every map of the object (also the pin names under `maps/`).
-pub const MAP_NAMES: [&str; 9] = [
+pub const MAP_NAMES: [&str; 11] = [
     names::SERVICES,
     names::VIPS,
     names::VIP_FILTER,
@@ -87,6 +87,8 @@ pub const MAP_NAMES: [&str; 9] = [
     names::REASON_STATS,
     names::SERVICE_STATS,
     names::SERVICE_BACKEND_STATS,
+    names::NEXTHOPS,
+    names::NEXTHOPS_BY_ADDR,
 ];
 
 /// The loaded object: the main program verified and loaded, maps created.
@@ -221,8 +223,10 @@ impl Dataplane {
             .map_err(|source| map_err(names::NODE, source))
     }
 
-    /// Writes backend slot `index`.
+    /// Writes backend slot `index`. Its next-hop entry is cleared first, so a reused slot
+    /// never sends to the previous backend's next hop (the agent writes the new one).
     pub fn set_backend(&mut self, index: u32, ip: IpAddr) -> Result<(), DataplaneError> {
+        self.set_nexthop(index, NextHopEntry::default())?;
         let value = Backend {
             addr: addr::to_bytes(ip),
             flags: lb_common::maps::BACKEND_PRESENT,
@@ -360,6 +364,30 @@ impl Dataplane {
             }
         }
         Ok(out)
+    }
+
+    /// Writes the next-hop entry of backend slot `index`.
+    pub fn set_nexthop(&mut self, index: u32, entry: NextHopEntry) -> Result<(), DataplaneError> {
+        let mut m: Array<&mut MapData, NextHopEntry> = self.map_mut(names::NEXTHOPS)?;
+        m.set(index, entry, 0)
+            .map_err(|source| map_err(names::NEXTHOPS, source))
+    }
+
+    /// Writes the next-hop entry of address `ip`, or removes it with `None`.
+    pub fn set_nexthop_of(
+        &mut self,
+        ip: IpAddr,
+        entry: Option<NextHopEntry>,
+    ) -> Result<(), DataplaneError> {
+        let mut m: HashMap<&mut MapData, [u8; 16], NextHopEntry> =
+            self.map_mut(names::NEXTHOPS_BY_ADDR)?;
+        let key = addr::to_bytes(ip);
+        match entry {
+            Some(e) => m.insert(key, e, 0),
+            None if m.get(&key, 0).is_err() => Ok(()),
+            None => m.remove(&key),
+        }
+        .map_err(|source| map_err(names::NEXTHOPS_BY_ADDR, source))
     }
 
     /// Empties backend slot `index`.

@@ -65,7 +65,7 @@ pub mod xdp;
 
 pub use cleanup::{sweep, sweep_all, sweep_stale, Swept};
 pub use netns::{Netns, NsChild};
-pub use topology::{LinkPlan, Node, Role, Spec, Topology, VIP_V4, VIP_V6};
+pub use topology::{LinkPlan, Node, Role, SecondLink, Spec, Topology, VIP_V4, VIP_V6};
 pub use traffic::{tcp_request, udp_request, udp_send, TcpConn, TcpServer, UdpServer};
 pub use xdp::{attach_in, reason_counts, ReasonCounts, XdpProgram};
 

@@ -335,6 +335,21 @@ impl Deref for Node {
     }
 }
 
+/// A node's second link to the router ([`Topology::add_second_link`]).
+#[derive(Clone, Debug)]
+pub struct SecondLink {
+    /// The node's end (`eth1`).
+    pub ifname: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    pub mac: Mac,
+    /// The router's end.
+    pub router_ifname: String,
+    pub router_v4: Ipv4Addr,
+    pub router_v6: Ipv6Addr,
+    pub router_mac: Mac,
+}
+
 /// A built test network; everything is removed when it is dropped (also on panic).
 #[derive(Debug)]
 pub struct Topology {
@@ -530,6 +545,60 @@ impl Topology {
             bail!("no lb_pass attached on the router");
         };
         prog.pin_links(dir)
+    }
+
+    /// Adds a second link between a node and the router: `eth1` on the node, `<name>x`
+    /// on the router (with `lb_pass` when the router has it on the other links), subnet
+    /// 10.(R+3).I.0/24 and fd00:(R+3):I::/64, router .1 / ::1, node .2 / ::2, MACs
+    /// 02:00:01:R:I:01 / :02. No static neighbour entries and no routes through it: the
+    /// caller decides what goes that way.
+    pub fn add_second_link(&mut self, role: Role, index: usize) -> Result<SecondLink> {
+        let n = self.node(role, index);
+        let (r, i) = (role.code(), index as u8);
+        let v6 = |h| Ipv6Addr::new(0xfd00, (r + 3).into(), i.into(), 0, 0, 0, 0, h);
+        let l = SecondLink {
+            ifname: "eth1".to_owned(),
+            v4: Ipv4Addr::new(10, r + 3, i, 2),
+            v6: v6(2),
+            mac: [0x02, 0, 1, r, i, 0x02],
+            router_ifname: format!("{}x", n.name),
+            router_v4: Ipv4Addr::new(10, r + 3, i, 1),
+            router_v6: v6(1),
+            router_mac: [0x02, 0, 1, r, i, 0x01],
+        };
+        let mtu = n.mtu;
+        let link = &l;
+        self.router.netlink(|h| async move {
+            let (router_end, node_end) = (
+                VethEnd {
+                    name: &link.router_ifname,
+                    mac: link.router_mac,
+                    mtu,
+                },
+                VethEnd {
+                    name: &link.ifname,
+                    mac: link.mac,
+                    mtu,
+                },
+            );
+            link::add_veth(&h, router_end, node_end, n.ns.fd()).await?;
+            let idx = link::index(&h, &link.router_ifname).await?;
+            link::tx_checksum_off(&link.router_ifname)?;
+            link::set_up(&h, idx).await?;
+            link::add_addr(&h, idx, link.router_v4.into(), 24).await?;
+            link::add_addr(&h, idx, link.router_v6.into(), 64).await
+        })?;
+        n.ns.netlink(|h| async move {
+            let idx = link::index(&h, &link.ifname).await?;
+            link::tx_checksum_off(&link.ifname)?;
+            link::set_up(&h, idx).await?;
+            link::add_addr(&h, idx, link.v4.into(), 24).await?;
+            link::add_addr(&h, idx, link.v6.into(), 64).await
+        })?;
+        if let Some(prog) = self.router_pass.as_mut() {
+            prog.attach(&self.router, &l.router_ifname)?;
+        }
+        Ok(l)
     }
 
     /// Every node: clients, then LB nodes, then backends.

@@ -148,9 +148,13 @@ impl ReasonCounts {
         self.0[reason as usize]
     }
 
-    /// Every packet the program saw (each ends in exactly one reason).
+    /// Every packet the program saw (each ends in exactly one outcome reason).
     pub fn total(&self) -> u64 {
-        self.0.iter().sum()
+        Reason::ALL
+            .iter()
+            .filter(|r| r.is_outcome())
+            .map(|r| self.get(*r))
+            .sum()
     }
 
     /// What was counted since `earlier`.

@@ -177,7 +177,7 @@ fn check_packet(
         .zip(&before)
         .enumerate()
         .map(|(i, (a, b))| (i, a - b))
-        .filter(|(_, d)| *d != 0)
+        .filter(|(i, d)| *d != 0 && Reason::ALL[*i].is_outcome())
         .collect();
     let [(reason, 1)] = moved[..] else {
         bail!("reason counters moved by {moved:?}, expected one counter by one");

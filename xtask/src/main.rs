@@ -49,6 +49,10 @@ enum Cmd {
         /// Also write the results to FILE as JSON.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Run this suite: dataplane, table or live (repeatable); without it, dataplane
+        /// and table.
+        #[arg(long, value_name = "NAME")]
+        suite: Vec<String>,
         /// Passed to the `bench` binary of the tests crate (after `--`; see its --help).
         #[arg(last = true)]
         args: Vec<String>,
@@ -85,12 +89,13 @@ fn dispatch(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Test { suite } => test::run(suite),
         Cmd::Clippy => lint::clippy().map(|()| ExitCode::SUCCESS),
         Cmd::Fmt { check } => lint::fmt(check).map(|()| ExitCode::SUCCESS),
-        Cmd::Bench { json, args } => {
+        Cmd::Bench { json, suite, args } => {
             let setup = setup::run(setup::Mode::Install)?;
             let mut cmd = proc::cargo();
             setup.apply(&mut cmd);
             cmd.args(["run", "--quiet", "--locked", "--release", "-p", "tests"])
                 .args(["--bin", "bench", "--"])
+                .args(suite.iter().flat_map(|s| ["--suite", s.as_str()]))
                 .args(args);
             if let Some(path) = json {
                 // The bench runs in the workspace root; the path is the caller's.

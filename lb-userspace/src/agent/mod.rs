@@ -7,6 +7,7 @@
 mod desired;
 mod lock;
 mod netlink;
+pub mod nexthop;
 mod persist;
 mod programmer;
 mod reload;
@@ -22,18 +23,19 @@ use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode as AyaXdpMode;
 use lb_common::{
     addr,
-    maps::{ServiceBackendKey, ServiceKey},
+    maps::{NextHopEntry, ServiceBackendKey, ServiceKey, NEXTHOP_VALID},
     stats::Reason,
 };
 use sd_notify::NotifyState;
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, watch},
 };
 use tracing::{error, info, warn};
 
 pub use self::programmer::{Desired, Member};
 use self::{
+    nexthop::NextHops,
     persist::ConfigFile,
     programmer::{ProgramError, Programmer},
     server::Caller,
@@ -94,6 +96,12 @@ pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()
             return Err(e);
         }
     };
+    // Next hops: resolved by a task of their own, written by this one (as every map).
+    let (hop_addrs, hop_addrs_rx) = watch::channel(Vec::new());
+    let (hop_tx, mut hop_updates) = mpsc::channel::<NextHops>(16);
+    tokio::spawn(nexthop::watch(hop_addrs_rx, hop_tx));
+    agent.hop_addrs = Some(hop_addrs);
+    agent.write_nexthops();
     server.ready();
     info!("agent ready");
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
@@ -113,6 +121,7 @@ pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()
                 }
             }
             Some(ev) = events.recv() => agent.health_changed(ev),
+            Some(hops) = hop_updates.recv() => agent.nexthops_changed(hops),
             _ = hup.recv() => {
                 let _ = agent.reload(Caller::default(), "SIGHUP");
             }
@@ -217,6 +226,12 @@ struct Agent {
     checker: Option<Checker>,
     /// Health by (service, backend), from the checker's events.
     health: BTreeMap<(String, IpAddr), bool>,
+    /// The next hops as last resolved (`nexthop`), by backend address.
+    hops: NextHops,
+    /// What the next-hop maps hold, by backend slot.
+    hops_written: BTreeMap<u32, (IpAddr, NextHopEntry)>,
+    /// The backend addresses whose next hops are to be resolved.
+    hop_addrs: Option<watch::Sender<Vec<IpAddr>>>,
 }
 
 impl Agent {
@@ -246,6 +261,9 @@ impl Agent {
             programmer,
             checker: None,
             health,
+            hops: NextHops::new(),
+            hops_written: BTreeMap::new(),
+            hop_addrs: None,
         })
     }
 
@@ -325,7 +343,9 @@ impl Agent {
     /// As `resync`, returning what moved per rewritten table.
     fn sync_services(&mut self, why: &str) -> Result<Vec<PlanSummary>, ProgramError> {
         let wanted = self.desired(&self.config.services);
-        match self.programmer.sync(&wanted) {
+        let synced = self.programmer.sync(&wanted);
+        self.write_nexthops();
+        match synced {
             Ok(changes) => {
                 for c in &changes {
                     info!(service = %c.service, moved = c.moved, buckets = c.buckets, why, "table rebuilt");
@@ -336,6 +356,58 @@ impl Agent {
                 error!("applying the services failed ({why}): {}", chain(&e));
                 Err(e)
             }
+        }
+    }
+
+    fn nexthops_changed(&mut self, changes: NextHops) {
+        self.hops.extend(changes);
+        self.write_nexthops();
+    }
+
+    /// Brings the next-hop maps in line with the backend slots and the resolved next hops,
+    /// and tells the resolver which addresses to follow. An unresolved hop is written as
+    /// an invalid entry: the data plane then asks `bpf_fib_lookup`.
+    fn write_nexthops(&mut self) {
+        let slots: BTreeMap<IpAddr, u32> = self.programmer.slots().clone();
+        let gone: Vec<(u32, IpAddr)> = self
+            .hops_written
+            .iter()
+            .filter(|(s, (a, _))| slots.get(a) != Some(s))
+            .map(|(s, (a, _))| (*s, *a))
+            .collect();
+        let dp = self.programmer.dataplane();
+        for (s, a) in gone {
+            // The slot's own entry was cleared with the slot (`Dataplane::clear_backend`).
+            self.hops_written.remove(&s);
+            if !slots.contains_key(&a) {
+                if let Err(e) = dp.set_nexthop_of(a, None) {
+                    error!("removing the next hop of {a}: {e:#}");
+                }
+            }
+        }
+        for (a, s) in &slots {
+            let e = self.hops.get(a).copied().flatten().unwrap_or_default();
+            if self.hops_written.get(s) == Some(&(*a, e)) {
+                continue;
+            }
+            let by_addr = (e.flags & NEXTHOP_VALID != 0).then_some(e);
+            match dp
+                .set_nexthop(*s, e)
+                .and_then(|()| dp.set_nexthop_of(*a, by_addr))
+            {
+                Ok(()) => {
+                    self.hops_written.insert(*s, (*a, e));
+                }
+                Err(e) => error!("writing the next hop of {a}: {e:#}"),
+            }
+        }
+        if let Some(tx) = &self.hop_addrs {
+            let want: Vec<IpAddr> = slots.keys().copied().collect();
+            tx.send_if_modified(|v| {
+                let changed = *v != want;
+                *v = want;
+                changed
+            });
         }
     }
 
@@ -459,6 +531,7 @@ impl Agent {
             return error(chain(&e));
         }
         self.config.services = next;
+        self.write_nexthops();
         // A service may have gained this node itself as a backend.
         if let Err(e) = serve_vips(&self.config) {
             error!("putting the VIPs this node serves on lo failed: {e:#}");

@@ -513,6 +513,11 @@ impl Programmer {
     pub fn slot_of(&self, a: &IpAddr) -> Option<u32> {
         self.slots.get(a).copied()
     }
+
+    /// Every backend with a slot, and its slot.
+    pub fn slots(&self) -> &BTreeMap<IpAddr, u32> {
+        &self.slots
+    }
 }
 
 /// A fingerprint of a table in backend addresses (first and second hop of every bucket):

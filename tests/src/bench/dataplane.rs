@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use lb::{
+    agent::nexthop,
     dataplane::{Dataplane, LoadOptions, Node},
     table::{self, Backend},
 };
@@ -244,7 +245,7 @@ fn run_rounds(
 }
 
 /// Every run of the test run ended in the case's reason, and nothing else was counted.
-fn check_counts(
+pub fn check_counts(
     c: &Case,
     before: &[(Reason, u64)],
     after: &[(Reason, u64)],
@@ -304,7 +305,7 @@ fn spread(dp: &mut Dataplane, harness: &Harness, c: &Case) -> Result<(usize, Opt
     Ok((outputs.len(), (c.verdict == XDP_TX).then_some(dests.len())))
 }
 
-fn median(v: &[f64]) -> f64 {
+pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
@@ -325,10 +326,10 @@ fn backend6(i: u32) -> Ipv6Addr {
     Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 1 + i as u16)
 }
 
-/// Node settings, backends (slots 0.. IPv4, BACKENDS.. IPv6) and three services, each
-/// with a default-size table from the real builder, as it stands after one backend was
-/// added (so some buckets have a second hop).
-fn configure(dp: &mut Dataplane) -> Result<()> {
+/// Node settings, backends (slots 0.. IPv4, BACKENDS.. IPv6) with their next hops as the
+/// agent resolves them, and three services, each with a default-size table from the real
+/// builder, as it stands after one backend was added (so some buckets have a second hop).
+pub fn configure(dp: &mut Dataplane) -> Result<()> {
     dp.set_node(&Node {
         hash_seed: SEED,
         gue_port: GUE_PORT,
@@ -336,6 +337,7 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
         addr_v6: Some(NODE6),
     })?;
     let mut families: Vec<Vec<Backend>> = Vec::new();
+    let mut slots = Vec::new();
     for v6 in [false, true] {
         let mut list = Vec::new();
         for i in 0..BACKENDS {
@@ -345,9 +347,18 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
                 (IpAddr::V4(backend4(i)), i)
             };
             dp.set_backend(slot, addr)?;
+            slots.push((addr, slot));
             list.push(Backend::new(addr, 1, slot));
         }
         families.push(list);
+    }
+    let addrs: Vec<IpAddr> = slots.iter().map(|(a, _)| *a).collect();
+    let hops = link::with_netlink(|h| async move { nexthop::resolve(&h, &addrs).await })?;
+    for (addr, slot) in slots {
+        let hop = hops.hops.get(&addr).copied().flatten();
+        let hop = hop.with_context(|| format!("no next hop resolved for backend {addr}"))?;
+        dp.set_nexthop(slot, hop)?;
+        dp.set_nexthop_of(addr, Some(hop))?;
     }
     // This node itself, the only backend of a fourth service: every bucket's first hop.
     let local = IpAddr::V4(NODE4);

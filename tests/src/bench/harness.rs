@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{Array, MapData, ProgramArray},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
     Ebpf, Pod,
 };
 use lb::{dataplane, ebpf};
@@ -54,6 +54,8 @@ pub enum Target {
     Lb,
     /// `lb_pass`: the harness's own cost.
     Pass,
+    /// `lb_tx`: the harness's own cost when frames are transmitted (live frames).
+    Tx,
 }
 
 /// One timed test run.
@@ -74,10 +76,11 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// Loads `lb_pass` and the harness into `ebpf` (the data plane's object, `lb_xdp`
+    /// Loads `lb_pass`, `lb_tx` and the harness into `ebpf` (the data plane's object, `lb_xdp`
     /// already loaded). Runs see `ifindex` as their ingress interface.
     pub fn load(ebpf: &mut Ebpf, ifindex: u32) -> Result<Self> {
         dataplane::load_program(ebpf, ebpf::PASS_PROGRAM)?;
+        dataplane::load_program(ebpf, ebpf::TX_PROGRAM)?;
         dataplane::load_program(ebpf, PROGRAM)?;
         let mut take = |name: &str| {
             ebpf.take_map(name)
@@ -140,6 +143,7 @@ impl Harness {
         let name = match target {
             Target::Lb => ebpf::PROGRAM,
             Target::Pass => ebpf::PASS_PROGRAM,
+            Target::Tx => ebpf::TX_PROGRAM,
         };
         let fd = xdp(ebpf, name)?.fd()?;
         self.target.set(0, fd, 0)?;
@@ -152,14 +156,44 @@ impl Harness {
     pub fn run(&mut self, ebpf: &Ebpf, target: Target, first: &[u8], repeat: u32) -> Result<Timed> {
         self.set_target(ebpf, target)?;
         self.rearm()?;
-        run(xdp(ebpf, PROGRAM)?, self.ifindex, first, repeat)
+        run(xdp(ebpf, PROGRAM)?, self.ifindex, first, repeat, false)
     }
 
     /// Runs program `name` directly (no harness) `repeat` times on `frame`.
     pub fn run_direct(&self, ebpf: &Ebpf, name: &str, frame: &[u8], repeat: u32) -> Result<Timed> {
-        run(xdp(ebpf, name)?, self.ifindex, frame, repeat)
+        run(xdp(ebpf, name)?, self.ifindex, frame, repeat, false)
+    }
+
+    /// As `run`, with live frames (`BPF_F_TEST_XDP_LIVE_FRAMES`): every run gets a frame
+    /// of its own and what the program transmits is sent. The kernel resets a recycled
+    /// frame's pointers but not its bytes, so the harness is needed here too for a
+    /// program that rewrites them. No output comes back.
+    pub fn run_live(
+        &mut self,
+        ebpf: &Ebpf,
+        target: Target,
+        first: &[u8],
+        frames: u32,
+    ) -> Result<Timed> {
+        self.set_target(ebpf, target)?;
+        self.rearm()?;
+        run(xdp(ebpf, PROGRAM)?, self.ifindex, first, frames, true)
+    }
+
+    /// As `run_direct`, with live frames.
+    pub fn run_direct_live(
+        &self,
+        ebpf: &Ebpf,
+        name: &str,
+        frame: &[u8],
+        frames: u32,
+    ) -> Result<Timed> {
+        run(xdp(ebpf, name)?, self.ifindex, frame, frames, true)
     }
 }
+
+/// Frames per kernel batch in live mode (the kernel's largest).
+const LIVE_BATCH: u32 = 256;
 
 fn xdp<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Xdp> {
     let prog = ebpf
@@ -168,7 +202,7 @@ fn xdp<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Xdp> {
     Ok(prog.try_into()?)
 }
 
-fn run(prog: &Xdp, ifindex: u32, frame: &[u8], repeat: u32) -> Result<Timed> {
+fn run(prog: &Xdp, ifindex: u32, frame: &[u8], repeat: u32, live: bool) -> Result<Timed> {
     // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
@@ -176,13 +210,17 @@ fn run(prog: &Xdp, ifindex: u32, frame: &[u8], repeat: u32) -> Result<Timed> {
     let mut out = vec![0u8; 4096];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
-    opts.data_out = Some(&mut out);
     opts.ctx_in = Some(&ctx);
     opts.repeat = repeat;
+    if live {
+        opts.attrs = TestRunAttrs::new().xdp_live_frames(LIVE_BATCH);
+    } else {
+        opts.data_out = Some(&mut out);
+    }
     let start = thread_cpu_time()?;
     let res = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
     let spent = thread_cpu_time()? - start;
-    out.truncate(res.data_size_out as usize);
+    out.truncate(if live { 0 } else { res.data_size_out as usize });
     Ok(Timed {
         ns_per_run: spent.as_nanos() as f64 / f64::from(repeat),
         return_value: res.return_value,
@@ -191,7 +229,7 @@ fn run(prog: &Xdp, ifindex: u32, frame: &[u8], repeat: u32) -> Result<Timed> {
 }
 
 /// CPU time of the calling thread, user and system.
-fn thread_cpu_time() -> Result<Duration> {
+pub fn thread_cpu_time() -> Result<Duration> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

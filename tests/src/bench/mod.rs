@@ -4,6 +4,8 @@
 
 pub mod dataplane;
 pub mod harness;
+pub mod live;
+pub mod memory;
 pub mod packets;
 pub mod report;
 pub mod table;

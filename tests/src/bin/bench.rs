@@ -1,17 +1,30 @@
-//! `bench`: per-packet cost of lb's XDP program on each path and the forwarding-table
-//! builder's figures, as a table and optionally as JSON. `cargo xtask bench` runs it in
-//! release mode; docs/benchmarks.md explains the figures. Needs root.
+//! `bench`: per-packet cost of lb's XDP program on each path, the forwarding-table
+//! builder's figures and the forwarding rate with live frames, as a table and optionally as
+//! JSON. `cargo xtask bench` runs it in release mode; docs/benchmarks.md explains the
+//! figures. Needs root (but for the table suite).
 
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use tests::bench::{
     dataplane::{self, Settings},
     harness::MAX_FRAMES,
+    live, memory,
     report::Report,
     table,
 };
+
+/// A part of the benchmarks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    /// Per-packet cost of each data-plane path (BPF_PROG_TEST_RUN), and map memory.
+    Dataplane,
+    /// Forwarding-table build time and movement.
+    Table,
+    /// Forwarding rate with live frames (BPF_F_TEST_XDP_LIVE_FRAMES).
+    Live,
+}
 
 #[derive(Parser)]
 #[command(
@@ -34,12 +47,21 @@ struct Cli {
     /// Only this data-plane case (repeatable); all by default.
     #[arg(long = "case", value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(dataplane::CASES))]
     cases: Vec<String>,
-    /// Only the data plane.
-    #[arg(long, conflicts_with = "table_only")]
+    /// Run this suite (repeatable); without it, dataplane and table.
+    #[arg(long, value_enum, value_name = "NAME")]
+    suite: Vec<Suite>,
+    /// Only the data plane (as `--suite dataplane`).
+    #[arg(long, conflicts_with_all = ["table_only", "suite"])]
     dataplane_only: bool,
-    /// Only the table builder (needs no root).
-    #[arg(long)]
+    /// Only the table builder, which needs no root (as `--suite table`).
+    #[arg(long, conflicts_with = "suite")]
     table_only: bool,
+    /// Frames per live test run.
+    #[arg(long, default_value_t = 2_000_000)]
+    live_frames: u32,
+    /// The core the live suite runs on.
+    #[arg(long, default_value_t = 1)]
+    live_cpu: usize,
 }
 
 fn flows(s: &str) -> Result<usize, String> {
@@ -65,28 +87,53 @@ fn run(cli: Cli) -> Result<()> {
         rounds: cli.rounds.max(1),
         flows: cli.flows,
     };
-    let dp = if cli.table_only {
-        dataplane::Measured {
+    let suites = if cli.dataplane_only {
+        vec![Suite::Dataplane]
+    } else if cli.table_only {
+        vec![Suite::Table]
+    } else if cli.suite.is_empty() {
+        vec![Suite::Dataplane, Suite::Table]
+    } else {
+        cli.suite.clone()
+    };
+    // SAFETY: geteuid cannot fail.
+    if suites.iter().any(|s| *s != Suite::Table) && unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!(
+            "the data-plane and live suites need root (namespaces, BPF); the table suite does not"
+        );
+    }
+    let cases = dataplane::selected(&cli.cases);
+    let (dp, map_bytes) = if suites.contains(&Suite::Dataplane) {
+        eprintln!("bench: data plane ...");
+        let dp = dataplane::measure(settings, &cases)?;
+        eprintln!("bench: map memory ...");
+        (dp, memory::measure()?)
+    } else {
+        let none = dataplane::Measured {
             floor_ns: 0.0,
             cases: Vec::new(),
-        }
-    } else {
-        // SAFETY: geteuid cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            anyhow::bail!(
-                "the data-plane benchmark needs root (namespaces, BPF); --table-only does not"
-            );
-        }
-        eprintln!("bench: data plane ...");
-        dataplane::measure(settings, &dataplane::selected(&cli.cases))?
+        };
+        (none, Vec::new())
     };
-    let figures = if cli.dataplane_only {
-        Vec::new()
-    } else {
+    let figures = if suites.contains(&Suite::Table) {
         eprintln!("bench: forwarding table ...");
         table::measure()?
+    } else {
+        Vec::new()
     };
-    let report = Report::new(settings, &dp, &figures);
+    let rates = if suites.contains(&Suite::Live) {
+        eprintln!("bench: live frames ...");
+        let s = live::Settings {
+            frames: cli.live_frames.max(1),
+            rounds: settings.rounds,
+            flows: settings.flows,
+            cpu: cli.live_cpu,
+        };
+        live::measure(s, &cases)?
+    } else {
+        Vec::new()
+    };
+    let report = Report::new(settings, &dp, &figures, &rates, &map_bytes);
     print!("{}", report.text());
     if let Some(path) = cli.json {
         let json = serde_json::to_string_pretty(&report)?;
