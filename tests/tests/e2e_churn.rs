@@ -102,6 +102,66 @@ fn reasons(broken: &[&Flow]) -> BTreeMap<String, usize> {
     m
 }
 
+/// Restarts every LB agent in turn; the commands before are in the agents' files, so no
+/// table may be rebuilt. Returns what the agents logged about their tables.
+fn restart_moving_nothing(lab: &mut Lab) -> Vec<String> {
+    let out = lab.restart_lbs().unwrap();
+    assert!(
+        out.iter().all(|l| !l.contains("table rebuilt")),
+        "a restart rebuilt tables:\n{}",
+        out.join("\n")
+    );
+    out
+}
+
+/// After step `step` (`what`, whose commands printed `out`): prints what broke, and fails
+/// on any flow broken but those of server `failed.0` from step `failed.1` on (a break
+/// seen after a step's check counts in that step), saying whether the live tables
+/// stranded it, and on any flow the tables strand that still works.
+fn check_step(
+    lab: &Lab,
+    flows: &Flows,
+    steps_at: &[Instant],
+    (step, what, out): (usize, &str, &[String]),
+    failed: (&str, usize),
+) {
+    let now = flows.snapshot();
+    let broken = broken_in(&now, step);
+    println!("step {step}: {what}\n{}", moved(out));
+    println!(
+        "    open {}: {:?}; broken in this step: {} {:?}",
+        now.iter().filter(|f| f.fate == Fate::Open).count(),
+        per_server(&now),
+        broken.len(),
+        reasons(&broken)
+    );
+    // What the tables say: flows whose backend is neither hop of their bucket (it moved
+    // twice in successive changes, and a bucket keeps one second hop). The data plane
+    // must break those, and nothing may break but the failed backend's flows.
+    let stranded = lab.stranded(&now, step).unwrap();
+    let unexpected = now.iter().find(
+        |f| matches!(f.fate, Fate::Broken { step: s, .. } if s < failed.1 || f.server != failed.0),
+    );
+    if let Some(f) = unexpected {
+        let why = stranded.iter().find(|(s, _)| s.local == f.local).map_or(
+            "its bucket still leads to its backend".to_owned(),
+            |(_, why)| format!("the tables strand it: {why}"),
+        );
+        panic!(
+            "checking step {step} ({what}): broken {}; {why}\n{}",
+            show(lab, f),
+            diagnostics(lab, steps_at, Some(f))
+        );
+    }
+    if let Some((f, why)) = stranded.iter().find(|(f, _)| f.fate == Fate::Open) {
+        panic!(
+            "step {step}: the table strands {} ({why}) yet it still works\n{}",
+            show(lab, f),
+            diagnostics(lab, steps_at, Some(f))
+        );
+    }
+}
+
 #[test]
 fn established_flows_survive_backend_churn() {
     if !can_run("established_flows_survive_backend_churn") {
@@ -186,15 +246,7 @@ fn established_flows_survive_backend_churn() {
                 )]
             }
             // The commands of steps 1-4 are in the agents' files: a restart moves nothing.
-            6 => {
-                let out = lab.restart_lbs().unwrap();
-                assert!(
-                    out.iter().all(|l| !l.contains("table rebuilt")),
-                    "a restart rebuilt tables:\n{}",
-                    out.join("\n")
-                );
-                out
-            }
+            6 => restart_moving_nothing(&mut lab),
             _ => unreachable!(),
         };
         // Every open flow talks a few times under the new tables.
@@ -204,42 +256,7 @@ fn established_flows_survive_backend_churn() {
                 println!("large echo after adding b3: {l}");
             }
         }
-        let now = flows.snapshot();
-        let broken = broken_in(&now, step);
-        println!("step {step}: {what}\n{}", moved(&out));
-        println!(
-            "    open {}: {:?}; broken in this step: {} {:?}",
-            now.iter().filter(|f| f.fate == Fate::Open).count(),
-            per_server(&now),
-            broken.len(),
-            reasons(&broken)
-        );
-        // What the tables say: flows whose backend is neither hop of their bucket (it
-        // moved twice in successive changes, and a bucket keeps one second hop). The data
-        // plane must break those, and nothing may break but the failed backend's flows.
-        let stranded = lab.stranded(&now, step).unwrap();
-        // Every break so far: one seen after the previous step's check counts in that step.
-        let unexpected = now
-            .iter()
-            .find(|f| matches!(f.fate, Fate::Broken { step: s, .. } if s < 5 || f.server != "b2"));
-        if let Some(f) = unexpected {
-            let why = stranded.iter().find(|(s, _)| s.local == f.local).map_or(
-                "its bucket still leads to its backend".to_owned(),
-                |(_, why)| format!("the tables strand it: {why}"),
-            );
-            panic!(
-                "checking step {step} ({what}): broken {}; {why}\n{}",
-                show(&lab, f),
-                diagnostics(&lab, &steps_at, Some(f))
-            );
-        }
-        if let Some((f, why)) = stranded.iter().find(|(f, _)| f.fate == Fate::Open) {
-            panic!(
-                "step {step}: the table strands {} ({why}) yet it still works\n{}",
-                show(&lab, f),
-                diagnostics(&lab, &steps_at, Some(f))
-            );
-        }
+        check_step(&lab, &flows, &steps_at, (step, what, &out), ("b2", 5));
         // New flows: TCP follows the weights at once. (UDP: see new_udp_flows_reach_the_bucket_owner.)
         let mut tcp: BTreeMap<String, usize> = BTreeMap::new();
         let mut udp: BTreeMap<String, usize> = BTreeMap::new();
@@ -645,15 +662,7 @@ fn unimog_nodes_balance_and_serve_through_churn() {
                     .unwrap()
             }
             // The agents saved the commands to their files: a restart moves nothing.
-            5 => {
-                let out = lab.restart_lbs().unwrap();
-                assert!(
-                    out.iter().all(|l| !l.contains("table rebuilt")),
-                    "a restart rebuilt tables:\n{}",
-                    out.join("\n")
-                );
-                out
-            }
+            5 => restart_moving_nothing(&mut lab),
             6 => {
                 lab.stop_servers(FAILED);
                 // Every node's agent rebuilds each service's table in turn on its
@@ -666,33 +675,9 @@ fn unimog_nodes_balance_and_serve_through_churn() {
             _ => unreachable!(),
         };
         flows.settle(5, Duration::from_secs(10));
-        let now = flows.snapshot();
-        let broken = broken_in(&now, step);
-        println!("step {step}: {what}\n{}", moved(&out));
-        println!(
-            "    open {}: {:?}; broken in this step: {} {:?}",
-            now.iter().filter(|f| f.fate == Fate::Open).count(),
-            per_server(&now),
-            broken.len(),
-            reasons(&broken)
-        );
+        check_step(&lab, &flows, &steps_at, (step, what, &out), (FAILED, 6));
         let differ = lab.tables_differ().unwrap();
         assert!(differ.is_empty(), "step {step}: tables differ: {differ:?}");
-        let stranded = lab.stranded(&now, step).unwrap();
-        let unexpected = now.iter().find(
-            |f| matches!(f.fate, Fate::Broken { step: s, .. } if s < 6 || f.server != FAILED),
-        );
-        if let Some(f) = unexpected {
-            let why = stranded.iter().find(|(s, _)| s.local == f.local).map_or(
-                "its bucket still leads to its backend".to_owned(),
-                |(_, why)| format!("the tables strand it: {why}"),
-            );
-            panic!(
-                "checking step {step} ({what}): broken {}; {why}\n{}",
-                show(&lab, f),
-                diagnostics(&lab, &steps_at, Some(f))
-            );
-        }
     }
     let end = flows.stop();
     let broken: Vec<&Flow> = end

@@ -279,21 +279,27 @@ fn report_step(lab: &Lab, flows: &Flows, step: usize, failed: Option<&str>) -> R
     Ok(broken.len())
 }
 
-fn run(slot: &mut Option<Lab>) -> Result<()> {
-    println!("lb demo: an XDP layer-4 load balancer, in network namespaces on this machine");
-    header("Building the lab");
-    let t = Instant::now();
-    let lab = slot.insert(Lab::start(LabPlan {
+/// The demo's lab: 2 clients, 4 nodes of which the first 3 serve at `WEIGHTS`, behind 2
+/// LB nodes, or in Unimog mode all 4 balancing.
+fn plan(unimog: bool) -> LabPlan {
+    LabPlan {
         clients: 2,
-        lbs: 2,
+        lbs: if unimog { 0 } else { 2 },
         backends: 4,
         weights: WEIGHTS.to_vec(),
         interval_ms: 200,
         fall: 2,
         table_bits: 16,
         ipv6: false,
-        unimog: false,
-    })?);
+        unimog,
+    }
+}
+
+fn run(slot: &mut Option<Lab>) -> Result<()> {
+    println!("lb demo: an XDP layer-4 load balancer, in network namespaces on this machine");
+    header("Building the lab");
+    let t = Instant::now();
+    let lab = slot.insert(Lab::start(plan(false))?);
     check()?;
     let vip = lab.topo.vip_v4();
     println!("  clients c0, c1 -> router -> lb0, lb1 (ECMP by 5-tuple) -> b0, b1, b2");
@@ -527,17 +533,7 @@ fn run_unimog(slot: &mut Option<Lab>) -> Result<()> {
     println!("lb demo, Unimog mode: every node both balances and serves");
     header("Building the lab");
     let t = Instant::now();
-    let lab = slot.insert(Lab::start(LabPlan {
-        clients: 2,
-        lbs: 0,
-        backends: 4,
-        weights: WEIGHTS.to_vec(),
-        interval_ms: 200,
-        fall: 2,
-        table_bits: 16,
-        ipv6: false,
-        unimog: true,
-    })?);
+    let lab = slot.insert(Lab::start(plan(true))?);
     check()?;
     let vip = lab.topo.vip_v4();
     println!("  clients c0, c1 -> router -> lb0, lb1, lb2, lb3 (ECMP by 5-tuple)");
