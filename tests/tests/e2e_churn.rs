@@ -65,14 +65,16 @@ fn show(lab: &Lab, f: &Flow) -> String {
 /// the backends' servers did with its sessions.
 fn diagnostics(lab: &Lab, steps_at: &[Instant], broken: Option<&Flow>) -> String {
     let mut out = format!(
-        "  steps began at: {}\n  health verdicts:\n    {}\n  backend paths:\n    {}",
+        "  steps began at: {}\n  health verdicts:\n    {}\n  backend paths:\n    {}\n  TCP resets \
+         sent:\n    {}",
         steps_at
             .iter()
             .map(|t| lab.since(*t))
             .collect::<Vec<_>>()
             .join(", "),
         lab.health_flips().join("\n    "),
-        lab.backend_paths().join("\n    ")
+        lab.backend_paths().join("\n    "),
+        lab.resets_sent().join(", ")
     );
     if let Some(f) = broken.filter(|f| f.kind == Kind::Udp) {
         out += &format!(
