@@ -937,6 +937,13 @@ fn backend_cases(socks: &LocalSockets) -> Vec<Case> {
         Reason::AcceptSocket,
     ));
     cases.push(accept(
+        "GUE: established socket, acknowledges a segment still being sent, accepted",
+        tcp_seq(est.client, est.server, est.seq, est.ack.wrapping_add(1448)),
+        1,
+        0,
+        Reason::AcceptSocket,
+    ));
+    cases.push(accept(
         "GUE: listener and an ACK with a valid SYN cookie, accepted",
         tcp_seq(
             socks.cookie.client,
@@ -996,7 +1003,7 @@ fn backend_cases(socks: &LocalSockets) -> Vec<Case> {
             est.client,
             est.server,
             est.seq,
-            est.ack.wrapping_add(0x1000),
+            est.ack.wrapping_add(0x2_0000),
         ),
     ));
     cases.push(chained(
