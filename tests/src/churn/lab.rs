@@ -387,25 +387,6 @@ impl Lab {
             .collect()
     }
 
-    /// TCP resets each backend node's stack sent so far ("b0: 12"): a reset from a node
-    /// that holds no flow of the test tells which node's stack took another's packets.
-    pub fn resets_sent(&self) -> Vec<String> {
-        self.servers()
-            .iter()
-            .map(|node| {
-                let n = node
-                    .ns
-                    .run(|| Ok(std::fs::read_to_string("/proc/thread-self/net/snmp")?))
-                    .map(|snmp| tcp_out_rsts(&snmp).map_or("?".into(), |n| n.to_string()));
-                format!(
-                    "{}: {}",
-                    node.name,
-                    n.unwrap_or_else(|e| format!("({e:#})"))
-                )
-            })
-            .collect()
-    }
-
     /// What every backend's UDP server did with client `peer`'s sessions, in order, with
     /// seconds since the lab started.
     pub fn session_history(&self, peer: SocketAddr) -> Vec<String> {
@@ -639,12 +620,4 @@ pub fn broken_in(flows: &[Flow], step: usize) -> Vec<&Flow> {
         .iter()
         .filter(|f| matches!(&f.fate, Fate::Broken { step: s, .. } if *s == step))
         .collect()
-}
-
-/// The `OutRsts` field of the `Tcp:` lines of `/proc/net/snmp` (IPv4 and IPv6 alike).
-fn tcp_out_rsts(snmp: &str) -> Option<u64> {
-    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-    let (names, values) = (tcp.next()?, tcp.next()?);
-    let i = names.split_whitespace().position(|n| n == "OutRsts")?;
-    values.split_whitespace().nth(i)?.parse().ok()
 }
