@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod ebpf;
 pub mod health;
 pub mod kernel_btf;
+pub mod load;
 pub mod metrics;
 pub mod top;
 

@@ -1,0 +1,233 @@
+//! The control law that turns the backends' measured utilisation into effective weights,
+//! so that every backend of a service runs at the same utilisation whatever its capacity.
+//!
+//! Each period, for every backend that is in the table and has a fresh report:
+//! 1. its utilisation is smoothed: `s = alpha * u + (1 - alpha) * s_prev`;
+//! 2. the mean `m` of the smoothed figures, weighted by the configured weights, is the
+//!    target;
+//! 3. outside the dead band (`|s - m| > dead_band`) its correction `c` is multiplied by
+//!    `(m / s)^gain`, the factor held within `1 / (1 + max_step) ..= 1 + max_step`;
+//! 4. the corrections are scaled so that the configured weights' total is kept (only the
+//!    ratios decide the table, so this moves nothing), then held within
+//!    `floor ..= ceiling`;
+//! 5. the effective weight is `round(configured * c)`, at least 1.
+//!
+//! Why multiplicative: a backend's utilisation is its share of the traffic over its
+//! capacity, so with a steady total load `m / s` is exactly the factor that would level it,
+//! and `gain < 1` takes part of that step per period, which keeps noise and the delay of a
+//! measurement from turning into oscillation. A saturated backend reports 100% however
+//! overloaded it is: the law still lowers its weight, by at most `max_step` a period.
+//!
+//! A backend without a fresh report (none yet, or older than `stale_after`) keeps its
+//! correction and takes no part in the mean; one that is down or draining is left out.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The law's constants. The defaults settle a 4:1 spread of capacities in about ten
+/// periods (see the tests), moving at most a quarter of a backend's weight per period.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gains {
+    /// How often the law runs, milliseconds.
+    pub period_ms: u64,
+    /// Exponent of the correction step, in (0, 1].
+    pub gain: f64,
+    /// Weight of a new measurement in the smoothed utilisation, in (0, 1].
+    pub alpha: f64,
+    /// Distance from the mean, in utilisation (0.02 = 2 points), within which a backend's
+    /// correction stays as it is.
+    pub dead_band: f64,
+    /// Largest relative change of a correction in one period (0.25 = 25%).
+    pub max_step: f64,
+    /// Bounds of the correction.
+    pub floor: f64,
+    pub ceiling: f64,
+    /// A report older than this is ignored, milliseconds.
+    pub stale_after_ms: u64,
+}
+
+impl Default for Gains {
+    fn default() -> Self {
+        Gains {
+            period_ms: 3_000,
+            gain: 0.6,
+            alpha: 0.7,
+            dead_band: 0.02,
+            max_step: 0.25,
+            floor: 0.1,
+            ceiling: 10.0,
+            stale_after_ms: 10_000,
+        }
+    }
+}
+
+impl Gains {
+    pub fn period(&self) -> Duration {
+        Duration::from_millis(self.period_ms)
+    }
+
+    /// Why these gains cannot work, if they cannot.
+    pub fn check(&self) -> Result<(), String> {
+        let unit = |x: f64| x > 0.0 && x <= 1.0;
+        if self.period_ms == 0 {
+            return Err("period_ms must be above 0".into());
+        }
+        if !unit(self.gain) || !unit(self.alpha) {
+            return Err("gain and alpha must lie in (0, 1]".into());
+        }
+        if !(0.0..0.5).contains(&self.dead_band) {
+            return Err("dead_band must lie in [0, 0.5)".into());
+        }
+        if !(self.max_step > 0.0 && self.max_step <= 1.0) {
+            return Err("max_step must lie in (0, 1]".into());
+        }
+        if !(self.floor > 0.0 && self.floor <= 1.0 && self.ceiling >= 1.0) {
+            return Err("floor must lie in (0, 1] and ceiling be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// A backend's measured utilisation: busy time over available time, 1.0 = saturated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Report {
+    pub utilisation: f64,
+    pub at: Instant,
+}
+
+/// What the law knows of a backend this period.
+#[derive(Clone, Copy, Debug)]
+pub struct Input {
+    pub backend: IpAddr,
+    pub configured: u32,
+    /// Active and healthy: in the table by weight.
+    pub in_table: bool,
+    pub report: Option<Report>,
+}
+
+/// What the law decided for a backend this period.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Decision {
+    pub backend: IpAddr,
+    pub configured: u32,
+    pub effective: u32,
+    pub correction: f64,
+    /// The smoothed utilisation, when the backend had a fresh report.
+    pub utilisation: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Memory {
+    smoothed: Option<f64>,
+    correction: f64,
+}
+
+/// The law's state: per backend, the smoothed utilisation and the correction.
+#[derive(Debug)]
+pub struct Law {
+    gains: Gains,
+    memory: BTreeMap<IpAddr, Memory>,
+}
+
+impl Law {
+    pub fn new(gains: Gains) -> Self {
+        Law {
+            gains,
+            memory: BTreeMap::new(),
+        }
+    }
+
+    pub fn gains(&self) -> &Gains {
+        &self.gains
+    }
+
+    /// One period: the effective weight of every input. Backends no longer in `inputs`
+    /// are forgotten; one that comes back starts again at correction 1.
+    pub fn step(&mut self, now: Instant, inputs: &[Input]) -> Vec<Decision> {
+        let g = &self.gains;
+        let stale = Duration::from_millis(g.stale_after_ms);
+        self.memory
+            .retain(|b, _| inputs.iter().any(|i| i.backend == *b));
+        // 1. Smooth the fresh reports.
+        let mut fresh: Vec<(IpAddr, f64, f64)> = Vec::new();
+        for i in inputs {
+            let m = self.memory.entry(i.backend).or_insert(Memory {
+                smoothed: None,
+                correction: 1.0,
+            });
+            let report = i
+                .report
+                .filter(|r| now.saturating_duration_since(r.at) <= stale);
+            match report {
+                Some(r) if i.in_table => {
+                    let u = r.utilisation.max(0.0);
+                    let s = m.smoothed.map_or(u, |s| g.alpha * u + (1.0 - g.alpha) * s);
+                    m.smoothed = Some(s);
+                    fresh.push((i.backend, s, f64::from(i.configured)));
+                }
+                _ => m.smoothed = None,
+            }
+        }
+        // 2-3. Step the corrections towards the weighted mean.
+        let total: f64 = fresh.iter().map(|f| f.2).sum();
+        if fresh.len() >= 2 && total > 0.0 {
+            let mean = fresh.iter().map(|f| f.1 * f.2).sum::<f64>() / total;
+            for &(b, s, _) in &fresh {
+                if (s - mean).abs() <= g.dead_band {
+                    continue;
+                }
+                let factor = (mean / s.max(0.01))
+                    .powf(g.gain)
+                    .clamp(1.0 / (1.0 + g.max_step), 1.0 + g.max_step);
+                if let Some(m) = self.memory.get_mut(&b) {
+                    m.correction *= factor;
+                }
+            }
+            // 4. Keep the configured total, then the bounds.
+            let weighted: f64 = fresh
+                .iter()
+                .map(|f| f.2 * self.memory[&f.0].correction)
+                .sum();
+            if weighted > 0.0 {
+                let scale = total / weighted;
+                for f in &fresh {
+                    if let Some(m) = self.memory.get_mut(&f.0) {
+                        m.correction = (m.correction * scale).clamp(g.floor, g.ceiling);
+                    }
+                }
+            }
+        }
+        // 5. Effective weights.
+        inputs
+            .iter()
+            .map(|i| {
+                let m = self.memory[&i.backend];
+                Decision {
+                    backend: i.backend,
+                    configured: i.configured,
+                    effective: effective(i.configured, m.correction),
+                    correction: m.correction,
+                    utilisation: m.smoothed,
+                }
+            })
+            .collect()
+    }
+}
+
+/// `configured * correction`, rounded, at least 1 for a backend with any weight.
+fn effective(configured: u32, correction: f64) -> u32 {
+    if configured == 0 {
+        return 0;
+    }
+    let w = (f64::from(configured) * correction).round();
+    w.clamp(1.0, f64::from(u32::MAX)) as u32
+}
+
+#[cfg(test)]
+mod tests;
