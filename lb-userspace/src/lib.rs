@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod dataplane;
 pub mod ebpf;
+pub mod fleet;
 pub mod health;
 pub mod kernel_btf;
 pub mod load;

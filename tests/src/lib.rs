@@ -55,6 +55,7 @@ pub mod agent;
 pub mod bench;
 pub mod churn;
 pub mod cleanup;
+pub mod etcd;
 pub mod fixture;
 pub mod link;
 pub mod netns;
