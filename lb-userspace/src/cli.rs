@@ -72,9 +72,10 @@ pub enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
-    /// Write man pages into a directory.
+    /// Write man pages into a man directory (DIR/man1, DIR/man5).
     Man {
-        /// Where to write lb.1 and one page per subcommand.
+        /// A man directory such as /usr/local/share/man: lb.1 and a page per subcommand
+        /// go to DIR/man1, lb.json.5 (the config format) to DIR/man5.
         dir: PathBuf,
     },
 }
