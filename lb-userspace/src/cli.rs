@@ -30,9 +30,23 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The end of `lb agent --help` and of lb-agent(1).
+const AGENT_SIGNALS_AND_ENVIRONMENT: &str = "\
+Signals:
+  SIGTERM, SIGINT  stop the agent; the XDP program stays attached and keeps forwarding
+                   with the last tables (`lb detach` removes it)
+  SIGHUP           reload the configuration file, as `lb reload`
+
+Environment:
+  LB_LOG         what is logged (an EnvFilter): info (default), debug, lb=debug,warn
+  LB_SOCKET      the API socket, as --socket
+  NOTIFY_SOCKET  set by systemd (Type=notify): READY=1, RELOADING=1, STOPPING=1";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the agent (as root): attach, pin, health-check, serve the API and metrics.
+    /// Run the agent (root, or the capabilities of docs/agent.md): attach, pin,
+    /// health-check, serve the API and metrics.
+    #[command(after_long_help = AGENT_SIGNALS_AND_ENVIRONMENT)]
     Agent(AgentArgs),
     /// List services and backends, ipvsadm-style.
     List(ListArgs),
@@ -72,9 +86,10 @@ pub enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
-    /// Write man pages into a directory.
+    /// Write man pages into a man directory (DIR/man1, DIR/man5).
     Man {
-        /// Where to write lb.1 and one page per subcommand.
+        /// A man directory such as /usr/local/share/man: lb.1 and a page per subcommand
+        /// go to DIR/man1, lb.json.5 (the config format) to DIR/man5.
         dir: PathBuf,
     },
 }

@@ -71,12 +71,16 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::Man { dir } => {
-            std::fs::create_dir_all(&dir)?;
-            clap_mangen::generate_to(Cli::command(), &dir)?;
-            std::fs::write(dir.join("lb.json.5"), CONFIG_MAN_PAGE)?;
+            // Each page in its section's directory, where `man 5 lb.json` looks.
+            let (man1, man5) = (dir.join("man1"), dir.join("man5"));
+            std::fs::create_dir_all(&man1)?;
+            std::fs::create_dir_all(&man5)?;
+            clap_mangen::generate_to(Cli::command(), &man1)?;
+            std::fs::write(man5.join("lb.json.5"), CONFIG_MAN_PAGE)?;
             println!(
-                "man pages written to {} (lb.1 and its subcommands; lb.json.5, the config format)",
-                dir.display()
+                "man pages written: {} (lb.1 and its subcommands), {} (lb.json.5, the config format)",
+                man1.display(),
+                man5.display()
             );
             return Ok(ExitCode::SUCCESS);
         }

@@ -14,7 +14,7 @@ use std::{
 use serde_json::{json, Value};
 use tests::{
     agent::{node_config, remove_run_dir, Agent},
-    can_run, tcp_request, Spec, TcpConn, TcpServer, Topology,
+    can_run, tcp_request, Spec, TcpConn, TcpServer, Topology, UdpServer,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -670,18 +670,37 @@ fn tunnel_check_marks_down_a_backend_that_cannot_decapsulate() {
         return;
     }
     let lab = lab(2, 200, 2);
-    // The same service, checked through the tunnel: a SYN to the VIP, GUE-encapsulated.
+    // The same service, checked through the tunnel: a SYN to the VIP, GUE-encapsulated;
+    // and a UDP service checked through the tunnel with a datagram to the VIP. The LB
+    // node routes the VIP into a blackhole, as the test bed sets it up.
     let mut c = lb_config(&lab.topo, 200, 2);
     for b in c["services"][0]["backends"].as_array_mut().unwrap() {
         b["health"] = json!({ "kind": "tcp", "tunnel": true, "interval_ms": 200,
                               "timeout_ms": 150, "rise": 1, "fall": 2 });
     }
+    let mut udp = c["services"][0].clone();
+    udp["name"] = json!("quic");
+    udp["port"] = json!(443);
+    udp["protocol"] = json!("udp");
+    for b in udp["backends"].as_array_mut().unwrap() {
+        b["health"] = json!({ "kind": "udp", "tunnel": true, "interval_ms": 200,
+                              "timeout_ms": 150, "rise": 1, "fall": 2 });
+    }
+    c["services"].as_array_mut().unwrap().push(udp);
+    let quic = SocketAddr::new(lab.topo.vip_v4().into(), 443);
+    let _udp_servers: Vec<UdpServer> = lab
+        .topo
+        .backends
+        .iter()
+        .map(|b| UdpServer::start(b, &b.name, &[quic]).unwrap())
+        .collect();
     lab.lb().write_config(&c).unwrap();
     let out = lab.lb().ok(&["reload"]).unwrap();
     println!("{}", out.trim());
-    let health = |i: usize| -> (String, u64, String) {
+    // (service, backend) -> (health, checks, last failure).
+    let health = |svc: usize, i: usize| -> (String, u64, String) {
         let st = lab.lb().status().unwrap();
-        let b = &st["services"][0]["backends"][i];
+        let b = &st["services"][svc]["backends"][i];
         (
             b["health"].as_str().unwrap_or("").to_string(),
             b["checks"].as_u64().unwrap_or(0),
@@ -700,24 +719,30 @@ fn tunnel_check_marks_down_a_backend_that_cannot_decapsulate() {
         }
     };
     wait("tunnel checks to pass", &|| {
-        (0..2).all(|i| {
-            let (h, checks, fail) = health(i);
-            h == "up" && checks >= 3 && fail.is_empty()
+        (0..2).all(|svc| {
+            (0..2).all(|i| {
+                let (h, checks, fail) = health(svc, i);
+                h == "up" && checks >= 3 && fail.is_empty()
+            })
         })
     });
     // Backend 0's program goes away: direct connections to it would still work, client
     // packets (encapsulated) no longer reach its stack.
     lab.agents[1].ok(&["detach"]).unwrap();
-    wait("backend 0 down", &|| health(0).0 == "down");
-    let (_, _, reason) = health(0);
+    wait("backend 0 down", &|| {
+        health(0, 0).0 == "down" && health(1, 0).0 == "down"
+    });
     let list = lab.lb().ok(&["list"]).unwrap();
     println!("{list}");
-    assert!(reason.contains("does not decapsulate"), "{reason}");
+    for svc in 0..2 {
+        let (_, _, reason) = health(svc, 0);
+        assert!(reason.contains("does not decapsulate"), "{reason}");
+        assert_eq!(health(svc, 1).0, "up", "backend 1 still decapsulates");
+    }
     assert!(
         list.contains("last failure: GUE port unreachable"),
         "{list}"
     );
-    assert_eq!(health(1).0, "up", "backend 1 still decapsulates");
     assert_eq!(
         lab.spread(20).len(),
         1,

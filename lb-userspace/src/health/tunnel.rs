@@ -5,7 +5,8 @@
 //!
 //! The inner packet goes from this node's address to the VIP, and the backend answers it
 //! directly (server return), to this node:
-//! - UDP: the datagram comes from a socket connected to VIP:port, which gets the answer.
+//! - UDP: the datagram comes from a socket bound to this node's address, which takes the
+//!   answer from VIP:port.
 //! - TCP (IPv4): a SYN; the SYN-ACK is read from a raw socket (`CAP_NET_RAW`), and a RST
 //!   through the tunnel closes the half-open connection on the backend.
 //!
@@ -97,10 +98,11 @@ fn udp(
     config: &HealthConfig,
     deadline: Instant,
 ) -> Result<CheckResult, CheckResult> {
+    // Not connected to the VIP: an LB node may route it nowhere (a blackhole, so that
+    // VIP packets the program passes go no further), where connect fails with EINVAL.
+    // The source of each answer is checked instead.
     let reply = UdpSocket::bind((t.node, 0)).map_err(|e| fail("bind", &e))?;
-    reply
-        .connect((t.vip, port))
-        .map_err(|e| fail("connect", &e))?;
+    let from_vip = SocketAddr::new(t.vip, port);
     let local = reply.local_addr().map_err(|e| fail("bind", &e))?.port();
     let payload = config.udp_payload();
     let builder = match (t.node, t.vip) {
@@ -126,8 +128,9 @@ fn udp(
         .map_err(|e| fail("socket", &e))?;
     let mut buf = [0u8; 1500];
     while Instant::now() < deadline {
-        match reply.recv(&mut buf) {
-            Ok(n) => {
+        match reply.recv_from(&mut buf) {
+            Ok((_, from)) if from != from_vip => {}
+            Ok((n, _)) => {
                 return Ok(CheckResult::ok(format_args!(
                     "answered through the tunnel ({n} bytes)"
                 )))
