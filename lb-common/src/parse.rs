@@ -36,7 +36,9 @@ pub unsafe trait Wire: Copy {
     #[inline(always)]
     fn as_bytes(&self) -> &[u8] {
         // SAFETY: no padding (`Wire`), so every byte of the value is initialised.
-        unsafe { core::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
+        unsafe {
+            core::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>())
+        }
     }
 }
 
@@ -324,7 +326,10 @@ pub fn flow<'a, F: Frame<'a>>(f: F, ip: &Ip, out: &mut Flow) -> Result<bool, Par
     out.icmp = false;
     match ip.proto {
         IPPROTO_TCP => {
-            let h = f.at::<[u8; TCP_LEN]>(ip.l4_off).ok_or(ParseError::Truncated)?;
+            let h = f.read::<14>(ip.l4_off).ok_or(ParseError::Truncated)?;
+            // The rest of the minimal header must be there too.
+            f.at::<[u8; TCP_LEN]>(ip.l4_off)
+                .ok_or(ParseError::Truncated)?;
             if (h[12] >> 4) < 5 {
                 return Err(ParseError::Invalid);
             }
@@ -450,40 +455,47 @@ pub fn is_gue_to_me<'a, F: Frame<'a>>(
     mine && f.read_be16(ip.l4_off + 2) == Some(gue_port)
 }
 
-/// The client path's flow of `ip`, a packet that is not the backend path's, into `out`;
-/// or the reason it ends in: `PassNotService` for a packet lb has nothing to do with,
-/// a drop for one to a VIP (`is_vip`) without a usable flow.
+/// Why a packet has no flow for the client path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoFlow {
+    /// Not lb's: passed untouched (`PassNotService`).
+    NotForLb,
+    /// No usable flow (no ports, broken headers): to a VIP dropped under this reason, to
+    /// anything else not lb's.
+    Unusable(Reason),
+}
+
+impl NoFlow {
+    /// The reason the packet ends in; `is_vip`: its destination is a VIP.
+    #[inline(always)]
+    pub fn reason(self, is_vip: impl FnOnce() -> bool) -> Reason {
+        match self {
+            NoFlow::Unusable(r) if is_vip() => r,
+            _ => Reason::PassNotService,
+        }
+    }
+}
+
+/// The client path's flow of `ip`, a packet that is not the backend path's, into `out`.
 #[inline(always)]
-pub fn client_flow<'a, F: Frame<'a>>(
-    f: F,
-    ip: &Ip,
-    is_vip: impl FnOnce(&[u8; 16]) -> bool,
-    out: &mut Flow,
-) -> Result<(), Reason> {
+pub fn client_flow<'a, F: Frame<'a>>(f: F, ip: &Ip, out: &mut Flow) -> Result<(), NoFlow> {
     // Without ports there is no flow to hash: such packets to a VIP cannot be forwarded
     // right, so they are dropped and counted; to anything else they pass untouched.
-    let unusable = |reason| {
-        if is_vip(&ip.dst) {
-            reason
-        } else {
-            Reason::PassNotService
-        }
-    };
     if ip.fragment {
-        return Err(unusable(Reason::DropFragment));
+        return Err(NoFlow::Unusable(Reason::DropFragment));
     }
     if ip.bad_ihl {
-        return Err(unusable(Reason::DropMalformed));
+        return Err(NoFlow::Unusable(Reason::DropMalformed));
     }
     match flow(f, ip, out) {
         Ok(true) => {}
-        Ok(false) => return Err(Reason::PassNotService),
-        Err(_) => return Err(unusable(Reason::DropMalformed)),
+        Ok(false) => return Err(NoFlow::NotForLb),
+        Err(_) => return Err(NoFlow::Unusable(Reason::DropMalformed)),
     }
     // An ICMP error about a VIP's flow is sent to that VIP (the quoted packet's source);
     // one addressed elsewhere is not lb's to forward.
     if out.icmp && out.tuple.dst != ip.dst {
-        return Err(Reason::PassNotService);
+        return Err(NoFlow::NotForLb);
     }
     Ok(())
 }

@@ -3,11 +3,14 @@
 //! versions and hop counts, hop lists naming the receiver itself, IPv6 extension headers.
 //! Deterministic for a given seed, so a failure reproduces.
 
-use super::{
-    ethernet, ip, Ip, ETH_LEN, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING,
-    IPPROTO_TCP, IPPROTO_UDP,
+use super::{ethernet, ip, Ip};
+use crate::{
+    encap::{GUE_HEADER_LEN, HOP_LIST_LEN},
+    proto::{
+        ETH_LEN, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_IPV6, IPPROTO_ROUTING,
+        IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, UDP_LEN,
+    },
 };
-use crate::encap::{GUE_HEADER_LEN, HOP_LIST_LEN, IPPROTO_IPV6, IPV4_LEN, IPV6_LEN, UDP_LEN};
 
 /// The largest frame handled (BPF_PROG_TEST_RUN takes a little under a page).
 pub const CAPACITY: usize = 2048;
