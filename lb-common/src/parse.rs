@@ -61,6 +61,10 @@ pub fn view_mut<T: Wire>(b: &mut [u8]) -> &mut T {
 /// # Safety
 /// `span(off, size)` returns a pointer only when `size` bytes from it are readable for
 /// `'a`, and `len` is the frame's length.
+#[expect(
+    clippy::len_without_is_empty,
+    reason = "the parser reads by offset and never asks whether a frame is empty"
+)]
 pub unsafe trait Frame<'a>: Copy {
     /// The frame's length in bytes.
     fn len(self) -> usize;

@@ -46,9 +46,3 @@ pub fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
     // SAFETY: `at` checked the bounds.
     at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
 }
-
-/// Reads a big-endian u16 at `off`.
-#[inline(always)]
-pub fn read_be16(ctx: &XdpContext, off: usize) -> Option<u16> {
-    read::<[u8; 2]>(ctx, off).map(u16::from_be_bytes)
-}
