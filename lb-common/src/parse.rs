@@ -566,3 +566,57 @@ pub fn step_flags(step: Step, flags: u8) -> u8 {
         _ => flags | FLAG_CHAINED,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slice_frame_reads_only_within_the_frame_and_the_header_limit() {
+        let b = [7u8; MAX_HEADER_OFFSET + 8];
+        let f: &[u8] = &b;
+        assert_eq!(f.read::<4>(0), Some([7; 4]));
+        assert_eq!(f.read::<4>(b.len() - 4), None, "past the header limit");
+        assert_eq!(f.read::<8>(MAX_HEADER_OFFSET), Some([7; 8]));
+        assert_eq!(f.read::<9>(MAX_HEADER_OFFSET), None, "past the end");
+        assert_eq!(f.read::<1>(usize::MAX), None);
+        let short: &[u8] = &b[..3];
+        assert_eq!(short.read_be16(2), None);
+    }
+
+    fn outer(v6: bool, src: [u8; 16], dst: [u8; 16]) -> Ip {
+        Ip {
+            v6,
+            src,
+            dst,
+            ..Ip::EMPTY
+        }
+    }
+
+    #[test]
+    fn the_next_step_chains_returns_or_accepts() {
+        let (me, first, next) = (
+            v4_mapped([10, 0, 0, 2]),
+            v4_mapped([10, 0, 0, 1]),
+            v4_mapped([10, 0, 0, 3]),
+        );
+        let o = outer(false, first, me);
+        assert_eq!(next_step(&o, 1, 0, &next, false), Step::PassOn);
+        // No hop left, the next hop this node itself, or of the other family: no chaining.
+        assert_eq!(next_step(&o, 0, 0, &next, false), Step::Accept);
+        assert_eq!(next_step(&o, 1, 0, &me, false), Step::Accept);
+        assert_eq!(next_step(&o, 1, 0, &[0xfd; 16], false), Step::Accept);
+        // An unowned UDP packet passed on by the first hop goes back to it.
+        assert_eq!(next_step(&o, 0, FLAG_CHAINED, &next, true), Step::Return);
+        assert_eq!(next_step(&o, 0, FLAG_CHAINED, &next, false), Step::Accept);
+        assert_eq!(
+            next_step(&outer(false, me, me), 0, FLAG_CHAINED, &next, true),
+            Step::Accept
+        );
+        assert_eq!(step_flags(Step::PassOn, 0), FLAG_CHAINED);
+        assert_eq!(
+            step_flags(Step::Return, FLAG_CHAINED | 0x01),
+            FLAG_RETURNED | 0x01
+        );
+    }
+}
