@@ -5,6 +5,13 @@
 //! `hlen` counts the 32-bit words of extension data after it; lb carries its hop list there
 //! as GUE private data.
 
+use core::mem::size_of;
+
+use crate::{
+    parse::{view_mut, Wire},
+    proto::{IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, UDP_LEN},
+};
+
 /// GUE base header: `ver(2) C(1) hlen(5) | proto/ctype(8) | flags(16)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,10 +39,55 @@ pub struct HopList {
     pub next_hop: [u8; 16],
 }
 
-pub const GUE_HEADER_LEN: usize = core::mem::size_of::<GueHeader>();
-pub const HOP_LIST_LEN: usize = core::mem::size_of::<HopList>();
-const _: () = assert!(GUE_HEADER_LEN == 4);
-const _: () = assert!(HOP_LIST_LEN == 20);
+/// The GUE base header and lb's hop list as they follow the UDP header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gue {
+    pub header: GueHeader,
+    pub hops: HopList,
+}
+
+// SAFETY: bytes and byte arrays only: alignment 1, no padding, any bit pattern valid.
+unsafe impl Wire for GueHeader {}
+// SAFETY: as above.
+unsafe impl Wire for HopList {}
+// SAFETY: as above.
+unsafe impl Wire for Gue {}
+
+impl Gue {
+    pub const ZERO: Gue = Gue {
+        header: GueHeader {
+            ver_c_hlen: 0,
+            proto: 0,
+            flags: [0; 2],
+        },
+        hops: HopList {
+            kind: [0; 2],
+            hops_left: 0,
+            flags: 0,
+            next_hop: [0; 16],
+        },
+    };
+
+    /// Writes lb's GUE header and hop list, field by field and in place (in a packet, a
+    /// whole `Gue` would be built on the stack first).
+    #[inline(always)]
+    pub fn set(&mut self, inner_v6: bool, hops_left: u8, flags: u8, next_hop: &[u8; 16]) {
+        self.header.ver_c_hlen = GUE_FIRST_BYTE;
+        self.header.proto = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+        self.header.flags = [0; 2];
+        self.hops.kind = HOP_LIST_TYPE;
+        self.hops.hops_left = hops_left;
+        self.hops.flags = flags;
+        self.hops.next_hop.copy_from_slice(next_hop);
+    }
+}
+
+pub const GUE_HEADER_LEN: usize = size_of::<GueHeader>();
+pub const HOP_LIST_LEN: usize = size_of::<HopList>();
+/// The GUE base header and the hop list.
+pub const GUE_LEN: usize = size_of::<Gue>();
+const _: () = assert!(GUE_HEADER_LEN == 4 && HOP_LIST_LEN == 20 && GUE_LEN == 24);
 
 /// hlen of every lb GUE header: the hop list in 32-bit words.
 pub const GUE_HLEN: u8 = (HOP_LIST_LEN / 4) as u8;
@@ -55,17 +107,10 @@ pub const FLAG_RETURNED: u8 = 0x04;
 /// The most hops a hop list may announce; more is malformed.
 pub const MAX_HOPS: u8 = 1;
 
-pub const IPPROTO_IPIP: u8 = 4;
-pub const IPPROTO_IPV6: u8 = 41;
-
-pub const ETH_LEN: usize = 14;
-pub const IPV4_LEN: usize = 20;
-pub const IPV6_LEN: usize = 40;
-pub const UDP_LEN: usize = 8;
 /// Bytes added in front of the inner IP packet with an IPv4 outer header.
-pub const ENCAP_LEN_V4: usize = IPV4_LEN + UDP_LEN + GUE_HEADER_LEN + HOP_LIST_LEN;
+pub const ENCAP_LEN_V4: usize = IPV4_LEN + UDP_LEN + GUE_LEN;
 /// Bytes added in front of the inner IP packet with an IPv6 outer header.
-pub const ENCAP_LEN_V6: usize = IPV6_LEN + UDP_LEN + GUE_HEADER_LEN + HOP_LIST_LEN;
+pub const ENCAP_LEN_V6: usize = IPV6_LEN + UDP_LEN + GUE_LEN;
 const _: () = assert!(ENCAP_LEN_V4 == 52 && ENCAP_LEN_V6 == 72);
 
 /// The GUE port when the config names none (the port Linux's own GUE examples use).
@@ -95,12 +140,11 @@ pub struct Outer {
 
 /// Outer TTL / hop limit.
 pub const OUTER_TTL: u8 = 64;
-const IPPROTO_UDP: u8 = 17;
 
 /// Writes UDP, GUE and the hop list (32 bytes) for `o`.
 #[inline(always)]
 fn write_udp_gue(o: &Outer, out: &mut [u8]) {
-    let udp_len = (UDP_LEN + GUE_HEADER_LEN + HOP_LIST_LEN) as u16 + o.inner_len;
+    let udp_len = (UDP_LEN + GUE_LEN) as u16 + o.inner_len;
     out[0..2].copy_from_slice(&o.src_port.to_be_bytes());
     out[2..4].copy_from_slice(&o.dst_port.to_be_bytes());
     out[4..6].copy_from_slice(&udp_len.to_be_bytes());
@@ -108,18 +152,7 @@ fn write_udp_gue(o: &Outer, out: &mut [u8]) {
     // carries its own checksum (RFC 6935/6936 allow this for tunnels over IPv6 too).
     out[6] = 0;
     out[7] = 0;
-    out[8] = GUE_FIRST_BYTE;
-    out[9] = if o.inner_v6 {
-        IPPROTO_IPV6
-    } else {
-        IPPROTO_IPIP
-    };
-    out[10] = 0;
-    out[11] = 0;
-    out[12..14].copy_from_slice(&HOP_LIST_TYPE);
-    out[14] = o.hops_left;
-    out[15] = o.flags;
-    out[16..32].copy_from_slice(&o.next_hop);
+    view_mut::<Gue>(&mut out[UDP_LEN..]).set(o.inner_v6, o.hops_left, o.flags, &o.next_hop);
 }
 
 /// The outer IPv4 + UDP + GUE + hop list headers of `o` (addresses IPv4-mapped).

@@ -10,5 +10,7 @@ pub mod hash;
 pub mod limits;
 pub mod maps;
 pub mod packet;
+pub mod parse;
+pub mod proto;
 pub mod stats;
 pub mod tcp_window;

@@ -20,3 +20,10 @@ pub const DEFAULT_TABLE_BITS: u32 = 16;
 pub const DEFAULT_BUCKET_SLOTS: u32 = 1 << 21;
 /// The largest weight of a backend.
 pub const MAX_WEIGHT: u32 = 65535;
+/// Headers are looked for only this far into a packet: a header starting further in counts
+/// as missing. The bound also tells the verifier that an offset which went through memory
+/// (and lost its known range) is small.
+pub const MAX_HEADER_OFFSET: usize = 1024;
+/// IPv6 extension headers walked before giving up on finding the transport header (the
+/// verifier needs a fixed trip count).
+pub const MAX_EXT_HEADERS: usize = 3;

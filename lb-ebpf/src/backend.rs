@@ -7,50 +7,39 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
 };
 use lb_common::{
-    addr::is_v4_mapped,
     encap::{
-        ipv4_checksum, ETH_LEN, FLAG_CHAINED, FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_FIRST_BYTE,
-        GUE_HEADER_LEN, HOP_LIST_LEN, HOP_LIST_TYPE, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_LEN,
-        MAX_HOPS, OUTER_TTL, UDP_LEN,
+        ipv4_checksum, HopList, FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_HEADER_LEN, GUE_LEN, OUTER_TTL,
     },
     maps::NO_BACKEND,
+    parse::{self, next_step, step_flags, Flow, Ip, Step},
+    proto::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, UDP_LEN},
     stats::Reason,
 };
 
 use crate::{
     forward::{self, NextHop},
-    parse::{self, Flow, Ip, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN},
-    ptr, socket,
+    ptr::{self, Xdp},
+    socket,
     verdict::{drop, Verdict},
 };
 
-/// The GUE base header and hop list as they arrive.
-const GUE_LEN: usize = GUE_HEADER_LEN + HOP_LIST_LEN;
-
 #[inline(never)]
 pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
+    let frame = Xdp(ctx);
     let gue_off = outer.l4_off + UDP_LEN;
-    let Some(g) = ptr::read::<[u8; GUE_LEN]>(ctx, gue_off) else {
-        return drop(Reason::DropMalformed);
+    let g = match parse::gue(frame, outer) {
+        Ok(g) => g,
+        Err(r) => return drop(r),
     };
-    let inner_v6 = match g[1] {
-        IPPROTO_IPIP => false,
-        IPPROTO_IPV6 => true,
-        _ => return drop(Reason::DropBadGue),
-    };
-    if g[0] != GUE_FIRST_BYTE || g[4..6] != HOP_LIST_TYPE || g[6] > MAX_HOPS {
-        return drop(Reason::DropBadGue);
-    }
-    let hops_left = g[6];
-    let flags = g[7];
-    let mut next_hop = [0u8; 16];
-    next_hop.copy_from_slice(&g[8..24]);
+    let inner_v6 = g.inner_v6();
+    let hops_left = g.hops.hops_left;
+    let flags = g.hops.flags;
+    let next_hop = g.hops.next_hop;
 
     let inner_off = gue_off + GUE_LEN;
     let mut inner = Ip::EMPTY;
-    let frame = ctx.data_end() - ctx.data();
-    if parse::ip(ctx, inner_off, inner_v6, &mut inner).is_err()
-        || !parse::lengths_ok(ctx, &inner, frame)
+    if parse::ip(frame, inner_off, inner_v6, &mut inner).is_err()
+        || !parse::lengths_ok(frame, &inner)
     {
         return drop(Reason::DropMalformed);
     }
@@ -63,7 +52,7 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
     let mut udp = false;
     if !inner.fragment {
         let mut f = Flow::EMPTY;
-        match parse::flow(ctx, &inner, &mut f) {
+        match parse::flow(frame, &inner, &mut f) {
             Err(_) => return drop(Reason::DropMalformed),
             Ok(false) => {}
             Ok(true) => {
@@ -74,18 +63,15 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
             }
         }
     }
-    // Pass it on while a hop is left, it is of the outer family and not this node itself.
-    if hops_left > 0 && next_hop != outer.dst && is_v4_mapped(&next_hop) != outer.v6 {
-        return pass_on(ctx, outer, gue_off, &next_hop, flags | FLAG_CHAINED);
+    let step = next_step(outer, hops_left, flags, &next_hop, udp);
+    match step {
+        Step::PassOn => pass_on(ctx, outer, gue_off, &next_hop, step_flags(step, flags)),
+        Step::Return => {
+            let first_hop = outer.src;
+            pass_on(ctx, outer, gue_off, &first_hop, step_flags(step, flags))
+        }
+        Step::Accept => accept(ctx, inner_off, inner_v6, Reason::AcceptLastHop),
     }
-    // A UDP packet no socket here owns, passed on by the first hop: a new flow. Back to
-    // the first hop (the outer source), which owns the bucket now.
-    if udp && flags & FLAG_CHAINED != 0 && outer.src != outer.dst {
-        let first_hop = outer.src;
-        let returned = (flags & !FLAG_CHAINED) | FLAG_RETURNED;
-        return pass_on(ctx, outer, gue_off, &first_hop, returned);
-    }
-    accept(ctx, inner_off, inner_v6, Reason::AcceptLastHop)
 }
 
 /// Whether the packet of flow `f` (IP header `ip`) is this node's to take: a new TCP
@@ -94,9 +80,7 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
 /// path of a packet whose bucket's first hop is this node.
 #[inline(always)]
 pub fn claim(ctx: &XdpContext, f: &Flow, ip: &Ip, forward_syn: bool) -> Option<Reason> {
-    let syn =
-        f.tuple.proto == IPPROTO_TCP && !f.icmp && f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if syn && !forward_syn {
+    if f.is_syn() && !forward_syn {
         return Some(Reason::AcceptSyn);
     }
     if socket::owns(ctx, f, ip) {
@@ -153,14 +137,14 @@ fn pass_on(
     ) {
         return drop(r);
     }
-    if let Some(hops) = ptr::at::<[u8; 2]>(ctx, gue_off + GUE_HEADER_LEN + 2) {
+    if let Some(hops) = ptr::at::<HopList>(ctx, gue_off + GUE_HEADER_LEN) {
         // SAFETY: bounds checked; `handle` saw hops at most MAX_HOPS, and above 0 when
         // chaining.
         unsafe {
             if !returning {
-                (*hops)[0] -= 1;
+                (*hops).hops_left -= 1;
             }
-            (*hops)[1] = flags;
+            (*hops).flags = flags;
         }
     } else {
         return drop(Reason::DropMalformed);
@@ -205,7 +189,7 @@ fn rewrite_v4(ctx: &XdpContext, off: usize, src: &[u8; 16], dst: &[u8; 16]) -> O
 
 #[inline(always)]
 fn rewrite_v6(ctx: &XdpContext, off: usize, src: &[u8; 16], dst: &[u8; 16]) -> Option<()> {
-    let p = ptr::at::<[u8; 40]>(ctx, off)?;
+    let p = ptr::at::<[u8; IPV6_LEN]>(ctx, off)?;
     // SAFETY: bounds checked by `ptr::at`.
     let h = unsafe { &mut *p };
     h[7] = OUTER_TTL;

@@ -9,12 +9,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     addr::{is_v4_mapped, v4_mapped, v4_part},
-    encap::{
-        write_outer_v4, write_outer_v6, Outer, ENCAP_LEN_V4, ENCAP_LEN_V6, ETH_LEN, FLAG_CHAINED,
-    },
+    encap::{write_outer_v4, write_outer_v6, Outer, ENCAP_LEN_V4, ENCAP_LEN_V6, FLAG_CHAINED},
     hash::{bucket_index, flow_hash, outer_source_port},
     limits::MAX_TABLE_BITS,
     maps::{Backend, NodeConfig, ServiceKey, BACKEND_PRESENT},
+    parse::{self, Flow, Ip, NoFlow},
+    proto::{ETH_LEN, ETH_P_IP, ETH_P_IPV6},
     stats::Reason,
 };
 
@@ -22,39 +22,18 @@ use crate::{
     forward::{self, NextHop},
     icmp_reply,
     maps::{self, BACKENDS, BUCKETS, SERVICES},
-    parse::{Flow, Ip, ETH_P_IP, ETH_P_IPV6},
-    ptr,
+    ptr::{self, Xdp},
     verdict::{drop, pass, Verdict},
 };
 
 /// `unclaimed`: asked again after `local_claim` found no local socket owning the flow.
 #[inline(never)]
 pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> Verdict {
-    // Without ports there is no flow to hash: such packets to a VIP cannot be forwarded
-    // right, so they are dropped and counted; to anything else they pass untouched.
-    let unusable = |reason| {
-        if maps::is_vip(&ip.dst) {
-            drop(reason)
-        } else {
-            pass(Reason::PassNotService)
-        }
-    };
-    if ip.fragment {
-        return unusable(Reason::DropFragment);
-    }
-    if ip.bad_ihl {
-        return unusable(Reason::DropMalformed);
-    }
     let mut flow = Flow::EMPTY;
-    match crate::parse::flow(ctx, ip, &mut flow) {
-        Ok(true) => {}
-        Ok(false) => return pass(Reason::PassNotService),
-        Err(_) => return unusable(Reason::DropMalformed),
-    }
-    // An ICMP error about a VIP's flow is sent to that VIP (the quoted packet's source);
-    // one addressed elsewhere is not lb's to forward.
-    if flow.icmp && flow.tuple.dst != ip.dst {
-        return pass(Reason::PassNotService);
+    match parse::client_flow(Xdp(ctx), ip, &mut flow) {
+        Ok(()) => {}
+        Err(NoFlow::Unusable(r)) if maps::is_vip(&ip.dst) => return drop(r),
+        Err(_) => return pass(Reason::PassNotService),
     }
     let key = ServiceKey {
         addr: flow.tuple.dst,
@@ -160,7 +139,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
 #[inline(never)]
 pub fn local_claim(ctx: &XdpContext, ip: &Ip) -> bool {
     let mut flow = Flow::EMPTY;
-    matches!(crate::parse::flow(ctx, ip, &mut flow), Ok(true))
+    matches!(parse::flow(Xdp(ctx), ip, &mut flow), Ok(true))
         && crate::backend::claim(ctx, &flow, ip, false).is_some()
 }
 

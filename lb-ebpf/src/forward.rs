@@ -19,6 +19,7 @@ use aya_ebpf::{
 use lb_common::{
     addr::{is_v4_mapped, ne_words, v4_part},
     maps::{NextHopEntry, NEXTHOP_VALID, NO_BACKEND},
+    proto::IPPROTO_UDP,
     stats::Reason,
 };
 
@@ -35,7 +36,6 @@ static FIB_PARAMS: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const IPPROTO_UDP: u8 = 17;
 
 /// Where a packet to `dst` leaves: interface and MAC addresses.
 #[derive(Clone, Copy)]

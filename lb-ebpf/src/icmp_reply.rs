@@ -24,19 +24,21 @@ use aya_ebpf::{
 };
 use lb_common::{
     addr::{is_v4_mapped, ne_words, v4_part},
-    encap::{ipv4_checksum, ENCAP_LEN_V4, ENCAP_LEN_V6, IPV4_LEN, IPV6_LEN},
+    encap::{ipv4_checksum, ENCAP_LEN_V4, ENCAP_LEN_V6},
     maps::NodeConfig,
+    parse::{Ip, L2},
+    proto::{
+        ETH_P_IP, ETH_P_IPV6, ICMP_LEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, IPV4_LEN,
+        IPV6_LEN,
+    },
     stats::Reason,
 };
 
 use crate::{
-    parse::{Ip, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6, L2},
     ptr,
     verdict::{drop, Verdict},
 };
 
-/// ICMP and ICMPv6 headers (type, code, checksum, 4 bytes of MTU).
-const ICMP_LEN: usize = 8;
 /// Bytes of the client's packet quoted: enough for its IP and transport headers, and the
 /// ICMP header and quote are one `bpf_csum_diff` call (at most 512 bytes). A packet too
 /// big for any usable MTU is longer than this.
@@ -48,7 +50,6 @@ const IPV6_MIN_MTU: u32 = 1280;
 const IPV4_MIN_MTU: u32 = 68;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const IPPROTO_UDP: u8 = 17;
 
 /// The next hop a client packet was too big for (`valid` 1), per CPU, until `too_big`
 /// takes it.

@@ -1,13 +1,33 @@
 //! Bounds-checked access to packet bytes: the verifier accepts a packet access only after
-//! a comparison against `data_end`, and this is the one place that makes it.
+//! a comparison against `data_end`, and this is the one place that makes it. The parser in
+//! `lb_common::parse` reads through it too ([`Xdp`]).
 
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
+use lb_common::{limits::MAX_HEADER_OFFSET, parse::Frame};
 
-/// Headers are looked for only this far into a packet. The bound also tells the verifier
-/// that an offset which went through memory (and lost its known range) is small.
-pub const MAX_HEADER_OFFSET: usize = 1024;
+/// The XDP context as the parser's byte source. The references it hands out are valid
+/// until the packet is resized (`bpf_xdp_adjust_head`): read what is needed before.
+#[derive(Clone, Copy)]
+pub struct Xdp<'a>(pub &'a XdpContext);
+
+// SAFETY: `span` compares against `data_end` before it returns a pointer.
+unsafe impl<'a> Frame<'a> for Xdp<'a> {
+    #[inline(always)]
+    fn len(self) -> usize {
+        self.0.data_end() - self.0.data()
+    }
+
+    #[inline(always)]
+    fn span(self, off: usize, size: usize) -> Option<*const u8> {
+        let start = self.0.data();
+        if start + off + size > self.0.data_end() {
+            return None;
+        }
+        Some((start + off) as *const u8)
+    }
+}
 
 /// A pointer to a `T` at `off` bytes into the packet, or `None` when the packet is shorter.
 #[inline(always)]
@@ -15,11 +35,9 @@ pub fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     if off > MAX_HEADER_OFFSET {
         return None;
     }
-    let start = ctx.data();
-    if start + off + size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + off) as *mut T)
+    Xdp(ctx)
+        .span(off, size_of::<T>())
+        .map(|p| p.cast::<T>().cast_mut())
 }
 
 /// Reads a `T` at `off` (unaligned: headers sit at any offset).
@@ -27,10 +45,4 @@ pub fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 pub fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
     // SAFETY: `at` checked the bounds.
     at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
-}
-
-/// Reads a big-endian u16 at `off`.
-#[inline(always)]
-pub fn read_be16(ctx: &XdpContext, off: usize) -> Option<u16> {
-    read::<[u8; 2]>(ctx, off).map(u16::from_be_bytes)
 }

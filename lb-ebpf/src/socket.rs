@@ -21,13 +21,12 @@ use aya_ebpf::{
 use lb_common::{
     addr::{ne_words, v4_part},
     hash::FlowTuple,
+    parse::{Flow, Ip},
+    proto::{IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, TCP_ACK, TCP_LEN},
     tcp_window::{ack_in_window, seq_in_window, TcpSockOffsets},
 };
 
-use crate::{
-    parse::{Flow, Ip, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK},
-    ptr,
-};
+use crate::ptr;
 
 /// `BPF_F_CURRENT_NETNS` (-1) as the helpers' u64 argument.
 const CURRENT_NETNS: u64 = u64::MAX;
@@ -193,17 +192,17 @@ fn fill(t: &mut bpf_sock_tuple, f: &FlowTuple, v6: bool) -> u32 {
 /// copies would cost the frame they need).
 #[inline(never)]
 fn syncookie_ok(ctx: &XdpContext, sk: *mut bpf_sock, inner: &Ip) -> bool {
-    let Some(th) = ptr::at::<[u8; 20]>(ctx, inner.l4_off) else {
+    let Some(th) = ptr::at::<[u8; TCP_LEN]>(ctx, inner.l4_off) else {
         return false;
     };
     let (iph, iph_len) = if inner.v6 {
         (
-            ptr::at::<[u8; 40]>(ctx, inner.l3_off).map(|p| p.cast::<u8>()),
+            ptr::at::<[u8; IPV6_LEN]>(ctx, inner.l3_off).map(|p| p.cast::<u8>()),
             40,
         )
     } else {
         (
-            ptr::at::<[u8; 20]>(ctx, inner.l3_off).map(|p| p.cast::<u8>()),
+            ptr::at::<[u8; IPV4_LEN]>(ctx, inner.l3_off).map(|p| p.cast::<u8>()),
             20,
         )
     };

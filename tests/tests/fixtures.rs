@@ -27,6 +27,7 @@ use lb_common::{
     hash::{bucket_index, flow_hash, outer_source_port, FlowTuple},
     maps::{Bucket, Counters, ServiceBackendKey},
     packet::example::{NODE_MAC, PEER_MAC},
+    proto::{ETH_P_IP, ETH_P_IPV6},
     stats::Reason,
 };
 use tests::fixture::{self, install_service, GW_MAC};
@@ -283,7 +284,7 @@ fn encapsulated(
     out.extend_from_slice(&eth_dst);
     out.extend_from_slice(&eth_src);
     if lb_common::addr::is_v4_mapped(&outer_dst) {
-        out.extend_from_slice(&0x0800u16.to_be_bytes());
+        out.extend_from_slice(&ETH_P_IP.to_be_bytes());
         let mut ip = Ipv4Header::new(
             udp_len,
             64,
@@ -296,7 +297,7 @@ fn encapsulated(
         ip.header_checksum = ip.calc_header_checksum();
         out.extend_from_slice(&ip.to_bytes());
     } else {
-        out.extend_from_slice(&0x86ddu16.to_be_bytes());
+        out.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
         let ip = Ipv6Header {
             traffic_class: 0,
             flow_label: Ipv6FlowLabel::try_new(0).unwrap(),

@@ -36,6 +36,7 @@ use lb_common::{
         mutate::{mutate, random_frame, Frame, Mutation, Rng},
         Class, NodeView, UNTOUCHED,
     },
+    proto::{ETH_LEN, ETH_P_IP},
     stats::Reason,
 };
 use serde_json::{json, Value};
@@ -221,10 +222,10 @@ fn check_packet(
     match (class, reason) {
         (Class::Service(s), Reason::Encapsulated | Reason::IcmpForwarded) => {
             let encap = match u16::from_be_bytes([run.output[12], run.output[13]]) {
-                0x0800 => ENCAP_LEN_V4,
+                ETH_P_IP => ENCAP_LEN_V4,
                 _ => ENCAP_LEN_V6,
             };
-            if run.output.len() != input.len() - s.l3_off + 14 + encap {
+            if run.output.len() != input.len() - s.l3_off + ETH_LEN + encap {
                 bail!("encapsulated to {} bytes", run.output.len());
             }
             if run.output[..6] != GW_MAC || run.output[14 + encap..] != input[s.l3_off..] {

@@ -2,12 +2,13 @@
 //! bounded fuzz run of the tests.
 
 use super::{
-    classify, ethernet, example, ip, mutate::Frame, Class, NodeView, Reason, ServiceFlow, ETH_LEN,
-    ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, MAX_HEADER_OFFSET, UNTOUCHED,
+    classify, ethernet, example, ip, mutate::Frame, Class, NodeView, Reason, ServiceFlow, UNTOUCHED,
 };
 use crate::{
     addr::{is_v4_mapped, v4_mapped},
     encap::{write_outer_v4, write_outer_v6, Outer, ENCAP_LEN_V4, ENCAP_LEN_V6},
+    limits::MAX_HEADER_OFFSET,
+    proto::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, ICMP_LEN, IPPROTO_TCP},
 };
 
 /// A broken invariant.
@@ -109,9 +110,9 @@ fn past_header_limit(frame: &[u8], s: &ServiceFlow, shift: usize) -> bool {
     // error the quoted packet's transport header, which lies at most a few hundred
     // bytes further.
     let deepest = if s.icmp {
-        match ip(frame, i.l4_off + 8, v6) {
+        match ip(frame, i.l4_off + ICMP_LEN, v6) {
             Ok(q) => q.l4_off,
-            Err(_) => i.l4_off + 8,
+            Err(_) => i.l4_off + ICMP_LEN,
         }
     } else {
         i.l4_off
@@ -146,20 +147,20 @@ fn encapsulate(
         flags: 0,
         next_hop,
     };
-    let mut out = [0u8; 14 + ENCAP_LEN_V6];
+    let mut out = [0u8; ETH_LEN + ENCAP_LEN_V6];
     out[..12].copy_from_slice(&frame[..12]);
     let n = if v4 {
         out[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
         let mut h = [0u8; ENCAP_LEN_V4];
         write_outer_v4(&o, &mut h);
-        out[14..14 + ENCAP_LEN_V4].copy_from_slice(&h);
-        14 + ENCAP_LEN_V4
+        out[ETH_LEN..ETH_LEN + ENCAP_LEN_V4].copy_from_slice(&h);
+        ETH_LEN + ENCAP_LEN_V4
     } else {
         out[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
         let mut h = [0u8; ENCAP_LEN_V6];
         write_outer_v6(&o, &mut h);
-        out[14..].copy_from_slice(&h);
-        14 + ENCAP_LEN_V6
+        out[ETH_LEN..].copy_from_slice(&h);
+        ETH_LEN + ENCAP_LEN_V6
     };
     let mut f = Frame::EMPTY;
     (f.extend(&out[..n]) && f.extend(inner)).then_some(f)

@@ -1,8 +1,11 @@
 //! The node of the seed corpus (lb-common/fuzz/corpus/classify), the fuzz target and
 //! the data-plane tests that replay the corpus: its addresses, GUE port and services.
 
-use super::{NodeView, ServiceAddr, IPPROTO_TCP, IPPROTO_UDP};
-use crate::addr::v4_mapped;
+use super::{NodeView, ServiceAddr};
+use crate::{
+    addr::v4_mapped,
+    proto::{IPPROTO_TCP, IPPROTO_UDP},
+};
 
 pub const NODE_V4: [u8; 4] = [10, 0, 0, 1];
 /// fd00::1

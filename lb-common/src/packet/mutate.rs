@@ -3,11 +3,23 @@
 //! versions and hop counts, hop lists naming the receiver itself, IPv6 extension headers.
 //! Deterministic for a given seed, so a failure reproduces.
 
-use super::{
-    ethernet, ip, Ip, ETH_LEN, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING,
-    IPPROTO_TCP, IPPROTO_UDP,
+use core::mem::offset_of;
+
+use super::{ethernet, ip, Ip};
+use crate::{
+    encap::{Gue, GUE_LEN},
+    proto::{
+        ETH_LEN, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_IPV6, IPPROTO_ROUTING,
+        IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, UDP_LEN,
+    },
 };
-use crate::encap::{GUE_HEADER_LEN, HOP_LIST_LEN, IPPROTO_IPV6, IPV4_LEN, IPV6_LEN, UDP_LEN};
+
+/// Where the GUE fields the mutations aim at lie, from the start of the GUE header.
+const GUE_PROTO: usize = offset_of!(Gue, header.proto);
+const HOP_LIST_KIND: usize = offset_of!(Gue, hops.kind);
+const HOPS_LEFT: usize = offset_of!(Gue, hops.hops_left);
+const HOP_FLAGS: usize = offset_of!(Gue, hops.flags);
+const NEXT_HOP: usize = offset_of!(Gue, hops.next_hop);
 
 /// The largest frame handled (BPF_PROG_TEST_RUN takes a little under a page).
 pub const CAPACITY: usize = 2048;
@@ -202,10 +214,10 @@ fn layout(f: &[u8]) -> Layout {
     let mut inner = None;
     if let Some(o) = outer.filter(|o| o.proto == IPPROTO_UDP && !o.bad_ihl) {
         let g = o.l4_off + UDP_LEN;
-        if f.len() >= g + GUE_HEADER_LEN + HOP_LIST_LEN {
+        if f.len() >= g + GUE_LEN {
             gue_off = Some(g);
-            let inner_v6 = f[g + 1] == IPPROTO_IPV6;
-            inner = ip(f, g + GUE_HEADER_LEN + HOP_LIST_LEN, inner_v6).ok();
+            let inner_v6 = f[g + GUE_PROTO] == IPPROTO_IPV6;
+            inner = ip(f, g + GUE_LEN, inner_v6).ok();
         }
     }
     Layout {
@@ -410,22 +422,22 @@ fn apply(rng: &mut Rng, f: &mut Frame, m: Mutation, ports: &[u16]) -> bool {
                 return false;
             };
             let any = rng.byte();
-            f.set(g + 1, &[rng.pick(&[4u8, 41, 0, 6, 17, 47, any])])
+            f.set(g + GUE_PROTO, &[rng.pick(&[4u8, 41, 0, 6, 17, 47, any])])
         }
         Mutation::GueHops => {
             let Some(g) = l.gue_off else {
                 return false;
             };
-            f.set(g + 6, &[rng.pick(&[0u8, 1, 2, 3, 0x7f, 0xff])])
+            f.set(g + HOPS_LEFT, &[rng.pick(&[0u8, 1, 2, 3, 0x7f, 0xff])])
         }
         Mutation::GueHopList => {
             let Some(g) = l.gue_off else {
                 return false;
             };
             if rng.below(2) == 0 {
-                f.set(g + 4 + rng.below(2), &[rng.byte()])
+                f.set(g + HOP_LIST_KIND + rng.below(2), &[rng.byte()])
             } else {
-                f.set(g + 7, &[rng.pick(&[0u8, 1, 2, 0x80, 0xff])])
+                f.set(g + HOP_FLAGS, &[rng.pick(&[0u8, 1, 2, 0x80, 0xff])])
             }
         }
         Mutation::GueNextHopSelf => {
@@ -442,7 +454,7 @@ fn apply(rng: &mut Rng, f: &mut Frame, m: Mutation, ports: &[u16]) -> bool {
                     a
                 }
             };
-            f.set(g + 4 + 4, &hop) && f.set(g + 6, &[1])
+            f.set(g + NEXT_HOP, &hop) && f.set(g + HOPS_LEFT, &[1])
         }
     }
 }

@@ -9,7 +9,8 @@ use std::{collections::BTreeMap, format, string::String, vec, vec::Vec};
 use super::{example::*, mutate::*, *};
 use crate::{
     addr::v4_mapped,
-    encap::{GUE_HLEN, OUTER_TTL},
+    encap::{GUE_HLEN, HOP_LIST_TYPE, OUTER_TTL},
+    proto::*,
 };
 
 // ---- frames ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ use std::{
 };
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use lb_common::encap::{GUE_FIRST_BYTE, HOP_LIST_LEN, HOP_LIST_TYPE, IPPROTO_IPIP, IPPROTO_IPV6};
+use lb_common::{encap::Gue, parse::Wire};
 
 use super::CheckResult;
 use crate::config::{CheckKind, HealthConfig};
@@ -53,15 +53,9 @@ pub async fn check(backend: IpAddr, port: u16, t: &Tunnel, config: &HealthConfig
 
 /// The GUE header and a hop list with no hop left: the backend must accept the packet.
 fn gue(inner: &IpAddr, packet: &[u8]) -> Vec<u8> {
-    let proto = if inner.is_ipv4() {
-        IPPROTO_IPIP
-    } else {
-        IPPROTO_IPV6
-    };
-    let mut out = vec![GUE_FIRST_BYTE, proto, 0, 0];
-    let mut hops = [0u8; HOP_LIST_LEN];
-    hops[..2].copy_from_slice(&HOP_LIST_TYPE);
-    out.extend_from_slice(&hops);
+    let mut g = Gue::ZERO;
+    g.set(inner.is_ipv6(), 0, 0, &[0; 16]);
+    let mut out = g.as_bytes().to_vec();
     out.extend_from_slice(packet);
     out
 }

@@ -17,7 +17,9 @@ use lb::{
     dataplane::{Dataplane, LoadOptions, Node},
     table::{self, Backend},
 };
-use lb_common::{addr::to_bytes, limits::DEFAULT_TABLE_BITS, packet::example, stats::Reason};
+use lb_common::{
+    addr::to_bytes, limits::DEFAULT_TABLE_BITS, packet::example, proto::ETH_P_IP, stats::Reason,
+};
 
 use super::{
     super::fixture::install_service,
@@ -295,7 +297,7 @@ fn spread(dp: &mut Dataplane, harness: &Harness, c: &Case) -> Result<(usize, Opt
         let t = harness.run_direct(dp.ebpf(), lb::ebpf::PROGRAM, f, 1)?;
         if c.verdict == XDP_TX {
             let dst = match u16::from_be_bytes([t.output[12], t.output[13]]) {
-                0x0800 => t.output[30..34].to_vec(),
+                ETH_P_IP => t.output[30..34].to_vec(),
                 _ => t.output[38..54].to_vec(),
             };
             dests.insert(dst);

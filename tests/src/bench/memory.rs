@@ -55,7 +55,11 @@ pub fn measure() -> Result<Vec<MapBytes>> {
 /// The `memlock` line of the map's fdinfo: the kernel's figure for its memory.
 fn memlock(map: Option<&Map>, name: &str) -> Result<u64> {
     let data: &MapData = match map.with_context(|| format!("no map {name}"))? {
-        Map::Array(d) | Map::HashMap(d) | Map::PerCpuArray(d) | Map::ProgramArray(d) => d,
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuHashMap(d)
+        | Map::ProgramArray(d) => d,
         _ => anyhow::bail!("map {name}: a kind this benchmark does not know"),
     };
     let fd = data.fd().as_fd().as_raw_fd();

@@ -6,7 +6,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
 use lb_common::{
     addr::v4_mapped,
-    encap::{write_outer_v4, Outer, ENCAP_LEN_V4, ETH_LEN},
+    encap::{write_outer_v4, Outer, ENCAP_LEN_V4},
+    proto::{ETH_LEN, ETH_P_IP},
 };
 
 pub type Mac = [u8; 6];
@@ -121,7 +122,7 @@ pub fn gue4(
     let mut v = Vec::with_capacity(ETH_LEN + ENCAP_LEN_V4 + inner.len());
     v.extend_from_slice(&m.dst);
     v.extend_from_slice(&m.src);
-    v.extend_from_slice(&0x0800u16.to_be_bytes());
+    v.extend_from_slice(&ETH_P_IP.to_be_bytes());
     v.extend_from_slice(&headers);
     v.extend_from_slice(inner);
     v
