@@ -164,7 +164,7 @@ fn warn_empty_service(change: &Change) {
 fn status(socket: &std::path::Path) -> anyhow::Result<lb::api::Status> {
     match client::request(socket, &Request::Status {})? {
         Response::Status(s) => Ok(s),
-        Response::Error { message } => anyhow::bail!("{message}"),
+        Response::Error { kind, message } => anyhow::bail!("{}: {message}", kind.name()),
         other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
     }
 }
@@ -176,7 +176,7 @@ fn print(s: &str) -> ExitCode {
 
 fn unexpected(r: Response) -> ExitCode {
     match r {
-        Response::Error { message } => eprintln!("lb: {message}"),
+        Response::Error { kind, message } => eprintln!("lb: {}: {message}", kind.name()),
         other => eprintln!("lb: unexpected answer from the agent: {other:?}"),
     }
     ExitCode::FAILURE

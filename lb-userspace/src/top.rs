@@ -53,7 +53,9 @@ pub fn run(socket: &Path, every: Duration) -> anyhow::Result<()> {
                     view.error = None;
                     last = Some((s, asked));
                 }
-                Ok(Response::Error { message }) => view.error = Some(message),
+                Ok(Response::Error { kind, message }) => {
+                    view.error = Some(format!("{}: {message}", kind.name()));
+                }
                 Ok(other) => view.error = Some(format!("unexpected answer: {other:?}")),
                 Err(e) => view.error = Some(e.to_string()),
             }
