@@ -422,18 +422,26 @@ impl Agent {
 
     /// Takes in health verdicts; the tables of the services they change are rebuilt once.
     fn health_changed(&mut self, verdicts: Vec<HealthEvent>) {
-        let mut flips = 0;
+        let (mut ups, mut downs) = (0, 0);
         for ev in verdicts {
             let key = (ev.service.clone(), ev.backend);
             if self.health.insert(key, ev.up) == Some(ev.up) {
                 continue;
             }
-            flips += 1;
-            let why = if ev.up { "backend up" } else { "backend down" };
+            let why = if ev.up {
+                ups += 1;
+                "backend up"
+            } else {
+                downs += 1;
+                "backend down"
+            };
             info!(service = %ev.service, backend = %ev.backend, reason = %ev.reason, "{why}");
         }
-        if flips > 0 {
-            self.resync("health");
+        // The rebuilds' log names a failure when there is one among the verdicts.
+        if downs > 0 {
+            self.resync("backend down");
+        } else if ups > 0 {
+            self.resync("backend up");
         }
     }
 

@@ -32,7 +32,7 @@ pub fn measure() -> Result<Vec<MapBytes>> {
     ]
     .into_iter()
     .map(|(config, bucket_slots)| {
-        let mut dp = Dataplane::load(&LoadOptions {
+        let dp = Dataplane::load(&LoadOptions {
             bucket_slots,
             pin_dir: None,
         })
