@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub node: NodeConfig,
+    pub node: NodeSettings,
     #[serde(default)]
     pub agent: AgentConfig,
     /// Services this node load-balances (empty on a pure backend).
@@ -68,7 +68,7 @@ fn default_vip_mss() -> Option<VipMss> {
 /// This node's place in the network.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct NodeConfig {
+pub struct NodeSettings {
     /// Interfaces the XDP program is attached to.
     pub interfaces: Vec<String>,
     /// The node's addresses for GUE: source of what it sends, destination of what it

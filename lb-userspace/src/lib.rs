@@ -3,7 +3,7 @@
 
 pub mod api;
 pub mod cli;
-pub mod client;
+pub mod api_client;
 pub mod config;
 pub mod dataplane;
 pub mod ebpf;
