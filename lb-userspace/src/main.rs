@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
 use lb::{
     api::{Change, Request, Response},
-    cli::{Cli, Command, ConfigCmd},
     api_client,
+    cli::{Cli, Command, ConfigCmd},
     config::Config,
 };
 
