@@ -170,6 +170,21 @@ pub mod names {
     pub const SERVICE_BACKEND_STATS: &str = "SERVICE_BACKEND_STATS";
     pub const NEXTHOPS: &str = "NEXTHOPS";
     pub const NEXTHOPS_BY_ADDR: &str = "NEXTHOPS_BY_ADDR";
+
+    /// Every map userspace knows (pinned under these names).
+    pub const ALL: [&str; 11] = [
+        SERVICES,
+        VIPS,
+        VIP_FILTER,
+        BUCKETS,
+        BACKENDS,
+        NODE,
+        REASON_STATS,
+        SERVICE_STATS,
+        SERVICE_BACKEND_STATS,
+        NEXTHOPS,
+        NEXTHOPS_BY_ADDR,
+    ];
 }
 
 #[cfg(feature = "user")]

@@ -83,9 +83,81 @@ pub enum Response {
     },
     /// A reload was applied: what changed, and what waits for a restart.
     Reloaded(ReloadReport),
+    /// The request was refused or failed: nothing changed unless `kind` is `internal`.
     Error {
+        /// What sort of failure, for programs (an older agent sends none: `internal`).
+        #[serde(default)]
+        kind: ErrorKind,
         message: String,
     },
+}
+
+/// Why a request failed.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request or the configuration it would give is invalid (the rules of a file).
+    Invalid,
+    /// It names a service or backend that does not exist.
+    NotFound,
+    /// It clashes with what exists (a name, an address, a file edited meanwhile).
+    Conflict,
+    /// It needs more than the data plane holds (services, backends, buckets).
+    Capacity,
+    /// The caller may not make this request.
+    Forbidden,
+    /// The agent cannot answer now (starting, stopping); try again.
+    Unavailable,
+    /// The agent failed applying it (a map or file write).
+    #[default]
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Capacity => "capacity",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+/// A refused or failed request: what `Response::Error` carries.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ApiError> for Response {
+    fn from(e: ApiError) -> Self {
+        Response::Error {
+            kind: e.kind,
+            message: e.message,
+        }
+    }
+}
+
+impl Response {
+    /// A response of error `kind`.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ApiError::new(kind, message).into()
+    }
 }
 
 /// What a reload did.
@@ -235,5 +307,17 @@ mod tests {
             let extra = format!(r#"{{"op":"{op}","dry_run":true}}"#);
             assert!(serde_json::from_str::<Request>(&extra).is_err(), "{extra}");
         }
+        let e = Response::error(ErrorKind::NotFound, "no service named \"x\"");
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"result":"error","kind":"not_found","message":"no service named \"x\""}"#
+        );
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), e);
+        let old = r#"{"result":"error","message":"m"}"#;
+        assert_eq!(
+            serde_json::from_str::<Response>(old).unwrap(),
+            Response::error(ErrorKind::Internal, "m")
+        );
     }
 }

@@ -239,7 +239,7 @@ fn service_names() -> Vec<CompletionCandidate> {
         || PathBuf::from(crate::config::DEFAULT_API_SOCKET),
         PathBuf::from,
     );
-    match crate::client::request(&socket, &crate::api::Request::Status {}) {
+    match crate::api_client::request(&socket, &crate::api::Request::Status {}) {
         Ok(crate::api::Response::Status(s)) => s
             .services
             .into_iter()

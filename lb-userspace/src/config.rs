@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub node: NodeConfig,
+    pub node: NodeSettings,
     #[serde(default)]
     pub agent: AgentConfig,
     /// Services this node load-balances (empty on a pure backend).
@@ -68,7 +68,7 @@ fn default_vip_mss() -> Option<VipMss> {
 /// This node's place in the network.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct NodeConfig {
+pub struct NodeSettings {
     /// Interfaces the XDP program is attached to.
     pub interfaces: Vec<String>,
     /// The node's addresses for GUE: source of what it sends, destination of what it
@@ -400,6 +400,46 @@ impl Config {
         vips.into_iter().collect()
     }
 
+    /// Where the configuration asks for more than the data plane holds: services,
+    /// backends, buckets (part of `problems`).
+    pub fn capacity_problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.services.len() > MAX_SERVICES as usize {
+            p.push(format!(
+                "services: {} services, at most {MAX_SERVICES}",
+                self.services.len()
+            ));
+        }
+        let mut all_backends = BTreeSet::new();
+        let mut slots_needed = 0u64;
+        for (i, s) in self.services.iter().enumerate() {
+            if s.backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
+                p.push(format!(
+                    "services[{i}] ({}): backends: {} backends, at most \
+                     {MAX_BACKENDS_PER_SERVICE}",
+                    s.name,
+                    s.backends.len()
+                ));
+            }
+            all_backends.extend(s.backends.iter().map(|b| b.address));
+            slots_needed += 2u64 << s.bits().min(MAX_TABLE_BITS);
+        }
+        if all_backends.len() > MAX_BACKENDS as usize {
+            p.push(format!(
+                "services: {} distinct backends, at most {MAX_BACKENDS}",
+                all_backends.len()
+            ));
+        }
+        let slots = self.agent.bucket_slots;
+        if slots_needed > u64::from(slots) {
+            p.push(format!(
+                "services: the tables need {slots_needed} buckets (each double-buffered), \
+                 agent.bucket_slots is {slots}"
+            ));
+        }
+        p
+    }
+
     /// Every problem of the configuration as a whole (empty when valid).
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -438,16 +478,8 @@ impl Config {
                 1u32 << 26
             ));
         }
-        if self.services.len() > MAX_SERVICES as usize {
-            p.push(format!(
-                "services: {} services, at most {MAX_SERVICES}",
-                self.services.len()
-            ));
-        }
         let mut names = BTreeSet::new();
         let mut keys = BTreeSet::new();
-        let mut all_backends = BTreeSet::new();
-        let mut slots_needed = 0u64;
         for (i, s) in self.services.iter().enumerate() {
             let at = format!("services[{i}] ({})", s.name);
             p.extend(
@@ -464,8 +496,6 @@ impl Config {
                     s.protocol, s.vip, s.port
                 ));
             }
-            all_backends.extend(s.backends.iter().map(|b| b.address));
-            slots_needed += 2u64 << s.bits().min(MAX_TABLE_BITS);
             for b in &s.backends {
                 if b.address.is_ipv4() && n.address_v4.is_none() {
                     p.push(format!(
@@ -492,19 +522,7 @@ impl Config {
                 }
             }
         }
-        if all_backends.len() > MAX_BACKENDS as usize {
-            p.push(format!(
-                "services: {} distinct backends, at most {MAX_BACKENDS}",
-                all_backends.len()
-            ));
-        }
-        if slots_needed > u64::from(a.bucket_slots) {
-            p.push(format!(
-                "services: the tables need {slots_needed} buckets (each double-buffered), \
-                 agent.bucket_slots is {}",
-                a.bucket_slots
-            ));
-        }
+        p.extend(self.capacity_problems());
         let mut vips = BTreeSet::new();
         for v in &self.backend_vips {
             if !vips.insert(v) {
@@ -590,12 +608,6 @@ pub fn service_problems(s: &ServiceConfig) -> Vec<String> {
         p.push(format!(
             "table_bits: {} is out of range ({MIN_TABLE_BITS} to {MAX_TABLE_BITS})",
             s.bits()
-        ));
-    }
-    if s.backends.len() > MAX_BACKENDS_PER_SERVICE as usize {
-        p.push(format!(
-            "backends: {} backends, at most {MAX_BACKENDS_PER_SERVICE}",
-            s.backends.len()
         ));
     }
     if s.backends.len() > (1usize << s.bits().min(MAX_TABLE_BITS)) {

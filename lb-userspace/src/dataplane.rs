@@ -1,6 +1,7 @@
 //! The data plane as userspace sees it: the loaded XDP object, its programs and maps.
 //! Everything that writes the maps goes through here so the layout rules (see
-//! `lb_common::maps`) live in one place.
+//! `lb_common::maps`) live in one place. The maps are taken from the object once, at
+//! load, as typed handles: no write looks a map up by name.
 
 use std::{
     net::IpAddr,
@@ -8,7 +9,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::XdpLink,
@@ -76,24 +77,74 @@ impl Default for LoadOptions {
     }
 }
 
-/// Every map of the object (also the pin names under `maps/`).
-pub const MAP_NAMES: [&str; 11] = [
-    names::SERVICES,
-    names::VIPS,
-    names::VIP_FILTER,
-    names::BUCKETS,
-    names::BACKENDS,
-    names::NODE,
-    names::REASON_STATS,
-    names::SERVICE_STATS,
-    names::SERVICE_BACKEND_STATS,
-    names::NEXTHOPS,
-    names::NEXTHOPS_BY_ADDR,
-];
+/// The maps of the object, typed; taken from it once at load.
+struct Maps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    vips: HashMap<MapData, [u8; 16], VipRefs>,
+    vip_filter: Array<MapData, u64>,
+    buckets: Array<MapData, Bucket>,
+    backends: Array<MapData, Backend>,
+    node: Array<MapData, NodeConfig>,
+    reason_stats: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    service_backend_stats: PerCpuHashMap<MapData, ServiceBackendKey, Counters>,
+    nexthops: Array<MapData, NextHopEntry>,
+    nexthops_by_addr: HashMap<MapData, [u8; 16], NextHopEntry>,
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> Result<Maps, DataplaneError> {
+        Ok(Maps {
+            services: take(ebpf, names::SERVICES)?,
+            vips: take(ebpf, names::VIPS)?,
+            vip_filter: take(ebpf, names::VIP_FILTER)?,
+            buckets: take(ebpf, names::BUCKETS)?,
+            backends: take(ebpf, names::BACKENDS)?,
+            node: take(ebpf, names::NODE)?,
+            reason_stats: take(ebpf, names::REASON_STATS)?,
+            service_stats: take(ebpf, names::SERVICE_STATS)?,
+            service_backend_stats: take(ebpf, names::SERVICE_BACKEND_STATS)?,
+            nexthops: take(ebpf, names::NEXTHOPS)?,
+            nexthops_by_addr: take(ebpf, names::NEXTHOPS_BY_ADDR)?,
+        })
+    }
+
+    /// Every map with its name, in the order of `names::ALL`.
+    fn all(&self) -> [(&'static str, &MapData); names::ALL.len()] {
+        [
+            (names::SERVICES, self.services.map()),
+            (names::VIPS, self.vips.map()),
+            (names::VIP_FILTER, self.vip_filter.map()),
+            (names::BUCKETS, self.buckets.map()),
+            (names::BACKENDS, self.backends.map()),
+            (names::NODE, self.node.map()),
+            (names::REASON_STATS, self.reason_stats.map()),
+            (names::SERVICE_STATS, self.service_stats.map()),
+            (
+                names::SERVICE_BACKEND_STATS,
+                self.service_backend_stats.map(),
+            ),
+            (names::NEXTHOPS, self.nexthops.map()),
+            (names::NEXTHOPS_BY_ADDR, self.nexthops_by_addr.map()),
+        ]
+    }
+}
+
+/// Map `name` of `ebpf`, taken out of it as a `T`.
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| map_err(name, source))
+}
 
 /// The loaded object: the main program verified and loaded, maps created.
 pub struct Dataplane {
     ebpf: Ebpf,
+    maps: Maps,
     pin_dir: Option<PathBuf>,
     adopted: bool,
 }
@@ -112,7 +163,7 @@ impl Dataplane {
                     message: e.to_string(),
                 })?;
                 adopted = maps.join(names::SERVICES).exists();
-                MAP_NAMES.iter().map(|n| (*n, maps.join(n))).collect()
+                names::ALL.iter().map(|n| (*n, maps.join(n))).collect()
             }
             None => Vec::new(),
         };
@@ -128,8 +179,10 @@ impl Dataplane {
         loader.override_global(tcp_window::OFFSETS_GLOBAL, &tcp_sock, true);
         let mut ebpf = loader.load(ebpf::object()).map_err(DataplaneError::Load)?;
         load_program(&mut ebpf, ebpf::PROGRAM)?;
+        let maps = Maps::take(&mut ebpf)?;
         Ok(Dataplane {
             ebpf,
+            maps,
             pin_dir: opts.pin_dir.clone(),
             adopted,
         })
@@ -197,9 +250,14 @@ impl Dataplane {
         xdp(&mut self.ebpf, ebpf::PROGRAM)
     }
 
-    /// The object, for callers that need other programs or raw map access.
+    /// The object, for callers that need its other programs (its maps are taken out).
     pub fn ebpf(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// Every map of the object with its name (for its memory, say).
+    pub fn maps(&self) -> impl Iterator<Item = (&'static str, &MapData)> {
+        self.maps.all().into_iter()
     }
 
     /// Writes the node's settings; until this is done the program passes everything.
@@ -218,8 +276,9 @@ impl Dataplane {
         if let Some(v6) = node.addr_v6 {
             cfg.addr_v6 = v6.octets();
         }
-        let mut m: Array<&mut MapData, NodeConfig> = self.map_mut(names::NODE)?;
-        m.set(0, cfg, 0)
+        self.maps
+            .node
+            .set(0, cfg, 0)
             .map_err(|source| map_err(names::NODE, source))
     }
 
@@ -231,15 +290,16 @@ impl Dataplane {
             addr: addr::to_bytes(ip),
             flags: lb_common::maps::BACKEND_PRESENT,
         };
-        let mut m: Array<&mut MapData, Backend> = self.map_mut(names::BACKENDS)?;
-        m.set(index, value, 0)
+        self.maps
+            .backends
+            .set(index, value, 0)
             .map_err(|source| map_err(names::BACKENDS, source))
     }
 
     /// Writes `buckets` at `offset` of the bucket map. Not visible to the data plane until a
     /// service points at it (see `set_service`).
     pub fn write_table(&mut self, offset: u32, buckets: &[Bucket]) -> Result<(), DataplaneError> {
-        let mut m: Array<&mut MapData, Bucket> = self.map_mut(names::BUCKETS)?;
+        let m = &mut self.maps.buckets;
         for (i, b) in buckets.iter().enumerate() {
             m.set(offset + i as u32, *b, 0)
                 .map_err(|source| map_err(names::BUCKETS, source))?;
@@ -258,7 +318,7 @@ impl Dataplane {
         let Some(old) = old.filter(|o| o.len() == buckets.len()) else {
             return self.write_table(offset, buckets);
         };
-        let mut m: Array<&mut MapData, Bucket> = self.map_mut(names::BUCKETS)?;
+        let m = &mut self.maps.buckets;
         for (i, (b, o)) in buckets.iter().zip(old).enumerate() {
             if b != o {
                 m.set(offset + i as u32, *b, 0)
@@ -275,23 +335,18 @@ impl Dataplane {
         key: &ServiceKey,
         value: &ServiceValue,
     ) -> Result<(), DataplaneError> {
-        let vips: HashMap<&mut MapData, [u8; 16], VipRefs> = self.map_mut(names::VIPS)?;
-        let refs = vips.get(&key.addr, 0).unwrap_or(0);
-        let is_new = {
-            let services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-                self.map_mut(names::SERVICES)?;
-            services.get(key, 0).is_err()
-        };
+        let refs = self.maps.vips.get(&key.addr, 0).unwrap_or(0);
+        let is_new = self.maps.services.get(key, 0).is_err();
         if is_new {
             // The filter first: the VIP must not be filtered out once its service is live.
             self.refresh_vip_filter(Some(key.addr))?;
-            let mut vips: HashMap<&mut MapData, [u8; 16], VipRefs> = self.map_mut(names::VIPS)?;
-            vips.insert(key.addr, refs + 1, 0)
+            self.maps
+                .vips
+                .insert(key.addr, refs + 1, 0)
                 .map_err(|source| map_err(names::VIPS, source))?;
         }
-        let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-            self.map_mut(names::SERVICES)?;
-        services
+        self.maps
+            .services
             .insert(key, value, 0)
             .map_err(|source| map_err(names::SERVICES, source))
     }
@@ -299,12 +354,10 @@ impl Dataplane {
     /// Removes a service (the data plane passes its packets again) and, with its last
     /// service, its VIP.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
-        let mut services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-            self.map_mut(names::SERVICES)?;
-        if services.remove(key).is_err() {
+        if self.maps.services.remove(key).is_err() {
             return Ok(());
         }
-        let mut vips: HashMap<&mut MapData, [u8; 16], VipRefs> = self.map_mut(names::VIPS)?;
+        let vips = &mut self.maps.vips;
         match vips.get(&key.addr, 0) {
             Ok(n) if n > 1 => vips
                 .insert(key.addr, n - 1, 0)
@@ -319,14 +372,19 @@ impl Dataplane {
     /// Rewrites the words of the VIP filter that differ from the bits of the VIPs in
     /// `VIPS` (and `extra`).
     fn refresh_vip_filter(&mut self, extra: Option<[u8; 16]>) -> Result<(), DataplaneError> {
-        let vips: HashMap<&mut MapData, [u8; 16], VipRefs> = self.map_mut(names::VIPS)?;
         let mut want = vec![0u64; VIP_FILTER_WORDS as usize];
-        let keys: Vec<[u8; 16]> = vips.keys().filter_map(Result::ok).chain(extra).collect();
+        let keys: Vec<[u8; 16]> = self
+            .maps
+            .vips
+            .keys()
+            .filter_map(Result::ok)
+            .chain(extra)
+            .collect();
         for k in &keys {
             let (word, bit) = vip_filter_bit(k);
             want[word as usize] |= bit;
         }
-        let mut filter: Array<&mut MapData, u64> = self.map_mut(names::VIP_FILTER)?;
+        let filter = &mut self.maps.vip_filter;
         for (i, w) in want.iter().enumerate() {
             let i = i as u32;
             let have = filter
@@ -343,9 +401,8 @@ impl Dataplane {
 
     /// The services in the map.
     pub fn services(&mut self) -> Result<Vec<(ServiceKey, ServiceValue)>, DataplaneError> {
-        let services: HashMap<&mut MapData, ServiceKey, ServiceValue> =
-            self.map_mut(names::SERVICES)?;
-        services
+        self.maps
+            .services
             .iter()
             .map(|r| r.map_err(|source| map_err(names::SERVICES, source)))
             .collect()
@@ -353,7 +410,7 @@ impl Dataplane {
 
     /// The occupied backend slots.
     pub fn backends(&mut self) -> Result<Vec<(u32, IpAddr)>, DataplaneError> {
-        let m: Array<&mut MapData, Backend> = self.map_mut(names::BACKENDS)?;
+        let m = &self.maps.backends;
         let mut out = Vec::new();
         for i in 0..m.len() {
             let b = m
@@ -368,8 +425,9 @@ impl Dataplane {
 
     /// Writes the next-hop entry of backend slot `index`.
     pub fn set_nexthop(&mut self, index: u32, entry: NextHopEntry) -> Result<(), DataplaneError> {
-        let mut m: Array<&mut MapData, NextHopEntry> = self.map_mut(names::NEXTHOPS)?;
-        m.set(index, entry, 0)
+        self.maps
+            .nexthops
+            .set(index, entry, 0)
             .map_err(|source| map_err(names::NEXTHOPS, source))
     }
 
@@ -379,8 +437,7 @@ impl Dataplane {
         ip: IpAddr,
         entry: Option<NextHopEntry>,
     ) -> Result<(), DataplaneError> {
-        let mut m: HashMap<&mut MapData, [u8; 16], NextHopEntry> =
-            self.map_mut(names::NEXTHOPS_BY_ADDR)?;
+        let m = &mut self.maps.nexthops_by_addr;
         let key = addr::to_bytes(ip);
         match entry {
             Some(e) => m.insert(key, e, 0),
@@ -396,14 +453,15 @@ impl Dataplane {
             addr: [0; 16],
             flags: 0,
         };
-        let mut m: Array<&mut MapData, Backend> = self.map_mut(names::BACKENDS)?;
-        m.set(index, empty, 0)
+        self.maps
+            .backends
+            .set(index, empty, 0)
             .map_err(|source| map_err(names::BACKENDS, source))
     }
 
     /// Reads `len` buckets at `offset`.
     pub fn read_table(&mut self, offset: u32, len: u32) -> Result<Vec<Bucket>, DataplaneError> {
-        let m: Array<&mut MapData, Bucket> = self.map_mut(names::BUCKETS)?;
+        let m = &self.maps.buckets;
         (offset..offset + len)
             .map(|i| {
                 m.get(&i, 0)
@@ -414,7 +472,7 @@ impl Dataplane {
 
     /// The per-reason counters, summed over CPUs.
     pub fn reason_counts(&mut self) -> Result<Vec<(Reason, u64)>, DataplaneError> {
-        let m: PerCpuArray<&mut MapData, u64> = self.map_mut(names::REASON_STATS)?;
+        let m = &self.maps.reason_stats;
         Reason::ALL
             .iter()
             .map(|r| {
@@ -428,8 +486,9 @@ impl Dataplane {
 
     /// The counters of service `id` (`SERVICE_STATS`), summed over CPUs.
     pub fn service_counters(&mut self, id: u32) -> Result<Counters, DataplaneError> {
-        let m: PerCpuArray<&mut MapData, Counters> = self.map_mut(names::SERVICE_STATS)?;
-        let per_cpu = m
+        let per_cpu = self
+            .maps
+            .service_stats
             .get(&id, 0)
             .map_err(|source| map_err(names::SERVICE_STATS, source))?;
         Ok(sum(&per_cpu))
@@ -438,8 +497,9 @@ impl Dataplane {
     /// Sets the counters of service `id` to zero: a new service taking a freed id.
     pub fn zero_service_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
         let zero = zeroed_per_cpu().map_err(|source| map_err(names::SERVICE_STATS, source))?;
-        let mut m: PerCpuArray<&mut MapData, Counters> = self.map_mut(names::SERVICE_STATS)?;
-        m.set(id, zero, 0)
+        self.maps
+            .service_stats
+            .set(id, zero, 0)
             .map_err(|source| map_err(names::SERVICE_STATS, source))
     }
 
@@ -449,8 +509,9 @@ impl Dataplane {
         &mut self,
     ) -> Result<std::collections::BTreeMap<ServiceBackendKey, Counters>, DataplaneError> {
         let name = names::SERVICE_BACKEND_STATS;
-        let m: PerCpuHashMap<&mut MapData, ServiceBackendKey, Counters> = self.map_mut(name)?;
-        m.iter()
+        self.maps
+            .service_backend_stats
+            .iter()
             .map(|r| {
                 let (k, v) = r.map_err(|source| map_err(name, source))?;
                 Ok((k, sum(&v)))
@@ -462,16 +523,16 @@ impl Dataplane {
     pub fn open_service_backend(&mut self, key: ServiceBackendKey) -> Result<(), DataplaneError> {
         let name = names::SERVICE_BACKEND_STATS;
         let zero = zeroed_per_cpu().map_err(|source| map_err(name, source))?;
-        let mut m: PerCpuHashMap<&mut MapData, ServiceBackendKey, Counters> = self.map_mut(name)?;
-        m.insert(key, zero, 0)
+        self.maps
+            .service_backend_stats
+            .insert(key, zero, 0)
             .map_err(|source| map_err(name, source))
     }
 
     /// Drops the counters of a (service, backend) pair.
     pub fn close_service_backend(&mut self, key: ServiceBackendKey) -> Result<(), DataplaneError> {
         let name = names::SERVICE_BACKEND_STATS;
-        let mut m: PerCpuHashMap<&mut MapData, ServiceBackendKey, Counters> = self.map_mut(name)?;
-        match m.remove(&key) {
+        match self.maps.service_backend_stats.remove(&key) {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.kind() == std::io::ErrorKind::NotFound =>
@@ -480,17 +541,6 @@ impl Dataplane {
             }
             Err(source) => Err(map_err(name, source)),
         }
-    }
-
-    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DataplaneError>
-    where
-        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
-    {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DataplaneError::MissingMap { name })?;
-        T::try_from(map).map_err(|source| map_err(name, source))
     }
 }
 

@@ -2,8 +2,8 @@
 //! forwarding-table builder, the agent and the operator commands.
 
 pub mod api;
+pub mod api_client;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod dataplane;
 pub mod ebpf;

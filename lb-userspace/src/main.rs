@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
 use lb::{
     api::{Change, Request, Response},
+    api_client,
     cli::{Cli, Command, ConfigCmd},
-    client,
     config::Config,
 };
 
@@ -88,11 +88,11 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
             let (before, start) = (status(&cli.socket)?, std::time::Instant::now());
             std::thread::sleep(std::time::Duration::from_secs_f64(a.interval));
             let after = status(&cli.socket)?;
-            let rates = client::Rates::between(&before, &after, start.elapsed().as_secs_f64());
+            let rates = api_client::Rates::between(&before, &after, start.elapsed().as_secs_f64());
             return Ok(if a.json {
                 print(&serde_json::to_string_pretty(&rates)?)
             } else {
-                print(&client::render_rates(&after, &rates, a.exact))
+                print(&api_client::render_rates(&after, &rates, a.exact))
             });
         }
         Command::Top { interval } => {
@@ -100,15 +100,15 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::List(ref a) => {
-            let resp = client::request(&cli.socket, &Request::Status {})?;
+            let resp = api_client::request(&cli.socket, &Request::Status {})?;
             return Ok(match resp {
                 Response::Status(s) if a.json => print(&serde_json::to_string_pretty(&s)?),
-                Response::Status(s) => print(&client::render_status(&s, a.stats, a.exact)),
+                Response::Status(s) => print(&api_client::render_status(&s, a.stats, a.exact)),
                 other => unexpected(other),
             });
         }
         Command::Table { ref service, json } => {
-            let resp = client::request(
+            let resp = api_client::request(
                 &cli.socket,
                 &Request::Table {
                     service: service.clone(),
@@ -116,7 +116,7 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
             )?;
             return Ok(match resp {
                 Response::Table(t) if json => print(&serde_json::to_string_pretty(&t)?),
-                Response::Table(t) => print(&client::render_table(&t)),
+                Response::Table(t) => print(&api_client::render_table(&t)),
                 other => unexpected(other),
             });
         }
@@ -126,7 +126,7 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
         Command::Reload => Request::Reload {},
         Command::Detach => Request::Detach {},
     };
-    let resp = client::request(&cli.socket, &req)?;
+    let resp = api_client::request(&cli.socket, &req)?;
     // Warned only for a change the agent accepts (or would).
     if let (
         Request::Plan { change } | Request::Apply { change },
@@ -136,11 +136,11 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
         warn_empty_service(change);
     }
     Ok(match resp {
-        Response::Plan(p) => print(&client::render_plan(&p, false)),
-        Response::Applied(p) => print(&client::render_plan(&p, true)),
+        Response::Plan(p) => print(&api_client::render_plan(&p, false)),
+        Response::Applied(p) => print(&api_client::render_plan(&p, true)),
         Response::Done { message } => print(&message),
         Response::Reloaded(r) => {
-            print(&client::render_reload(&r));
+            print(&api_client::render_reload(&r));
             if r.ignored.is_empty() {
                 ExitCode::SUCCESS
             } else {
@@ -166,9 +166,9 @@ fn warn_empty_service(change: &Change) {
 
 /// The agent's status, or what it answered instead as an error.
 fn status(socket: &std::path::Path) -> anyhow::Result<lb::api::Status> {
-    match client::request(socket, &Request::Status {})? {
+    match api_client::request(socket, &Request::Status {})? {
         Response::Status(s) => Ok(s),
-        Response::Error { message } => anyhow::bail!("{message}"),
+        Response::Error { kind, message } => anyhow::bail!("{}: {message}", kind.name()),
         other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
     }
 }
@@ -180,7 +180,7 @@ fn print(s: &str) -> ExitCode {
 
 fn unexpected(r: Response) -> ExitCode {
     match r {
-        Response::Error { message } => eprintln!("lb: {message}"),
+        Response::Error { kind, message } => eprintln!("lb: {}: {message}", kind.name()),
         other => eprintln!("lb: unexpected answer from the agent: {other:?}"),
     }
     ExitCode::FAILURE

@@ -19,7 +19,7 @@ use ratatui::{
 
 use crate::{
     api::{Health, Request, Response, Status},
-    client::{self, human, human_rate, Rates},
+    api_client::{self, human, human_rate, Rates},
 };
 
 /// What one screen shows.
@@ -44,7 +44,7 @@ pub fn run(socket: &Path, every: Duration) -> anyhow::Result<()> {
         let mut last: Option<(Status, Instant)> = None;
         loop {
             let asked = Instant::now();
-            match client::request(socket, &Request::Status {}) {
+            match api_client::request(socket, &Request::Status {}) {
                 Ok(Response::Status(s)) => {
                     view.rates = last.as_ref().map(|(prev, at)| {
                         Rates::between(prev, &s, asked.duration_since(*at).as_secs_f64())
@@ -53,7 +53,9 @@ pub fn run(socket: &Path, every: Duration) -> anyhow::Result<()> {
                     view.error = None;
                     last = Some((s, asked));
                 }
-                Ok(Response::Error { message }) => view.error = Some(message),
+                Ok(Response::Error { kind, message }) => {
+                    view.error = Some(format!("{}: {message}", kind.name()));
+                }
                 Ok(other) => view.error = Some(format!("unexpected answer: {other:?}")),
                 Err(e) => view.error = Some(e.to_string()),
             }
@@ -95,7 +97,7 @@ fn num(s: String) -> Cell<'static> {
 /// Draws `view` on `frame`.
 pub fn draw(frame: &mut Frame, view: &View) {
     let rates = view.rates.as_ref();
-    let rate = |r: Option<client::Rate>| {
+    let rate = |r: Option<api_client::Rate>| {
         r.map_or(("-".into(), "-".into()), |r| {
             (human_rate(r.packets, false), human_rate(r.bytes, false))
         })
@@ -110,7 +112,7 @@ pub fn draw(frame: &mut Frame, view: &View) {
                     "{} {} {}",
                     svc.name,
                     svc.protocol.to_string().to_uppercase(),
-                    client::endpoint(svc)
+                    api_client::endpoint(svc)
                 )),
                 Cell::from(""),
                 Cell::from(""),
@@ -126,12 +128,12 @@ pub fn draw(frame: &mut Frame, view: &View) {
         let size = 1u64 << svc.table_bits;
         for b in &svc.backends {
             let (pps, bps) = rate(rates.map(|r| r.backend(&svc.name, &b.address)));
-            let state = client::state(b);
+            let state = api_client::state(b);
             rows.push(Row::new(vec![
                 Cell::from(format!("  -> {}", b.address)),
                 num(b.weight.to_string()),
                 Cell::from(state),
-                Cell::from(client::health(b.health))
+                Cell::from(api_client::health(b.health))
                     .style(health_style(b.health, state == "drain")),
                 num(format!(
                     "{:.1}%",

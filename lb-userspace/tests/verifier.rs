@@ -4,6 +4,7 @@ use lb::dataplane::{Dataplane, LoadOptions};
 
 #[test]
 fn program_passes_the_verifier() {
+    // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("SKIP: loading BPF programs needs root");
         return;

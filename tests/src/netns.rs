@@ -44,7 +44,9 @@ impl Netns {
         // mount keeps the namespace alive after the thread ends.
         let made = thread::scope(|s| {
             s.spawn(|| -> io::Result<()> {
+                // SAFETY: unshare takes flags only; it moves this thread alone.
                 check(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
+                // SAFETY: gettid cannot fail.
                 let tid = unsafe { libc::gettid() };
                 let src = format!("/proc/self/task/{tid}/ns/net");
                 mount_bind(Path::new(&src), &path)
@@ -283,6 +285,7 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 }
 
 fn enter(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `fd` is an open namespace file, borrowed for the call.
     check(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) })
 }
 
@@ -293,6 +296,7 @@ fn cstr(path: &Path) -> io::Result<CString> {
 
 fn mount_bind(src: &Path, dst: &Path) -> io::Result<()> {
     let (src, dst) = (cstr(src)?, cstr(dst)?);
+    // SAFETY: NUL-terminated paths that outlive the call.
     check(unsafe {
         libc::mount(
             src.as_ptr(),
@@ -312,6 +316,7 @@ fn prepare_run_dir() -> Result<()> {
     let done = DONE.get_or_init(|| {
         let dir = cstr(Path::new(NETNS_DIR)).map_err(|e| e.to_string())?;
         let shared = || {
+            // SAFETY: NUL-terminated strings that outlive the call.
             check(unsafe {
                 libc::mount(
                     c"".as_ptr(),
@@ -325,6 +330,7 @@ fn prepare_run_dir() -> Result<()> {
         match shared() {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // Not a mount point yet: bind it onto itself first.
+                // SAFETY: NUL-terminated strings that outlive the call.
                 check(unsafe {
                     libc::mount(
                         dir.as_ptr(),
@@ -345,6 +351,7 @@ fn prepare_run_dir() -> Result<()> {
 
 fn unmount_and_remove(path: &Path) -> Result<()> {
     let c = cstr(path)?;
+    // SAFETY: a NUL-terminated path that outlives the call.
     if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == -1 {
         let err = io::Error::last_os_error();
         // EINVAL: not a mount point (a leftover file); ENOENT: already gone.
@@ -389,6 +396,7 @@ fn kill_in(dev: u64, ino: u64, timeout: Duration) -> Result<()> {
         }
         for pid in pids {
             // By PID only, and only processes inside this namespace.
+            // SAFETY: kill takes plain numbers.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
         thread::sleep(Duration::from_millis(10));

@@ -262,7 +262,10 @@ fn owner(svc_v6_backends: bool, t: &FlowTuple) -> (u32, [u8; 16], [u8; 16]) {
 
 /// What lb should send for `inner` (an IP packet): the encapsulated frame, built here
 /// with etherparse's own header code, not lb's.
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "every field of the outer headers is a parameter of the oracle"
+)]
 fn encapsulated(
     eth_dst: [u8; 6],
     eth_src: [u8; 6],
@@ -1361,6 +1364,7 @@ fn syncookie_handshake(server: SocketAddr) -> Result<Segment> {
             size_of::<libc::timeval>() as libc::socklen_t,
         )
     };
+    // SAFETY: all zeroes is a valid sockaddr_in.
     let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     to.sin_family = libc::AF_INET as libc::sa_family_t;
     to.sin_addr.s_addr = u32::from_ne_bytes(vip.octets());

@@ -49,8 +49,8 @@ enum Cmd {
         /// Also write the results to FILE as JSON.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
-        /// Run this suite: dataplane, table or live (repeatable); without it, dataplane
-        /// and table.
+        /// Run this suite: dataplane, table, live or control (repeatable); without it,
+        /// dataplane and table.
         #[arg(long, value_name = "NAME")]
         suite: Vec<String>,
         /// Passed to the `bench` binary of the tests crate (after `--`; see its --help).

@@ -1,66 +1,62 @@
-//! The operator's intent: the configured services as changed by `lb` commands. Changes
-//! are checked here, before anything is written, so a refused command changes nothing.
+//! The operator's intent: the configured services as changed by `lb` commands, and the
+//! tables they ask of the data plane.
+//!
+//! A change is applied to a copy of the configuration, and the copy passes the same
+//! validation as a file (`Config::problems`) before anything is written: a refused
+//! command changes nothing, and says why as a file would.
 
+use std::{collections::BTreeMap, net::IpAddr};
+
+use super::{
+    key_of,
+    programmer::{Desired, Member},
+};
 use crate::{
-    api::Change,
-    config::{backend_problems, service_problems, ServiceConfig},
+    api::{ApiError, Change, ErrorKind},
+    config::{Config, ServiceConfig},
+    table::BackendState,
 };
 
-/// Returns the services with `change` applied, or why it cannot be.
-pub fn apply(services: &[ServiceConfig], change: &Change) -> Result<Vec<ServiceConfig>, String> {
-    let mut next = services.to_vec();
-    let find = |next: &mut Vec<ServiceConfig>, name: &str| -> Result<usize, String> {
-        next.iter()
+/// Returns `config` with `change` applied, or why it cannot be.
+pub fn apply(config: &Config, change: &Change) -> Result<Config, ApiError> {
+    let mut next = config.clone();
+    let services = &mut next.services;
+    let find = |services: &[ServiceConfig], name: &str| -> Result<usize, ApiError> {
+        services
+            .iter()
             .position(|s| s.name == name)
-            .ok_or_else(|| format!("no service named {name:?}"))
+            .ok_or_else(|| ApiError::new(ErrorKind::NotFound, format!("no service named {name:?}")))
     };
+    let conflict = |m: String| Err(ApiError::new(ErrorKind::Conflict, m));
     match change {
         Change::ServiceAdd { service } => {
-            let problems = service_problems(service);
-            if !problems.is_empty() {
-                return Err(format!("service {}: {}", service.name, problems.join("; ")));
+            if services.iter().any(|s| s.name == service.name) {
+                return conflict(format!("a service named {:?} exists", service.name));
             }
-            if next.iter().any(|s| s.name == service.name) {
-                return Err(format!("a service named {:?} exists", service.name));
-            }
-            if let Some(s) = next.iter().find(|s| {
+            if let Some(s) = services.iter().find(|s| {
                 (s.vip, s.port, s.protocol) == (service.vip, service.port, service.protocol)
             }) {
-                return Err(format!(
+                return conflict(format!(
                     "{} {}:{} is already service {:?}",
                     service.protocol, service.vip, service.port, s.name
                 ));
             }
-            if next.len() >= lb_common::limits::MAX_SERVICES as usize {
-                return Err(format!(
-                    "at most {} services",
-                    lb_common::limits::MAX_SERVICES
-                ));
-            }
-            next.push(service.clone());
+            services.push(service.clone());
         }
         Change::ServiceRemove { service } => {
-            let i = find(&mut next, service)?;
-            next.remove(i);
+            let i = find(services, service)?;
+            services.remove(i);
         }
         Change::BackendAdd { service, backend } => {
-            let i = find(&mut next, service)?;
-            let problems = backend_problems(backend);
-            if !problems.is_empty() {
-                return Err(problems.join("; "));
-            }
-            let s = &mut next[i];
+            let i = find(services, service)?;
+            let s = &mut services[i];
             if s.backends.iter().any(|b| b.address == backend.address) {
-                return Err(format!(
+                return conflict(format!(
                     "backend {} is already in service {service:?}",
                     backend.address
                 ));
             }
             s.backends.push(backend.clone());
-            let problems = service_problems(s);
-            if !problems.is_empty() {
-                return Err(format!("service {service}: {}", problems.join("; ")));
-            }
         }
         Change::BackendRemove { service, address }
         | Change::SetWeight {
@@ -69,30 +65,66 @@ pub fn apply(services: &[ServiceConfig], change: &Change) -> Result<Vec<ServiceC
         | Change::Drain {
             service, address, ..
         } => {
-            let i = find(&mut next, service)?;
-            let s = &mut next[i];
+            let i = find(services, service)?;
+            let s = &mut services[i];
             let Some(j) = s.backends.iter().position(|b| b.address == *address) else {
-                return Err(format!("service {service:?} has no backend {address}"));
+                return Err(ApiError::new(
+                    ErrorKind::NotFound,
+                    format!("service {service:?} has no backend {address}"),
+                ));
             };
             match change {
                 Change::BackendRemove { .. } => {
                     s.backends.remove(j);
                 }
-                Change::SetWeight { weight, .. } => {
-                    let mut b = s.backends[j].clone();
-                    b.weight = *weight;
-                    let problems = backend_problems(&b);
-                    if !problems.is_empty() {
-                        return Err(problems.join("; "));
-                    }
-                    s.backends[j] = b;
-                }
+                Change::SetWeight { weight, .. } => s.backends[j].weight = *weight,
                 Change::Drain { drain, .. } => s.backends[j].drain = *drain,
                 _ => unreachable!("matched above"),
             }
         }
     }
-    Ok(next)
+    let problems = next.problems();
+    if problems.is_empty() {
+        return Ok(next);
+    }
+    // Capacity only when nothing else is wrong: an invalid change is that first.
+    let capacity = next.capacity_problems();
+    let kind = if problems.iter().all(|p| capacity.contains(p)) {
+        ErrorKind::Capacity
+    } else {
+        ErrorKind::Invalid
+    };
+    Err(ApiError::new(kind, problems.join("; ")))
+}
+
+/// The tables `services` ask for, with the backends `health` has down out of them.
+pub fn wanted(
+    services: &[ServiceConfig],
+    health: &BTreeMap<(String, IpAddr), bool>,
+) -> Vec<Desired> {
+    services
+        .iter()
+        .map(|s| Desired {
+            name: s.name.clone(),
+            key: key_of(s),
+            bits: s.bits(),
+            members: s
+                .backends
+                .iter()
+                .map(|b| Member {
+                    address: b.address,
+                    weight: b.weight,
+                    state: if health.get(&(s.name.clone(), b.address)) == Some(&false) {
+                        BackendState::Down
+                    } else if b.drain || b.weight == 0 {
+                        BackendState::Draining
+                    } else {
+                        BackendState::Active
+                    },
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 /// A change in a few words, for the log.
@@ -145,35 +177,44 @@ pub fn service_of(change: &Change) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendConfig, Protocol};
+    use crate::config::{BackendConfig, ConfigError, Protocol};
 
-    fn web() -> Vec<ServiceConfig> {
-        vec![ServiceConfig {
+    fn web() -> Config {
+        let node = r#"{ "node": { "interfaces": ["eth0"], "address_v4": "10.0.0.2" } }"#;
+        let mut c: Config = serde_json::from_str(node).unwrap();
+        c.services = vec![ServiceConfig {
             name: "web".into(),
             vip: "10.100.0.1".parse().unwrap(),
             port: 80,
             protocol: Protocol::Tcp,
             table_bits: Some(8),
-            backends: vec![BackendConfig {
-                address: "10.0.3.2".parse().unwrap(),
-                weight: 100,
-                drain: false,
-                health: None,
-            }],
-        }]
+            backends: vec![backend("10.0.3.2")],
+        }];
+        c
+    }
+
+    fn backend(a: &str) -> BackendConfig {
+        BackendConfig {
+            address: a.parse().unwrap(),
+            weight: 100,
+            drain: false,
+            health: None,
+        }
     }
 
     #[test]
     fn refused_changes_name_the_problem_and_change_nothing() {
-        let s = web();
+        let c = web();
+        let s = &c.services[0];
         let addr = "10.0.3.2".parse().unwrap();
-        let cases: Vec<(Change, &str)> = vec![
+        let cases: Vec<(Change, ErrorKind, &str)> = vec![
             (
                 Change::SetWeight {
                     service: "nope".into(),
                     address: addr,
                     weight: 1,
                 },
+                ErrorKind::NotFound,
                 "no service named \"nope\"",
             ),
             (
@@ -182,6 +223,7 @@ mod tests {
                     address: addr,
                     weight: 70000,
                 },
+                ErrorKind::Invalid,
                 "weight 70000 is above the maximum 65535",
             ),
             (
@@ -190,22 +232,33 @@ mod tests {
                     address: "10.9.9.9".parse().unwrap(),
                     drain: true,
                 },
+                ErrorKind::NotFound,
                 "has no backend 10.9.9.9",
             ),
             (
                 Change::BackendAdd {
                     service: "web".into(),
-                    backend: s[0].backends[0].clone(),
+                    backend: s.backends[0].clone(),
                 },
+                ErrorKind::Conflict,
                 "backend 10.0.3.2 is already in service",
+            ),
+            (
+                Change::BackendAdd {
+                    service: "web".into(),
+                    backend: backend("2001:db8::5"),
+                },
+                ErrorKind::Invalid,
+                "services[0] (web): backend 2001:db8::5 is IPv6 but the node has no address_v6",
             ),
             (
                 Change::ServiceAdd {
                     service: ServiceConfig {
                         name: "web2".into(),
-                        ..s[0].clone()
+                        ..s.clone()
                     },
                 },
+                ErrorKind::Conflict,
                 "is already service \"web\"",
             ),
             (
@@ -214,23 +267,59 @@ mod tests {
                         table_bits: Some(2),
                         name: "x".into(),
                         port: 81,
-                        ..s[0].clone()
+                        ..s.clone()
                     },
                 },
+                ErrorKind::Invalid,
                 "table_bits: 2 is out of range",
             ),
+            (
+                Change::ServiceAdd {
+                    service: ServiceConfig {
+                        table_bits: Some(20),
+                        name: "big".into(),
+                        port: 81,
+                        ..s.clone()
+                    },
+                },
+                ErrorKind::Capacity,
+                "the tables need 2097664 buckets (each double-buffered), agent.bucket_slots \
+                 is 2097152",
+            ),
         ];
-        for (c, want) in cases {
-            let e = apply(&s, &c).unwrap_err();
-            assert!(e.contains(want), "{c:?}: {e}");
+        for (change, kind, want) in cases {
+            let e = apply(&c, &change).unwrap_err();
+            assert_eq!(e.kind, kind, "{change:?}: {e}");
+            assert!(e.message.contains(want), "{change:?}: {e}");
         }
-        assert_eq!(s, web());
+        assert_eq!(c, web());
+    }
+
+    #[test]
+    fn a_command_is_refused_with_the_message_a_file_gets() {
+        let mut file = web();
+        file.services[0].backends.push(backend("2001:db8::5"));
+        let text = serde_json::to_vec(&file).unwrap();
+        let Err(ConfigError::Invalid { problems, .. }) =
+            Config::parse(std::path::Path::new("lb.json"), &text)
+        else {
+            panic!("the file is refused")
+        };
+        let e = apply(
+            &web(),
+            &Change::BackendAdd {
+                service: "web".into(),
+                backend: backend("2001:db8::5"),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.message, problems.join("; "));
     }
 
     #[test]
     fn accepted_changes() {
         let addr = "10.0.3.2".parse().unwrap();
-        let s = apply(
+        let c = apply(
             &web(),
             &Change::SetWeight {
                 service: "web".into(),
@@ -239,9 +328,9 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(s[0].backends[0].weight, 7);
-        let s = apply(
-            &s,
+        assert_eq!(c.services[0].backends[0].weight, 7);
+        let c = apply(
+            &c,
             &Change::Drain {
                 service: "web".into(),
                 address: addr,
@@ -249,23 +338,23 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(s[0].backends[0].drain);
-        let s = apply(
-            &s,
+        assert!(c.services[0].backends[0].drain);
+        let c = apply(
+            &c,
             &Change::BackendRemove {
                 service: "web".into(),
                 address: addr,
             },
         )
         .unwrap();
-        assert!(s[0].backends.is_empty());
-        let s = apply(
-            &s,
+        assert!(c.services[0].backends.is_empty());
+        let c = apply(
+            &c,
             &Change::ServiceRemove {
                 service: "web".into(),
             },
         )
         .unwrap();
-        assert!(s.is_empty());
+        assert!(c.services.is_empty());
     }
 }

@@ -4,12 +4,12 @@
 //! One task owns all state; the API server, the health checker, the metrics server and
 //! signals send it messages, so every change is applied in order, whole or not at all.
 
-mod desired;
+pub mod desired;
 mod lock;
 mod netlink;
 pub mod nexthop;
 mod persist;
-mod programmer;
+pub mod programmer;
 mod reload;
 mod server;
 
@@ -42,13 +42,12 @@ use self::{
 };
 use crate::{
     api::{
-        BackendStatus, Change, Health, PlanSummary, ReasonCount, ReloadReport, Request, Response,
-        ServiceStatus, Status,
+        ApiError, BackendStatus, Change, ErrorKind, Health, PlanSummary, ReasonCount, ReloadReport,
+        Request, Response, ServiceStatus, Status,
     },
     config::{AgentConfig, Config, ServiceConfig, XdpMode},
     dataplane::{Dataplane, LoadOptions, Node},
     health::{self, Checker, HealthEvent},
-    table::BackendState,
 };
 
 /// A request from the API or metrics server, who sent it, and where to send the answer.
@@ -120,7 +119,15 @@ pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()
                     break;
                 }
             }
-            Some(ev) = events.recv() => agent.health_changed(ev),
+            Some(ev) = events.recv() => {
+                // Verdicts that arrived together are applied together: one rebuild per
+                // service they touch.
+                let mut verdicts = vec![ev];
+                while let Ok(ev) = events.try_recv() {
+                    verdicts.push(ev);
+                }
+                agent.health_changed(verdicts);
+            }
             Some(hops) = hop_updates.recv() => agent.nexthops_changed(hops),
             _ = hup.recv() => {
                 let _ = agent.reload(Caller::default(), "SIGHUP");
@@ -307,33 +314,6 @@ impl Agent {
         );
     }
 
-    /// The services as the data plane should have them now.
-    fn desired(&self, services: &[ServiceConfig]) -> Vec<Desired> {
-        services
-            .iter()
-            .map(|s| Desired {
-                name: s.name.clone(),
-                key: key_of(s),
-                bits: s.bits(),
-                members: s
-                    .backends
-                    .iter()
-                    .map(|b| Member {
-                        address: b.address,
-                        weight: b.weight,
-                        state: if self.health.get(&(s.name.clone(), b.address)) == Some(&false) {
-                            BackendState::Down
-                        } else if b.drain || b.weight == 0 {
-                            BackendState::Draining
-                        } else {
-                            BackendState::Active
-                        },
-                    })
-                    .collect(),
-            })
-            .collect()
-    }
-
     /// Brings the maps in line with the configuration; logs what moved. Returns how many
     /// tables were rewritten.
     fn resync(&mut self, why: &str) -> usize {
@@ -342,7 +322,7 @@ impl Agent {
 
     /// As `resync`, returning what moved per rewritten table.
     fn sync_services(&mut self, why: &str) -> Result<Vec<PlanSummary>, ProgramError> {
-        let wanted = self.desired(&self.config.services);
+        let wanted = desired::wanted(&self.config.services, &self.health);
         let synced = self.programmer.sync(&wanted);
         self.write_nexthops();
         match synced {
@@ -440,14 +420,29 @@ impl Agent {
         }
     }
 
-    fn health_changed(&mut self, ev: HealthEvent) {
-        let key = (ev.service.clone(), ev.backend);
-        if self.health.insert(key, ev.up) == Some(ev.up) {
-            return;
+    /// Takes in health verdicts; the tables of the services they change are rebuilt once.
+    fn health_changed(&mut self, verdicts: Vec<HealthEvent>) {
+        let (mut ups, mut downs) = (0, 0);
+        for ev in verdicts {
+            let key = (ev.service.clone(), ev.backend);
+            if self.health.insert(key, ev.up) == Some(ev.up) {
+                continue;
+            }
+            let why = if ev.up {
+                ups += 1;
+                "backend up"
+            } else {
+                downs += 1;
+                "backend down"
+            };
+            info!(service = %ev.service, backend = %ev.backend, reason = %ev.reason, "{why}");
         }
-        let why = if ev.up { "backend up" } else { "backend down" };
-        info!(service = %ev.service, backend = %ev.backend, reason = %ev.reason, "{why}");
-        self.resync(why);
+        // The rebuilds' log names a failure when there is one among the verdicts.
+        if downs > 0 {
+            self.resync("backend down");
+        } else if ups > 0 {
+            self.resync("backend up");
+        }
     }
 
     fn handle(&mut self, req: Request, caller: Caller) -> Response {
@@ -456,7 +451,10 @@ impl Agent {
             Request::Table { service } => {
                 match self.config.services.iter().find(|s| s.name == service) {
                     Some(s) => Response::Table(self.programmer.table_summary(&key_of(s), s)),
-                    None => error(format!("no service named {service:?}")),
+                    None => Response::error(
+                        ErrorKind::NotFound,
+                        format!("no service named {service:?}"),
+                    ),
                 }
             }
             Request::Plan { change } => self.plan(&change),
@@ -467,78 +465,102 @@ impl Agent {
     }
 
     fn plan(&self, change: &Change) -> Response {
-        let next = match desired::apply(&self.config.services, change) {
+        let next = match desired::apply(&self.config, change) {
             Ok(n) => n,
-            Err(e) => return error(e),
+            Err(e) => return e.into(),
         };
         let name = desired::service_of(change);
         let Some(svc) = next
+            .services
             .iter()
             .chain(self.config.services.iter())
             .find(|s| s.name == name)
         else {
-            return error(format!("no service named {name:?}"));
+            return Response::error(ErrorKind::NotFound, format!("no service named {name:?}"));
         };
-        match self
-            .programmer
-            .plan(&self.desired(&next), name, &key_of(svc))
-        {
+        let wanted = desired::wanted(&next.services, &self.health);
+        match self.programmer.plan(&wanted, name, &key_of(svc)) {
             Ok(mut p) => {
                 p.warnings = next
+                    .services
                     .iter()
                     .find(|s| s.name == name)
                     .map(crate::config::service_warnings)
                     .unwrap_or_default();
                 Response::Plan(p)
             }
-            Err(e) => error(chain(&e)),
+            Err(e) => program_error(&e).into(),
         }
     }
 
-    /// Applies a command's change: checked, written to the file, then to the maps.
+    /// Applies a command's change: the changed configuration is validated as a whole,
+    /// written to the file, then to the maps; only tables whose inputs changed are built.
     fn apply(&mut self, change: &Change, caller: Caller) -> Response {
-        let next = match desired::apply(&self.config.services, change) {
+        let next = match desired::apply(&self.config, change) {
             Ok(n) => n,
             Err(e) => {
-                warn!(%caller, change = %desired::describe(change), "change refused: {e}");
-                return error(e);
+                warn!(%caller, change = %desired::describe(change), kind = e.kind.name(), "change refused: {e}");
+                return e.into();
             }
         };
         let name = desired::service_of(change).to_string();
-        let wanted = self.desired(&next);
-        let key = next
-            .iter()
-            .chain(self.config.services.iter())
-            .find(|s| s.name == name)
-            .map(key_of);
-        let plan = key.and_then(|k| self.programmer.plan(&wanted, &name, &k).ok());
+        let wanted = desired::wanted(&next.services, &self.health);
+        // A removed service's plan needs no build: every bucket goes.
+        let removed_plan = match change {
+            Change::ServiceRemove { .. } => self
+                .config
+                .services
+                .iter()
+                .find(|s| s.name == name)
+                .and_then(|s| self.programmer.plan(&wanted, &name, &key_of(s)).ok()),
+            _ => None,
+        };
         // The file first: a change that cannot be kept is not made.
         let before = self.file_config();
-        let mut after = before.clone();
-        after.services = next.clone();
+        let after = Config {
+            services: next.services.clone(),
+            ..before.clone()
+        };
         if let Err(e) = self.file.save(&after) {
+            let kind = match e {
+                persist::PersistError::EditedMeanwhile { .. } => ErrorKind::Conflict,
+                _ => ErrorKind::Internal,
+            };
             let e = chain(&e);
             warn!(%caller, change = %desired::describe(change), "change refused: {e}");
-            return error(format!("not applied: {e}"));
+            return Response::error(kind, format!("not applied: {e}"));
         }
-        if let Err(e) = self.programmer.sync(&wanted) {
-            error!(%caller, change = %desired::describe(change), "change failed: {}", chain(&e));
-            // Put the file and the maps back in line with the unchanged services.
-            if let Err(e) = self.file.save(&before) {
-                error!("restoring {}: {}", self.file.path().display(), chain(&e));
+        let changed = match self.programmer.sync(&wanted) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(%caller, change = %desired::describe(change), "change failed: {}", chain(&e));
+                // Put the file and the maps back in line with the unchanged services.
+                if let Err(e) = self.file.save(&before) {
+                    error!("restoring {}: {}", self.file.path().display(), chain(&e));
+                }
+                self.resync("rollback");
+                return program_error(&e).into();
             }
-            self.resync("rollback");
-            return error(chain(&e));
-        }
-        self.config.services = next;
+        };
+        self.config.services = next.services;
         self.write_nexthops();
         // A service may have gained this node itself as a backend.
         if let Err(e) = serve_vips(&self.config) {
             error!("putting the VIPs this node serves on lo failed: {e:#}");
         }
         self.update_health_targets();
-        let mut plan = plan.unwrap_or_default();
-        if let Some(s) = self.config.services.iter().find(|s| s.name == name) {
+        for c in changed.iter().filter(|c| c.service != name) {
+            info!(service = %c.service, moved = c.moved, buckets = c.buckets, "table rebuilt");
+        }
+        let svc = self.config.services.iter().find(|s| s.name == name);
+        let mut plan = removed_plan
+            .or_else(|| changed.into_iter().find(|c| c.service == name))
+            .unwrap_or_else(|| PlanSummary {
+                service: name.clone(),
+                buckets: svc.map_or(0, |s| 1 << s.bits()),
+                ..PlanSummary::default()
+            });
+        if let Some(s) = svc {
             plan.warnings = crate::config::service_warnings(s);
             for w in &plan.warnings {
                 warn!(%caller, "{w}");
@@ -582,9 +604,13 @@ impl Agent {
         let (file, config) = match ConfigFile::load(&path) {
             Ok(c) => c,
             Err(e) => {
+                let kind = match e {
+                    crate::config::ConfigError::Read { .. } => ErrorKind::Internal,
+                    _ => ErrorKind::Invalid,
+                };
                 let e = chain(&e);
                 warn!(%caller, via, "reload refused, nothing changed: {e}");
-                return error(e);
+                return Response::error(kind, e);
             }
         };
         for w in config.warnings() {
@@ -601,7 +627,7 @@ impl Agent {
             if let Err(e) = serve_vips(&config) {
                 let e = format!("{e:#}");
                 warn!(%caller, via, "reload refused, nothing changed: {e}");
-                return error(e);
+                return Response::error(ErrorKind::Internal, e);
             }
         }
         if config.backend_vips != self.config.backend_vips {
@@ -663,7 +689,7 @@ impl Agent {
                     ),
                 }
             }
-            Err(e) => error(chain(&e)),
+            Err(e) => Response::error(ErrorKind::Internal, chain(&e)),
         }
     }
 
@@ -795,10 +821,14 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn error(message: impl Into<String>) -> Response {
-    Response::Error {
-        message: message.into(),
-    }
+/// A programming failure as the API reports it.
+fn program_error(e: &ProgramError) -> ApiError {
+    let kind = if e.is_capacity() {
+        ErrorKind::Capacity
+    } else {
+        ErrorKind::Internal
+    };
+    ApiError::new(kind, chain(e))
 }
 
 /// Validates a configuration file without touching anything (`lb config check`).

@@ -115,7 +115,7 @@ pub fn vips_change(old: &[IpAddr], new: &[IpAddr]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{NodeConfig, Protocol};
+    use crate::config::{NodeSettings, Protocol};
 
     fn web(backends: &[(&str, u32, bool)]) -> ServiceConfig {
         ServiceConfig {
@@ -153,7 +153,7 @@ mod tests {
 
     #[test]
     fn node_settings_that_differ_are_named() {
-        let node = NodeConfig {
+        let node = NodeSettings {
             interfaces: vec!["eth0".into()],
             address_v4: Some("10.0.0.1".parse().unwrap()),
             address_v6: None,
@@ -161,7 +161,7 @@ mod tests {
             hash_seed: 1,
             xdp_mode: Default::default(),
         };
-        let other = NodeConfig {
+        let other = NodeSettings {
             hash_seed: 2,
             ..node.clone()
         };

@@ -22,7 +22,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use super::Call;
-use crate::api::{Request, Response};
+use crate::api::{ErrorKind, Request, Response};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 1 << 20;
@@ -198,12 +198,11 @@ async fn serve(
         warn!(%caller, "API connection refused: not root, not the agent's user, not in the read-only group");
         let _ = reply(
             &mut write,
-            &Response::Error {
-                message: "permission denied: the lb API is for root only (and the agent's \
-                          own user; members of agent.api_read_only_group may list, show \
-                          tables and plan)"
-                    .into(),
-            },
+            &Response::error(
+                ErrorKind::Forbidden,
+                "permission denied: the lb API is for root only (and the agent's own user; \
+                 members of agent.api_read_only_group may list, show tables and plan)",
+            ),
         )
         .await;
         return;
@@ -214,20 +213,18 @@ async fn serve(
         let resp = match serde_json::from_str::<Request>(&line) {
             Ok(req) if role == Role::ReadOnly && !req.changes_nothing() => {
                 warn!(%caller, ?req, "API request refused: read-only caller");
-                Response::Error {
-                    message: "permission denied: this user may only list, show tables and plan"
-                        .into(),
-                }
+                Response::error(
+                    ErrorKind::Forbidden,
+                    "permission denied: this user may only list, show tables and plan",
+                )
             }
-            Ok(_) if !ready.load(Ordering::Acquire) => Response::Error {
-                message: "the agent is still starting (loading the program, writing the \
-                          tables); try again in a moment"
-                    .into(),
-            },
+            Ok(_) if !ready.load(Ordering::Acquire) => Response::error(
+                ErrorKind::Unavailable,
+                "the agent is still starting (loading the program, writing the tables); try \
+                 again in a moment",
+            ),
             Ok(req) => call(&calls, req, caller).await,
-            Err(e) => Response::Error {
-                message: format!("bad request: {e}"),
-            },
+            Err(e) => Response::error(ErrorKind::Invalid, format!("bad request: {e}")),
         };
         let written = reply(&mut write, &resp).await;
         busy.fetch_sub(1, Ordering::AcqRel);
@@ -241,13 +238,10 @@ async fn serve(
 pub async fn call(calls: &mpsc::Sender<Call>, req: Request, caller: Caller) -> Response {
     let (tx, rx) = oneshot::channel();
     if calls.send((req, caller, tx)).await.is_err() {
-        return Response::Error {
-            message: "the agent is stopping".into(),
-        };
+        return Response::error(ErrorKind::Unavailable, "the agent is stopping");
     }
-    rx.await.unwrap_or(Response::Error {
-        message: "the agent is stopping".into(),
-    })
+    rx.await
+        .unwrap_or_else(|_| Response::error(ErrorKind::Unavailable, "the agent is stopping"))
 }
 
 async fn reply(w: &mut tokio::net::unix::OwnedWriteHalf, resp: &Response) -> std::io::Result<()> {

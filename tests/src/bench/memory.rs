@@ -6,8 +6,8 @@
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, Result};
-use aya::maps::{Map, MapData};
-use lb::dataplane::{Dataplane, LoadOptions, MAP_NAMES};
+use aya::maps::MapData;
+use lb::dataplane::{Dataplane, LoadOptions};
 use lb_common::limits::DEFAULT_BUCKET_SLOTS;
 
 /// The largest `agent.bucket_slots` the config accepts (docs/limits.md).
@@ -32,14 +32,14 @@ pub fn measure() -> Result<Vec<MapBytes>> {
     ]
     .into_iter()
     .map(|(config, bucket_slots)| {
-        let mut dp = Dataplane::load(&LoadOptions {
+        let dp = Dataplane::load(&LoadOptions {
             bucket_slots,
             pin_dir: None,
         })
         .with_context(|| format!("loading with {bucket_slots} bucket slots"))?;
-        let maps = MAP_NAMES
-            .iter()
-            .map(|name| Ok((*name, memlock(dp.ebpf().map(name), name)?)))
+        let maps = dp
+            .maps()
+            .map(|(name, data)| Ok((name, memlock(data, name)?)))
             .collect::<Result<Vec<_>>>()?;
         let total = maps.iter().map(|(_, b)| b).sum();
         Ok(MapBytes {
@@ -53,15 +53,7 @@ pub fn measure() -> Result<Vec<MapBytes>> {
 }
 
 /// The `memlock` line of the map's fdinfo: the kernel's figure for its memory.
-fn memlock(map: Option<&Map>, name: &str) -> Result<u64> {
-    let data: &MapData = match map.with_context(|| format!("no map {name}"))? {
-        Map::Array(d)
-        | Map::HashMap(d)
-        | Map::PerCpuArray(d)
-        | Map::PerCpuHashMap(d)
-        | Map::ProgramArray(d) => d,
-        _ => anyhow::bail!("map {name}: a kind this benchmark does not know"),
-    };
+fn memlock(data: &MapData, name: &str) -> Result<u64> {
     let fd = data.fd().as_fd().as_raw_fd();
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
     info.lines()

@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: what lb's data plane costs per packet on each path, next to an
 //! XDP program that only returns XDP_PASS, and how the forwarding-table builder behaves
-//! as services grow. docs/benchmarks.md explains every figure.
+//! as services grow, and how long the control plane takes to put a change in the maps.
+//! docs/benchmarks.md explains every figure.
 
+pub mod control;
 pub mod dataplane;
 pub mod harness;
 pub mod live;

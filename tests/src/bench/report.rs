@@ -6,6 +6,7 @@ use lb::table::report::Figures;
 use serde::Serialize;
 
 use super::{
+    control::ControlFigures,
     dataplane::{Measured, Settings, XDP_PASS, XDP_TX},
     live::LiveResult,
     memory::MapBytes,
@@ -23,6 +24,22 @@ pub struct Report {
     pub table: Vec<TableRow>,
     pub live: Vec<LiveRow>,
     pub map_bytes: Vec<MapBytesRow>,
+    pub control: Vec<ControlRow>,
+}
+
+#[derive(Serialize)]
+pub struct ControlRow {
+    pub services: usize,
+    /// Buckets of each service's table.
+    pub buckets: u64,
+    /// From a backend's health verdict to the tables live, median.
+    pub health_flip_ms: f64,
+    /// From a `set-weight` (validated as a file) to the tables live, median.
+    pub set_weight_ms: f64,
+    /// The first change of a service after its first table: its whole spare half written.
+    pub first_flip_ms: f64,
+    /// Every table built and written on empty maps.
+    pub start_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -116,6 +133,7 @@ impl Report {
         table: &[Figures],
         live: &[LiveResult],
         memory: &[MapBytes],
+        control: &[ControlFigures],
     ) -> Self {
         let dataplane = dp
             .cases
@@ -172,6 +190,17 @@ impl Report {
                 maps: m.maps.iter().copied().collect(),
             })
             .collect();
+        let control = control
+            .iter()
+            .map(|c| ControlRow {
+                services: c.services,
+                buckets: 1 << c.bits,
+                health_flip_ms: round(c.health_flip_ms, 3),
+                set_weight_ms: round(c.set_weight_ms, 3),
+                first_flip_ms: round(c.first_flip_ms, 3),
+                start_ms: round(c.start_ms, 1),
+            })
+            .collect();
         Report {
             floor_ns: round(dp.floor_ns, 2),
             repeat: s.repeat,
@@ -181,6 +210,7 @@ impl Report {
             table,
             live,
             map_bytes,
+            control,
         }
     }
 
@@ -198,6 +228,9 @@ impl Report {
         }
         if !self.map_bytes.is_empty() {
             self.map_bytes_text(&mut o);
+        }
+        if !self.control.is_empty() {
+            self.control_text(&mut o);
         }
         o
     }
@@ -223,6 +256,38 @@ impl Report {
         let _ = writeln!(
             o,
             "floor: lb_tx (returns XDP_TX) run the same way; x floor: floor Mpps / Mpps."
+        );
+    }
+
+    fn control_text(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "\nControl plane: a change until its tables are live in the maps ({} backends per \
+             service, medians of {} changes)",
+            super::control::BACKENDS,
+            2 * self.rounds
+        );
+        let _ = writeln!(
+            o,
+            "{:>8} {:>8} {:>15} {:>14} {:>14} {:>10}",
+            "services", "buckets", "health flip ms", "set-weight ms", "first flip ms", "start ms"
+        );
+        for r in &self.control {
+            let _ = writeln!(
+                o,
+                "{:>8} {:>8} {:>15.3} {:>14.3} {:>14.3} {:>10.1}",
+                r.services,
+                r.buckets,
+                r.health_flip_ms,
+                r.set_weight_ms,
+                r.first_flip_ms,
+                r.start_ms
+            );
+        }
+        let _ = writeln!(
+            o,
+            "first flip: the first change of a service, whose other half is written whole; \
+             start: every table\nbuilt and written on empty maps."
         );
     }
 

@@ -1,13 +1,15 @@
 //! `bench`: per-packet cost of lb's XDP program on each path, the forwarding-table
 //! builder's figures and the forwarding rate with live frames, as a table and optionally as
 //! JSON. `cargo xtask bench` runs it in release mode; docs/benchmarks.md explains the
-//! figures. Needs root (but for the table suite).
+//! figures; the control suite times the agent's control plane from a change to its tables
+//! live. Needs root (but for the table suite).
 
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use tests::bench::{
+    control,
     dataplane::{self, Settings},
     harness::MAX_FRAMES,
     live, memory,
@@ -24,6 +26,8 @@ enum Suite {
     Table,
     /// Forwarding rate with live frames (BPF_F_TEST_XDP_LIVE_FRAMES).
     Live,
+    /// From a health flip or a `set-weight` to the new tables live in the maps.
+    Control,
 }
 
 #[derive(Parser)]
@@ -99,7 +103,8 @@ fn run(cli: Cli) -> Result<()> {
     // SAFETY: geteuid cannot fail.
     if suites.iter().any(|s| *s != Suite::Table) && unsafe { libc::geteuid() } != 0 {
         anyhow::bail!(
-            "the data-plane and live suites need root (namespaces, BPF); the table suite does not"
+            "the data-plane, live and control suites need root (namespaces, BPF); the table suite \
+             does not"
         );
     }
     let cases = dataplane::selected(&cli.cases);
@@ -133,7 +138,12 @@ fn run(cli: Cli) -> Result<()> {
     } else {
         Vec::new()
     };
-    let report = Report::new(settings, &dp, &figures, &rates, &map_bytes);
+    let changes = if suites.contains(&Suite::Control) {
+        control::measure(settings.rounds)?
+    } else {
+        Vec::new()
+    };
+    let report = Report::new(settings, &dp, &figures, &rates, &map_bytes, &changes);
     print!("{}", report.text());
     if let Some(path) = cli.json {
         let json = serde_json::to_string_pretty(&report)?;

@@ -120,10 +120,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     // SAFETY: geteuid cannot fail.
-    ensure!(
-        unsafe { libc::geteuid() } == 0,
-        "lab needs root (network namespaces, XDP)"
-    );
+    let root = unsafe { libc::geteuid() } == 0;
+    ensure!(root, "lab needs root (network namespaces, XDP)");
     match cli.cmd {
         Cmd::Up {
             name,
@@ -535,6 +533,7 @@ fn ensure_bpffs() -> Result<()> {
     let path = c"/sys/fs/bpf";
     // SAFETY: zeroed statfs is a valid out buffer; `path` is a C string.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: a C string and a buffer that outlive the call.
     if unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0 && st.f_type as i64 == BPF_FS_MAGIC {
         return Ok(());
     }
