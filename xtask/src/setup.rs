@@ -28,8 +28,14 @@ const APT: &[(&str, &str)] = &[
         "promtool, to check the metrics page and the alert rules",
     ),
     ("fonts-dejavu-core", "the font of the demo's chart"),
-    ("etcd-server", "etcd, the fleet's store, started by the fleet tests"),
-    ("protobuf-compiler", "protoc, which the etcd client's build needs"),
+    (
+        "etcd-server",
+        "etcd, the fleet's store, started by the fleet tests",
+    ),
+    (
+        "protobuf-compiler",
+        "protoc, which the etcd client's build needs",
+    ),
 ];
 
 const LINKER_VERSION: &str = "0.13.0";
