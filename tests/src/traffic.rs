@@ -16,6 +16,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::Netns;
 
@@ -250,61 +251,17 @@ impl TcpConn {
 }
 
 /// A TCP connection from `local` to `dst`: `SO_REUSEADDR`, bind, then a connect that
-/// gives up after `timeout` (`SO_SNDTIMEO` bounds it).
+/// gives up after `timeout`.
 fn bound_connect(local: SocketAddr, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let family = if local.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket call; the fd is owned right after.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh, valid fd that nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    let opts: [(libc::c_int, *const libc::c_void, usize); 2] = [
-        (
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>(),
-        ),
-        (
-            libc::SO_SNDTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>(),
-        ),
-    ];
-    for (opt, val, len) in opts {
-        // SAFETY: a valid fd and an option value of the size given.
-        if unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, val, len as libc::socklen_t) } != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    for (a, bind) in [(local, true), (dst, false)] {
-        let (storage, len) = crate::churn::sockaddr(a);
-        let sa = (&storage as *const libc::sockaddr_storage).cast();
-        // SAFETY: `storage` holds a sockaddr of `len` bytes of the socket's family.
-        let rc = unsafe {
-            if bind {
-                libc::bind(owned.as_raw_fd(), sa, len)
-            } else {
-                libc::connect(owned.as_raw_fd(), sa, len)
-            }
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(TcpStream::from(owned))
+    let sock = Socket::new(
+        Domain::for_address(local),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&local.into())?;
+    sock.connect_timeout(&dst.into(), timeout)?;
+    Ok(sock.into())
 }
 
 /// Connects from `ns` to `dst` and returns the name of the server that answered.

@@ -146,10 +146,7 @@ impl Store {
         revision: i64,
     ) -> Result<i64, StoreError> {
         let key = self.key(name);
-        let json = serde_json::to_vec(value).map_err(|source| StoreError::Json {
-            key: key.clone(),
-            source,
-        })?;
+        let json = encode(&key, value)?;
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 key.as_str(),
@@ -198,10 +195,7 @@ impl Store {
         lease: &Lease,
     ) -> Result<i64, StoreError> {
         let key = self.key(name);
-        let json = serde_json::to_vec(value).map_err(|source| StoreError::Json {
-            key: key.clone(),
-            source,
-        })?;
+        let json = encode(&key, value)?;
         let resp = self
             .client
             .put(key, json, Some(PutOptions::new().with_lease(lease.id)))
@@ -246,6 +240,13 @@ impl Store {
             strip: self.prefix.len() + 1,
         })
     }
+}
+
+fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Json {
+        key: key.to_owned(),
+        source,
+    })
 }
 
 /// A lease of this node's documents.

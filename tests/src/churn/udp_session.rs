@@ -4,9 +4,7 @@
 use std::{
     collections::BTreeMap,
     io,
-    mem::size_of,
     net::{SocketAddr, UdpSocket},
-    os::fd::FromRawFd,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -16,6 +14,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::Netns;
 
@@ -178,78 +177,14 @@ fn serve_session(conn: UdpSocket, prefix: &[u8], stop: &AtomicBool) -> io::Resul
 /// A UDP socket with `SO_REUSEADDR` and `SO_REUSEPORT`, bound to `local` and connected to
 /// `peer` when given.
 fn reuseport_udp(local: SocketAddr, peer: Option<SocketAddr>) -> io::Result<UdpSocket> {
-    let family = if local.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket call; the fd is owned by the UdpSocket right after.
-    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh, valid socket fd that nothing else owns.
-    let sock = unsafe { UdpSocket::from_raw_fd(fd) };
-    for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
-        let one: libc::c_int = 1;
-        // SAFETY: a valid fd and an int option of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&one as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    let (storage, len) = sockaddr(local);
-    // SAFETY: `storage` holds a sockaddr of `len` bytes of the socket's family.
-    if unsafe { libc::bind(fd, (&storage as *const libc::sockaddr_storage).cast(), len) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let sock = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&local.into())?;
     if let Some(peer) = peer {
-        sock.connect(peer)?;
+        sock.connect(&peer.into())?;
     }
-    Ok(sock)
-}
-
-pub(crate) fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match a {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: as above, for sockaddr_in6.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
+    Ok(sock.into())
 }
 
 /// A client's UDP session: a socket connected to the VIP, one request in flight.
