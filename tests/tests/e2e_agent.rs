@@ -482,7 +482,10 @@ fn bad_configs_are_refused_and_change_nothing() {
         lab.lb().write_config(config).unwrap();
         let out = lab.lb().lb(&["reload"]).unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(want), "reload: {err}");
+        assert!(
+            !out.status.success() && err.contains(want) && err.contains("nothing changed"),
+            "reload: {err}"
+        );
     }
     let after = lab.lb().status().unwrap();
     assert_eq!(

@@ -608,8 +608,8 @@ impl Agent {
                     crate::config::ConfigError::Read { .. } => ErrorKind::Internal,
                     _ => ErrorKind::Invalid,
                 };
-                let e = chain(&e);
-                warn!(%caller, via, "reload refused, nothing changed: {e}");
+                let e = format!("reload refused, nothing changed: {}", chain(&e));
+                warn!(%caller, via, "{e}");
                 return Response::error(kind, e);
             }
         };
@@ -625,8 +625,8 @@ impl Agent {
             || config.vip_mss != self.config.vip_mss
         {
             if let Err(e) = serve_vips(&config) {
-                let e = format!("{e:#}");
-                warn!(%caller, via, "reload refused, nothing changed: {e}");
+                let e = format!("reload refused, nothing changed: {e:#}");
+                warn!(%caller, via, "{e}");
                 return Response::error(ErrorKind::Internal, e);
             }
         }
