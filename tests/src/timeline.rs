@@ -169,14 +169,18 @@ impl Timeline {
         let colour = |i: usize| PALETTE[i % PALETTE.len()].to_rgba();
 
         let mut chart = panel(&top, n, peak * 1.15, "requests answered per second")?;
+        // Each line thinner than the one drawn before it: backends that answer alike stay
+        // visible as a line inside a line instead of one hiding the other.
+        let lines = self.answered.len() as u32;
         for (i, (b, v)) in self.answered.iter().enumerate() {
             let c = colour(i);
+            let width = 2 + 2 * (lines - 1 - i as u32);
             chart
                 .draw_series(LineSeries::new(
                     v.iter()
                         .enumerate()
                         .map(|(s, x)| (s as f64 + 0.5, *x as f64)),
-                    c.stroke_width(2),
+                    c.stroke_width(width),
                 ))?
                 .label(b.clone())
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(3)));
