@@ -17,37 +17,36 @@ use lb::{
     dataplane::{Dataplane, LoadOptions, Node},
     table::{self, Backend},
 };
-use lb_common::{
-    addr::to_bytes, limits::DEFAULT_TABLE_BITS, packet::example, proto::ETH_P_IP, stats::Reason,
-};
+use lb_common::{addr::to_bytes, limits::DEFAULT_TABLE_BITS, proto::ETH_P_IP, stats::Reason};
 
 use super::{
-    super::fixture::install_service,
     harness::{Harness, Target},
     packets::{self, Macs},
 };
-use crate::{fixture, link};
+use crate::{
+    fixture::{self, install_service, plan},
+    link,
+};
 
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
-const NODE4: Ipv4Addr = Ipv4Addr::from_octets(example::NODE_V4);
-const NODE6: Ipv6Addr = Ipv6Addr::from_octets(example::NODE_V6);
-const VIP4: Ipv4Addr = Ipv4Addr::from_octets(example::VIP_V4);
-const VIP6: Ipv6Addr = Ipv6Addr::from_octets(example::VIP_V6);
+const NODE4: Ipv4Addr = plan::node_v4();
+const NODE6: Ipv6Addr = plan::node_v6();
+const VIP4: Ipv4Addr = plan::vip_v4();
+const VIP6: Ipv6Addr = plan::vip_v6();
 /// An LB node sending GUE to this one.
-const LB4: Ipv4Addr = Ipv4Addr::from_octets(example::PEER_V4);
+const LB4: Ipv4Addr = Ipv4Addr::from_octets(plan::PEER_V4);
 /// A router on the way back to a client, reporting a too-small MTU.
 const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
 const SEED: u32 = 0x5eed_0b07;
-const GUE_PORT: u16 = lb_common::encap::DEFAULT_GUE_PORT;
 /// Backends of each service (of each family).
 const BACKENDS: u32 = 100;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const MACS: Macs = Macs {
-    src: example::PEER_MAC,
-    dst: example::NODE_MAC,
+    src: plan::PEER_MAC,
+    dst: plan::NODE_MAC,
 };
 
 /// The cases, in the order they are reported.
@@ -320,21 +319,13 @@ pub fn median(v: &[f64]) -> f64 {
 
 // ---- the node --------------------------------------------------------------------------
 
-fn backend4(i: u32) -> Ipv4Addr {
-    Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250 + 1) as u8)
-}
-
-fn backend6(i: u32) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 1 + i as u16)
-}
-
 /// Node settings, backends (slots 0.. IPv4, BACKENDS.. IPv6) with their next hops as the
 /// agent resolves them, and three services, each with a default-size table from the real
 /// builder, as it stands after one backend was added (so some buckets have a second hop).
 pub fn configure(dp: &mut Dataplane) -> Result<()> {
     dp.set_node(&Node {
         hash_seed: SEED,
-        gue_port: GUE_PORT,
+        gue_port: plan::GUE_PORT,
         addr_v4: Some(NODE4),
         addr_v6: Some(NODE6),
     })?;
@@ -344,9 +335,9 @@ pub fn configure(dp: &mut Dataplane) -> Result<()> {
         let mut list = Vec::new();
         for i in 0..BACKENDS {
             let (addr, slot) = if v6 {
-                (IpAddr::V6(backend6(i)), BACKENDS + i)
+                (IpAddr::V6(plan::backend_v6(i)), BACKENDS + i)
             } else {
-                (IpAddr::V4(backend4(i)), i)
+                (IpAddr::V4(plan::backend_v4(i)), i)
             };
             dp.set_backend(slot, addr)?;
             slots.push((addr, slot));
@@ -458,8 +449,15 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
     let m = MACS;
     // GUE from an LB node, the bucket's previous owner as the one hop left.
     let to_node = |i: usize, inner: &[u8]| {
-        let port = (50_000 + i as u16, GUE_PORT);
-        packets::gue4(m, LB4, NODE4, port, backend4(i as u32 % BACKENDS), inner)
+        let port = (50_000 + i as u16, plan::GUE_PORT);
+        packets::gue4(
+            m,
+            LB4,
+            NODE4,
+            port,
+            plan::backend_v4(i as u32 % BACKENDS),
+            inner,
+        )
     };
     vec![
         encap(
