@@ -35,6 +35,7 @@ use lb_common::{
 };
 use tests::fixture::{
     self,
+    packets::{self, TO_NODE},
     configure::{round_robin, slot, slot_addr, Service},
     install_service,
     plan::{
@@ -86,72 +87,35 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
 
 // ---- packets -------------------------------------------------------------------------
 
+/// The payload of the fixtures' TCP segments.
+const HELLO: &[u8] = b"hello";
+
 fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1000, 65000);
-    let b = if syn { b.syn() } else { b.ack(5000) };
-    let mut v = Vec::new();
-    b.write(&mut v, b"hello").unwrap();
-    v
+    let addrs = (src.into(), dst.into());
+    packets::tcp4(TO_NODE, addrs, (sport, dport), syn, HELLO)
 }
 
 /// A TCP ACK segment from `src` to `dst` (one family) with sequence number `seq`,
 /// acknowledging `ack`.
 fn tcp_seq(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(PEER_MAC, NODE_MAC);
-    let b = match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => b.ipv4(s.octets(), d.octets(), 64),
-        (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(s.octets(), d.octets(), 64),
-        _ => panic!("mixed families"),
-    };
-    let mut v = Vec::new();
-    b.tcp(src.port(), dst.port(), seq, 65000)
-        .ack(ack)
-        .write(&mut v, b"hello")
-        .unwrap();
-    v
+    packets::tcp_seq(TO_NODE, src, dst, (seq, ack), HELLO)
 }
 
 fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, syn: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
-        .ipv6(src.octets(), dst.octets(), 64)
-        .tcp(sport, dport, 1000, 65000);
-    let b = if syn { b.syn() } else { b.ack(5000) };
-    let mut v = Vec::new();
-    b.write(&mut v, b"hello").unwrap();
-    v
+    packets::tcp6(TO_NODE, (src, dst), (sport, dport), syn, HELLO)
 }
 
 fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
-        .ipv4(src, dst, 64)
-        .udp(sport, dport)
-        .write(&mut v, payload)
-        .unwrap();
-    v
+    udp((src, sport).into(), (dst, dport).into(), payload)
 }
 
 fn udp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
-        .ipv6(src.octets(), dst.octets(), 64)
-        .udp(sport, dport)
-        .write(&mut v, payload)
-        .unwrap();
-    v
+    udp((src, sport).into(), (dst, dport).into(), payload)
 }
 
 /// A UDP packet from `src` to `dst`, of their family.
 fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            udp4(s.octets(), d.octets(), src.port(), dst.port(), payload)
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => udp6(s, d, src.port(), dst.port(), payload),
-        _ => panic!("mixed families"),
-    }
+    packets::udp(TO_NODE, src, dst, payload)
 }
 
 fn tuple(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, proto: u8) -> FlowTuple {

@@ -21,10 +21,9 @@ use lb_common::{addr::to_bytes, limits::DEFAULT_TABLE_BITS, proto::ETH_P_IP, sta
 
 use super::{
     harness::{Harness, Target},
-    packets::{self, Macs},
 };
 use crate::{
-    fixture::{self, install_service, plan},
+    fixture::{self, install_service, packets, plan},
     link,
 };
 
@@ -44,10 +43,6 @@ const SEED: u32 = 0x5eed_0b07;
 const BACKENDS: u32 = 100;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
-const MACS: Macs = Macs {
-    src: plan::PEER_MAC,
-    dst: plan::NODE_MAC,
-};
 
 /// The cases, in the order they are reported.
 pub const CASES: [&str; 9] = [
@@ -446,7 +441,7 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
         reason,
     };
     let other4 = |i: usize| Ipv4Addr::from(0xcb00_7101 + i as u32); // 203.0.113.1..
-    let m = MACS;
+    let m = packets::TO_NODE;
     // GUE from an LB node, the bucket's previous owner as the one hop left.
     let to_node = |i: usize, inner: &[u8]| {
         let port = (50_000 + i as u16, plan::GUE_PORT);
@@ -462,27 +457,27 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
     vec![
         encap(
             CASES[0],
-            each(&|i| packets::tcp4(m, client4(i), VIP4, client_port(i), 80, true)),
+            each(&|i| packets::tcp4(m, (client4(i), VIP4), (client_port(i), 80), true, &[])),
             Reason::Encapsulated,
         ),
         encap(
             CASES[1],
-            each(&|i| packets::tcp4(m, client4(i), VIP4, client_port(i), 80, false)),
+            each(&|i| packets::tcp4(m, (client4(i), VIP4), (client_port(i), 80), false, &[])),
             Reason::Encapsulated,
         ),
         encap(
             CASES[2],
-            each(&|i| packets::udp4(m, client4(i), VIP4, client_port(i), 53, &[0x5a; 32])),
+            each(&|i| packets::udp(m, (client4(i), client_port(i)).into(), (VIP4, 53).into(), &[0x5a; 32])),
             Reason::Encapsulated,
         ),
         encap(
             CASES[3],
-            each(&|i| packets::tcp6_syn(m, client6(i), VIP6, client_port(i), 80)),
+            each(&|i| packets::tcp6(m, (client6(i), VIP6), (client_port(i), 80), true, &[])),
             Reason::Encapsulated,
         ),
         Case {
             name: CASES[4],
-            frames: each(&|i| packets::tcp4(m, client4(i), other4(i), client_port(i), 443, false)),
+            frames: each(&|i| packets::tcp4(m, (client4(i), other4(i)), (client_port(i), 443), false, &[])),
             verdict: XDP_PASS,
             reason: Reason::PassNotService,
         },
@@ -490,7 +485,7 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
             name: CASES[5],
             frames: each(&|i| {
                 let e = established[i];
-                let inner = packets::tcp4_ack(m, VIP4, VIP4, (e.port, 80), e.seq, e.ack);
+                let inner = packets::tcp_seq(m, (VIP4, e.port).into(), (VIP4, 80).into(), (e.seq, e.ack), &[]);
                 to_node(i, &inner)
             }),
             verdict: XDP_PASS,
@@ -499,7 +494,7 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
         encap(
             CASES[6],
             each(&|i| {
-                let inner = packets::tcp4(m, client4(i), VIP4, client_port(i), 80, false);
+                let inner = packets::tcp4(m, (client4(i), VIP4), (client_port(i), 80), false, &[]);
                 to_node(i, &inner)
             }),
             Reason::SecondHop,
@@ -507,7 +502,7 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
         encap(
             CASES[7],
             each(&|i| {
-                let sent = packets::tcp4(m, VIP4, client4(i), 80, client_port(i), false);
+                let sent = packets::tcp4(m, (VIP4, client4(i)), (80, client_port(i)), false, &[]);
                 packets::icmp4_frag_needed(m, ROUTER4, VIP4, &sent)
             }),
             Reason::IcmpForwarded,
@@ -516,7 +511,7 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
             name: CASES[8],
             frames: each(&|i| {
                 let e = local[i];
-                packets::tcp4_ack(m, VIP4, VIP4, (e.port, LOCAL_PORT), e.seq, e.ack)
+                packets::tcp_seq(m, (VIP4, e.port).into(), (VIP4, LOCAL_PORT).into(), (e.seq, e.ack), &[])
             }),
             verdict: XDP_PASS,
             reason: Reason::DeliveredLocally,
