@@ -35,9 +35,9 @@ use lb_common::{
 };
 use tests::fixture::{
     self,
-    packets::{self, TO_NODE},
     configure::{round_robin, slot, slot_addr, Service},
     install_service,
+    packets::{self, TO_NODE},
     plan::{
         backend_v4, client_v6, node_v6, vip_v6, CLIENT_V4 as CLIENT4, GUE_PORT, NODE_V4 as NODE4,
         OTHER_V4 as OTHER4, PEER_V4 as LB4, VIP_V4 as VIP4,
@@ -1292,46 +1292,41 @@ fn data_plane_fixtures() {
     if !tests::can_run("data_plane_fixtures") {
         return;
     }
-    let ns = fixture::namespace("fix").expect("fixture namespace");
-    let failures = ns
-        .run(|| {
-            let ifindex = tests::link::if_index(fixture::IF)?;
-            let mut dp = Dataplane::load(&LoadOptions::default())?;
+    let failures = fixture::with_dataplane("fix", &LoadOptions::default(), |dp, ifindex| {
+        // Before the node is configured, everything passes untouched.
+        let c = Case {
+            name: "unconfigured node passes everything",
+            input: tcp4(CLIENT4, VIP4, 40000, 80, true),
+            verdict: XDP_PASS,
+            output: Out::Same,
+            reason: Reason::PassUnconfigured,
+            counted: None,
+        };
+        let mut results = vec![(c.name, run_case(dp, ifindex, &c))];
 
-            // Before the node is configured, everything passes untouched.
-            let c = Case {
-                name: "unconfigured node passes everything",
-                input: tcp4(CLIENT4, VIP4, 40000, 80, true),
-                verdict: XDP_PASS,
-                output: Out::Same,
-                reason: Reason::PassUnconfigured,
-                counted: None,
-            };
-            let mut results = vec![(c.name, run_case(&mut dp, ifindex, &c))];
-
-            configure(&mut dp)?;
-            let socks = local_sockets()?;
-            let cases: Vec<Case> = client_cases()
-                .into_iter()
-                .chain(backend_cases(&socks))
-                .collect();
-            for c in &cases {
-                results.push((c.name, run_case(&mut dp, ifindex, c)));
-            }
-            let mut failures = Vec::new();
-            for (name, r) in &results {
-                match r {
-                    Ok(()) => println!("ok    {name}"),
-                    Err(e) => {
-                        println!("FAIL  {name}: {e:#}");
-                        failures.push(name.to_string());
-                    }
+        configure(dp)?;
+        let socks = local_sockets()?;
+        let cases: Vec<Case> = client_cases()
+            .into_iter()
+            .chain(backend_cases(&socks))
+            .collect();
+        for c in &cases {
+            results.push((c.name, run_case(dp, ifindex, c)));
+        }
+        let mut failures = Vec::new();
+        for (name, r) in &results {
+            match r {
+                Ok(()) => println!("ok    {name}"),
+                Err(e) => {
+                    println!("FAIL  {name}: {e:#}");
+                    failures.push(name.to_string());
                 }
             }
-            println!("{} fixtures, {} failed", results.len(), failures.len());
-            Ok(failures)
-        })
-        .expect("running fixtures");
+        }
+        println!("{} fixtures, {} failed", results.len(), failures.len());
+        Ok(failures)
+    })
+    .expect("running fixtures");
     assert!(failures.is_empty(), "failed fixtures: {failures:?}");
 }
 
@@ -1345,23 +1340,17 @@ fn a_socket_connecting_to_another_peer_does_not_own_a_flow() {
     if !tests::can_run("a_socket_connecting_to_another_peer_does_not_own_a_flow") {
         return;
     }
-    let ns = fixture::namespace("race").expect("fixture namespace");
-    let results = ns
-        .run(|| {
-            let ifindex = tests::link::if_index(fixture::IF)?;
-            let mut dp = Dataplane::load(&LoadOptions::default())?;
-            configure(&mut dp)?;
-            [
-                (IpAddr::from(VIP4), IpAddr::from(CLIENT4)),
-                (vip_v6().into(), client_v6().into()),
-            ]
-            .into_iter()
-            .map(|(vip, client)| {
-                race_session_sockets(&mut dp, ifindex, vip, client).map(|r| (vip, r))
-            })
-            .collect::<Result<Vec<_>>>()
-        })
-        .expect("running the race");
+    let results = fixture::with_dataplane("race", &LoadOptions::default(), |dp, ifindex| {
+        configure(dp)?;
+        [
+            (IpAddr::from(VIP4), IpAddr::from(CLIENT4)),
+            (vip_v6().into(), client_v6().into()),
+        ]
+        .into_iter()
+        .map(|(vip, client)| race_session_sockets(dp, ifindex, vip, client).map(|r| (vip, r)))
+        .collect::<Result<Vec<_>>>()
+    })
+    .expect("running the race");
     for (vip, (runs, accepted, churned)) in results {
         println!("{vip}: {runs} runs while {churned} sockets were bound and connected: {accepted} accepted");
         assert!(churned > 1000, "only {churned} sockets churned");
@@ -1663,27 +1652,23 @@ fn local_first_hop_fixtures() {
     if !tests::can_run("local_first_hop_fixtures") {
         return;
     }
-    let ns = fixture::namespace("local").expect("fixture namespace");
-    let failures = ns
-        .run(|| {
-            let ifindex = tests::link::if_index(fixture::IF)?;
-            let mut dp = Dataplane::load(&LoadOptions::default())?;
-            configure_local(&mut dp)?;
-            let socks = local_first_hop_sockets()?;
-            let mut failures = Vec::new();
-            let cases = local_cases(socks.est);
-            for c in &cases {
-                match run_case(&mut dp, ifindex, c) {
-                    Ok(()) => println!("ok    {}", c.name),
-                    Err(e) => {
-                        println!("FAIL  {}: {e:#}", c.name);
-                        failures.push(c.name);
-                    }
+    let failures = fixture::with_dataplane("local", &LoadOptions::default(), |dp, ifindex| {
+        configure_local(dp)?;
+        let socks = local_first_hop_sockets()?;
+        let mut failures = Vec::new();
+        let cases = local_cases(socks.est);
+        for c in &cases {
+            match run_case(dp, ifindex, c) {
+                Ok(()) => println!("ok    {}", c.name),
+                Err(e) => {
+                    println!("FAIL  {}: {e:#}", c.name);
+                    failures.push(c.name);
                 }
             }
-            println!("{} fixtures, {} failed", cases.len(), failures.len());
-            Ok(failures)
-        })
-        .expect("running fixtures");
+        }
+        println!("{} fixtures, {} failed", cases.len(), failures.len());
+        Ok(failures)
+    })
+    .expect("running fixtures");
     assert!(failures.is_empty(), "failed fixtures: {failures:?}");
 }

@@ -19,9 +19,7 @@ use lb::{
 };
 use lb_common::{addr::to_bytes, limits::DEFAULT_TABLE_BITS, proto::ETH_P_IP, stats::Reason};
 
-use super::{
-    harness::{Harness, Target},
-};
+use super::harness::{Harness, Target};
 use crate::{
     fixture::{self, install_service, packets, plan},
     link,
@@ -117,15 +115,12 @@ pub struct Measured {
 
 /// Measures the cases named in `names` (see [`CASES`]).
 pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
-    let ns = fixture::namespace("bench")?;
-    ns.run(|| {
-        let ifindex = link::if_index(fixture::IF)?;
-        let slots = 4 << DEFAULT_TABLE_BITS;
-        let mut dp = Dataplane::load(&LoadOptions {
-            bucket_slots: slots,
-            pin_dir: None,
-        })?;
-        configure(&mut dp)?;
+    let opts = LoadOptions {
+        bucket_slots: 4 << DEFAULT_TABLE_BITS,
+        pin_dir: None,
+    };
+    fixture::with_dataplane("bench", &opts, |dp, ifindex| {
+        configure(dp)?;
         let sockets = Sockets::open(80, s.flows)?;
         let local = Sockets::open(LOCAL_PORT, s.flows)?;
         let mut harness = Harness::load(dp.ebpf(), ifindex)?;
@@ -136,9 +131,9 @@ pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
         ensure!(!cases.is_empty(), "no case selected");
         let unchanged = cases
             .iter()
-            .map(|c| verify_frames(&mut dp, &harness, c))
+            .map(|c| verify_frames(dp, &harness, c))
             .collect::<Result<Vec<bool>>>()?;
-        run_rounds(&mut dp, &mut harness, &cases, &unchanged, s)
+        run_rounds(dp, &mut harness, &cases, &unchanged, s)
     })
 }
 
@@ -467,7 +462,14 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
         ),
         encap(
             CASES[2],
-            each(&|i| packets::udp(m, (client4(i), client_port(i)).into(), (VIP4, 53).into(), &[0x5a; 32])),
+            each(&|i| {
+                packets::udp(
+                    m,
+                    (client4(i), client_port(i)).into(),
+                    (VIP4, 53).into(),
+                    &[0x5a; 32],
+                )
+            }),
             Reason::Encapsulated,
         ),
         encap(
@@ -477,7 +479,15 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
         ),
         Case {
             name: CASES[4],
-            frames: each(&|i| packets::tcp4(m, (client4(i), other4(i)), (client_port(i), 443), false, &[])),
+            frames: each(&|i| {
+                packets::tcp4(
+                    m,
+                    (client4(i), other4(i)),
+                    (client_port(i), 443),
+                    false,
+                    &[],
+                )
+            }),
             verdict: XDP_PASS,
             reason: Reason::PassNotService,
         },
@@ -485,7 +495,13 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
             name: CASES[5],
             frames: each(&|i| {
                 let e = established[i];
-                let inner = packets::tcp_seq(m, (VIP4, e.port).into(), (VIP4, 80).into(), (e.seq, e.ack), &[]);
+                let inner = packets::tcp_seq(
+                    m,
+                    (VIP4, e.port).into(),
+                    (VIP4, 80).into(),
+                    (e.seq, e.ack),
+                    &[],
+                );
                 to_node(i, &inner)
             }),
             verdict: XDP_PASS,
@@ -511,7 +527,13 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
             name: CASES[8],
             frames: each(&|i| {
                 let e = local[i];
-                packets::tcp_seq(m, (VIP4, e.port).into(), (VIP4, LOCAL_PORT).into(), (e.seq, e.ack), &[])
+                packets::tcp_seq(
+                    m,
+                    (VIP4, e.port).into(),
+                    (VIP4, LOCAL_PORT).into(),
+                    (e.seq, e.ack),
+                    &[],
+                )
             }),
             verdict: XDP_PASS,
             reason: Reason::DeliveredLocally,

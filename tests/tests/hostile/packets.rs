@@ -272,73 +272,70 @@ fn hostile_packets_keep_the_invariants() {
         return;
     }
     let seeds = corpus().expect("seed corpus");
-    let ns = fixture::namespace("hostile").expect("fixture namespace");
     let started = Instant::now();
-    let tally = ns
-        .run(|| {
-            let ifindex = tests::link::if_index(fixture::IF)?;
-            let mut dp = Dataplane::load(&LoadOptions {
-                bucket_slots: 1 << 10,
-                pin_dir: None,
-            })?;
-            let mut t = Tally {
-                packets: 0,
-                too_short: 0,
-                reasons: BTreeMap::new(),
-                mutations: BTreeMap::new(),
-                failures: Vec::new(),
-            };
-            let mut rng = Rng(SEED);
-            let ports: Vec<u16> = example::SERVICES
-                .iter()
-                .map(|s| s.port)
-                .chain([example::GUE_PORT])
-                .collect();
-            let mutated = |rng: &mut Rng, t: &mut Tally, seed: &[u8]| {
-                let mut f = Frame::new(seed).expect("seed fits a frame");
-                let mut kinds = Vec::new();
-                for _ in 0..1 + rng.below(4) {
-                    let m = mutate(rng, &mut f, &ports);
-                    *t.mutations.entry(m).or_default() += 1;
-                    kinds.push(m);
-                }
-                (f, kinds)
-            };
-            // Unconfigured: everything passes untouched.
-            for i in 0..300 {
-                let (_, seed) = &seeds[i % seeds.len()];
+    let opts = LoadOptions {
+        bucket_slots: 1 << 10,
+        pin_dir: None,
+    };
+    let tally = fixture::with_dataplane("hostile", &opts, |dp, ifindex| {
+        let mut t = Tally {
+            packets: 0,
+            too_short: 0,
+            reasons: BTreeMap::new(),
+            mutations: BTreeMap::new(),
+            failures: Vec::new(),
+        };
+        let mut rng = Rng(SEED);
+        let ports: Vec<u16> = example::SERVICES
+            .iter()
+            .map(|s| s.port)
+            .chain([example::GUE_PORT])
+            .collect();
+        let mutated = |rng: &mut Rng, t: &mut Tally, seed: &[u8]| {
+            let mut f = Frame::new(seed).expect("seed fits a frame");
+            let mut kinds = Vec::new();
+            for _ in 0..1 + rng.below(4) {
+                let m = mutate(rng, &mut f, &ports);
+                *t.mutations.entry(m).or_default() += 1;
+                kinds.push(m);
+            }
+            (f, kinds)
+        };
+        // Unconfigured: everything passes untouched.
+        for i in 0..300 {
+            let (_, seed) = &seeds[i % seeds.len()];
+            let (f, kinds) = mutated(&mut rng, &mut t, seed);
+            t.send(
+                dp,
+                ifindex,
+                &format!("unconfigured {i} {kinds:?}"),
+                f.as_slice(),
+                false,
+            );
+        }
+        configure(dp)?;
+        for (name, seed) in &seeds {
+            t.send(dp, ifindex, name, seed, true);
+        }
+        for round in 0..160 {
+            for (name, seed) in &seeds {
                 let (f, kinds) = mutated(&mut rng, &mut t, seed);
                 t.send(
-                    &mut dp,
+                    dp,
                     ifindex,
-                    &format!("unconfigured {i} {kinds:?}"),
+                    &format!("{name} round {round} {kinds:?}"),
                     f.as_slice(),
-                    false,
+                    true,
                 );
             }
-            configure(&mut dp)?;
-            for (name, seed) in &seeds {
-                t.send(&mut dp, ifindex, name, seed, true);
-            }
-            for round in 0..160 {
-                for (name, seed) in &seeds {
-                    let (f, kinds) = mutated(&mut rng, &mut t, seed);
-                    t.send(
-                        &mut dp,
-                        ifindex,
-                        &format!("{name} round {round} {kinds:?}"),
-                        f.as_slice(),
-                        true,
-                    );
-                }
-            }
-            for i in 0..2000 {
-                let f = random_frame(&mut rng, 300);
-                t.send(&mut dp, ifindex, &format!("random {i}"), f.as_slice(), true);
-            }
-            Ok(t)
-        })
-        .expect("running the program");
+        }
+        for i in 0..2000 {
+            let f = random_frame(&mut rng, 300);
+            t.send(dp, ifindex, &format!("random {i}"), f.as_slice(), true);
+        }
+        Ok(t)
+    })
+    .expect("running the program");
     println!(
         "hostile: {} packets through the program in {:.1?} ({} seeds, mutated and random; \
          {} frames under 14 bytes not sendable), {} failed",
