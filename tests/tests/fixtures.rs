@@ -42,12 +42,8 @@ use tests::fixture::{
         backend_v4, client_v6, node_v6, vip_v6, CLIENT_V4 as CLIENT4, GUE_PORT, NODE_V4 as NODE4,
         OTHER_V4 as OTHER4, PEER_V4 as LB4, VIP_V4 as VIP4,
     },
-    GW_MAC,
+    GW_MAC, XDP_DROP, XDP_PASS, XDP_TX,
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 
 const SEED: u32 = 0x5eed_1234;
 const TABLE_BITS: u32 = 4;

@@ -25,8 +25,7 @@ use crate::{
     link,
 };
 
-pub const XDP_PASS: u32 = 2;
-pub const XDP_TX: u32 = 3;
+pub use crate::fixture::{XDP_PASS, XDP_TX};
 
 const NODE4: Ipv4Addr = plan::node_v4();
 const NODE6: Ipv6Addr = plan::node_v6();

@@ -22,14 +22,9 @@ use tests::{
     fixture::{
         self,
         configure::{round_robin, Service},
-        GW_MAC,
+        GW_MAC, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX,
     },
 };
-
-const XDP_ABORTED: u32 = 0;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
 
 /// The most bytes the program may add: an IPv6 outer header, UDP, GUE and the hop list.
 const MAX_GROWTH: usize = ENCAP_LEN_V6;
