@@ -20,12 +20,11 @@ use lb::{
 use lb_common::{addr::to_bytes, limits::DEFAULT_TABLE_BITS, proto::ETH_P_IP, stats::Reason};
 
 use super::harness::{Harness, Target};
+pub use crate::fixture::{XDP_PASS, XDP_TX};
 use crate::{
     fixture::{self, install_service, packets, plan},
     link,
 };
-
-pub use crate::fixture::{XDP_PASS, XDP_TX};
 
 const NODE4: Ipv4Addr = plan::node_v4();
 const NODE6: Ipv6Addr = plan::node_v6();
