@@ -87,8 +87,7 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
 const HELLO: &[u8] = b"hello";
 
 fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
-    let addrs = (src.into(), dst.into());
-    packets::tcp4(TO_NODE, addrs, (sport, dport), syn, HELLO)
+    packets::tcp(TO_NODE, (src, dst), (sport, dport), syn, HELLO)
 }
 
 /// A TCP ACK segment from `src` to `dst` (one family) with sequence number `seq`,
@@ -98,7 +97,7 @@ fn tcp_seq(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32) -> Vec<u8> {
 }
 
 fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, syn: bool) -> Vec<u8> {
-    packets::tcp6(TO_NODE, (src, dst), (sport, dport), syn, HELLO)
+    packets::tcp(TO_NODE, (src, dst), (sport, dport), syn, HELLO)
 }
 
 fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {

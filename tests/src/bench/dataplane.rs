@@ -450,12 +450,12 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
     vec![
         encap(
             CASES[0],
-            each(&|i| packets::tcp4(m, (client4(i), VIP4), (client_port(i), 80), true, &[])),
+            each(&|i| packets::tcp(m, (client4(i), VIP4), (client_port(i), 80), true, &[])),
             Reason::Encapsulated,
         ),
         encap(
             CASES[1],
-            each(&|i| packets::tcp4(m, (client4(i), VIP4), (client_port(i), 80), false, &[])),
+            each(&|i| packets::tcp(m, (client4(i), VIP4), (client_port(i), 80), false, &[])),
             Reason::Encapsulated,
         ),
         encap(
@@ -472,13 +472,13 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
         ),
         encap(
             CASES[3],
-            each(&|i| packets::tcp6(m, (client6(i), VIP6), (client_port(i), 80), true, &[])),
+            each(&|i| packets::tcp(m, (client6(i), VIP6), (client_port(i), 80), true, &[])),
             Reason::Encapsulated,
         ),
         Case {
             name: CASES[4],
             frames: each(&|i| {
-                packets::tcp4(
+                packets::tcp(
                     m,
                     (client4(i), other4(i)),
                     (client_port(i), 443),
@@ -508,7 +508,7 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
         encap(
             CASES[6],
             each(&|i| {
-                let inner = packets::tcp4(m, (client4(i), VIP4), (client_port(i), 80), false, &[]);
+                let inner = packets::tcp(m, (client4(i), VIP4), (client_port(i), 80), false, &[]);
                 to_node(i, &inner)
             }),
             Reason::SecondHop,
@@ -516,7 +516,7 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
         encap(
             CASES[7],
             each(&|i| {
-                let sent = packets::tcp4(m, (VIP4, client4(i)), (80, client_port(i)), false, &[]);
+                let sent = packets::tcp(m, (VIP4, client4(i)), (80, client_port(i)), false, &[]);
                 packets::icmp4_frag_needed(m, ROUTER4, VIP4, &sent)
             }),
             Reason::IcmpForwarded,
