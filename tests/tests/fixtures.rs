@@ -20,223 +20,97 @@ use anyhow::{bail, Result};
 use etherparse::{
     IpHeaders, IpNumber, Ipv4Header, Ipv4Options, Ipv6FlowLabel, Ipv6Header, PacketBuilder,
 };
-use lb::dataplane::{Dataplane, LoadOptions, Node};
+use lb::dataplane::{Dataplane, LoadOptions};
 use lb_common::{
     addr::v4_mapped,
     encap::{FLAG_CHAINED, FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_HLEN, HOP_LIST_TYPE},
     hash::{bucket_index, flow_hash, outer_source_port, FlowTuple},
     maps::{Bucket, Counters, ServiceBackendKey},
-    packet::example::{NODE_MAC, PEER_MAC},
+    packet::{
+        example::{NODE_MAC, PEER_MAC},
+        ServiceAddr,
+    },
     proto::{ETH_P_IP, ETH_P_IPV6},
     stats::Reason,
 };
-use tests::fixture::{self, install_service, GW_MAC};
+use tests::fixture::{
+    self,
+    configure::{round_robin, slot, slot_addr, Service},
+    install_service,
+    packets::{self, TO_NODE},
+    plan::{
+        backend_v4, client_v6, node_v6, vip_v6, CLIENT_V4 as CLIENT4, GUE_PORT, NODE_V4 as NODE4,
+        OTHER_V4 as OTHER4, PEER_V4 as LB4, VIP_V4 as VIP4,
+    },
+    GW_MAC, XDP_DROP, XDP_PASS, XDP_TX,
+};
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-
-const NODE4: [u8; 4] = [10, 0, 0, 1];
-const LB4: [u8; 4] = [10, 0, 0, 5];
-const VIP4: [u8; 4] = [192, 0, 2, 10];
-const CLIENT4: [u8; 4] = [198, 51, 100, 7];
-const OTHER4: [u8; 4] = [203, 0, 113, 1];
 const SEED: u32 = 0x5eed_1234;
-const GUE_PORT: u16 = 6080;
 const TABLE_BITS: u32 = 4;
 const BUCKETS: u32 = 1 << TABLE_BITS;
-
-fn node6() -> Ipv6Addr {
-    "fd00::1".parse().unwrap()
-}
-fn vip6() -> Ipv6Addr {
-    "2001:db8::10".parse().unwrap()
-}
-fn client6() -> Ipv6Addr {
-    "2001:db8:1::7".parse().unwrap()
-}
-fn backend4(i: u32) -> [u8; 4] {
-    [10, 1, 0, 1 + i as u8]
-}
-fn backend6(i: u32) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 1 + i as u16)
-}
-
-/// The services of the fixture node: (vip, port, proto, id, backends' family is v6).
-/// Bucket `b` of every table belongs to backend `b % 3` of its family, and was owned
-/// before by backend `(b + 1) % 3` (its second hop). Service 5 has empty buckets.
-struct Svc {
-    vip: [u8; 16],
-    port: u16,
-    proto: u8,
-    id: u32,
-    v6_backends: bool,
-}
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 
-fn services() -> Vec<Svc> {
+/// The services of the fixture node. Bucket `b` of every table belongs to backend
+/// `b % 3` of its family, and was owned before by backend `(b + 1) % 3` (its second
+/// hop). Service 5 has empty buckets.
+fn services() -> Vec<Service> {
     let v4 = v4_mapped(VIP4);
-    let v6 = vip6().octets();
-    vec![
-        Svc {
-            vip: v4,
-            port: 80,
-            proto: TCP,
-            id: 0,
-            v6_backends: false,
-        },
-        Svc {
-            vip: v4,
-            port: 53,
-            proto: UDP,
-            id: 1,
-            v6_backends: false,
-        },
-        Svc {
-            vip: v6,
-            port: 80,
-            proto: TCP,
-            id: 2,
-            v6_backends: true,
-        },
-        Svc {
-            vip: v4,
-            port: 8080,
-            proto: TCP,
-            id: 3,
-            v6_backends: true,
-        },
-        Svc {
-            vip: v6,
-            port: 8080,
-            proto: TCP,
-            id: 4,
-            v6_backends: false,
-        },
-        Svc {
-            vip: v4,
-            port: 81,
-            proto: TCP,
-            id: 5,
-            v6_backends: false,
-        },
+    let v6 = vip_v6().octets();
+    [
+        (v4, 80, TCP, false),
+        (v4, 53, UDP, false),
+        (v6, 80, TCP, true),
+        (v4, 8080, TCP, true),
+        (v6, 8080, TCP, false),
+        (v4, 81, TCP, false),
     ]
-}
-
-/// Backend slots: 0..3 IPv4, 3..6 IPv6.
-fn slot(family_v6: bool, i: u32) -> u32 {
-    if family_v6 {
-        3 + i
-    } else {
-        i
-    }
-}
-fn slot_addr(s: u32) -> [u8; 16] {
-    if s < 3 {
-        v4_mapped(backend4(s))
-    } else {
-        backend6(s - 3).octets()
-    }
+    .into_iter()
+    .enumerate()
+    .map(|(id, (vip, port, proto, v6_backends))| Service {
+        addr: ServiceAddr { vip, port, proto },
+        id: id as u32,
+        v6_backends,
+        empty: id == 5,
+    })
+    .collect()
 }
 
 fn configure(dp: &mut Dataplane) -> Result<()> {
-    dp.set_node(&Node {
-        hash_seed: SEED,
-        gue_port: GUE_PORT,
-        addr_v4: Some(Ipv4Addr::from(NODE4)),
-        addr_v6: Some(node6()),
-    })?;
-    for s in 0..6 {
-        dp.set_backend(s, lb_common::addr::from_bytes(slot_addr(s)))?;
-    }
-    for svc in services() {
-        let table: Vec<Bucket> = (0..BUCKETS)
-            .map(|b| {
-                if svc.id == 5 {
-                    Bucket::EMPTY
-                } else {
-                    Bucket {
-                        first: slot(svc.v6_backends, b % 3),
-                        second: slot(svc.v6_backends, (b + 1) % 3),
-                    }
-                }
-            })
-            .collect();
-        install_service(dp, (svc.vip, svc.port, svc.proto), svc.id, &table)?;
-    }
-    Ok(())
+    round_robin(dp, SEED, TABLE_BITS, &services())
 }
 
 // ---- packets -------------------------------------------------------------------------
 
+/// The payload of the fixtures' TCP segments.
+const HELLO: &[u8] = b"hello";
+
 fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 1000, 65000);
-    let b = if syn { b.syn() } else { b.ack(5000) };
-    let mut v = Vec::new();
-    b.write(&mut v, b"hello").unwrap();
-    v
+    packets::tcp(TO_NODE, (src, dst), (sport, dport), syn, HELLO)
 }
 
 /// A TCP ACK segment from `src` to `dst` (one family) with sequence number `seq`,
 /// acknowledging `ack`.
 fn tcp_seq(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(PEER_MAC, NODE_MAC);
-    let b = match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => b.ipv4(s.octets(), d.octets(), 64),
-        (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(s.octets(), d.octets(), 64),
-        _ => panic!("mixed families"),
-    };
-    let mut v = Vec::new();
-    b.tcp(src.port(), dst.port(), seq, 65000)
-        .ack(ack)
-        .write(&mut v, b"hello")
-        .unwrap();
-    v
+    packets::tcp_seq(TO_NODE, src, dst, (seq, ack), HELLO)
 }
 
 fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, syn: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
-        .ipv6(src.octets(), dst.octets(), 64)
-        .tcp(sport, dport, 1000, 65000);
-    let b = if syn { b.syn() } else { b.ack(5000) };
-    let mut v = Vec::new();
-    b.write(&mut v, b"hello").unwrap();
-    v
+    packets::tcp(TO_NODE, (src, dst), (sport, dport), syn, HELLO)
 }
 
 fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
-        .ipv4(src, dst, 64)
-        .udp(sport, dport)
-        .write(&mut v, payload)
-        .unwrap();
-    v
+    udp((src, sport).into(), (dst, dport).into(), payload)
 }
 
 fn udp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
-        .ipv6(src.octets(), dst.octets(), 64)
-        .udp(sport, dport)
-        .write(&mut v, payload)
-        .unwrap();
-    v
+    udp((src, sport).into(), (dst, dport).into(), payload)
 }
 
 /// A UDP packet from `src` to `dst`, of their family.
 fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            udp4(s.octets(), d.octets(), src.port(), dst.port(), payload)
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => udp6(s, d, src.port(), dst.port(), payload),
-        _ => panic!("mixed families"),
-    }
+    packets::udp(TO_NODE, src, dst, payload)
 }
 
 fn tuple(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, proto: u8) -> FlowTuple {
@@ -333,7 +207,7 @@ fn set_flow_label(frame: &mut [u8], hash: u32) {
 fn client_path_output(frame: &[u8], l3: usize, t: &FlowTuple, v6_backends: bool) -> Vec<u8> {
     let (h, first, second) = owner(v6_backends, t);
     let src = if v6_backends {
-        node6().octets()
+        node_v6().octets()
     } else {
         v4_mapped(NODE4)
     };
@@ -501,12 +375,12 @@ fn client_cases() -> Vec<Case> {
         false,
         Reason::Encapsulated,
     );
-    let s6 = tcp6(client6(), vip6(), 40003, 80, true);
+    let s6 = tcp6(client_v6(), vip_v6(), 40003, 80, true);
     encap(
         "tcp syn to an IPv6 VIP (IPv6 outer)",
         s6,
         14,
-        tuple(client6().octets(), vip6().octets(), 40003, 80, TCP),
+        tuple(client_v6().octets(), vip_v6().octets(), 40003, 80, TCP),
         2,
         true,
         Reason::Encapsulated,
@@ -521,12 +395,12 @@ fn client_cases() -> Vec<Case> {
         true,
         Reason::Encapsulated,
     );
-    let s64 = tcp6(client6(), vip6(), 40005, 8080, false);
+    let s64 = tcp6(client_v6(), vip_v6(), 40005, 8080, false);
     encap(
         "IPv6 inner over IPv4 outer",
         s64,
         14,
-        tuple(client6().octets(), vip6().octets(), 40005, 8080, TCP),
+        tuple(client_v6().octets(), vip_v6().octets(), 40005, 8080, TCP),
         4,
         false,
         Reason::Encapsulated,
@@ -591,10 +465,10 @@ fn client_cases() -> Vec<Case> {
         Reason::IcmpForwarded,
     );
 
-    let quoted6 = tcp6(vip6(), client6(), 80, 40009, false);
+    let quoted6 = tcp6(vip_v6(), client_v6(), 80, 40009, false);
     let mut icmp6 = Vec::new();
     PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
-        .ipv6(node6().octets(), vip6().octets(), 64)
+        .ipv6(node_v6().octets(), vip_v6().octets(), 64)
         .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1400 })
         .write(&mut icmp6, &quoted6[14..14 + 48])
         .unwrap();
@@ -602,7 +476,7 @@ fn client_cases() -> Vec<Case> {
         "ICMPv6 packet-too-big to the flow's backend",
         icmp6,
         14,
-        tuple(client6().octets(), vip6().octets(), 40009, 80, TCP),
+        tuple(client_v6().octets(), vip_v6().octets(), 40009, 80, TCP),
         2,
         true,
         Reason::IcmpForwarded,
@@ -679,7 +553,7 @@ fn client_cases() -> Vec<Case> {
         u[..14 + 20 + 4].to_vec(),
         Reason::DropMalformed,
     ));
-    let f6 = tcp6(client6(), vip6(), 40013, 80, true);
+    let f6 = tcp6(client_v6(), vip_v6(), 40013, 80, true);
     cases.push(pass(
         "IPv6 header cut short",
         f6[..14 + 30].to_vec(),
@@ -698,7 +572,7 @@ fn client_cases() -> Vec<Case> {
         ext.clone(),
         Reason::DropMalformed,
     ));
-    ext[14 + 24..14 + 40].copy_from_slice(&client6().octets());
+    ext[14 + 24..14 + 40].copy_from_slice(&client_v6().octets());
     cases.push(pass(
         "IPv6 extension header to a non-VIP cut short passes",
         ext,
@@ -753,10 +627,10 @@ fn client_cases() -> Vec<Case> {
             ));
         }
     }
-    for (dst, vip) in [(vip6(), true), (client6(), false)] {
-        let mut long = tcp6(client6(), dst, 40032, 80, false);
+    for (dst, vip) in [(vip_v6(), true), (client_v6(), false)] {
+        let mut long = tcp6(client_v6(), dst, 40032, 80, false);
         long[14 + 4..14 + 6].copy_from_slice(&1400u16.to_be_bytes());
-        let rh0 = with_routing_header(&tcp6(client6(), dst, 40033, 80, false), 0, 1);
+        let rh0 = with_routing_header(&tcp6(client_v6(), dst, 40033, 80, false), 0, 1);
         let (reason, name_long, name_rh0) = if vip {
             (
                 Reason::DropMalformed,
@@ -843,7 +717,7 @@ fn client_cases() -> Vec<Case> {
     // IPv6 to a service with IPv6 backends: 1500 - 72 fits.
     let mut big6 = Vec::new();
     PacketBuilder::ethernet2(PEER_MAC, NODE_MAC)
-        .ipv6(client6().octets(), vip6().octets(), 64)
+        .ipv6(client_v6().octets(), vip_v6().octets(), 64)
         .tcp(40021, 80, 1, 1000)
         .ack(1)
         .write(&mut big6, &payload)
@@ -912,7 +786,7 @@ fn fix_ipv4_checksum(frame: &mut [u8]) {
 fn backend_cases(socks: &LocalSockets) -> Vec<Case> {
     let mut cases = Vec::new();
     let udp_port = socks.udp_port;
-    let second = v4_mapped(backend4(2));
+    let second = v4_mapped(backend_v4(2).octets());
     let accept = |name, inner: Vec<u8>, hops, flags, reason| {
         let input = gue_to_node(&inner, hops, flags, second);
         let output = decapsulated(&input, &inner);
@@ -1033,7 +907,7 @@ fn backend_cases(socks: &LocalSockets) -> Vec<Case> {
     ));
     cases.push(accept(
         "GUE: connected local UDP socket accepts, IPv6",
-        udp6(vip6(), vip6(), udp_port, 53, b"x"),
+        udp6(vip_v6(), vip_v6(), udp_port, 53, b"x"),
         1,
         0,
         Reason::AcceptSocket,
@@ -1045,7 +919,7 @@ fn backend_cases(socks: &LocalSockets) -> Vec<Case> {
         0,
         Reason::AcceptLastHop,
     ));
-    let inner6 = tcp6(client6(), vip6(), 41003, 80, true);
+    let inner6 = tcp6(client_v6(), vip_v6(), 41003, 80, true);
     cases.push(accept(
         "GUE: IPv6 inner SYN accepted",
         inner6,
@@ -1122,7 +996,7 @@ fn backend_cases(socks: &LocalSockets) -> Vec<Case> {
     // At the last hop, chained: UDP no socket here owns is a new flow and goes back to
     // the first hop (the outer source), which accepts it; TCP is accepted (the stack
     // answers a stray segment with a reset).
-    let first_hop = v4_mapped(backend4(0));
+    let first_hop = v4_mapped(backend_v4(0).octets());
     let inner = udp4(CLIENT4, VIP4, 41009, 53, b"new");
     let input = encapsulated(
         NODE_MAC,
@@ -1315,8 +1189,8 @@ fn local_sockets() -> Result<LocalSockets> {
 
     let udp = UdpSocket::bind((vip, 53))?;
     udp.connect((vip, 5300))?;
-    let udp6 = UdpSocket::bind((vip6(), 53))?;
-    udp6.connect((vip6(), 5300))?;
+    let udp6 = UdpSocket::bind((vip_v6(), 53))?;
+    udp6.connect((vip_v6(), 5300))?;
     Ok(LocalSockets {
         _listener: listener,
         _client: client,
@@ -1413,46 +1287,41 @@ fn data_plane_fixtures() {
     if !tests::can_run("data_plane_fixtures") {
         return;
     }
-    let ns = fixture::namespace("fix").expect("fixture namespace");
-    let failures = ns
-        .run(|| {
-            let ifindex = tests::link::if_index(fixture::IF)?;
-            let mut dp = Dataplane::load(&LoadOptions::default())?;
+    let failures = fixture::with_dataplane("fix", &LoadOptions::default(), |dp, ifindex| {
+        // Before the node is configured, everything passes untouched.
+        let c = Case {
+            name: "unconfigured node passes everything",
+            input: tcp4(CLIENT4, VIP4, 40000, 80, true),
+            verdict: XDP_PASS,
+            output: Out::Same,
+            reason: Reason::PassUnconfigured,
+            counted: None,
+        };
+        let mut results = vec![(c.name, run_case(dp, ifindex, &c))];
 
-            // Before the node is configured, everything passes untouched.
-            let c = Case {
-                name: "unconfigured node passes everything",
-                input: tcp4(CLIENT4, VIP4, 40000, 80, true),
-                verdict: XDP_PASS,
-                output: Out::Same,
-                reason: Reason::PassUnconfigured,
-                counted: None,
-            };
-            let mut results = vec![(c.name, run_case(&mut dp, ifindex, &c))];
-
-            configure(&mut dp)?;
-            let socks = local_sockets()?;
-            let cases: Vec<Case> = client_cases()
-                .into_iter()
-                .chain(backend_cases(&socks))
-                .collect();
-            for c in &cases {
-                results.push((c.name, run_case(&mut dp, ifindex, c)));
-            }
-            let mut failures = Vec::new();
-            for (name, r) in &results {
-                match r {
-                    Ok(()) => println!("ok    {name}"),
-                    Err(e) => {
-                        println!("FAIL  {name}: {e:#}");
-                        failures.push(name.to_string());
-                    }
+        configure(dp)?;
+        let socks = local_sockets()?;
+        let cases: Vec<Case> = client_cases()
+            .into_iter()
+            .chain(backend_cases(&socks))
+            .collect();
+        for c in &cases {
+            results.push((c.name, run_case(dp, ifindex, c)));
+        }
+        let mut failures = Vec::new();
+        for (name, r) in &results {
+            match r {
+                Ok(()) => println!("ok    {name}"),
+                Err(e) => {
+                    println!("FAIL  {name}: {e:#}");
+                    failures.push(name.to_string());
                 }
             }
-            println!("{} fixtures, {} failed", results.len(), failures.len());
-            Ok(failures)
-        })
-        .expect("running fixtures");
+        }
+        println!("{} fixtures, {} failed", results.len(), failures.len());
+        Ok(failures)
+    })
+    .expect("running fixtures");
     assert!(failures.is_empty(), "failed fixtures: {failures:?}");
 }
 
@@ -1466,23 +1335,17 @@ fn a_socket_connecting_to_another_peer_does_not_own_a_flow() {
     if !tests::can_run("a_socket_connecting_to_another_peer_does_not_own_a_flow") {
         return;
     }
-    let ns = fixture::namespace("race").expect("fixture namespace");
-    let results = ns
-        .run(|| {
-            let ifindex = tests::link::if_index(fixture::IF)?;
-            let mut dp = Dataplane::load(&LoadOptions::default())?;
-            configure(&mut dp)?;
-            [
-                (IpAddr::from(VIP4), IpAddr::from(CLIENT4)),
-                (vip6().into(), client6().into()),
-            ]
-            .into_iter()
-            .map(|(vip, client)| {
-                race_session_sockets(&mut dp, ifindex, vip, client).map(|r| (vip, r))
-            })
-            .collect::<Result<Vec<_>>>()
-        })
-        .expect("running the race");
+    let results = fixture::with_dataplane("race", &LoadOptions::default(), |dp, ifindex| {
+        configure(dp)?;
+        [
+            (IpAddr::from(VIP4), IpAddr::from(CLIENT4)),
+            (vip_v6().into(), client_v6().into()),
+        ]
+        .into_iter()
+        .map(|(vip, client)| race_session_sockets(dp, ifindex, vip, client).map(|r| (vip, r)))
+        .collect::<Result<Vec<_>>>()
+    })
+    .expect("running the race");
     for (vip, (runs, accepted, churned)) in results {
         println!("{vip}: {runs} runs while {churned} sockets were bound and connected: {accepted} accepted");
         assert!(churned > 1000, "only {churned} sockets churned");
@@ -1506,7 +1369,7 @@ fn race_session_sockets(
         SocketAddr::new(vip, PORT),
         b"x",
     );
-    let input = gue_to_node(&inner, 1, 0, v4_mapped(backend4(2)));
+    let input = gue_to_node(&inner, 1, 0, v4_mapped(backend_v4(2).octets()));
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         // Session sockets of other peers, each bound, then connected, then closed.
@@ -1574,9 +1437,13 @@ fn local_services() -> Vec<(u16, u8, bool, u32, u32)> {
 fn configure_local(dp: &mut Dataplane) -> Result<()> {
     configure(dp)?;
     dp.set_backend(LOCAL4_SLOT, Ipv4Addr::from(NODE4).into())?;
-    dp.set_backend(LOCAL6_SLOT, node6().into())?;
+    dp.set_backend(LOCAL6_SLOT, node_v6().into())?;
     for (i, &(port, proto, v6, first, second)) in local_services().iter().enumerate() {
-        let vip = if v6 { vip6().octets() } else { v4_mapped(VIP4) };
+        let vip = if v6 {
+            vip_v6().octets()
+        } else {
+            v4_mapped(VIP4)
+        };
         let table = vec![Bucket { first, second }; BUCKETS as usize];
         install_service(dp, (vip, port, proto), 10 + i as u32, &table)?;
     }
@@ -1603,7 +1470,10 @@ struct LocalFirstHopSockets {
 fn local_first_hop_sockets() -> Result<LocalFirstHopSockets> {
     let mut held: Vec<Box<dyn std::any::Any>> = Vec::new();
     let mut est = [Vec::new(), Vec::new()];
-    for (i, vip) in [IpAddr::from(VIP4), vip6().into()].into_iter().enumerate() {
+    for (i, vip) in [IpAddr::from(VIP4), vip_v6().into()]
+        .into_iter()
+        .enumerate()
+    {
         let listener = TcpListener::bind((vip, 90))?;
         let client = TcpStream::connect((vip, 90))?;
         let (server, _) = listener.accept()?;
@@ -1625,7 +1495,7 @@ fn local_first_hop_sockets() -> Result<LocalFirstHopSockets> {
 /// client (the VIP itself for the flows of local sockets) to `port` of the VIP.
 fn local_packet(v6: bool, from_vip: bool, sport: u16, port: u16, kind: &str) -> Vec<u8> {
     let (vip, client) = if v6 {
-        (IpAddr::from(vip6()), IpAddr::from(client6()))
+        (IpAddr::from(vip_v6()), IpAddr::from(client_v6()))
     } else {
         (IpAddr::from(VIP4), IpAddr::from(CLIENT4))
     };
@@ -1657,13 +1527,13 @@ fn encapsulated_to(
     let t = local_tuple(input, v6);
     let h = flow_hash(SEED, &t);
     let src = if v6 {
-        node6().octets()
+        node_v6().octets()
     } else {
         v4_mapped(NODE4)
     };
     let addr = |s| match s {
         LOCAL4_SLOT => v4_mapped(NODE4),
-        LOCAL6_SLOT => node6().octets(),
+        LOCAL6_SLOT => node_v6().octets(),
         s => slot_addr(s),
     };
     let mut out = encapsulated(
@@ -1777,27 +1647,23 @@ fn local_first_hop_fixtures() {
     if !tests::can_run("local_first_hop_fixtures") {
         return;
     }
-    let ns = fixture::namespace("local").expect("fixture namespace");
-    let failures = ns
-        .run(|| {
-            let ifindex = tests::link::if_index(fixture::IF)?;
-            let mut dp = Dataplane::load(&LoadOptions::default())?;
-            configure_local(&mut dp)?;
-            let socks = local_first_hop_sockets()?;
-            let mut failures = Vec::new();
-            let cases = local_cases(socks.est);
-            for c in &cases {
-                match run_case(&mut dp, ifindex, c) {
-                    Ok(()) => println!("ok    {}", c.name),
-                    Err(e) => {
-                        println!("FAIL  {}: {e:#}", c.name);
-                        failures.push(c.name);
-                    }
+    let failures = fixture::with_dataplane("local", &LoadOptions::default(), |dp, ifindex| {
+        configure_local(dp)?;
+        let socks = local_first_hop_sockets()?;
+        let mut failures = Vec::new();
+        let cases = local_cases(socks.est);
+        for c in &cases {
+            match run_case(dp, ifindex, c) {
+                Ok(()) => println!("ok    {}", c.name),
+                Err(e) => {
+                    println!("FAIL  {}: {e:#}", c.name);
+                    failures.push(c.name);
                 }
             }
-            println!("{} fixtures, {} failed", cases.len(), failures.len());
-            Ok(failures)
-        })
-        .expect("running fixtures");
+        }
+        println!("{} fixtures, {} failed", cases.len(), failures.len());
+        Ok(failures)
+    })
+    .expect("running fixtures");
     assert!(failures.is_empty(), "failed fixtures: {failures:?}");
 }

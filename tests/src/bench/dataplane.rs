@@ -17,38 +17,28 @@ use lb::{
     dataplane::{Dataplane, LoadOptions, Node},
     table::{self, Backend},
 };
-use lb_common::{
-    addr::to_bytes, limits::DEFAULT_TABLE_BITS, packet::example, proto::ETH_P_IP, stats::Reason,
+use lb_common::{addr::to_bytes, limits::DEFAULT_TABLE_BITS, proto::ETH_P_IP, stats::Reason};
+
+use super::harness::{Harness, Target};
+pub use crate::fixture::{XDP_PASS, XDP_TX};
+use crate::{
+    fixture::{self, install_service, packets, plan},
+    link,
 };
 
-use super::{
-    super::fixture::install_service,
-    harness::{Harness, Target},
-    packets::{self, Macs},
-};
-use crate::{fixture, link};
-
-pub const XDP_PASS: u32 = 2;
-pub const XDP_TX: u32 = 3;
-
-const NODE4: Ipv4Addr = Ipv4Addr::from_octets(example::NODE_V4);
-const NODE6: Ipv6Addr = Ipv6Addr::from_octets(example::NODE_V6);
-const VIP4: Ipv4Addr = Ipv4Addr::from_octets(example::VIP_V4);
-const VIP6: Ipv6Addr = Ipv6Addr::from_octets(example::VIP_V6);
+const NODE4: Ipv4Addr = plan::node_v4();
+const NODE6: Ipv6Addr = plan::node_v6();
+const VIP4: Ipv4Addr = plan::vip_v4();
+const VIP6: Ipv6Addr = plan::vip_v6();
 /// An LB node sending GUE to this one.
-const LB4: Ipv4Addr = Ipv4Addr::from_octets(example::PEER_V4);
+const LB4: Ipv4Addr = Ipv4Addr::from_octets(plan::PEER_V4);
 /// A router on the way back to a client, reporting a too-small MTU.
 const ROUTER4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 254);
 const SEED: u32 = 0x5eed_0b07;
-const GUE_PORT: u16 = lb_common::encap::DEFAULT_GUE_PORT;
 /// Backends of each service (of each family).
 const BACKENDS: u32 = 100;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
-const MACS: Macs = Macs {
-    src: example::PEER_MAC,
-    dst: example::NODE_MAC,
-};
 
 /// The cases, in the order they are reported.
 pub const CASES: [&str; 9] = [
@@ -123,15 +113,12 @@ pub struct Measured {
 
 /// Measures the cases named in `names` (see [`CASES`]).
 pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
-    let ns = fixture::namespace("bench")?;
-    ns.run(|| {
-        let ifindex = link::if_index(fixture::IF)?;
-        let slots = 4 << DEFAULT_TABLE_BITS;
-        let mut dp = Dataplane::load(&LoadOptions {
-            bucket_slots: slots,
-            pin_dir: None,
-        })?;
-        configure(&mut dp)?;
+    let opts = LoadOptions {
+        bucket_slots: 4 << DEFAULT_TABLE_BITS,
+        pin_dir: None,
+    };
+    fixture::with_dataplane("bench", &opts, |dp, ifindex| {
+        configure(dp)?;
         let sockets = Sockets::open(80, s.flows)?;
         let local = Sockets::open(LOCAL_PORT, s.flows)?;
         let mut harness = Harness::load(dp.ebpf(), ifindex)?;
@@ -142,9 +129,9 @@ pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
         ensure!(!cases.is_empty(), "no case selected");
         let unchanged = cases
             .iter()
-            .map(|c| verify_frames(&mut dp, &harness, c))
+            .map(|c| verify_frames(dp, &harness, c))
             .collect::<Result<Vec<bool>>>()?;
-        run_rounds(&mut dp, &mut harness, &cases, &unchanged, s)
+        run_rounds(dp, &mut harness, &cases, &unchanged, s)
     })
 }
 
@@ -320,21 +307,13 @@ pub fn median(v: &[f64]) -> f64 {
 
 // ---- the node --------------------------------------------------------------------------
 
-fn backend4(i: u32) -> Ipv4Addr {
-    Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250 + 1) as u8)
-}
-
-fn backend6(i: u32) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, 1 + i as u16)
-}
-
 /// Node settings, backends (slots 0.. IPv4, BACKENDS.. IPv6) with their next hops as the
 /// agent resolves them, and three services, each with a default-size table from the real
 /// builder, as it stands after one backend was added (so some buckets have a second hop).
 pub fn configure(dp: &mut Dataplane) -> Result<()> {
     dp.set_node(&Node {
         hash_seed: SEED,
-        gue_port: GUE_PORT,
+        gue_port: plan::GUE_PORT,
         addr_v4: Some(NODE4),
         addr_v6: Some(NODE6),
     })?;
@@ -344,9 +323,9 @@ pub fn configure(dp: &mut Dataplane) -> Result<()> {
         let mut list = Vec::new();
         for i in 0..BACKENDS {
             let (addr, slot) = if v6 {
-                (IpAddr::V6(backend6(i)), BACKENDS + i)
+                (IpAddr::V6(plan::backend_v6(i)), BACKENDS + i)
             } else {
-                (IpAddr::V4(backend4(i)), i)
+                (IpAddr::V4(plan::backend_v4(i)), i)
             };
             dp.set_backend(slot, addr)?;
             slots.push((addr, slot));
@@ -455,36 +434,58 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
         reason,
     };
     let other4 = |i: usize| Ipv4Addr::from(0xcb00_7101 + i as u32); // 203.0.113.1..
-    let m = MACS;
+    let m = packets::TO_NODE;
     // GUE from an LB node, the bucket's previous owner as the one hop left.
     let to_node = |i: usize, inner: &[u8]| {
-        let port = (50_000 + i as u16, GUE_PORT);
-        packets::gue4(m, LB4, NODE4, port, backend4(i as u32 % BACKENDS), inner)
+        let port = (50_000 + i as u16, plan::GUE_PORT);
+        packets::gue4(
+            m,
+            LB4,
+            NODE4,
+            port,
+            plan::backend_v4(i as u32 % BACKENDS),
+            inner,
+        )
     };
     vec![
         encap(
             CASES[0],
-            each(&|i| packets::tcp4(m, client4(i), VIP4, client_port(i), 80, true)),
+            each(&|i| packets::tcp(m, (client4(i), VIP4), (client_port(i), 80), true, &[])),
             Reason::Encapsulated,
         ),
         encap(
             CASES[1],
-            each(&|i| packets::tcp4(m, client4(i), VIP4, client_port(i), 80, false)),
+            each(&|i| packets::tcp(m, (client4(i), VIP4), (client_port(i), 80), false, &[])),
             Reason::Encapsulated,
         ),
         encap(
             CASES[2],
-            each(&|i| packets::udp4(m, client4(i), VIP4, client_port(i), 53, &[0x5a; 32])),
+            each(&|i| {
+                packets::udp(
+                    m,
+                    (client4(i), client_port(i)).into(),
+                    (VIP4, 53).into(),
+                    &[0x5a; 32],
+                )
+            }),
             Reason::Encapsulated,
         ),
         encap(
             CASES[3],
-            each(&|i| packets::tcp6_syn(m, client6(i), VIP6, client_port(i), 80)),
+            each(&|i| packets::tcp(m, (client6(i), VIP6), (client_port(i), 80), true, &[])),
             Reason::Encapsulated,
         ),
         Case {
             name: CASES[4],
-            frames: each(&|i| packets::tcp4(m, client4(i), other4(i), client_port(i), 443, false)),
+            frames: each(&|i| {
+                packets::tcp(
+                    m,
+                    (client4(i), other4(i)),
+                    (client_port(i), 443),
+                    false,
+                    &[],
+                )
+            }),
             verdict: XDP_PASS,
             reason: Reason::PassNotService,
         },
@@ -492,7 +493,13 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
             name: CASES[5],
             frames: each(&|i| {
                 let e = established[i];
-                let inner = packets::tcp4_ack(m, VIP4, VIP4, (e.port, 80), e.seq, e.ack);
+                let inner = packets::tcp_seq(
+                    m,
+                    (VIP4, e.port).into(),
+                    (VIP4, 80).into(),
+                    (e.seq, e.ack),
+                    &[],
+                );
                 to_node(i, &inner)
             }),
             verdict: XDP_PASS,
@@ -501,7 +508,7 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
         encap(
             CASES[6],
             each(&|i| {
-                let inner = packets::tcp4(m, client4(i), VIP4, client_port(i), 80, false);
+                let inner = packets::tcp(m, (client4(i), VIP4), (client_port(i), 80), false, &[]);
                 to_node(i, &inner)
             }),
             Reason::SecondHop,
@@ -509,7 +516,7 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
         encap(
             CASES[7],
             each(&|i| {
-                let sent = packets::tcp4(m, VIP4, client4(i), 80, client_port(i), false);
+                let sent = packets::tcp(m, (VIP4, client4(i)), (80, client_port(i)), false, &[]);
                 packets::icmp4_frag_needed(m, ROUTER4, VIP4, &sent)
             }),
             Reason::IcmpForwarded,
@@ -518,7 +525,13 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
             name: CASES[8],
             frames: each(&|i| {
                 let e = local[i];
-                packets::tcp4_ack(m, VIP4, VIP4, (e.port, LOCAL_PORT), e.seq, e.ack)
+                packets::tcp_seq(
+                    m,
+                    (VIP4, e.port).into(),
+                    (VIP4, LOCAL_PORT).into(),
+                    (e.seq, e.ack),
+                    &[],
+                )
             }),
             verdict: XDP_PASS,
             reason: Reason::DeliveredLocally,

@@ -203,10 +203,7 @@ fn xdp<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Xdp> {
 }
 
 fn run(prog: &Xdp, ifindex: u32, frame: &[u8], repeat: u32, live: bool) -> Result<Timed> {
-    // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    let ctx = crate::fixture::xdp_md(frame.len(), ifindex);
     let mut out = vec![0u8; 4096];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);

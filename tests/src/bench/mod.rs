@@ -8,6 +8,5 @@ pub mod dataplane;
 pub mod harness;
 pub mod live;
 pub mod memory;
-pub mod packets;
 pub mod report;
 pub mod table;
