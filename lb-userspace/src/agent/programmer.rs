@@ -227,7 +227,7 @@ impl Programmer {
     /// The table `want` would get now, built on the live one.
     fn compute(&self, want: &Desired) -> Result<Built, ProgramError> {
         let mut provisional = Vec::new();
-        let backends: Vec<table::Backend> = want
+        let backends: Vec<table::Candidate> = want
             .members
             .iter()
             .map(|m| {
@@ -236,7 +236,7 @@ impl Programmer {
                     provisional.push((s, m.address));
                     s
                 });
-                table::Backend {
+                table::Candidate {
                     addr: m.address,
                     weight: m.weight,
                     state: m.state,

@@ -38,11 +38,11 @@ use lb_common::{
 use super::{
     error::TableError,
     score::{backend_key, score, weight_factor, Walk},
-    Backend, BackendState,
+    Candidate, BackendState,
 };
 
 /// Checks an input as a whole. Nothing here depends on the backends' states.
-pub(super) fn validate(backends: &[Backend], bits: u32) -> Result<(), TableError> {
+pub(super) fn validate(backends: &[Candidate], bits: u32) -> Result<(), TableError> {
     if !(MIN_TABLE_BITS..=MAX_TABLE_BITS).contains(&bits) {
         return Err(TableError::BadTableBits { bits });
     }
@@ -98,7 +98,7 @@ pub(super) struct Owner {
     pub(super) slot: u32,
 }
 
-pub(super) fn owners(backends: &[Backend], seed: u32) -> Vec<Owner> {
+pub(super) fn owners(backends: &[Candidate], seed: u32) -> Vec<Owner> {
     let mut v: Vec<Owner> = backends
         .iter()
         .filter(|b| b.state == BackendState::Active && b.weight > 0)
@@ -421,7 +421,7 @@ fn prefetch(v: &[u64], i: usize) {
 
 /// The first column: the slot of every bucket's owner, [`NO_BACKEND`] when no backend may
 /// own buckets.
-pub fn first_column(backends: &[Backend], bits: u32, seed: u32) -> Result<Vec<u32>, TableError> {
+pub fn first_column(backends: &[Candidate], bits: u32, seed: u32) -> Result<Vec<u32>, TableError> {
     validate(backends, bits)?;
     let size = 1usize << bits;
     let owners = owners(backends, seed);
@@ -454,7 +454,7 @@ pub fn first_column(backends: &[Backend], bits: u32, seed: u32) -> Result<Vec<u3
 /// `i + j * new` when shrinking, of which the first whose owner is still listed and differs
 /// from the new owner supplies the second hop.
 pub fn build(
-    backends: &[Backend],
+    backends: &[Candidate],
     bits: u32,
     seed: u32,
     previous: Option<&[Bucket]>,

@@ -12,11 +12,11 @@ use lb_common::maps::NO_BACKEND;
 use super::{
     builder::{owners, validate},
     score::fmix64,
-    Backend, TableError,
+    Candidate, TableError,
 };
 
 /// Maglev's first column for the same input as [`super::first_column`].
-pub fn first_column(backends: &[Backend], bits: u32, seed: u32) -> Result<Vec<u32>, TableError> {
+pub fn first_column(backends: &[Candidate], bits: u32, seed: u32) -> Result<Vec<u32>, TableError> {
     validate(backends, bits)?;
     let size = 1usize << bits;
     let mask = size as u64 - 1;

@@ -40,9 +40,10 @@ pub enum BackendState {
     Down,
 }
 
-/// One backend of a service, as the builder sees it.
+/// One backend of a service as the builder sees it: a candidate owner of buckets (apart
+/// from `lb_common::maps::Backend`, what the data plane stores for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backend {
+pub struct Candidate {
     /// The identity that drives hashing: the same on every node.
     pub addr: IpAddr,
     /// Relative share, `0..=MAX_WEIGHT`; 0 drains.
@@ -53,10 +54,10 @@ pub struct Backend {
     pub slot: u32,
 }
 
-impl Backend {
+impl Candidate {
     /// An active backend.
     pub fn new(addr: IpAddr, weight: u32, slot: u32) -> Self {
-        Backend {
+        Candidate {
             addr,
             weight,
             state: BackendState::Active,

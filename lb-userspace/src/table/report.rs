@@ -8,7 +8,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::{builder::first_column, maglev, Backend, TableError};
+use super::{builder::first_column, maglev, Candidate, TableError};
 
 /// The service seed the figures are taken with.
 const SEED: u32 = 0x1b5e_ed01;
@@ -70,11 +70,11 @@ impl Figures {
 }
 
 /// Backend `i` of a synthetic service: 10.x.y.z, weight 1, slot `i`.
-pub fn synthetic_backend(i: u32) -> Backend {
-    Backend::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 1, i)
+pub fn synthetic_backend(i: u32) -> Candidate {
+    Candidate::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 1, i)
 }
 
-type FirstColumn = fn(&[Backend], u32, u32) -> Result<Vec<u32>, TableError>;
+type FirstColumn = fn(&[Candidate], u32, u32) -> Result<Vec<u32>, TableError>;
 
 fn moved(a: &[u32], b: &[u32]) -> f64 {
     a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / a.len() as f64
@@ -82,7 +82,7 @@ fn moved(a: &[u32], b: &[u32]) -> f64 {
 
 /// Mean moved share over a few changes of each kind: (add, remove, reweight). Adding is
 /// measured as going from `n - 1` to the `n` backends, so `n` may be the largest count allowed.
-fn movement(f: FirstColumn, base: &[Backend], bits: u32) -> Result<[f64; 3], TableError> {
+fn movement(f: FirstColumn, base: &[Candidate], bits: u32) -> Result<[f64; 3], TableError> {
     let n = base.len();
     let before = f(base, bits, SEED)?;
     let mut sum = [0.0; 3];
@@ -106,7 +106,7 @@ fn movement(f: FirstColumn, base: &[Backend], bits: u32) -> Result<[f64; 3], Tab
     Ok(sum.map(|s| s / CHANGES as f64))
 }
 
-fn fastest(f: FirstColumn, backends: &[Backend], bits: u32) -> Result<Duration, TableError> {
+fn fastest(f: FirstColumn, backends: &[Candidate], bits: u32) -> Result<Duration, TableError> {
     let mut best = Duration::MAX;
     for _ in 0..RUNS {
         let t = Instant::now();
@@ -120,7 +120,7 @@ fn fastest(f: FirstColumn, backends: &[Backend], bits: u32) -> Result<Duration, 
 /// Takes about 20 builds of each; meant for release builds. Needs at least two backends.
 pub fn figures(backends: usize, bits: u32) -> Result<Figures, TableError> {
     assert!(backends >= 2, "figures need at least two backends");
-    let base: Vec<Backend> = (0..backends as u32).map(synthetic_backend).collect();
+    let base: Vec<Candidate> = (0..backends as u32).map(synthetic_backend).collect();
     let table = first_column(&base, bits, SEED)?;
     let mut counts = vec![0u32; backends];
     for &slot in &table {

@@ -14,7 +14,7 @@ use lb_common::{
 use proptest::prelude::*;
 
 use super::{
-    build, builder, default_table_bits, first_column, maglev, plan, report, Backend, BackendState,
+    build, builder, default_table_bits, first_column, maglev, plan, report, Candidate, BackendState,
     TableError,
 };
 
@@ -23,8 +23,8 @@ fn v4(i: u32) -> IpAddr {
 }
 
 /// `n` active backends of weight 1, slot = index.
-fn equal(n: u32) -> Vec<Backend> {
-    (0..n).map(|i| Backend::new(v4(i), 1, i)).collect()
+fn equal(n: u32) -> Vec<Candidate> {
+    (0..n).map(|i| Candidate::new(v4(i), 1, i)).collect()
 }
 
 /// Buckets per slot.
@@ -46,9 +46,9 @@ fn firsts(t: &[Bucket]) -> Vec<u32> {
 
 /// The least share of buckets any table with exact shares must move between two states:
 /// the sum of the share gains.
-fn optimum(before: &[Backend], after: &[Backend]) -> f64 {
-    let share = |set: &[Backend], addr: IpAddr| {
-        let active = |b: &&Backend| b.state == BackendState::Active;
+fn optimum(before: &[Candidate], after: &[Candidate]) -> f64 {
+    let share = |set: &[Candidate], addr: IpAddr| {
+        let active = |b: &&Candidate| b.state == BackendState::Active;
         let total: f64 = set.iter().filter(active).map(|b| f64::from(b.weight)).sum();
         set.iter()
             .filter(active)
@@ -72,7 +72,7 @@ fn no_backends_gives_empty_buckets() {
 
 #[test]
 fn one_backend_owns_everything() {
-    let t = build(&[Backend::new(v4(1), 7, 3)], 10, 9, None).unwrap();
+    let t = build(&[Candidate::new(v4(1), 7, 3)], 10, 9, None).unwrap();
     assert!(t.iter().all(|b| b.first == 3 && b.second == NO_BACKEND));
 }
 
@@ -109,8 +109,8 @@ fn down_backend_appears_nowhere() {
 #[test]
 fn huge_weight_ratio_is_exact() {
     let set = [
-        Backend::new(v4(1), 1, 0),
-        Backend::new(v4(2), MAX_WEIGHT, 1),
+        Candidate::new(v4(1), 1, 0),
+        Candidate::new(v4(2), MAX_WEIGHT, 1),
     ];
     let c = counts(&first_column(&set, 16, 5).unwrap());
     assert_eq!((c[&0], c[&1]), (1, 65535));
@@ -125,7 +125,7 @@ fn table_size_limits() {
     let set = equal(16);
     let small = first_column(&set, MIN_TABLE_BITS, 0).unwrap();
     assert!(counts(&small).values().all(|&c| c == 1));
-    let big = first_column(&[Backend::new(v4(1), 1, 0)], MAX_TABLE_BITS, 0).unwrap();
+    let big = first_column(&[Candidate::new(v4(1), 1, 0)], MAX_TABLE_BITS, 0).unwrap();
     assert_eq!(big.len(), 1 << MAX_TABLE_BITS);
     for bits in [MIN_TABLE_BITS - 1, MAX_TABLE_BITS + 1] {
         assert_eq!(
@@ -144,9 +144,9 @@ fn table_size_limits() {
 
 #[test]
 fn invalid_input_is_refused_with_a_clear_error() {
-    let err = |set: &[Backend]| build(set, 8, 0, None).unwrap_err();
+    let err = |set: &[Candidate]| build(set, 8, 0, None).unwrap_err();
 
-    let e = err(&[Backend::new(v4(1), MAX_WEIGHT + 1, 0)]);
+    let e = err(&[Candidate::new(v4(1), MAX_WEIGHT + 1, 0)]);
     assert_eq!(
         e,
         TableError::WeightOutOfRange {
@@ -159,22 +159,22 @@ fn invalid_input_is_refused_with_a_clear_error() {
         "backend 10.0.0.1 has weight 65536, above the maximum 65535"
     );
 
-    let e = err(&[Backend::new(v4(1), 1, 0), Backend::new(v4(1), 2, 1)]);
+    let e = err(&[Candidate::new(v4(1), 1, 0), Candidate::new(v4(1), 2, 1)]);
     assert_eq!(e, TableError::DuplicateBackend { addr: v4(1) });
     assert_eq!(e.to_string(), "backend 10.0.0.1 is listed twice");
 
     // IPv4 and its mapped IPv6 form are the same backend.
     let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped());
-    let e = err(&[Backend::new(v4(1), 1, 0), Backend::new(mapped, 1, 1)]);
+    let e = err(&[Candidate::new(v4(1), 1, 0), Candidate::new(mapped, 1, 1)]);
     assert_eq!(e, TableError::DuplicateBackend { addr: mapped });
 
-    let e = err(&[Backend::new(v4(1), 1, 4), Backend::new(v4(2), 1, 4)]);
+    let e = err(&[Candidate::new(v4(1), 1, 4), Candidate::new(v4(2), 1, 4)]);
     assert_eq!(
         e.to_string(),
         "backends 10.0.0.1 and 10.0.0.2 both use slot 4"
     );
 
-    let e = err(&[Backend::new(v4(1), 1, NO_BACKEND)]);
+    let e = err(&[Candidate::new(v4(1), 1, NO_BACKEND)]);
     assert!(matches!(e, TableError::ReservedSlot { .. }));
 
     let many = equal(MAX_BACKENDS_PER_SERVICE + 1);
@@ -199,9 +199,9 @@ fn invalid_input_is_refused_with_a_clear_error() {
 
 #[test]
 fn ipv6_backends_work() {
-    let set: Vec<Backend> = (0..8u16)
+    let set: Vec<Candidate> = (0..8u16)
         .map(|i| {
-            Backend::new(
+            Candidate::new(
                 IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i)),
                 1,
                 u32::from(i),
@@ -225,9 +225,9 @@ fn first_column_is_pinned() {
     ];
     assert_eq!(t, expect);
     let weighted = [
-        Backend::new(v4(7), 1, 0),
-        Backend::new(v4(8), 2, 1),
-        Backend::new(
+        Candidate::new(v4(7), 1, 0),
+        Candidate::new(v4(8), 2, 1),
+        Candidate::new(
             IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
             5,
             2,
@@ -344,13 +344,13 @@ fn plan_matches_a_real_change() {
 
 #[derive(Debug, Clone)]
 struct Spec {
-    backends: Vec<Backend>,
+    backends: Vec<Candidate>,
     bits: u32,
     seed: u32,
 }
 
 /// Backends with distinct addresses (IPv4 and IPv6) and slots, random weights and states.
-fn backends(max: usize, weighted: bool, states: bool) -> impl Strategy<Value = Vec<Backend>> {
+fn backends(max: usize, weighted: bool, states: bool) -> impl Strategy<Value = Vec<Candidate>> {
     let one = (
         any::<bool>(),
         any::<u128>(),
@@ -370,7 +370,7 @@ fn backends(max: usize, weighted: bool, states: bool) -> impl Strategy<Value = V
                     .then_some((addr, weight, st))
             })
             .enumerate()
-            .map(|(i, (addr, weight, st))| Backend {
+            .map(|(i, (addr, weight, st))| Candidate {
                 addr,
                 weight,
                 state: match st {
@@ -410,7 +410,7 @@ fn within_bounds(got: usize, want: f64) -> bool {
     lo <= got && got <= hi
 }
 
-fn exact_share(set: &[Backend], b: &Backend, size: usize) -> f64 {
+fn exact_share(set: &[Candidate], b: &Candidate, size: usize) -> f64 {
     let total: u64 = set
         .iter()
         .filter(|b| b.state == BackendState::Active)
@@ -429,7 +429,7 @@ proptest! {
         let size = 1usize << s.bits;
         let first = first_column(&s.backends, s.bits, s.seed).unwrap();
         let c = counts(&first);
-        let active: Vec<&Backend> =
+        let active: Vec<&Candidate> =
             s.backends.iter().filter(|b| b.state == BackendState::Active && b.weight > 0).collect();
         if active.is_empty() {
             prop_assert_eq!(c.get(&NO_BACKEND), Some(&size));
@@ -498,7 +498,7 @@ proptest! {
         let mut after = before.clone();
         let i = (which % n) as usize;
         match kind {
-            0 => after.push(Backend::new(v4(1000), 1, 1000)),
+            0 => after.push(Candidate::new(v4(1000), 1, 1000)),
             1 => { after.remove(i); }
             _ => after[i].weight = 3,
         }
@@ -508,7 +508,7 @@ proptest! {
         prop_assert!(ours <= 1.4 * opt, "moved {ours}, optimum {opt}");
         // With few backends both are within a few percent of the optimum and either may win
         // by chance: seen up to 3.3% (reweighting one of 12).
-        let active = |set: &[Backend]| set.iter().filter(|b| b.weight > 0).count();
+        let active = |set: &[Candidate]| set.iter().filter(|b| b.weight > 0).count();
         let crosses = (active(&before) <= 4) != (active(&after) <= 4);
         let margin = if crosses { 0.08 } else { 0.05 };
         prop_assert!(ours <= mag + margin * opt, "moved {ours}, maglev {mag}, optimum {opt}");
@@ -539,7 +539,7 @@ type Flap = (u16, u8, u32);
 /// Applies `flaps` to `end`, one rebuild per change, then rebuilds for `end` again; checks the
 /// second-hop rules at every step and returns the last table.
 fn through_history(
-    end: &[Backend],
+    end: &[Candidate],
     flaps: &[Flap],
     bits: u32,
     seed: u32,
@@ -557,7 +557,7 @@ fn through_history(
                 state.remove(i);
             }
             _ => {
-                let new = Backend::new(
+                let new = Candidate::new(
                     v4(5000 + u32::from(who)),
                     weight.max(1),
                     200_000 + u32::from(who),
@@ -583,7 +583,7 @@ fn through_history(
 fn check_second_hops(
     old: &[Bucket],
     new: &[Bucket],
-    state: &[Backend],
+    state: &[Candidate],
 ) -> Result<(), TestCaseError> {
     let live: BTreeSet<u32> = state
         .iter()
@@ -691,7 +691,7 @@ proptest! {
 #[test]
 fn few_backends_move_only_what_a_change_must() {
     let bits = 16;
-    let exact = |set: &[Backend], seed| {
+    let exact = |set: &[Candidate], seed| {
         let owners = builder::owners(set, seed);
         let quotas = builder::quotas(&owners, 1 << bits);
         builder::match_buckets::<false>(&owners, &quotas, bits)
@@ -703,7 +703,7 @@ fn few_backends_move_only_what_a_change_must() {
     for seed in 0..8 {
         let three = equal(3);
         let mut four = three.clone();
-        four.push(Backend::new(v4(3), 1, 3));
+        four.push(Candidate::new(v4(3), 1, 3));
         let mut heavier = four.clone();
         heavier[3].weight = 2;
         let mut drained = heavier.clone();
@@ -714,7 +714,7 @@ fn few_backends_move_only_what_a_change_must() {
             (&four, &heavier, 3),
             (&heavier, &drained, 1),
         ] {
-            let shifted = |col: &dyn Fn(&[Backend], u32) -> Vec<u32>| {
+            let shifted = |col: &dyn Fn(&[Candidate], u32) -> Vec<u32>| {
                 let (a, b) = (col(before, seed), col(after, seed));
                 a.iter()
                     .zip(&b)
@@ -741,7 +741,7 @@ fn few_backends_move_only_what_a_change_must() {
 #[test]
 fn successive_changes_strand_few_buckets() {
     let bits = 16;
-    let b = |i: u32, weight: u32| Backend::new(v4(i), weight, i);
+    let b = |i: u32, weight: u32| Candidate::new(v4(i), weight, i);
     let mut drained = b(1, 0);
     drained.state = BackendState::Draining;
     let states = [

@@ -15,7 +15,7 @@ use anyhow::{bail, ensure, Context, Result};
 use lb::{
     agent::nexthop,
     dataplane::{Dataplane, LoadOptions, Node},
-    table::{self, Backend},
+    table::{self, Candidate},
 };
 use lb_common::{addr::to_bytes, limits::DEFAULT_TABLE_BITS, proto::ETH_P_IP, stats::Reason};
 
@@ -317,7 +317,7 @@ pub fn configure(dp: &mut Dataplane) -> Result<()> {
         addr_v4: Some(NODE4),
         addr_v6: Some(NODE6),
     })?;
-    let mut families: Vec<Vec<Backend>> = Vec::new();
+    let mut families: Vec<Vec<Candidate>> = Vec::new();
     let mut slots = Vec::new();
     for v6 in [false, true] {
         let mut list = Vec::new();
@@ -329,7 +329,7 @@ pub fn configure(dp: &mut Dataplane) -> Result<()> {
             };
             dp.set_backend(slot, addr)?;
             slots.push((addr, slot));
-            list.push(Backend::new(addr, 1, slot));
+            list.push(Candidate::new(addr, 1, slot));
         }
         families.push(list);
     }
@@ -344,7 +344,7 @@ pub fn configure(dp: &mut Dataplane) -> Result<()> {
     // This node itself, the only backend of a fourth service: every bucket's first hop.
     let local = IpAddr::V4(NODE4);
     dp.set_backend(2 * BACKENDS, local)?;
-    let local = vec![Backend::new(local, 1, 2 * BACKENDS)];
+    let local = vec![Candidate::new(local, 1, 2 * BACKENDS)];
     let services = [
         (to_bytes(VIP4.into()), 80, TCP, &families[0]),
         (to_bytes(VIP4.into()), 53, UDP, &families[0]),
