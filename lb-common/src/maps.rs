@@ -190,14 +190,22 @@ pub mod names {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: plain `repr(C)` data with explicit padding and no invalid bit patterns.
+    // Each: plain `repr(C)` data with explicit padding and no invalid bit patterns.
+    // SAFETY: as above.
     unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ServiceValue {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Bucket {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Backend {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for NodeConfig {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Counters {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ServiceBackendKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for NextHopEntry {}
 }
 

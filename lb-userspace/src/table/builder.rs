@@ -38,7 +38,7 @@ use lb_common::{
 use super::{
     error::TableError,
     score::{backend_key, score, weight_factor, Walk},
-    Candidate, BackendState,
+    BackendState, Candidate,
 };
 
 /// Checks an input as a whole. Nothing here depends on the backends' states.

@@ -14,8 +14,8 @@ use lb_common::{
 use proptest::prelude::*;
 
 use super::{
-    build, builder, default_table_bits, first_column, maglev, plan, report, Candidate, BackendState,
-    TableError,
+    build, builder, default_table_bits, first_column, maglev, plan, report, BackendState,
+    Candidate, TableError,
 };
 
 fn v4(i: u32) -> IpAddr {
