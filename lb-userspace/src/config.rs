@@ -15,6 +15,7 @@ use lb_common::{
         DEFAULT_BUCKET_SLOTS, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, MAX_TABLE_BITS,
         MAX_WEIGHT, MIN_TABLE_BITS,
     },
+    proto::{IPPROTO_TCP, IPPROTO_UDP},
 };
 use serde::{Deserialize, Serialize};
 
@@ -154,8 +155,8 @@ pub enum Protocol {
 impl Protocol {
     pub fn number(self) -> u8 {
         match self {
-            Protocol::Tcp => 6,
-            Protocol::Udp => 17,
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
         }
     }
 }

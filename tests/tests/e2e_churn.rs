@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{addr, hash::FlowTuple};
+use lb_common::{addr, hash::FlowTuple, proto::IPPROTO_UDP};
 use tests::{
     can_run,
     churn::{broken_in, per_server, Fate, Flow, FlowPlan, Flows, Kind, Lab, LabPlan, LiveTable},
@@ -383,7 +383,7 @@ fn owner(lab: &Lab, table: &LiveTable, src: SocketAddr, dst: SocketAddr) -> Stri
         dst: addr::to_bytes(dst.ip()),
         src_port: src.port(),
         dst_port: dst.port(),
-        proto: 17,
+        proto: IPPROTO_UDP,
     };
     let first = table.hops(&flow).0;
     first

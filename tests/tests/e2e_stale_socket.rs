@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use lb_common::{addr, hash::FlowTuple};
+use lb_common::{addr, hash::FlowTuple, proto::IPPROTO_TCP};
 use tests::{
     can_run,
     churn::{Lab, LabPlan, LabService},
@@ -28,7 +28,7 @@ fn tuple(client: SocketAddr, svc: &LabService) -> FlowTuple {
         dst: addr::to_bytes(svc.vip),
         src_port: client.port(),
         dst_port: svc.port,
-        proto: 6,
+        proto: IPPROTO_TCP,
     }
 }
 

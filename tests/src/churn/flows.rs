@@ -15,7 +15,11 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use lb_common::{addr, hash::FlowTuple};
+use lb_common::{
+    addr,
+    hash::FlowTuple,
+    proto::{IPPROTO_TCP, IPPROTO_UDP},
+};
 
 use super::UdpSession;
 use crate::{Netns, TcpConn};
@@ -113,8 +117,8 @@ impl Flow {
             src_port: self.local.port(),
             dst_port: self.dst.port(),
             proto: match self.kind {
-                Kind::Tcp => 6,
-                Kind::Udp => 17,
+                Kind::Tcp => IPPROTO_TCP,
+                Kind::Udp => IPPROTO_UDP,
             },
         }
     }

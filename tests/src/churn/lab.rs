@@ -8,7 +8,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_common::stats::Reason;
+use lb_common::{
+    proto::{IPPROTO_TCP, IPPROTO_UDP},
+    stats::Reason,
+};
 use serde_json::{json, Value};
 
 use super::{Fate, Flow, Kind, LiveTable, Ran, UdpSessionServer, HEALTH_PORT, TCP_PORT, UDP_PORT};
@@ -45,21 +48,21 @@ pub fn lab_services(topo: &Topology, ipv6: bool) -> Vec<LabService> {
         name: "web",
         vip: topo.vip_v4().into(),
         port: TCP_PORT,
-        proto: 6,
+        proto: IPPROTO_TCP,
     }];
     if ipv6 {
         services.push(LabService {
             name: "web6",
             vip: topo.vip_v6().into(),
             port: TCP_PORT,
-            proto: 6,
+            proto: IPPROTO_TCP,
         });
     }
     services.push(LabService {
         name: "quic",
         vip: topo.vip_v4().into(),
         port: UDP_PORT,
-        proto: 17,
+        proto: IPPROTO_UDP,
     });
     services
 }
@@ -81,7 +84,7 @@ pub fn service_configs(
                 .iter()
                 .map(|&(n, w)| json!({ "address": s.backend_addr(n), "weight": w, "health": health }))
                 .collect();
-            let proto = if s.proto == 6 { "tcp" } else { "udp" };
+            let proto = if s.proto == IPPROTO_TCP { "tcp" } else { "udp" };
             json!({ "name": s.name, "vip": s.vip, "port": s.port, "protocol": proto,
                     "table_bits": table_bits, "backends": backends })
         })
