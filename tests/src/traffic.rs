@@ -133,11 +133,7 @@ fn serve_conn(mut s: TcpStream, name: &str, stop: &AtomicBool) -> io::Result<()>
         match s.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => s.write_all(&buf[..n])?,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if timed_out(&e) => {}
             Err(e) => return Err(e),
         }
     }
@@ -262,6 +258,15 @@ fn bound_connect(local: SocketAddr, dst: SocketAddr, timeout: Duration) -> io::R
     sock.bind(&local.into())?;
     sock.connect_timeout(&dst.into(), timeout)?;
     Ok(sock.into())
+}
+
+/// A socket call that ended on its timeout (`SO_RCVTIMEO` and `SO_SNDTIMEO` give
+/// `WouldBlock`, or `TimedOut`).
+pub(crate) fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Connects from `ns` to `dst` and returns the name of the server that answered.

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::Netns;
+use crate::{traffic::timed_out, Netns};
 
 /// How often server threads look at their stop flag.
 const POLL: Duration = Duration::from_millis(50);
@@ -162,11 +162,7 @@ fn serve_session(conn: UdpSocket, prefix: &[u8], stop: &AtomicBool) -> io::Resul
             Ok((n, from)) => {
                 let _ = conn.send_to(&buf[..prefix.len() + n], from);
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if timed_out(&e) => {}
             // ECONNREFUSED from an ICMP error: the client went away.
             Err(e) => return Err(e),
         }
@@ -229,14 +225,7 @@ impl UdpSession {
             while Instant::now() < deadline {
                 let n = match self.sock.recv(&mut buf) {
                     Ok(n) => n,
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        break
-                    }
+                    Err(e) if timed_out(&e) => break,
                     Err(e) => return Err(e.into()),
                 };
                 let reply = &buf[..n];
