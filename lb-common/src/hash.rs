@@ -6,8 +6,10 @@
 //! every host and in BPF (which is little-endian here).
 
 /// The parts of a packet that pick its bucket. Addresses as in [`crate::addr`];
-/// ports in host byte order.
+/// ports in host byte order. Aligned to 4 bytes, with the addresses first, so that the
+/// hash reads each address word with one load rather than four byte loads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, align(4))]
 pub struct FlowTuple {
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -17,6 +19,18 @@ pub struct FlowTuple {
 }
 
 impl FlowTuple {
+    /// `flow_hash` of the tuple; `v4`: both addresses are IPv4, the cheaper way.
+    #[inline(always)]
+    pub fn hash(&self, seed: u32, v4: bool) -> u32 {
+        if v4 {
+            let w = |a: &[u8; 16]| u32::from_le_bytes([a[12], a[13], a[14], a[15]]);
+            let ports = ((self.src_port as u32) << 16) | self.dst_port as u32;
+            flow_hash_v4(seed, w(&self.src), w(&self.dst), ports, self.proto)
+        } else {
+            flow_hash(seed, self)
+        }
+    }
+
     /// The tuple of the reply direction (used for ICMP errors, which quote the packet
     /// the backend sent).
     #[inline(always)]
@@ -76,6 +90,26 @@ pub fn flow_hash(seed: u32, t: &FlowTuple) -> u32 {
     fmix32(h ^ 40)
 }
 
+/// `flow_hash` of a tuple whose addresses are both IPv4 (`::ffff:a.b.c.d`): the same
+/// value, with the mapped prefix's constant words folded into the mixing by the compiler
+/// (about 60 fewer BPF instructions). `src` and `dst` are the IPv4 addresses' bytes.
+#[inline(always)]
+pub fn flow_hash_v4(seed: u32, src: u32, dst: u32, ports: u32, proto: u8) -> u32 {
+    let mut h = seed;
+    for a in [src, dst] {
+        h = mix(h, 0);
+        h = mix(h, 0);
+        h = mix(h, V4_MAPPED_WORD);
+        h = mix(h, a);
+    }
+    h = mix(h, ports);
+    h = mix(h, proto as u32);
+    fmix32(h ^ 40)
+}
+
+/// The third word of an IPv4-mapped address (bytes 0, 0, 0xff, 0xff), as `word` reads it.
+const V4_MAPPED_WORD: u32 = 0xffff_0000;
+
 /// The bucket of a hash in a table of `1 << bits` buckets.
 #[inline(always)]
 pub fn bucket_index(hash: u32, bits: u32) -> u32 {
@@ -131,6 +165,20 @@ mod tests {
     }
 
     proptest::proptest! {
+        #[test]
+        fn the_ipv4_hash_is_the_hash(seed: u32, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) {
+            let t = FlowTuple {
+                src: v4_mapped(src),
+                dst: v4_mapped(dst),
+                src_port: sport,
+                dst_port: dport,
+                proto,
+            };
+            let ports = ((sport as u32) << 16) | dport as u32;
+            let v4 = flow_hash_v4(seed, u32::from_le_bytes(src), u32::from_le_bytes(dst), ports, proto);
+            proptest::prop_assert_eq!(v4, flow_hash(seed, &t));
+        }
+
         #[test]
         fn buckets_spread_evenly(seed: u32) {
             // 64k flows into 256 buckets: each near 256, none wildly off.

@@ -138,7 +138,10 @@ pub struct Counters {
 /// Key of `SERVICE_BACKEND_STATS`: what one service forwarded to one backend. The agent
 /// creates the entry (zeroed) before a table of the service sends anything to the slot,
 /// and deletes it when the backend leaves the service, so a reused slot or service id
-/// starts from zero.
+/// starts from zero. What a service's buckets owned by this node itself carry is counted
+/// in `SERVICE_LOCAL_STATS` instead, by service id: an array, cheaper per packet than
+/// this hash, and a service has one such backend at most. Userspace adds it to this
+/// node's own pair (`Dataplane::service_backend_counters`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceBackendKey {
@@ -168,11 +171,12 @@ pub mod names {
     pub const REASON_STATS: &str = "REASON_STATS";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const SERVICE_BACKEND_STATS: &str = "SERVICE_BACKEND_STATS";
+    pub const SERVICE_LOCAL_STATS: &str = "SERVICE_LOCAL_STATS";
     pub const NEXTHOPS: &str = "NEXTHOPS";
     pub const NEXTHOPS_BY_ADDR: &str = "NEXTHOPS_BY_ADDR";
 
     /// Every map userspace knows (pinned under these names).
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         VIPS,
         VIP_FILTER,
@@ -182,6 +186,7 @@ pub mod names {
         REASON_STATS,
         SERVICE_STATS,
         SERVICE_BACKEND_STATS,
+        SERVICE_LOCAL_STATS,
         NEXTHOPS,
         NEXTHOPS_BY_ADDR,
     ];

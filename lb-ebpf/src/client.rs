@@ -5,12 +5,13 @@
 //! packet goes to the local stack untouched, or on to the previous owner.
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
+    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, macros::map,
+    maps::PerCpuArray, programs::XdpContext,
 };
 use lb_common::{
     addr::{is_v4_mapped, v4_mapped, v4_part},
     encap::{write_outer_v4, write_outer_v6, Outer, ENCAP_LEN_V4, ENCAP_LEN_V6, FLAG_CHAINED},
-    hash::{bucket_index, flow_hash, outer_source_port},
+    hash::{bucket_index, outer_source_port},
     limits::MAX_TABLE_BITS,
     maps::{Backend, NodeConfig, ServiceKey, BACKEND_PRESENT},
     parse::{self, Flow, Ip, NoFlow},
@@ -26,11 +27,22 @@ use crate::{
     verdict::{drop, pass, Verdict},
 };
 
+/// The flow of the packet at hand, in a per-CPU value rather than on the stack: parsed
+/// once by `handle`, read again by `local_claim` (a program run keeps its CPU), and its
+/// 40 bytes stay out of the client path's frame (BPF's 512 bytes for a call chain).
+#[map]
+static FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
+
 /// `unclaimed`: asked again after `local_claim` found no local socket owning the flow.
 #[inline(never)]
 pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> Verdict {
-    let mut flow = Flow::EMPTY;
-    match parse::client_flow(Xdp(ctx), ip, &mut flow) {
+    let Some(flow) = FLOW.get_ptr_mut(0) else {
+        return pass(Reason::PassNotService);
+    };
+    // SAFETY: a per-CPU value, only this program run touches it; `client_flow` writes
+    // every field before anything reads one.
+    let flow = unsafe { &mut *flow };
+    match parse::client_flow(Xdp(ctx), ip, flow) {
         Ok(()) => {}
         Err(NoFlow::Unusable(r)) if maps::is_vip(&ip.dst) => return drop(r),
         Err(_) => return pass(Reason::PassNotService),
@@ -48,7 +60,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
     if svc.table_bits > MAX_TABLE_BITS {
         return drop(Reason::DropNoBackend);
     }
-    let hash = flow_hash(node.hash_seed, &flow.tuple);
+    let hash = flow.tuple.hash(node.hash_seed, !ip.v6);
     let Some(bucket) = BUCKETS.get(svc.table_offset + bucket_index(hash, svc.table_bits)) else {
         return drop(Reason::DropNoBackend);
     };
@@ -61,7 +73,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
     // the flow: the socket lookup's frames would not fit under this one's.
     let local = is_local(node, &first.addr);
     if local && !unclaimed {
-        return Verdict::ask_local(svc.id, bucket.first);
+        return Verdict::ask_local(svc.id);
     }
     // The previous owner, when it can be chained to: a hop list cannot switch the outer
     // family.
@@ -92,7 +104,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
     if local {
         let Some(second) = second else {
             // No one else to ask: the local stack answers for itself.
-            return delivered(ctx, svc.id, bucket.first);
+            return delivered(ctx, svc.id);
         };
         // As a first hop passes a packet it does not own on: to the second hop, chained,
         // with no hop left, so an unowned UDP flow comes back here.
@@ -112,19 +124,13 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
     let v = encapsulate(ctx, node, ip, slot, &mut outer);
     if v.action() != xdp_action::XDP_DROP {
         // Counted, as every packet of the bucket, under its owner (`sent_on_from_local`
-        // tells those this node handed on), with the length it arrived with: the frame
-        // grew by the outer headers. Not kept from before: this frame has no room left.
-        let encap_len = if is_v4_mapped(&outer.dst) {
-            ENCAP_LEN_V4
+        // tells those this node handed on), with the length it arrived with.
+        let bytes = (outer.inner_len as usize + ip.l3_off) as u64;
+        if local {
+            maps::add_local(svc.id, bytes);
         } else {
-            ENCAP_LEN_V6
-        };
-        let grown = ETH_LEN + encap_len - ip.l3_off;
-        maps::add(
-            svc.id,
-            bucket.first,
-            (ctx.data_end() - ctx.data() - grown) as u64,
-        );
+            maps::add(svc.id, bucket.first, bytes);
+        }
         return Verdict::new(v.action(), reason);
     } else if v.reason_index() == Reason::DropTooBig as u32 && !flow.icmp {
         // The entry point answers the client (`icmp_reply`), not an ICMP error.
@@ -138,24 +144,24 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
 /// from the entry point, where the socket lookup's frames fit.
 #[inline(never)]
 pub fn local_claim(ctx: &XdpContext, ip: &Ip) -> bool {
-    let mut flow = Flow::EMPTY;
-    matches!(parse::flow(Xdp(ctx), ip, &mut flow), Ok(true))
-        && crate::backend::claim(ctx, &flow, ip, false).is_some()
+    // `handle` parsed the flow in this run before it asked.
+    FLOW.get(0)
+        .is_some_and(|flow| crate::backend::claim(ctx, flow, ip, false).is_some())
 }
 
 /// `delivered`, for the entry point once `local_claim` found the flow's socket (`bytes`:
 /// the frame's length). Not inlined: the entry point's frame lies under every call chain.
 #[inline(never)]
-pub fn claimed(service: u32, backend: u32, bytes: u64) -> Verdict {
-    maps::add(service, backend, bytes);
+pub fn claimed(service: u32, bytes: u64) -> Verdict {
+    maps::add_local(service, bytes);
     pass(Reason::DeliveredLocally)
 }
 
 /// A packet passed to the local stack untouched, counted for the service and this node's
 /// own backend.
 #[inline(always)]
-fn delivered(ctx: &XdpContext, service: u32, backend: u32) -> Verdict {
-    maps::add(service, backend, (ctx.data_end() - ctx.data()) as u64);
+fn delivered(ctx: &XdpContext, service: u32) -> Verdict {
+    maps::add_local(service, (ctx.data_end() - ctx.data()) as u64);
     pass(Reason::DeliveredLocally)
 }
 

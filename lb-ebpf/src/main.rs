@@ -68,9 +68,9 @@ fn process(ctx: &XdpContext) -> Verdict {
         return backend::handle(ctx, &ip);
     }
     let mut v = client::handle(ctx, node, &ip, false);
-    if let Some((service, backend)) = v.asked_local() {
+    if let Some(service) = v.asked_local() {
         if client::local_claim(ctx, &ip) {
-            return client::claimed(service, backend, (ctx.data_end() - ctx.data()) as u64);
+            return client::claimed(service, (ctx.data_end() - ctx.data()) as u64);
         }
         v = client::handle(ctx, node, &ip, true);
     }

@@ -46,6 +46,12 @@ pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 pub static SERVICE_BACKEND_STATS: PerCpuHashMap<ServiceBackendKey, Counters> =
     PerCpuHashMap::with_max_entries(MAX_SERVICE_BACKENDS, 0);
 
+/// What each service's buckets whose first hop is this node carried (delivered locally or
+/// sent on from here), by service id: see `lb_common::maps::ServiceBackendKey`.
+#[map]
+pub static SERVICE_LOCAL_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
 /// Counts one packet under the reason with index `reason`.
 #[inline(always)]
 pub fn count(reason: u32) {
@@ -65,6 +71,13 @@ pub fn add(id: u32, backend: u32, bytes: u64) {
         backend,
     };
     bump(SERVICE_BACKEND_STATS.get_ptr_mut(key), bytes);
+}
+
+/// As `add`, for a packet of a bucket whose first hop is this node.
+#[inline(always)]
+pub fn add_local(id: u32, bytes: u64) {
+    bump(SERVICE_STATS.get_ptr_mut(id), bytes);
+    bump(SERVICE_LOCAL_STATS.get_ptr_mut(id), bytes);
 }
 
 #[inline(always)]

@@ -28,17 +28,16 @@ impl Verdict {
 
     /// Not a verdict yet: the client path found this node the bucket's first hop and asks
     /// the entry point to look for a local socket (`client::local_claim`). Carries the
-    /// service id and the backend slot, for the counters (both below 2^16).
+    /// service id, for the counters.
     #[inline(always)]
-    pub fn ask_local(service: u32, backend: u32) -> Self {
-        Verdict(((service as u64) << 48) | (((backend & 0xffff) as u64) << 32) | ASK_LOCAL as u64)
+    pub fn ask_local(service: u32) -> Self {
+        Verdict(((service as u64) << 32) | ASK_LOCAL as u64)
     }
 
-    /// The service id and backend slot of an `ask_local` verdict.
+    /// The service id of an `ask_local` verdict.
     #[inline(always)]
-    pub fn asked_local(self) -> Option<(u32, u32)> {
-        (self.action() == ASK_LOCAL)
-            .then_some(((self.0 >> 48) as u32, (self.0 >> 32) as u32 & 0xffff))
+    pub fn asked_local(self) -> Option<u32> {
+        (self.action() == ASK_LOCAL).then_some((self.0 >> 32) as u32)
     }
 
     /// The reason's index in `REASON_STATS`.

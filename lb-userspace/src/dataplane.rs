@@ -88,6 +88,7 @@ struct Maps {
     reason_stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
     service_backend_stats: PerCpuHashMap<MapData, ServiceBackendKey, Counters>,
+    service_local_stats: PerCpuArray<MapData, Counters>,
     nexthops: Array<MapData, NextHopEntry>,
     nexthops_by_addr: HashMap<MapData, [u8; 16], NextHopEntry>,
 }
@@ -104,6 +105,7 @@ impl Maps {
             reason_stats: take(ebpf, names::REASON_STATS)?,
             service_stats: take(ebpf, names::SERVICE_STATS)?,
             service_backend_stats: take(ebpf, names::SERVICE_BACKEND_STATS)?,
+            service_local_stats: take(ebpf, names::SERVICE_LOCAL_STATS)?,
             nexthops: take(ebpf, names::NEXTHOPS)?,
             nexthops_by_addr: take(ebpf, names::NEXTHOPS_BY_ADDR)?,
         })
@@ -124,6 +126,7 @@ impl Maps {
                 names::SERVICE_BACKEND_STATS,
                 self.service_backend_stats.map(),
             ),
+            (names::SERVICE_LOCAL_STATS, self.service_local_stats.map()),
             (names::NEXTHOPS, self.nexthops.map()),
             (names::NEXTHOPS_BY_ADDR, self.nexthops_by_addr.map()),
         ]
@@ -500,33 +503,93 @@ impl Dataplane {
         self.maps
             .service_stats
             .set(id, zero, 0)
-            .map_err(|source| map_err(names::SERVICE_STATS, source))
+            .map_err(|source| map_err(names::SERVICE_STATS, source))?;
+        self.zero_local_counters(id)
+    }
+
+    fn zero_local_counters(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let name = names::SERVICE_LOCAL_STATS;
+        let zero = zeroed_per_cpu().map_err(|source| map_err(name, source))?;
+        self.maps
+            .service_local_stats
+            .set(id, zero, 0)
+            .map_err(|source| map_err(name, source))
     }
 
     /// What each service forwarded to each of its backends, summed over CPUs, by
-    /// (service id, backend slot).
+    /// (service id, backend slot). The pairs of this node's own backend include what the
+    /// data plane counts for them by service id (`SERVICE_LOCAL_STATS`).
     pub fn service_backend_counters(
         &mut self,
     ) -> Result<std::collections::BTreeMap<ServiceBackendKey, Counters>, DataplaneError> {
         let name = names::SERVICE_BACKEND_STATS;
-        self.maps
+        let mut pairs = self
+            .maps
             .service_backend_stats
             .iter()
             .map(|r| {
                 let (k, v) = r.map_err(|source| map_err(name, source))?;
                 Ok((k, sum(&v)))
             })
-            .collect()
+            .collect::<Result<std::collections::BTreeMap<_, _>, DataplaneError>>()?;
+        let mut own = std::collections::BTreeMap::new();
+        for (k, c) in &mut pairs {
+            let is_own = match own.get(&k.backend) {
+                Some(&o) => o,
+                None => {
+                    let o = self.is_own_slot(k.backend)?;
+                    own.insert(k.backend, o);
+                    o
+                }
+            };
+            if is_own {
+                let local = self.local_counters(k.service)?;
+                c.packets += local.packets;
+                c.bytes += local.bytes;
+            }
+        }
+        Ok(pairs)
     }
 
-    /// Starts the counters of a (service, backend) pair at zero, replacing any.
+    fn local_counters(&mut self, id: u32) -> Result<Counters, DataplaneError> {
+        let per_cpu = self
+            .maps
+            .service_local_stats
+            .get(&id, 0)
+            .map_err(|source| map_err(names::SERVICE_LOCAL_STATS, source))?;
+        Ok(sum(&per_cpu))
+    }
+
+    /// Whether backend slot `slot` holds one of this node's own addresses.
+    fn is_own_slot(&mut self, slot: u32) -> Result<bool, DataplaneError> {
+        let b = self
+            .maps
+            .backends
+            .get(&slot, 0)
+            .map_err(|source| map_err(names::BACKENDS, source))?;
+        let n = self
+            .maps
+            .node
+            .get(&0, 0)
+            .map_err(|source| map_err(names::NODE, source))?;
+        let v4 = n.addr_v4 != [0; 4] && b.addr == lb_common::addr::v4_mapped(n.addr_v4);
+        let v6 = n.addr_v6 != [0; 16] && b.addr == n.addr_v6;
+        Ok(b.flags & lb_common::maps::BACKEND_PRESENT != 0 && (v4 || v6))
+    }
+
+    /// Starts the counters of a (service, backend) pair at zero, replacing any (for this
+    /// node's own backend, its counters by service id too).
     pub fn open_service_backend(&mut self, key: ServiceBackendKey) -> Result<(), DataplaneError> {
         let name = names::SERVICE_BACKEND_STATS;
         let zero = zeroed_per_cpu().map_err(|source| map_err(name, source))?;
         self.maps
             .service_backend_stats
             .insert(key, zero, 0)
-            .map_err(|source| map_err(name, source))
+            .map_err(|source| map_err(name, source))?;
+        if self.is_own_slot(key.backend)? {
+            self.zero_local_counters(key.service)?;
+        }
+        Ok(())
     }
 
     /// Drops the counters of a (service, backend) pair.
