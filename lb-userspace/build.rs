@@ -56,6 +56,7 @@ fn main() {
                 "-Cdebuginfo=2",
                 "-Clink-arg=--btf",
                 "-Clink-arg=--disable-expand-memcpy-in-order",
+                "-Ctarget-cpu=v3",
             ]
             .join("\x1f"),
         )

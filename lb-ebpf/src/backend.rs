@@ -125,7 +125,7 @@ fn pass_on(
     flags: u8,
 ) -> Verdict {
     let returning = flags & FLAG_RETURNED != 0;
-    let tot_len = ctx.data_end() - ctx.data() - outer.l3_off;
+    let tot_len = ptr::frame_len(ctx) - outer.l3_off;
     let mut hop = NextHop::EMPTY;
     if let Err(r) = forward::lookup(
         ctx,

@@ -22,6 +22,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 
+use crate::ptr;
+
 /// The largest stored frame (a power of two).
 pub const FRAME_MAX: usize = 128;
 const _: () = assert!(FRAME_MAX.is_power_of_two());
@@ -117,7 +119,7 @@ fn restore(ctx: &XdpContext) -> Option<()> {
     // 1..=FRAME_MAX by construction, so the verifier sees the bounds the helper needs
     // (userspace stores only lengths in that range, which this leaves unchanged).
     let len = (frame.len.wrapping_sub(1) & (FRAME_MAX as u32 - 1)) + 1;
-    let cur = (ctx.data_end() - ctx.data()) as i32;
+    let cur = ptr::frame_len(ctx) as i32;
     // SAFETY: plain helper call, as above.
     if cur != len as i32 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, len as i32 - cur) } != 0 {
         return None;

@@ -161,7 +161,7 @@ pub fn claimed(service: u32, bytes: u64) -> Verdict {
 /// own backend.
 #[inline(always)]
 fn delivered(ctx: &XdpContext, service: u32) -> Verdict {
-    maps::add_local(service, (ctx.data_end() - ctx.data()) as u64);
+    maps::add_local(service, ptr::frame_len(ctx) as u64);
     pass(Reason::DeliveredLocally)
 }
 
@@ -223,7 +223,7 @@ fn outer_headers(
         }
         node.addr_v6
     };
-    let inner_len = ctx.data_end() - ctx.data() - ip.l3_off;
+    let inner_len = ptr::frame_len(ctx) - ip.l3_off;
     let encap_len = if outer_v4 { ENCAP_LEN_V4 } else { ENCAP_LEN_V6 };
     let tot_len = encap_len + inner_len;
     if tot_len > u16::MAX as usize {

@@ -204,7 +204,7 @@ fn l2_header(ctx: &XdpContext, l2: &L2) -> Option<[u8; 18]> {
 /// those headers and `QUOTE_LEN` bytes of the packet; writes the L2 header `eth`.
 #[inline(always)]
 fn reshape(ctx: &XdpContext, l2: &L2, eth: &[u8; 18], head: usize) -> Option<()> {
-    let frame = ctx.data_end() - ctx.data();
+    let frame = ptr::frame_len(ctx);
     if frame < l2.l3_off + QUOTE_LEN {
         return None;
     }

@@ -70,7 +70,7 @@ fn process(ctx: &XdpContext) -> Verdict {
     let mut v = client::handle(ctx, node, &ip, false);
     if let Some(service) = v.asked_local() {
         if client::local_claim(ctx, &ip) {
-            return client::claimed(service, (ctx.data_end() - ctx.data()) as u64);
+            return client::claimed(service, ptr::frame_len(ctx) as u64);
         }
         v = client::handle(ctx, node, &ip, true);
     }

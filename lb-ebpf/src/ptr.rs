@@ -16,7 +16,7 @@ pub struct Xdp<'a>(pub &'a XdpContext);
 unsafe impl<'a> Frame<'a> for Xdp<'a> {
     #[inline(always)]
     fn len(self) -> usize {
-        self.0.data_end() - self.0.data()
+        frame_len(self.0)
     }
 
     #[inline(always)]
@@ -27,6 +27,14 @@ unsafe impl<'a> Frame<'a> for Xdp<'a> {
         }
         Some((start + off) as *const u8)
     }
+}
+
+/// The frame's length, as an opaque value: with 32-bit ALU instructions LLVM would
+/// otherwise fold a later truncation (`as u16`) into 32-bit arithmetic on the packet
+/// pointers themselves, which the verifier refuses.
+#[inline(always)]
+pub fn frame_len(ctx: &XdpContext) -> usize {
+    core::hint::black_box(ctx.data_end() - ctx.data())
 }
 
 /// A pointer to a `T` at `off` bytes into the packet, or `None` when the packet is shorter.
