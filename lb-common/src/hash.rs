@@ -7,7 +7,8 @@
 
 /// The parts of a packet that pick its bucket. Addresses as in [`crate::addr`];
 /// ports in host byte order. Aligned to 4 bytes, with the addresses first, so that the
-/// hash reads each address word with one load rather than four byte loads.
+/// hash reads each address word with one load rather than four byte loads
+/// (`address_words`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C, align(4))]
 pub struct FlowTuple {
@@ -23,12 +24,21 @@ impl FlowTuple {
     #[inline(always)]
     pub fn hash(&self, seed: u32, v4: bool) -> u32 {
         if v4 {
-            let w = |a: &[u8; 16]| u32::from_le_bytes([a[12], a[13], a[14], a[15]]);
+            let w = self.address_words();
             let ports = ((self.src_port as u32) << 16) | self.dst_port as u32;
-            flow_hash_v4(seed, w(&self.src), w(&self.dst), ports, self.proto)
+            flow_hash_v4(seed, w[3], w[7], ports, self.proto)
         } else {
             flow_hash(seed, self)
         }
+    }
+
+    /// The addresses as eight words (`src`'s, then `dst`'s), each read little-endian, with
+    /// one aligned load a word: the tuple is `repr(C, align(4))` with the addresses first.
+    #[inline(always)]
+    fn address_words(&self) -> [u32; 8] {
+        let p = (self as *const Self).cast::<u32>();
+        // SAFETY: the 32 bytes from the start are the two addresses, 4-byte aligned.
+        core::array::from_fn(|i| u32::from_le(unsafe { p.add(i).read() }))
     }
 
     /// The tuple of the reply direction (used for ICMP errors, which quote the packet
@@ -57,11 +67,6 @@ fn mix(h: u32, k: u32) -> u32 {
         .wrapping_add(0xe654_6b64)
 }
 
-#[inline(always)]
-fn word(a: &[u8; 16], i: usize) -> u32 {
-    u32::from_le_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
-}
-
 /// MurmurHash3's finaliser: every input bit affects every output bit.
 #[inline(always)]
 pub fn fmix32(mut h: u32) -> u32 {
@@ -77,14 +82,9 @@ pub fn fmix32(mut h: u32) -> u32 {
 #[inline(always)]
 pub fn flow_hash(seed: u32, t: &FlowTuple) -> u32 {
     let mut h = seed;
-    h = mix(h, word(&t.src, 0));
-    h = mix(h, word(&t.src, 4));
-    h = mix(h, word(&t.src, 8));
-    h = mix(h, word(&t.src, 12));
-    h = mix(h, word(&t.dst, 0));
-    h = mix(h, word(&t.dst, 4));
-    h = mix(h, word(&t.dst, 8));
-    h = mix(h, word(&t.dst, 12));
+    for w in t.address_words() {
+        h = mix(h, w);
+    }
     h = mix(h, ((t.src_port as u32) << 16) | t.dst_port as u32);
     h = mix(h, t.proto as u32);
     fmix32(h ^ 40)
@@ -107,7 +107,7 @@ pub fn flow_hash_v4(seed: u32, src: u32, dst: u32, ports: u32, proto: u8) -> u32
     fmix32(h ^ 40)
 }
 
-/// The third word of an IPv4-mapped address (bytes 0, 0, 0xff, 0xff), as `word` reads it.
+/// The third word of an IPv4-mapped address (bytes 0, 0, 0xff, 0xff), as `address_words` reads it.
 const V4_MAPPED_WORD: u32 = 0xffff_0000;
 
 /// The bucket of a hash in a table of `1 << bits` buckets.

@@ -1,8 +1,9 @@
 //! Keys and values of the BPF maps. All `#[repr(C)]` with explicit padding; sizes are
 //! asserted because the kernel and userspace must agree byte for byte.
 
-/// Key of the `SERVICES` map.
-#[repr(C)]
+/// Key of the `SERVICES` map. Aligned to 4 bytes (its size stays 20) so that the data
+/// plane copies the address into it a word at a time.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     /// The VIP (see `addr`).

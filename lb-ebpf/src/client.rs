@@ -5,8 +5,8 @@
 //! packet goes to the local stack untouched, or on to the previous owner.
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, macros::map,
-    maps::PerCpuArray, programs::XdpContext,
+    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, macros::map, maps::PerCpuArray,
+    programs::XdpContext,
 };
 use lb_common::{
     addr::{is_v4_mapped, v4_mapped, v4_part},
@@ -139,22 +139,20 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
     v
 }
 
-/// Whether a local socket owns the flow of `ip`, a packet for a service whose bucket's
-/// first hop is this node (`Verdict::ask_local`): the backend path's question, asked
-/// from the entry point, where the socket lookup's frames fit.
+/// Whether a local socket owns the flow of `ip`, a packet for service `service` whose
+/// bucket's first hop is this node (`Verdict::ask_local`): the backend path's question,
+/// asked from the entry point, where the socket lookup's frames fit. A packet so claimed
+/// is counted; the entry point passes it to the stack (`delivered_locally`).
 #[inline(never)]
-pub fn local_claim(ctx: &XdpContext, ip: &Ip) -> bool {
+pub fn local_claim(ctx: &XdpContext, ip: &Ip, service: u32) -> bool {
     // `handle` parsed the flow in this run before it asked.
-    FLOW.get(0)
-        .is_some_and(|flow| crate::backend::claim(ctx, flow, ip, false).is_some())
-}
-
-/// `delivered`, for the entry point once `local_claim` found the flow's socket (`bytes`:
-/// the frame's length). Not inlined: the entry point's frame lies under every call chain.
-#[inline(never)]
-pub fn claimed(service: u32, bytes: u64) -> Verdict {
-    maps::add_local(service, bytes);
-    pass(Reason::DeliveredLocally)
+    let claimed = FLOW
+        .get(0)
+        .is_some_and(|flow| crate::backend::claim(ctx, flow, ip, false).is_some());
+    if claimed {
+        maps::add_local(service, ptr::frame_len(ctx) as u64);
+    }
+    claimed
 }
 
 /// A packet passed to the local stack untouched, counted for the service and this node's

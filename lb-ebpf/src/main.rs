@@ -69,8 +69,8 @@ fn process(ctx: &XdpContext) -> Verdict {
     }
     let mut v = client::handle(ctx, node, &ip, false);
     if let Some(service) = v.asked_local() {
-        if client::local_claim(ctx, &ip) {
-            return client::claimed(service, ptr::frame_len(ctx) as u64);
+        if client::local_claim(ctx, &ip, service) {
+            return pass(Reason::DeliveredLocally);
         }
         v = client::handle(ctx, node, &ip, true);
     }
