@@ -26,6 +26,10 @@ pub enum Request {
     Reload {},
     /// Remove the program from the interfaces and the pins, then stop the agent.
     Detach {},
+    /// Freeze (`true`) or resume the load controller; kept in the config file.
+    LoadFreeze { frozen: bool },
+    /// Dry run: the load controller's next step. Changes nothing.
+    LoadPlan {},
 }
 
 impl Request {
@@ -33,7 +37,10 @@ impl Request {
     pub fn changes_nothing(&self) -> bool {
         matches!(
             self,
-            Request::Status {} | Request::Table { .. } | Request::Plan { .. }
+            Request::Status {}
+                | Request::Table { .. }
+                | Request::Plan { .. }
+                | Request::LoadPlan {}
         )
     }
 }
@@ -83,6 +90,8 @@ pub enum Response {
     },
     /// A reload was applied: what changed, and what waits for a restart.
     Reloaded(ReloadReport),
+    /// The load controller's next step (`lb plan load`).
+    LoadPlan(crate::load::control::LoadPlan),
     /// The request was refused or failed: nothing changed unless `kind` is `internal`.
     Error {
         /// What sort of failure, for programs (an older agent sends none: `internal`).
@@ -178,6 +187,9 @@ pub struct Status {
     /// Per-reason packet counts of the data plane (see docs/counters.md).
     pub reasons: Vec<ReasonCount>,
     pub table_rebuilds: u64,
+    /// The load controller, when a service follows load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<crate::load::control::LoadStatus>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -238,6 +250,9 @@ pub struct BackendStatus {
     /// 500ms"); absent when no check has failed since the agent started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure: Option<String>,
+    /// Effective weight and utilisation, when the service follows load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<crate::load::control::BackendLoad>,
 }
 
 /// `lb table SERVICE`.

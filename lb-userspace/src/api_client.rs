@@ -136,8 +136,14 @@ pub fn render_status(s: &Status, stats: bool, exact: bool) -> String {
             {
                 out.push_str(&format!("  last failure: {f}"));
             }
+            if let Some(l) = &b.load {
+                out.push_str(&crate::load::render::backend_suffix(l));
+            }
             out.push('\n');
         }
+    }
+    if let Some(l) = &s.load {
+        out.push_str(&crate::load::render::status_line(l));
     }
     out
 }

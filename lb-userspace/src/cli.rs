@@ -76,6 +76,9 @@ pub enum Command {
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Load-driven weights: freeze or resume the loop (docs/load.md).
+    #[command(subcommand)]
+    Load(LoadCmd),
     /// Make the agent reread its configuration file (like SIGHUP).
     Reload,
     /// Remove the XDP program from the interfaces and delete the pins, then stop the
@@ -126,6 +129,15 @@ fn interval(s: &str) -> Result<f64, String> {
         Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
         _ => Err(format!("{s:?} is not a number of seconds in (0, 3600]")),
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LoadCmd {
+    /// Stop changing effective weights; they stay as they are (kept in the config file,
+    /// so a restarted agent stays frozen).
+    Freeze,
+    /// Let the loop change effective weights again.
+    Resume,
 }
 
 #[derive(Debug, Subcommand)]
@@ -230,6 +242,8 @@ pub enum PlanCmd {
     /// What a backend change would move.
     #[command(subcommand)]
     Backend(BackendCmd),
+    /// The load controller's next step: effective weights and buckets it would move.
+    Load,
 }
 
 /// Service names for shell completion, asked of the running agent (`LB_SOCKET` or the
@@ -315,10 +329,13 @@ impl BackendCmd {
 }
 
 impl PlanCmd {
-    pub fn change(&self) -> Change {
+    /// The request this dry run makes.
+    pub fn request(&self) -> crate::api::Request {
+        use crate::api::Request;
         match self {
-            PlanCmd::Service(s) => s.change(),
-            PlanCmd::Backend(b) => b.change(),
+            PlanCmd::Service(s) => Request::Plan { change: s.change() },
+            PlanCmd::Backend(b) => Request::Plan { change: b.change() },
+            PlanCmd::Load => Request::LoadPlan {},
         }
     }
 }

@@ -37,6 +37,9 @@ pub struct Config {
     /// `null` leaves the stack's own.
     #[serde(default = "default_vip_mss")]
     pub vip_mss: Option<VipMss>,
+    /// Load reports and load-driven weights (docs/load.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<crate::load::config::LoadConfig>,
 }
 
 /// MSS per VIP family (see `Config::vip_mss`).
@@ -524,6 +527,7 @@ impl Config {
             }
         }
         p.extend(self.capacity_problems());
+        p.extend(crate::load::config::problems(self));
         let mut vips = BTreeSet::new();
         for v in &self.backend_vips {
             if !vips.insert(v) {

@@ -122,7 +122,10 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
         }
         Command::Service(ref s) => Request::Apply { change: s.change() },
         Command::Backend(ref b) => Request::Apply { change: b.change() },
-        Command::Plan(ref p) => Request::Plan { change: p.change() },
+        Command::Plan(ref p) => p.request(),
+        Command::Load(ref l) => Request::LoadFreeze {
+            frozen: matches!(l, lb::cli::LoadCmd::Freeze),
+        },
         Command::Reload => Request::Reload {},
         Command::Detach => Request::Detach {},
     };
@@ -139,6 +142,7 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
         Response::Plan(p) => print(&api_client::render_plan(&p, false)),
         Response::Applied(p) => print(&api_client::render_plan(&p, true)),
         Response::Done { message } => print(&message),
+        Response::LoadPlan(p) => print(&lb::load::render::plan(&p)),
         Response::Reloaded(r) => {
             print(&api_client::render_reload(&r));
             if r.ignored.is_empty() {

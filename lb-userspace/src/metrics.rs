@@ -283,6 +283,8 @@ pub fn render(status: &Status, health: &[TargetState], format: Format) -> String
         transitions.get_or_create(&l).inc_by(t.transitions);
     }
 
+    load_families(&mut r, status);
+
     let mut out = String::new();
     match format {
         Format::OpenMetrics => text::encode(&mut out, &r),
@@ -290,6 +292,47 @@ pub fn render(status: &Status, health: &[TargetState], format: Format) -> String
     }
     .expect("writing to a String cannot fail");
     out
+}
+
+/// The load controller's families (docs/load.md): effective weight and utilisation of
+/// the backends of services that follow load, and the loop's own state.
+fn load_families(r: &mut Registry, status: &Status) {
+    type FloatGauges<L> = Family<L, Gauge<f64, std::sync::atomic::AtomicU64>>;
+    let effective: Gauges<ServiceBackendLabels> = family(
+        r,
+        "backend_effective_weight",
+        "Weight the table is built from: the configured one corrected by load",
+    );
+    let utilisation: FloatGauges<ServiceBackendLabels> = family(
+        r,
+        "backend_utilisation",
+        "The backend's smoothed utilisation as the load controller used it (1 = saturated)",
+    );
+    let frozen: Gauge = family(r, "load_frozen", "1 when the load loop is frozen");
+    let changes: Counter = family(
+        r,
+        "load_weight_changes",
+        "Effective weights the load loop changed",
+    );
+    for s in &status.services {
+        for b in &s.backends {
+            let Some(l) = &b.load else { continue };
+            let labels = ServiceBackendLabels {
+                service: s.name.clone(),
+                backend: b.address.to_string(),
+            };
+            effective
+                .get_or_create(&labels)
+                .set(i64::from(l.effective_weight));
+            if let Some(u) = l.utilisation {
+                utilisation.get_or_create(&labels).set(u);
+            }
+        }
+    }
+    if let Some(l) = &status.load {
+        frozen.set(i64::from(l.frozen));
+        changes.inc_by(l.changes);
+    }
 }
 
 /// Serves `GET /metrics` (and `HEAD`) on `listener` with the page `source` renders at each
@@ -534,6 +577,7 @@ mod tests {
                 packets: 42,
             }],
             table_rebuilds: 5,
+            ..Status::default()
         }
     }
 

@@ -46,6 +46,9 @@ pub fn apply(config: &Config, change: &Change) -> Result<Config, ApiError> {
         Change::ServiceRemove { service } => {
             let i = find(services, service)?;
             services.remove(i);
+            if let Some(l) = &mut next.load {
+                l.services.retain(|s| s != service);
+            }
         }
         Change::BackendAdd { service, backend } => {
             let i = find(services, service)?;
@@ -102,6 +105,16 @@ pub fn wanted(
     services: &[ServiceConfig],
     health: &BTreeMap<(String, IpAddr), bool>,
 ) -> Vec<Desired> {
+    wanted_weighted(services, health, &BTreeMap::new())
+}
+
+/// As `wanted`, each backend at its `effective` weight where the load controller set one
+/// (docs/load.md).
+pub fn wanted_weighted(
+    services: &[ServiceConfig],
+    health: &BTreeMap<(String, IpAddr), bool>,
+    effective: &BTreeMap<(String, IpAddr), u32>,
+) -> Vec<Desired> {
     services
         .iter()
         .map(|s| Desired {
@@ -113,7 +126,10 @@ pub fn wanted(
                 .iter()
                 .map(|b| Member {
                     address: b.address,
-                    weight: b.weight,
+                    weight: effective
+                        .get(&(s.name.clone(), b.address))
+                        .copied()
+                        .unwrap_or(b.weight),
                     state: if health.get(&(s.name.clone(), b.address)) == Some(&false) {
                         BackendState::Down
                     } else if b.drain || b.weight == 0 {

@@ -5,6 +5,7 @@
 //! signals send it messages, so every change is applied in order, whole or not at all.
 
 pub mod desired;
+mod load;
 mod lock;
 mod netlink;
 pub mod nexthop;
@@ -101,6 +102,12 @@ pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()
     tokio::spawn(nexthop::watch(hop_addrs_rx, hop_tx));
     agent.hop_addrs = Some(hop_addrs);
     agent.write_nexthops();
+    // Load reports: fetched by a task of their own, each round stepped here.
+    let (load_targets, load_targets_rx) = watch::channel(Default::default());
+    let (round_tx, mut load_rounds) = mpsc::channel(4);
+    tokio::spawn(crate::load::report::fetch_loop(load_targets_rx, round_tx));
+    agent.load_targets = Some(load_targets);
+    agent.update_load_targets();
     server.ready();
     info!("agent ready");
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
@@ -129,6 +136,7 @@ pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()
                 agent.health_changed(verdicts);
             }
             Some(hops) = hop_updates.recv() => agent.nexthops_changed(hops),
+            Some(round) = load_rounds.recv() => agent.load_round(round),
             _ = hup.recv() => {
                 let _ = agent.reload(Caller::default(), "SIGHUP");
             }
@@ -155,6 +163,9 @@ async fn listen(config: &Config, calls: mpsc::Sender<Call>) -> Result<server::Se
     )?;
     if let Some(addr) = config.agent.metrics {
         server::start_metrics(addr, calls).await?;
+    }
+    if let Some(r) = config.load.as_ref().and_then(|l| l.report.as_ref()) {
+        crate::load::report::serve(r).await?;
     }
     Ok(server)
 }
@@ -239,6 +250,10 @@ struct Agent {
     hops_written: BTreeMap<u32, (IpAddr, NextHopEntry)>,
     /// The backend addresses whose next hops are to be resolved.
     hop_addrs: Option<watch::Sender<Vec<IpAddr>>>,
+    /// The load controller, the fetcher's targets and the backends whose reports fail.
+    load: crate::load::control::Controller,
+    load_targets: Option<watch::Sender<crate::load::report::Targets>>,
+    load_failing: Vec<IpAddr>,
 }
 
 impl Agent {
@@ -261,7 +276,11 @@ impl Agent {
                 }
             }
         }
+        let load = Agent::restore_load(&config);
         Ok(Agent {
+            load,
+            load_targets: None,
+            load_failing: Vec::new(),
             file,
             file_agent,
             config,
@@ -322,7 +341,8 @@ impl Agent {
 
     /// As `resync`, returning what moved per rewritten table.
     fn sync_services(&mut self, why: &str) -> Result<Vec<PlanSummary>, ProgramError> {
-        let wanted = desired::wanted(&self.config.services, &self.health);
+        let wanted =
+            desired::wanted_weighted(&self.config.services, &self.health, &self.load.effective());
         let synced = self.programmer.sync(&wanted);
         self.write_nexthops();
         match synced {
@@ -461,6 +481,8 @@ impl Agent {
             Request::Apply { change } => self.apply(&change, caller),
             Request::Reload {} => self.reload(caller, "lb reload"),
             Request::Detach {} => self.detach(caller),
+            Request::LoadFreeze { frozen } => self.load_freeze(frozen, caller),
+            Request::LoadPlan {} => self.load_plan(),
         }
     }
 
@@ -478,7 +500,7 @@ impl Agent {
         else {
             return Response::error(ErrorKind::NotFound, format!("no service named {name:?}"));
         };
-        let wanted = desired::wanted(&next.services, &self.health);
+        let wanted = desired::wanted_weighted(&next.services, &self.health, &self.load.effective());
         match self.programmer.plan(&wanted, name, &key_of(svc)) {
             Ok(mut p) => {
                 p.warnings = next
@@ -504,7 +526,7 @@ impl Agent {
             }
         };
         let name = desired::service_of(change).to_string();
-        let wanted = desired::wanted(&next.services, &self.health);
+        let wanted = desired::wanted_weighted(&next.services, &self.health, &self.load.effective());
         // A removed service's plan needs no build: every bucket goes.
         let removed_plan = match change {
             Change::ServiceRemove { .. } => self
@@ -519,6 +541,7 @@ impl Agent {
         let before = self.file_config();
         let after = Config {
             services: next.services.clone(),
+            load: next.load.clone(),
             ..before.clone()
         };
         if let Err(e) = self.file.save(&after) {
@@ -543,7 +566,9 @@ impl Agent {
             }
         };
         self.config.services = next.services;
+        self.config.load = next.load;
         self.write_nexthops();
+        self.update_load_targets();
         // A service may have gained this node itself as a backend.
         if let Err(e) = serve_vips(&self.config) {
             error!("putting the VIPs this node serves on lo failed: {e:#}");
@@ -640,7 +665,14 @@ impl Agent {
         self.config.services = config.services;
         self.config.backend_vips = config.backend_vips;
         self.config.vip_mss = config.vip_mss;
+        if config.load != self.config.load {
+            changed.push("load: settings changed".into());
+            self.load
+                .set_gains(config.load.clone().unwrap_or_default().gains);
+            self.config.load = config.load;
+        }
         self.update_health_targets();
+        self.update_load_targets();
         let mut moved = 0;
         match self.sync_services("reload") {
             Ok(tables) => {
@@ -712,6 +744,7 @@ impl Agent {
             .unwrap_or_default();
         for s in &self.config.services {
             let key = key_of(s);
+            let drives = self.config.load.as_ref().is_some_and(|l| l.drives(&s.name));
             let owned = self.programmer.owned(&key);
             let id = self.programmer.service_id_of(&key);
             let counters = id
@@ -752,6 +785,7 @@ impl Agent {
                         last_failure: check
                             .map(|t| t.last_failure.clone())
                             .filter(|f| !f.is_empty()),
+                        load: drives.then(|| self.load.backend(&s.name, b.address, b.weight)),
                     }
                 })
                 .collect();
@@ -781,10 +815,17 @@ impl Agent {
                 packets: n,
             })
             .collect();
+        let load = self
+            .config
+            .load
+            .as_ref()
+            .filter(|l| !l.services.is_empty())
+            .map(|l| self.load.status(l.frozen));
         Status {
             services,
             reasons,
             table_rebuilds: self.programmer.rebuilds,
+            load,
         }
     }
 }

@@ -87,7 +87,7 @@ impl ConfigFile {
 
 /// Replaces `path` with `data`: a reader sees the old file or the new one, and after a
 /// crash the file is one of the two, never a part.
-fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

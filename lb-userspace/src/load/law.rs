@@ -129,7 +129,7 @@ struct Memory {
 }
 
 /// The law's state: per backend, the smoothed utilisation and the correction.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Law {
     gains: Gains,
     memory: BTreeMap<IpAddr, Memory>,
@@ -145,6 +145,20 @@ impl Law {
 
     pub fn gains(&self) -> &Gains {
         &self.gains
+    }
+
+    /// Starts `backend` at `correction` (kept from an earlier run) instead of 1.
+    pub fn seed(&mut self, backend: IpAddr, correction: f64) {
+        let g = &self.gains;
+        if correction.is_finite() {
+            self.memory.insert(
+                backend,
+                Memory {
+                    smoothed: None,
+                    correction: correction.clamp(g.floor, g.ceiling),
+                },
+            );
+        }
     }
 
     /// One period: the effective weight of every input. Backends no longer in `inputs`
@@ -221,7 +235,7 @@ impl Law {
 }
 
 /// `configured * correction`, rounded, at least 1 for a backend with any weight.
-fn effective(configured: u32, correction: f64) -> u32 {
+pub fn effective(configured: u32, correction: f64) -> u32 {
     if configured == 0 {
         return 0;
     }

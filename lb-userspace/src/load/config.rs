@@ -1,0 +1,107 @@
+//! The `load` section of the configuration: what a backend reports, and which services'
+//! weights the agent drives by the reports of their backends.
+
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{law::Gains, measure::Source};
+use crate::config::Config;
+
+/// Where backends serve their reports unless `load.report_port` says otherwise.
+pub const DEFAULT_REPORT_PORT: u16 = 9641;
+
+/// `load`: both roles are optional; a node can report, control, or both.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoadConfig {
+    /// This node as a backend: measure its utilisation and serve it to the LB nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ReportConfig>,
+    /// Services whose backends' effective weights follow their reports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
+    /// The port the backends serve their reports on (`http://BACKEND:PORT/load`).
+    #[serde(default = "default_report_port")]
+    pub report_port: u16,
+    /// The control law's constants (docs/load.md).
+    #[serde(default)]
+    pub gains: Gains,
+    /// The loop is frozen: effective weights stay as they are (`lb load freeze`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub frozen: bool,
+    /// Where the effective weights are kept across agent restarts.
+    #[serde(default = "default_state_file")]
+    pub state_file: PathBuf,
+}
+
+/// `load.report`: what this node measures and where it serves it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// `"host"`, `{"cgroup": "lb/web"}` or `{"file": "/run/app/load"}`.
+    pub source: Source,
+    /// Address of the report listener.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// How often the source is sampled, milliseconds.
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+}
+
+fn default_report_port() -> u16 {
+    DEFAULT_REPORT_PORT
+}
+fn default_state_file() -> PathBuf {
+    PathBuf::from("/run/lb/load.json")
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], DEFAULT_REPORT_PORT))
+}
+fn default_interval_ms() -> u64 {
+    1000
+}
+
+impl LoadConfig {
+    /// Whether `service`'s weights follow load.
+    pub fn drives(&self, service: &str) -> bool {
+        self.services.iter().any(|s| s == service)
+    }
+}
+
+/// Problems of the `load` section (part of `Config::problems`).
+pub fn problems(config: &Config) -> Vec<String> {
+    let Some(l) = &config.load else {
+        return Vec::new();
+    };
+    let mut p = Vec::new();
+    if let Err(e) = l.gains.check() {
+        p.push(format!("load.gains: {e}"));
+    }
+    if l.report_port == 0 {
+        p.push("load.report_port: 0 is not a port".into());
+    }
+    let names: BTreeSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+    let mut seen = BTreeSet::new();
+    for s in &l.services {
+        if !names.contains(s.as_str()) {
+            p.push(format!("load.services: no service named {s:?}"));
+        }
+        if !seen.insert(s) {
+            p.push(format!("load.services: {s:?} is listed twice"));
+        }
+    }
+    if let Some(r) = &l.report {
+        if r.interval_ms == 0 {
+            p.push("load.report.interval_ms: must be above 0".into());
+        }
+        if let Source::Cgroup(name) = &r.source {
+            if name.is_empty() || name.split('/').any(|c| c == "..") {
+                p.push(format!(
+                    "load.report.source: cgroup {name:?} is not a cgroup path"
+                ));
+            }
+        }
+    }
+    p
+}
