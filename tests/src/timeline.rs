@@ -272,7 +272,7 @@ fn panel<'a>(area: &Area<'a>, seconds: f64, top: f64, what: &str) -> Result<Char
 }
 
 /// Registers DejaVu Sans as "sans-serif" for plotters, once.
-fn register_font() -> Result<()> {
+pub fn register_font() -> Result<()> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {

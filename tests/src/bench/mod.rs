@@ -7,6 +7,8 @@ pub mod control;
 pub mod dataplane;
 pub mod harness;
 pub mod live;
+pub mod load;
+pub mod load_chart;
 pub mod memory;
 pub mod report;
 pub mod table;

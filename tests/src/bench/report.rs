@@ -25,6 +25,9 @@ pub struct Report {
     pub live: Vec<LiveRow>,
     pub map_bytes: Vec<MapBytesRow>,
     pub control: Vec<ControlRow>,
+    /// The load loop's experiment (`--suite load`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<super::load::LoadFigures>,
 }
 
 #[derive(Serialize)]
@@ -211,6 +214,7 @@ impl Report {
             live,
             map_bytes,
             control,
+            load: None,
         }
     }
 
@@ -231,6 +235,9 @@ impl Report {
         }
         if !self.control.is_empty() {
             self.control_text(&mut o);
+        }
+        if let Some(l) = &self.load {
+            o.push_str(&super::load::text(l));
         }
         o
     }

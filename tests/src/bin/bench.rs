@@ -12,7 +12,7 @@ use tests::bench::{
     control,
     dataplane::{self, Settings},
     harness::MAX_FRAMES,
-    live, memory,
+    live, load, memory,
     report::Report,
     table,
 };
@@ -28,6 +28,8 @@ enum Suite {
     Live,
     /// From a health flip or a `set-weight` to the new tables live in the maps.
     Control,
+    /// The load loop evening out backends in CPU cgroups of different quotas.
+    Load,
 }
 
 #[derive(Parser)]
@@ -66,6 +68,20 @@ struct Cli {
     /// The core the live suite runs on.
     #[arg(long, default_value_t = 1)]
     live_cpu: usize,
+    /// Where the load suite's chart goes.
+    #[arg(long, value_name = "FILE", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/bench-load.png"))]
+    load_chart: PathBuf,
+    /// Seconds the load suite runs with the loop frozen, then running (after 5 s of warm-up;
+    /// the last 30 s of the running part are measured).
+    #[arg(long, default_value_t = 30)]
+    load_off_s: u64,
+    #[arg(long, default_value_t = 90)]
+    load_on_s: u64,
+    /// The load suite's CPU-bound server, run by the suite itself in a backend's namespace.
+    #[arg(long, hide = true, value_name = "NAME")]
+    cpu_server: Option<String>,
+    #[arg(long, hide = true, default_value_t = 2000)]
+    work_us: u64,
 }
 
 fn flows(s: &str) -> Result<usize, String> {
@@ -86,6 +102,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Some(name) = &cli.cpu_server {
+        return load::serve(name, std::time::Duration::from_micros(cli.work_us));
+    }
     let settings = Settings {
         repeat: cli.repeat.max(1),
         rounds: cli.rounds.max(1),
@@ -143,7 +162,16 @@ fn run(cli: Cli) -> Result<()> {
     } else {
         Vec::new()
     };
-    let report = Report::new(settings, &dp, &figures, &rates, &map_bytes, &changes);
+    let mut report = Report::new(settings, &dp, &figures, &rates, &map_bytes, &changes);
+    if suites.contains(&Suite::Load) {
+        let phases = load::Phases {
+            off: std::time::Duration::from_secs(cli.load_off_s.max(5)),
+            on: std::time::Duration::from_secs(cli.load_on_s.max(35)),
+            ..load::Phases::default()
+        };
+        report.load = Some(load::measure(phases, &cli.load_chart)?);
+        eprintln!("bench: load chart written to {}", cli.load_chart.display());
+    }
     print!("{}", report.text());
     if let Some(path) = cli.json {
         let json = serde_json::to_string_pretty(&report)?;
