@@ -210,21 +210,38 @@ impl Drop for Slot {
 }
 
 /// The server (`bench --cpu-server NAME`), run in a backend's namespace: it waits for a
-/// line on stdin (it is in its cgroup then), then answers each connection on port 80,
-/// one at a time: reads a line, spends `work` of CPU time, answers `NAME\n`.
+/// line on stdin (it is in its cgroup then), then serves port 80: each connection in a
+/// thread of its own reads a line, spends `work` of CPU time and answers `NAME\n`. The
+/// work is done one request at a time (a lock), so an overloaded server queues requests
+/// instead of slowing all of them down together; reading and answering never wait for
+/// the work of others. A request that waited longer than the client waits is dropped
+/// unanswered, as a server with request deadlines does: the client has gone, and its
+/// work would only delay the next ones.
 pub fn serve(name: &str, work: Duration) -> Result<()> {
     let mut go = String::new();
     std::io::stdin().read_line(&mut go)?;
     let listener = TcpListener::bind("0.0.0.0:80").context("binding port 80")?;
+    let cpu = Arc::new(Mutex::new(()));
+    let answer = Arc::new(format!("{name}\n"));
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut line = String::new();
-        if BufReader::new(&conn).read_line(&mut line).is_err() {
-            continue;
-        }
-        spin(work);
-        let _ = conn.write_all(format!("{name}\n").as_bytes());
+        let (cpu, answer) = (cpu.clone(), answer.clone());
+        std::thread::spawn(move || {
+            let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+            let mut line = String::new();
+            if BufReader::new(&conn).read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let arrived = Instant::now();
+            {
+                let _one_at_a_time = cpu.lock().unwrap_or_else(|p| p.into_inner());
+                if arrived.elapsed() >= REQUEST_TIMEOUT {
+                    return;
+                }
+                spin(work);
+            }
+            let _ = conn.write_all(answer.as_bytes());
+        });
     }
     Ok(())
 }
