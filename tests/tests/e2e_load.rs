@@ -71,12 +71,12 @@ fn a_busier_backend_loses_buckets_and_freeze_holds_them() {
     if !can_run("a_busier_backend_loses_buckets_and_freeze_holds_them") {
         return;
     }
-    let topo = Topology::build(Spec::new(0, 1, 3)).unwrap();
+    let topo = Topology::build(Spec::new(0, 1, 2)).unwrap();
     let dir = PathBuf::from("/run/lbt").join(&topo.id);
     std::fs::create_dir_all(&dir).unwrap();
     let file = |i: usize| dir.join(format!("b{i}.load"));
     let report = |i: usize, u: f64| std::fs::write(file(i), format!("{u}\n")).unwrap();
-    for (i, u) in [0.9, 0.3, 0.3].into_iter().enumerate() {
+    for (i, u) in [0.9, 0.3].into_iter().enumerate() {
         report(i, u);
     }
     let mut agents = Vec::new();
@@ -100,13 +100,14 @@ fn a_busier_backend_loses_buckets_and_freeze_holds_them() {
     });
     let mut lb = Agent::start(&topo.id, &topo.lbs[0], lb_config).unwrap();
 
-    // b0 says it is three times as busy as the others: its weight and buckets fall.
+    // b0 says it is three times as busy as b1: its weight and buckets fall (of 1024).
     let s = wait_for(&lb, Duration::from_secs(10), "b0 loses buckets", |s| {
-        s[&addr(0)].1 < 250 && s[&addr(1)].1 > 350 && s[&addr(2)].1 > 350
+        s[&addr(0)].1 < 400 && s[&addr(1)].1 > 624
     });
     assert!(s[&addr(0)].0 < 100, "{s:?}");
     assert!(lb.log().contains("load: effective weight changed"));
     let list = lb.ok(&["list"]).unwrap();
+    println!("{list}");
     assert!(
         list.contains("effective") && list.contains("util 90.0%"),
         "{list}"
@@ -146,7 +147,7 @@ fn a_busier_backend_loses_buckets_and_freeze_holds_them() {
     // Resumed: b1 is now the busy one and gives buckets away.
     lb.ok(&["load", "resume"]).unwrap();
     let s = wait_for(&lb, Duration::from_secs(10), "b1 loses buckets", |s| {
-        s[&addr(1)].1 < 250 && s[&addr(0)].1 > frozen[&addr(0)].1
+        s[&addr(1)].1 < 400 && s[&addr(0)].1 > frozen[&addr(0)].1
     });
     println!("after resume: {s:?}");
     drop(lb);
