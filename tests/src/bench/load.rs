@@ -162,19 +162,22 @@ impl Slot {
             .arg(WORK.as_micros().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::null());
-        let mut child = ns.spawn(&mut cmd)?.into_inner();
-        let pid = child.id().to_string();
+        // Held by the slot at once: dropping it ends the process, also on an error below.
+        let pid = self
+            .server
+            .insert(ns.spawn(&mut cmd)?.into_inner())
+            .id()
+            .to_string();
         for c in ["cpu", "cpuacct"] {
             std::fs::write(self.dir(c).join("cgroup.procs"), &pid)
                 .with_context(|| format!("moving the server into {}", self.dir(c).display()))?;
         }
         // It serves once told it is in its cgroup.
-        child
-            .stdin
+        self.server
             .as_mut()
+            .and_then(|c| c.stdin.as_mut())
             .context("server stdin")?
             .write_all(b"go\n")?;
-        self.server = Some(child);
         Ok(())
     }
 
@@ -266,6 +269,17 @@ fn thread_cpu() -> Duration {
     // SAFETY: a valid timespec to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// One second of the run: each backend's utilisation (%), effective weight and buckets,
+/// the LB's moved buckets and weight changes so far.
+struct Tick {
+    at: Instant,
+    util: Vec<f64>,
+    weight: Vec<u64>,
+    buckets: Vec<u64>,
+    moved: u64,
+    changes: u64,
 }
 
 /// One request's fate: when it was due, who answered, how long it took from when it was
@@ -417,7 +431,7 @@ fn experiment(topo: &Topology, run_dir: &Path, ph: Phases, png: &Path) -> Result
     let client = client(&topo.clients[0], dst, rate, start + total, done.clone())?;
 
     // Every second: each cgroup's utilisation of its quota and the LB's view.
-    let mut samples: Vec<(Instant, Vec<f64>, Vec<u64>, Vec<u64>, u64, u64)> = Vec::new();
+    let mut samples: Vec<Tick> = Vec::new();
     let mut last: Vec<u64> = slots.iter().map(Slot::usage_ns).collect::<Result<_>>()?;
     let mut last_at = Instant::now();
     let resume_at = start + ph.warm + ph.off;
@@ -438,7 +452,14 @@ fn experiment(topo: &Topology, run_dir: &Path, ph: Phases, png: &Path) -> Result
             .collect();
         (last, last_at) = (usage, now);
         let (weight, buckets, moved, changes) = lb_view(&lb, &names)?;
-        samples.push((now, util, weight, buckets, moved, changes));
+        samples.push(Tick {
+            at: now,
+            util,
+            weight,
+            buckets,
+            moved,
+            changes,
+        });
         if resumed.is_none() && now >= resume_at {
             lb.ok(&["load", "resume"])?;
             resumed = Some((Instant::now(), moved));
@@ -456,8 +477,8 @@ fn experiment(topo: &Topology, run_dir: &Path, ph: Phases, png: &Path) -> Result
     let mean = |part: (Instant, Instant), i: usize| {
         let v: Vec<f64> = samples
             .iter()
-            .filter(|s| within(s.0, part))
-            .map(|s| s.1[i])
+            .filter(|s| within(s.at, part))
+            .map(|s| s.util[i])
             .collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
@@ -487,8 +508,8 @@ fn experiment(topo: &Topology, run_dir: &Path, ph: Phases, png: &Path) -> Result
             p99_ms_on: round(p99(lat(on, Some(&b.name))), 1),
             requests_off: lat(off, Some(&b.name)).len(),
             requests_on: lat(on, Some(&b.name)).len(),
-            weight_on: end.2[i],
-            buckets_on: end.3[i],
+            weight_on: end.weight[i],
+            buckets_on: end.buckets[i],
         })
         .collect();
     let spread = |f: fn(&BackendRow) -> f64| {
@@ -502,11 +523,11 @@ fn experiment(topo: &Topology, run_dir: &Path, ph: Phases, png: &Path) -> Result
         .windows(SETTLE_WINDOW)
         .map(|w| {
             let m: Vec<f64> = (0..QUOTAS.len())
-                .map(|i| w.iter().map(|s| s.1[i]).sum::<f64>() / SETTLE_WINDOW as f64)
+                .map(|i| w.iter().map(|s| s.util[i]).sum::<f64>() / SETTLE_WINDOW as f64)
                 .collect();
             let hi = m.iter().cloned().fold(f64::MIN, f64::max);
             let lo = m.iter().cloned().fold(f64::MAX, f64::min);
-            (w[SETTLE_WINDOW - 1].0, hi - lo)
+            (w[SETTLE_WINDOW - 1].at, hi - lo)
         })
         .collect();
     let settle_s = window
@@ -517,19 +538,25 @@ fn experiment(topo: &Topology, run_dir: &Path, ph: Phases, png: &Path) -> Result
             |i| window.get(i + 1).map(|(t, _)| *t),
         )
         .map(|t| round(t.duration_since(resumed).as_secs_f64(), 1));
-    let changes_at = |t: Instant| samples.iter().rev().find(|s| s.0 <= t).map_or(0, |s| s.5);
+    let changes_at = |t: Instant| {
+        samples
+            .iter()
+            .rev()
+            .find(|s| s.at <= t)
+            .map_or(0, |s| s.changes)
+    };
     let timeline: Vec<Sample> = samples
         .iter()
         .map(|s| Sample {
             t: round(
-                s.0.duration_since(start).as_secs_f64()
+                s.at.duration_since(start).as_secs_f64()
                     - resumed.duration_since(start).as_secs_f64(),
                 1,
             ),
-            util: s.1.iter().map(|u| round(*u, 1)).collect(),
-            weight: s.2.clone(),
-            buckets: s.3.clone(),
-            changes: s.5,
+            util: s.util.iter().map(|u| round(*u, 1)).collect(),
+            weight: s.weight.clone(),
+            buckets: s.buckets.clone(),
+            changes: s.changes,
         })
         .collect();
     let figures = LoadFigures {
@@ -538,12 +565,12 @@ fn experiment(topo: &Topology, run_dir: &Path, ph: Phases, png: &Path) -> Result
         settle_s,
         p99_ms_off: round(p99(lat(off, None)), 1),
         p99_ms_on: round(p99(lat(on, None)), 1),
-        buckets_moved: end.4 - moved_at_resume,
+        buckets_moved: end.moved - moved_at_resume,
         rate_rps: round(rate, 1),
         work_ms: WORK.as_secs_f64() * 1000.0,
         failed_off: failed(off),
         failed_on: failed(on),
-        weight_changes_steady: end.5 - changes_at(on.0),
+        weight_changes_steady: end.changes - changes_at(on.0),
         backends: rows,
         timeline,
     };
