@@ -373,4 +373,30 @@ mod tests {
         .unwrap();
         assert!(c.services.is_empty());
     }
+
+    #[test]
+    fn a_removed_service_leaves_the_load_loop_and_effective_weights_go_into_tables() {
+        let mut c = web();
+        c.load = Some(crate::load::config::LoadConfig {
+            services: vec!["web".into()],
+            ..Default::default()
+        });
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        let addr: IpAddr = "10.0.3.2".parse().unwrap();
+        let effective = BTreeMap::from([(("web".to_string(), addr), 37)]);
+        let w = wanted_weighted(&c.services, &BTreeMap::new(), &effective);
+        assert_eq!(w[0].members[0].weight, 37);
+        assert_eq!(
+            wanted(&c.services, &BTreeMap::new())[0].members[0].weight,
+            100
+        );
+        let next = apply(
+            &c,
+            &Change::ServiceRemove {
+                service: "web".into(),
+            },
+        )
+        .unwrap();
+        assert!(next.load.unwrap().services.is_empty());
+    }
 }

@@ -12,7 +12,7 @@ use crate::config::Config;
 pub const DEFAULT_REPORT_PORT: u16 = 9641;
 
 /// `load`: both roles are optional; a node can report, control, or both.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LoadConfig {
     /// This node as a backend: measure its utilisation and serve it to the LB nodes.
@@ -33,6 +33,20 @@ pub struct LoadConfig {
     /// Where the effective weights are kept across agent restarts.
     #[serde(default = "default_state_file")]
     pub state_file: PathBuf,
+}
+
+/// As an empty `load` section reads.
+impl Default for LoadConfig {
+    fn default() -> Self {
+        LoadConfig {
+            report: None,
+            services: Vec::new(),
+            report_port: default_report_port(),
+            gains: Gains::default(),
+            frozen: false,
+            state_file: default_state_file(),
+        }
+    }
 }
 
 /// `load.report`: what this node measures and where it serves it.
@@ -104,4 +118,15 @@ pub fn problems(config: &Config) -> Vec<String> {
         }
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_is_an_empty_section() {
+        let empty: LoadConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, LoadConfig::default());
+    }
 }
