@@ -148,8 +148,8 @@ impl Agent {
         }
         let mut next = self.load.clone();
         next.step(Instant::now(), &config, &self.health);
-        let now = self.load.effective();
-        let after = next.effective();
+        let now = self.load.effective_of(&config.services);
+        let after = next.effective_of(&config.services);
         let wanted = desired::wanted_weighted(&config.services, &self.health, &after);
         let mut services = Vec::new();
         let load = config.load.unwrap_or_default();

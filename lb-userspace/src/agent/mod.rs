@@ -341,8 +341,11 @@ impl Agent {
 
     /// As `resync`, returning what moved per rewritten table.
     fn sync_services(&mut self, why: &str) -> Result<Vec<PlanSummary>, ProgramError> {
-        let wanted =
-            desired::wanted_weighted(&self.config.services, &self.health, &self.load.effective());
+        let wanted = desired::wanted_weighted(
+            &self.config.services,
+            &self.health,
+            &self.load.effective_of(&self.config.services),
+        );
         let synced = self.programmer.sync(&wanted);
         self.write_nexthops();
         match synced {
@@ -500,7 +503,11 @@ impl Agent {
         else {
             return Response::error(ErrorKind::NotFound, format!("no service named {name:?}"));
         };
-        let wanted = desired::wanted_weighted(&next.services, &self.health, &self.load.effective());
+        let wanted = desired::wanted_weighted(
+            &next.services,
+            &self.health,
+            &self.load.effective_of(&next.services),
+        );
         match self.programmer.plan(&wanted, name, &key_of(svc)) {
             Ok(mut p) => {
                 p.warnings = next
@@ -526,7 +533,11 @@ impl Agent {
             }
         };
         let name = desired::service_of(change).to_string();
-        let wanted = desired::wanted_weighted(&next.services, &self.health, &self.load.effective());
+        let wanted = desired::wanted_weighted(
+            &next.services,
+            &self.health,
+            &self.load.effective_of(&next.services),
+        );
         // A removed service's plan needs no build: every bucket goes.
         let removed_plan = match change {
             Change::ServiceRemove { .. } => self

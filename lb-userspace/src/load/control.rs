@@ -288,6 +288,24 @@ impl Controller {
             .collect()
     }
 
+    /// The effective weights of `services`' backends: each one's configured weight now
+    /// times its correction, so a new configured weight counts at once, corrected.
+    pub fn effective_of(
+        &self,
+        services: &[crate::config::ServiceConfig],
+    ) -> BTreeMap<(String, IpAddr), u32> {
+        let mut w = BTreeMap::new();
+        for s in services {
+            for b in &s.backends {
+                let key = (s.name.clone(), b.address);
+                if let Some(d) = self.decisions.get(&key) {
+                    w.insert(key, super::law::effective(b.weight, d.correction));
+                }
+            }
+        }
+        w
+    }
+
     /// What `lb list` shows of a backend of a driven service.
     pub fn backend(&self, service: &str, backend: IpAddr, configured: u32) -> BackendLoad {
         let d = self.decisions.get(&(service.to_string(), backend));
@@ -370,6 +388,12 @@ mod tests {
         // Kept across a restart through the state file.
         let again = Controller::restore(&cfg, Some(&c.state()));
         assert_eq!(again.effective(), w);
+        assert_eq!(c.effective_of(&cfg.services), w);
+        // A new configured weight counts at once, with the backend's correction.
+        let mut doubled = cfg.services.clone();
+        doubled[0].backends[0].weight = 200;
+        let busy_key = ("web".to_string(), "10.3.0.2".parse().unwrap());
+        assert_eq!(c.effective_of(&doubled)[&busy_key], 2 * busy);
         // Frozen: reports go on, weights stay.
         let frozen = config(true);
         reports(&mut c, 0.95, 0.1);
