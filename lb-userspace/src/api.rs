@@ -178,6 +178,9 @@ pub struct Status {
     /// Per-reason packet counts of the data plane (see docs/counters.md).
     pub reasons: Vec<ReasonCount>,
     pub table_rebuilds: u64,
+    /// The fleet as this node sees it (a node with a `fleet` section only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::status::FleetStatus>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

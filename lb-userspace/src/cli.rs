@@ -76,6 +76,9 @@ pub enum Command {
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// A fleet's store in etcd: import, export, status (docs/fleet.md).
+    #[command(subcommand)]
+    Fleet(crate::fleet::command::FleetCmd),
     /// Make the agent reread its configuration file (like SIGHUP).
     Reload,
     /// Remove the XDP program from the interfaces and delete the pins, then stop the

@@ -37,6 +37,11 @@ pub struct Config {
     /// `null` leaves the stack's own.
     #[serde(default = "default_vip_mss")]
     pub vip_mss: Option<VipMss>,
+    /// Share services, health and tables with the other nodes of a fleet through etcd
+    /// (docs/fleet.md): the services then come from the store, the file's seed an empty
+    /// one. Absent: this node alone, from this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::store::FleetConfig>,
 }
 
 /// MSS per VIP family (see `Config::vip_mss`).
@@ -524,6 +529,9 @@ impl Config {
             }
         }
         p.extend(self.capacity_problems());
+        if let Some(f) = &self.fleet {
+            p.extend(f.problems());
+        }
         let mut vips = BTreeSet::new();
         for v in &self.backend_vips {
             if !vips.insert(v) {
@@ -796,6 +804,33 @@ mod tests {
         assert!(e.contains("missing field `port`"), "{e}");
         let e = parse(&GOOD.replace("\"tcp\"", "\"sctp\"")).unwrap_err();
         assert!(e.contains("unknown variant `sctp`"), "{e}");
+    }
+
+    #[test]
+    fn a_fleet_section_is_validated_with_the_rest() {
+        let fleet = GOOD.replace(
+            "\"services\"",
+            r#""fleet": { "endpoints": ["http://10.0.9.1:2379"], "prefix": "/lb/site1",
+                          "node": "lb0" },
+               "services""#,
+        );
+        let c = parse(&fleet).unwrap();
+        assert_eq!(c.fleet.unwrap().node, "lb0");
+        let bad = fleet
+            .replace("http://10.0.9.1:2379", "10.0.9.1:2379")
+            .replace("/lb/site1", "lb")
+            .replace("\"lb0\"", "\"lb 0\"");
+        let e = parse(&bad).unwrap_err();
+        for needle in [
+            "fleet.endpoints: \"10.0.9.1:2379\" is not an http:// or https:// URL",
+            "fleet.prefix: \"lb\" must start with '/'",
+            "fleet.node: \"lb 0\"",
+        ] {
+            assert!(e.contains(needle), "missing {needle:?} in:\n{e}");
+        }
+        let e = parse(&fleet.replace("\"node\": \"lb0\"", "\"node\": \"lb0\", \"ttl\": 3"))
+            .unwrap_err();
+        assert!(e.contains("unknown field `ttl`"), "{e}");
     }
 
     #[test]
