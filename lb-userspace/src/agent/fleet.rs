@@ -37,7 +37,7 @@ pub struct Fleet {
 impl Fleet {
     /// Starts the link to the store.
     pub fn start(config: FleetConfig) -> (Fleet, mpsc::Receiver<Update>) {
-        let (link, rx) = Link::start(config.clone());
+        let (link, rx) = Link::start(config.clone(), true);
         (
             Fleet {
                 config,

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `services` | [`ServicesDoc`]: the services, their backends and weights |
 //! | `health/NODE` | [`View`]: NODE's own checks' verdicts, under NODE's lease |
-//! | `nodes/NODE` | [`NodeReport`]: the revision NODE applied and its tables' digests, leased |
+//! | `tables/NODE` | [`NodeReport`]: the revision NODE applied and its tables' digests, leased |
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -19,7 +19,7 @@ use crate::config::{Config, ServiceConfig};
 
 pub const SERVICES: &str = "services";
 pub const HEALTH: &str = "health";
-pub const NODES: &str = "nodes";
+pub const TABLES: &str = "tables";
 
 /// `PREFIX/services`: what every node balances. The format of `lb fleet export` and
 /// `lb fleet import`.
@@ -29,7 +29,7 @@ pub struct ServicesDoc {
     pub services: Vec<ServiceConfig>,
 }
 
-/// `PREFIX/nodes/NODE`: what NODE's data plane holds.
+/// `PREFIX/tables/NODE`: what NODE's data plane holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeReport {
@@ -98,7 +98,7 @@ impl FleetState {
         } else if let Some(node) = c.name.strip_prefix("health/") {
             take_doc(&mut self.views, node, c);
             true
-        } else if let Some(node) = c.name.strip_prefix("nodes/") {
+        } else if let Some(node) = c.name.strip_prefix("tables/") {
             take_doc(&mut self.reports, node, c);
             false
         } else {
@@ -149,7 +149,7 @@ mod tests {
         assert!(s.take(&change("services", Some(r#"{"services":[]}"#), 3)));
         assert!(s.take(&change("health/lb0", Some(r#"{"web/10.0.3.2":"down"}"#), 4)));
         assert!(!s.take(&change(
-            "nodes/lb0",
+            "tables/lb0",
             Some(r#"{"revision":4,"tables":{"web":7}}"#),
             5
         )));

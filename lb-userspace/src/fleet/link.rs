@@ -1,7 +1,10 @@
-//! A node's link to the store: a task that reads the fleet's documents, follows them
-//! with a watch and hands the agent a new [`FleetState`] for every revision that changes
-//! the services or a health view; that publishes the node's own view and report under
-//! its lease; and that writes the services for the agent's commands.
+//! A node's link to the store: a task that reads the fleet's documents, follows the
+//! services and the health views with a watch and hands the agent a new [`FleetState`]
+//! for every revision that changes them; that publishes the node's own view and report
+//! under its lease; and that writes the services for the agent's commands.
+//!
+//! The other nodes' reports are read every few seconds rather than watched: a fleet of
+//! N nodes would otherwise send every node N reports per change.
 //!
 //! When etcd cannot be reached the task says so, retries every second and, once it is
 //! back, reads everything again (a new lease, its own documents written again). The
@@ -13,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use super::{
-    doc::{FleetState, NodeReport, ServicesDoc, HEALTH, NODES, SERVICES},
+    doc::{FleetState, NodeReport, ServicesDoc, HEALTH, SERVICES, TABLES},
     store::{FleetConfig, Store, StoreError},
     vote::View,
 };
@@ -23,6 +26,8 @@ use crate::api::{ApiError, ErrorKind};
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
 /// Wait between attempts to reach the store.
 const RETRY: Duration = Duration::from_secs(1);
+/// How often the other nodes' reports are read (for the metrics).
+const REPORTS_EVERY: Duration = Duration::from_secs(2);
 
 /// What the link tells the agent.
 #[derive(Debug)]
@@ -51,7 +56,8 @@ pub struct Link {
 
 impl Link {
     /// Starts the link's task (within a tokio runtime); updates arrive on the receiver.
-    pub fn start(config: FleetConfig) -> (Link, mpsc::Receiver<Update>) {
+    /// `follow_reports`: read the other nodes' reports every few seconds too.
+    pub fn start(config: FleetConfig, follow_reports: bool) -> (Link, mpsc::Receiver<Update>) {
         let (updates, rx) = mpsc::channel(1024);
         let (view, view_rx) = watch::channel(None);
         let (report, report_rx) = watch::channel(None);
@@ -63,6 +69,7 @@ impl Link {
                 view: view_rx,
                 report: report_rx,
                 writes: writes_rx,
+                follow_reports,
             },
         ));
         (
@@ -116,6 +123,7 @@ struct Published {
     view: watch::Receiver<Option<View>>,
     report: watch::Receiver<Option<NodeReport>>,
     writes: mpsc::Receiver<Write>,
+    follow_reports: bool,
 }
 
 async fn run(config: FleetConfig, updates: mpsc::Sender<Update>, mut published: Published) {
@@ -179,7 +187,7 @@ async fn session(
         state.take(d);
     }
     let view_key = format!("{HEALTH}/{}", config.node);
-    let report_key = format!("{NODES}/{}", config.node);
+    let report_key = format!("{TABLES}/{}", config.node);
     // What this node published before is written again, under the new lease.
     let view = published.view.borrow_and_update().clone();
     if let Some(v) = view {
@@ -189,7 +197,9 @@ async fn session(
     if let Some(r) = report {
         store.put_leased(&report_key, &r, &lease).await?;
     }
-    let mut watch = store.watch(revision).await?;
+    // The services and the views ("health/..." sorts before "services", the reports'
+    // "tables/..." after).
+    let mut watch = store.watch_between(revision, &format!("{HEALTH}/"), SERVICES).await?;
     info!(revision, services = state.services_revision, nodes = state.reports.len(), "fleet store reached; following it");
     if updates.send(Update::Connected(true)).await.is_err()
         || updates.send(Update::State(state.clone())).await.is_err()
@@ -197,8 +207,18 @@ async fn session(
         return Ok(());
     }
     let mut renew = tokio::time::interval(LEASE_TTL / 3);
+    let mut reports = tokio::time::interval(REPORTS_EVERY);
     loop {
         tokio::select! {
+            _ = reports.tick(), if published.follow_reports => {
+                let now: BTreeMap<String, NodeReport> = store.list(TABLES).await?;
+                if now != state.reports {
+                    state.reports = now.clone();
+                    if updates.send(Update::Reports(now)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
             _ = renew.tick() => lease.renew().await?,
             changed = published.view.changed() => {
                 if changed.is_err() {
@@ -244,7 +264,6 @@ async fn session(
 /// is a state of its own, so every node builds its tables through the same sequence of
 /// inputs (and so gets the same second hops). False when the agent is gone.
 async fn follow(state: &mut FleetState, changes: &[super::store::Change], updates: &mpsc::Sender<Update>) -> bool {
-    let reports_before = state.reports.clone();
     let mut i = 0;
     while i < changes.len() {
         let rev = changes[i].revision;
@@ -256,14 +275,6 @@ async fn follow(state: &mut FleetState, changes: &[super::store::Change], update
         if input && updates.send(Update::State(state.clone())).await.is_err() {
             return false;
         }
-    }
-    if state.reports != reports_before
-        && updates
-            .send(Update::Reports(state.reports.clone()))
-            .await
-            .is_err()
-    {
-        return false;
     }
     true
 }

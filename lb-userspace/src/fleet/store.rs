@@ -291,6 +291,28 @@ impl Store {
         Ok((revision, docs))
     }
 
+    /// Follows the changes after `revision` (0: from now) of the documents whose names
+    /// sort from `first` to `last` (both included, `last` as a whole name): a part of the
+    /// prefix, so a node need not hear of what it does not use.
+    pub async fn watch_between(
+        &mut self,
+        revision: i64,
+        first: &str,
+        last: &str,
+    ) -> Result<Watch, StoreError> {
+        let mut end = self.key(last).into_bytes();
+        end.push(0);
+        let mut opts = WatchOptions::new().with_range(end);
+        if revision > 0 {
+            opts = opts.with_start_revision(revision + 1);
+        }
+        let stream = self.client.watch(self.key(first), Some(opts)).await?;
+        Ok(Watch {
+            stream,
+            strip: self.prefix.len() + 1,
+        })
+    }
+
     /// Follows every change under the prefix after `revision` (0: from now).
     pub async fn watch(&mut self, revision: i64) -> Result<Watch, StoreError> {
         let mut opts = WatchOptions::new().with_prefix();

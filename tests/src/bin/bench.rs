@@ -11,6 +11,7 @@ use clap::{Parser, ValueEnum};
 use tests::bench::{
     control,
     dataplane::{self, Settings},
+    fleet,
     harness::MAX_FRAMES,
     live, memory,
     report::Report,
@@ -28,6 +29,8 @@ enum Suite {
     Live,
     /// From a health flip or a `set-weight` to the new tables live in the maps.
     Control,
+    /// From a change committed to etcd to every node of a fleet having it.
+    Fleet,
 }
 
 #[derive(Parser)]
@@ -66,6 +69,9 @@ struct Cli {
     /// The core the live suite runs on.
     #[arg(long, default_value_t = 1)]
     live_cpu: usize,
+    /// Changes the fleet suite times per case.
+    #[arg(long, default_value_t = 50)]
+    fleet_changes: usize,
 }
 
 fn flows(s: &str) -> Result<usize, String> {
@@ -103,8 +109,8 @@ fn run(cli: Cli) -> Result<()> {
     // SAFETY: geteuid cannot fail.
     if suites.iter().any(|s| *s != Suite::Table) && unsafe { libc::geteuid() } != 0 {
         anyhow::bail!(
-            "the data-plane, live and control suites need root (namespaces, BPF); the table suite \
-             does not"
+            "the data-plane, live, control and fleet suites need root (namespaces, BPF); the table \
+             suite does not"
         );
     }
     let cases = dataplane::selected(&cli.cases);
@@ -143,7 +149,13 @@ fn run(cli: Cli) -> Result<()> {
     } else {
         Vec::new()
     };
-    let report = Report::new(settings, &dp, &figures, &rates, &map_bytes, &changes);
+    let fleet = if suites.contains(&Suite::Fleet) {
+        fleet::measure(cli.fleet_changes.max(1))?
+    } else {
+        Vec::new()
+    };
+    let report =
+        Report::new(settings, &dp, &figures, &rates, &map_bytes, &changes).with_fleet(&fleet);
     print!("{}", report.text());
     if let Some(path) = cli.json {
         let json = serde_json::to_string_pretty(&report)?;
