@@ -70,8 +70,7 @@ impl Etcd {
             .append(true)
             .open(self.dir.join("etcd.log"))?;
         let mut cmd = Command::new("etcd");
-        cmd
-            .args(["--name", "lbt"])
+        cmd.args(["--name", "lbt"])
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &self.endpoint()])

@@ -2,7 +2,9 @@
 //! vote on health, and report their tables. One command on one node reaches every node;
 //! a backend that fails as seen from one node only changes no table; an agent restarted
 //! moves no bucket; etcd killed and restarted during traffic breaks nothing. Long-lived
-//! TCP connections and UDP sessions run through all of it and none may break.
+//! TCP connections and UDP sessions run through all of it and none may break. Last, a
+//! majority's verdict takes a backend out everywhere, and a node that dies stops voting
+//! when its lease ends.
 
 use std::{
     process::Output,
@@ -171,7 +173,10 @@ fn a_fleet_on_one_etcd_agrees_and_survives_its_store() {
         let s = agent.status().unwrap();
         for svc in s["services"].as_array().unwrap() {
             for b in svc["backends"].as_array().unwrap() {
-                assert_eq!(b["health"], "up", "lb{i}: {b}: one view of three is no majority");
+                assert_eq!(
+                    b["health"], "up",
+                    "lb{i}: {b}: one view of three is no majority"
+                );
             }
         }
     }
@@ -192,8 +197,14 @@ fn a_fleet_on_one_etcd_agrees_and_survives_its_store() {
         .find(|l| l.contains("running tables compared with the fleet store"))
         .expect("lb1 compared its tables with the store");
     assert!(compared.contains("rebuilt=0"), "{compared}");
-    assert!(!log.contains("table rebuilt"), "lb1's restart rebuilt a table:\n{log}");
-    println!("lb1 restarted: {}", compared.split("INFO ").last().unwrap_or(compared));
+    assert!(
+        !log.contains("table rebuilt"),
+        "lb1's restart rebuilt a table:\n{log}"
+    );
+    println!(
+        "lb1 restarted: {}",
+        compared.split("INFO ").last().unwrap_or(compared)
+    );
 
     // etcd killed during traffic: forwarding and tables go on, changes are refused.
     etcd.kill();
@@ -201,7 +212,10 @@ fn a_fleet_on_one_etcd_agrees_and_survives_its_store() {
     let refused = lab.lb_agents[1]
         .lb(&["backend", "set-weight", "web", &b0, "70"])
         .unwrap();
-    assert!(!refused.status.success(), "a change went through without the store");
+    assert!(
+        !refused.status.success(),
+        "a change went through without the store"
+    );
     println!(
         "etcd down: change refused: {}",
         String::from_utf8_lossy(&refused.stderr).trim()
@@ -234,4 +248,59 @@ fn a_fleet_on_one_etcd_agrees_and_survives_its_store() {
         broken.len()
     );
     assert!(broken.is_empty(), "flows broke: {broken:#?}");
+
+    // A majority sees b2 down: it leaves every node's tables. Then lb1 dies: when its
+    // lease ends its vote goes, one against one keeps b2 up, and it comes back.
+    let b2 = &lab.topo.backends[2];
+    let b2_addr = b2.v4.to_string();
+    for lb in [0, 1] {
+        let a = format!("{}/32", lab.topo.lbs[lb].v4);
+        b2.ns
+            .exec(&["ip", "route", "add", "blackhole", &a])
+            .unwrap();
+    }
+    let took = wait_health(&lab, &[0, 1, 2], &b2_addr, "down", Duration::from_secs(15));
+    wait_agreement(&lab, "b2 down from lb0 and lb1", Duration::from_secs(10));
+    println!("b2 down as seen from lb0 and lb1: out of every node's tables after {took:?}");
+    let died = Instant::now();
+    lab.lb_agents[1].kill().unwrap();
+    wait_health(&lab, &[0, 2], &b2_addr, "up", Duration::from_secs(30));
+    let s = fleet_status(&lab);
+    let live: Vec<&str> = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node"].as_str())
+        .collect();
+    assert_eq!(live, ["lb0", "lb2"], "lb1's documents went with its lease");
+    println!(
+        "lb1 killed: its lease ended and its vote with it; b2 back on lb0 and lb2 after {:?}",
+        died.elapsed()
+    );
+}
+
+/// Waits until the LB nodes `lbs` all show backend `addr` with health `want` in every
+/// service; returns how long it took.
+fn wait_health(lab: &Lab, lbs: &[usize], addr: &str, want: &str, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let all = lbs.iter().all(|&lb| {
+            let s = lab.lb_agents[lb].status().unwrap();
+            s["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|svc| svc["backends"].as_array().cloned().unwrap_or_default())
+                .filter(|b| b["address"] == addr)
+                .all(|b| b["health"] == want)
+        });
+        if all {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{addr} not {want} on {lbs:?} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

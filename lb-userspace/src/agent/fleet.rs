@@ -57,6 +57,7 @@ impl Fleet {
         let mut s = FleetStatus::of(&self.config.prefix, &self.state);
         s.this_node = Some(self.config.node.clone());
         s.connected = self.connected;
+        s.applied = self.applied;
         s
     }
 }
@@ -164,7 +165,11 @@ impl Agent {
         tokio::spawn(async move {
             match answer.await {
                 Ok(Ok(revision)) => {
-                    info!(services = n, revision, "fleet: the store had no services; seeded it with this node's file")
+                    info!(
+                        services = n,
+                        revision,
+                        "fleet: the store had no services; seeded it with this node's file"
+                    )
                 }
                 Ok(Err(e)) => info!("fleet: not seeding the store: {e}"),
                 Err(_) => {}

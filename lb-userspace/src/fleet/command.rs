@@ -118,15 +118,14 @@ pub async fn read_status(f: &FleetConfig) -> Result<FleetStatus> {
 async fn import(at: &Where, file: &Path) -> Result<ExitCode> {
     let (local, f) = at.load()?;
     let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let value: serde_json::Value = serde_json::from_slice(&text)
-        .with_context(|| format!("{}: not JSON", file.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("{}: not JSON", file.display()))?;
     // An agent's file is validated whole; a services document with this node's settings.
     let services = if value.get("node").is_some() {
         Config::parse(file, &text)?.services
     } else {
-        doc::parse_services(&text, &local).map_err(|e| {
-            anyhow::anyhow!("{}: invalid, nothing written: {e}", file.display())
-        })?
+        doc::parse_services(&text, &local)
+            .map_err(|e| anyhow::anyhow!("{}: invalid, nothing written: {e}", file.display()))?
     };
     let mut store = Store::connect(&f).await?;
     let now = store.get::<serde_json::Value>(SERVICES).await?;

@@ -59,8 +59,8 @@ pub fn health_map(verdicts: &BTreeMap<String, Verdict>) -> BTreeMap<(String, IpA
 /// settings (`base`) would be: every problem named, nothing taken when one is found.
 pub fn parse_services(bytes: &[u8], base: &Config) -> Result<Vec<ServiceConfig>, String> {
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let doc: ServicesDoc = serde_path_to_error::deserialize(de)
-        .map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
+    let doc: ServicesDoc =
+        serde_path_to_error::deserialize(de).map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
     let whole = Config {
         services: doc.services,
         ..base.clone()

@@ -41,11 +41,7 @@ pub enum Update {
 }
 
 /// A write of the services document: at the revision given, answered with the new one.
-type Write = (
-    ServicesDoc,
-    i64,
-    oneshot::Sender<Result<i64, ApiError>>,
-);
+type Write = (ServicesDoc, i64, oneshot::Sender<Result<i64, ApiError>>);
 
 /// The agent's end of the link.
 pub struct Link {
@@ -107,8 +103,10 @@ impl Link {
         revision: i64,
     ) -> oneshot::Receiver<Result<i64, ApiError>> {
         let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::error::TrySendError::Full((_, _, tx)) | mpsc::error::TrySendError::Closed((_, _, tx))) =
-            self.writes.try_send((doc, revision, tx))
+        if let Err(
+            mpsc::error::TrySendError::Full((_, _, tx))
+            | mpsc::error::TrySendError::Closed((_, _, tx)),
+        ) = self.writes.try_send((doc, revision, tx))
         {
             let _ = tx.send(Err(ApiError::new(
                 ErrorKind::Unavailable,
@@ -199,8 +197,15 @@ async fn session(
     }
     // The services and the views ("health/..." sorts before "services", the reports'
     // "tables/..." after).
-    let mut watch = store.watch_between(revision, &format!("{HEALTH}/"), SERVICES).await?;
-    info!(revision, services = state.services_revision, nodes = state.reports.len(), "fleet store reached; following it");
+    let mut watch = store
+        .watch_between(revision, &format!("{HEALTH}/"), SERVICES)
+        .await?;
+    info!(
+        revision,
+        services = state.services_revision,
+        nodes = state.reports.len(),
+        "fleet store reached; following it"
+    );
     if updates.send(Update::Connected(true)).await.is_err()
         || updates.send(Update::State(state.clone())).await.is_err()
     {
@@ -263,7 +268,11 @@ async fn session(
 /// Takes in a watch's batch revision by revision: every revision that changes the inputs
 /// is a state of its own, so every node builds its tables through the same sequence of
 /// inputs (and so gets the same second hops). False when the agent is gone.
-async fn follow(state: &mut FleetState, changes: &[super::store::Change], updates: &mpsc::Sender<Update>) -> bool {
+async fn follow(
+    state: &mut FleetState,
+    changes: &[super::store::Change],
+    updates: &mpsc::Sender<Update>,
+) -> bool {
     let mut i = 0;
     while i < changes.len() {
         let rev = changes[i].revision;

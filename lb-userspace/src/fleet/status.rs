@@ -24,6 +24,9 @@ pub struct FleetStatus {
     pub this_node: Option<String>,
     #[serde(default)]
     pub connected: bool,
+    /// Set by an agent: the newest services or health revision its tables include.
+    #[serde(default)]
+    pub applied: i64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -73,6 +76,7 @@ impl FleetStatus {
             disagree,
             this_node: None,
             connected: false,
+            applied: 0,
         }
     }
 
@@ -100,7 +104,10 @@ impl FleetMetrics {
             m
         };
         FleetMetrics {
-            connected: g("fleet_connected", "1 while the fleet's store can be reached"),
+            connected: g(
+                "fleet_connected",
+                "1 while the fleet's store can be reached",
+            ),
             applied: g(
                 "fleet_applied_revision",
                 "Newest store revision of services or health this node's tables include",
@@ -123,11 +130,7 @@ impl FleetMetrics {
 
     pub fn set(&self, s: &FleetStatus) {
         self.connected.set(i64::from(s.connected));
-        let own = s
-            .nodes
-            .iter()
-            .find(|n| Some(&n.node) == s.this_node.as_ref());
-        self.applied.set(own.map_or(0, |n| n.revision));
+        self.applied.set(s.applied);
         self.newest.set(s.revision);
         self.lag.set(s.max_lag());
         self.nodes.set(s.nodes.len() as i64);
@@ -146,7 +149,10 @@ pub fn render(s: &FleetStatus) -> String {
         s.revision,
         s.nodes.len()
     );
-    out.push_str(&format!("{:<16} {:>9} {:>5} {:<6}", "NODE", "REVISION", "LAG", "HEALTH"));
+    out.push_str(&format!(
+        "{:<16} {:>9} {:>5} {:<6}",
+        "NODE", "REVISION", "LAG", "HEALTH"
+    ));
     for svc in &services {
         out.push_str(&format!(" {svc:<14}"));
     }
@@ -213,7 +219,11 @@ mod tests {
         );
         let text = render(&st);
         assert!(text.contains("DISAGREEMENT: the tables of web"), "{text}");
-        s.reports.get_mut("lb2").unwrap().tables.insert("web".into(), 7);
+        s.reports
+            .get_mut("lb2")
+            .unwrap()
+            .tables
+            .insert("web".into(), 7);
         s.reports.get_mut("lb2").unwrap().revision = 12;
         let st = FleetStatus::of("/lb/x", &s);
         assert!(st.disagree.is_empty());

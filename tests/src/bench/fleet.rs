@@ -110,7 +110,15 @@ fn use_release_agent() -> Result<()> {
     }
     eprintln!("bench: fleet: building the lb binary (release) ...");
     let out = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--release", "-p", "lb-userspace", "--bin", "lb"])
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "lb-userspace",
+            "--bin",
+            "lb",
+        ])
         .args(["--message-format=json"])
         .stderr(Stdio::inherit())
         .output()?;
@@ -177,7 +185,9 @@ async fn settled(
             let mine: Vec<Option<&NodeReport>> = names.iter().map(|n| reports.get(n)).collect();
             mine.iter()
                 .all(|r| r.is_some_and(|r| r.revision >= revision))
-                && mine.windows(2).all(|w| w[0].map(|r| &r.tables) == w[1].map(|r| &r.tables))
+                && mine
+                    .windows(2)
+                    .all(|w| w[0].map(|r| &r.tables) == w[1].map(|r| &r.tables))
         };
         if agree(real) && agree(watchers) {
             return Ok(());
@@ -222,7 +232,11 @@ async fn control_plane(cfg: FleetConfig, base: Config) {
             let Ok(built) = table::build(&cands, d.bits, 42, prev.map(Vec::as_slice)) else {
                 continue;
             };
-            let addr = |s: u32| (s != NO_BACKEND).then(|| cands.get(s as usize).map(|c| c.addr)).flatten();
+            let addr = |s: u32| {
+                (s != NO_BACKEND)
+                    .then(|| cands.get(s as usize).map(|c| c.addr))
+                    .flatten()
+            };
             digests.insert(d.name.clone(), digest(&built, addr));
             tables.insert(d.name, built);
         }

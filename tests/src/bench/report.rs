@@ -295,7 +295,11 @@ impl Report {
             "\nFleet: a change committed to etcd until every node reports it applied, with \
              equal digests"
         );
-        let _ = writeln!(o, "{:>6} {:>8} {:>9} {:>9}", "nodes", "changes", "p50 ms", "p99 ms");
+        let _ = writeln!(
+            o,
+            "{:>6} {:>8} {:>9} {:>9}",
+            "nodes", "changes", "p50 ms", "p99 ms"
+        );
         for r in &self.fleet {
             let _ = writeln!(
                 o,
