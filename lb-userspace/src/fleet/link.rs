@@ -154,7 +154,7 @@ async fn run(config: FleetConfig, updates: mpsc::Sender<Update>, mut published: 
                 },
             }
         }
-        if failures > 0 && failures % 60 == 0 {
+        if failures > 0 && failures.is_multiple_of(60) {
             warn!(
                 attempts = failures,
                 "fleet store still unreachable; tables kept"
