@@ -592,20 +592,22 @@ impl Config {
     }
 }
 
+/// What a name of a service or of a fleet's node may be (they end up in keys and labels).
+pub const NAME_RULE: &str = "use 1 to 64 letters, digits, '-', '_' or '.'";
+
+/// Whether `name` follows [`NAME_RULE`].
+pub fn is_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// Problems of one service on its own (also used for `lb service add`).
 pub fn service_problems(s: &ServiceConfig) -> Vec<String> {
     let mut p = Vec::new();
-    if s.name.is_empty()
-        || s.name.len() > 64
-        || !s
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        p.push(format!(
-            "name {:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
-            s.name
-        ));
+    if !is_name(&s.name) {
+        p.push(format!("name {:?}: {NAME_RULE}", s.name));
     }
     if s.vip.is_unspecified() || s.vip.is_multicast() {
         p.push(format!("vip: {} cannot be a VIP", s.vip));

@@ -53,16 +53,11 @@ impl FleetConfig {
                 self.prefix
             ));
         }
-        if self.node.is_empty()
-            || self.node.len() > 64
-            || !self
-                .node
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if !crate::config::is_name(&self.node) {
             p.push(format!(
-                "fleet.node: {:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
-                self.node
+                "fleet.node: {:?}: {}",
+                self.node,
+                crate::config::NAME_RULE
             ));
         }
         p
