@@ -190,6 +190,9 @@ pub struct Status {
     /// The load controller, when a service follows load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<crate::load::control::LoadStatus>,
+    /// The fleet as this node sees it (a node with a `fleet` section only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::status::FleetStatus>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

@@ -79,6 +79,9 @@ pub enum Command {
     /// Load-driven weights: freeze or resume the loop (docs/load.md).
     #[command(subcommand)]
     Load(LoadCmd),
+    /// A fleet's store in etcd: import, export, status (docs/fleet.md).
+    #[command(subcommand)]
+    Fleet(crate::fleet::command::FleetCmd),
     /// Make the agent reread its configuration file (like SIGHUP).
     Reload,
     /// Remove the XDP program from the interfaces and delete the pins, then stop the

@@ -40,6 +40,11 @@ pub struct Config {
     /// Load reports and load-driven weights (docs/load.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<crate::load::config::LoadConfig>,
+    /// Share services, health and tables with the other nodes of a fleet through etcd
+    /// (docs/fleet.md): the services then come from the store, the file's seed an empty
+    /// one. Absent: this node alone, from this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::store::FleetConfig>,
 }
 
 /// MSS per VIP family (see `Config::vip_mss`).
@@ -528,6 +533,9 @@ impl Config {
         }
         p.extend(self.capacity_problems());
         p.extend(crate::load::config::problems(self));
+        if let Some(f) = &self.fleet {
+            p.extend(f.problems());
+        }
         let mut vips = BTreeSet::new();
         for v in &self.backend_vips {
             if !vips.insert(v) {
@@ -588,20 +596,22 @@ impl Config {
     }
 }
 
+/// What a name of a service or of a fleet's node may be (they end up in keys and labels).
+pub const NAME_RULE: &str = "use 1 to 64 letters, digits, '-', '_' or '.'";
+
+/// Whether `name` follows [`NAME_RULE`].
+pub fn is_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// Problems of one service on its own (also used for `lb service add`).
 pub fn service_problems(s: &ServiceConfig) -> Vec<String> {
     let mut p = Vec::new();
-    if s.name.is_empty()
-        || s.name.len() > 64
-        || !s
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        p.push(format!(
-            "name {:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
-            s.name
-        ));
+    if !is_name(&s.name) {
+        p.push(format!("name {:?}: {NAME_RULE}", s.name));
     }
     if s.vip.is_unspecified() || s.vip.is_multicast() {
         p.push(format!("vip: {} cannot be a VIP", s.vip));
@@ -800,6 +810,33 @@ mod tests {
         assert!(e.contains("missing field `port`"), "{e}");
         let e = parse(&GOOD.replace("\"tcp\"", "\"sctp\"")).unwrap_err();
         assert!(e.contains("unknown variant `sctp`"), "{e}");
+    }
+
+    #[test]
+    fn a_fleet_section_is_validated_with_the_rest() {
+        let fleet = GOOD.replace(
+            "\"services\"",
+            r#""fleet": { "endpoints": ["http://10.0.9.1:2379"], "prefix": "/lb/site1",
+                          "node": "lb0" },
+               "services""#,
+        );
+        let c = parse(&fleet).unwrap();
+        assert_eq!(c.fleet.unwrap().node, "lb0");
+        let bad = fleet
+            .replace("http://10.0.9.1:2379", "10.0.9.1:2379")
+            .replace("/lb/site1", "lb")
+            .replace("\"lb0\"", "\"lb 0\"");
+        let e = parse(&bad).unwrap_err();
+        for needle in [
+            "fleet.endpoints: \"10.0.9.1:2379\" is not an http:// or https:// URL",
+            "fleet.prefix: \"lb\" must start with '/'",
+            "fleet.node: \"lb 0\"",
+        ] {
+            assert!(e.contains(needle), "missing {needle:?} in:\n{e}");
+        }
+        let e = parse(&fleet.replace("\"node\": \"lb0\"", "\"node\": \"lb0\", \"ttl\": 3"))
+            .unwrap_err();
+        assert!(e.contains("unknown field `ttl`"), "{e}");
     }
 
     #[test]

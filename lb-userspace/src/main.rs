@@ -63,6 +63,7 @@ fn run(cli: Cli, socket_given: bool) -> anyhow::Result<ExitCode> {
             );
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Fleet(ref f) => return lb::fleet::command::run(f),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "lb", &mut out);

@@ -214,6 +214,7 @@ pub fn render(status: &Status, health: &[TargetState], format: Format) -> String
         "health_transitions",
         "Times a backend went up or down by its health check",
     );
+    let fleet = crate::fleet::status::FleetMetrics::register(&mut r);
     r.register(
         "agent_build",
         "The running agent's version",
@@ -273,6 +274,9 @@ pub fn render(status: &Status, health: &[TargetState], format: Format) -> String
         reasons.get_or_create(&l).inc_by(c.packets);
     }
     rebuilds.inc_by(status.table_rebuilds);
+    if let Some(f) = &status.fleet {
+        fleet.set(f);
+    }
     for t in health {
         let l = ServiceBackendLabels {
             service: t.service.clone(),

@@ -1,10 +1,11 @@
 //! A private etcd for a test: its own data directory under /run/lbt and its own ports on
-//! loopback, stopped (by its PID) and removed when dropped. `restart` keeps the data, as
+//! loopback, or on an address of a test namespace (`start_in`: where agents in the test
+//! bed's namespaces reach it), stopped (by its PID) and removed when dropped. `restart` keeps the data, as
 //! an etcd restarted on its disk would.
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
@@ -13,11 +14,16 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+use crate::Netns;
+
 pub struct Etcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    /// Where it listens: loopback, or an address in namespace `ns`.
+    addr: IpAddr,
+    ns: Option<Netns>,
 }
 
 /// A port nothing listens on now (the kernel's pick for port 0).
@@ -28,6 +34,15 @@ fn free_port() -> Result<u16> {
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub fn start(tag: &str) -> Result<Self> {
+        Etcd::start_at(tag, None, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Starts etcd in namespace `ns`, listening on `addr` (one of the namespace's).
+    pub fn start_in(tag: &str, ns: &str, addr: Ipv4Addr) -> Result<Self> {
+        Etcd::start_at(tag, Some(Netns::open(ns)?), addr)
+    }
+
+    fn start_at(tag: &str, ns: Option<Netns>, addr: Ipv4Addr) -> Result<Self> {
         let dir = PathBuf::from("/run/lbt").join(format!("etcd-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -36,6 +51,8 @@ impl Etcd {
             client_port: free_port()?,
             peer_port: free_port()?,
             child: None,
+            addr: addr.into(),
+            ns,
         };
         e.spawn()?;
         Ok(e)
@@ -43,14 +60,17 @@ impl Etcd {
 
     /// The client URL to give agents and stores.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}:{}", self.addr, self.client_port)
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::File::create(self.dir.join("etcd.log"))?;
-        let child = Command::new("etcd")
-            .args(["--name", "lbt"])
+        let peer = format!("http://{}:{}", self.addr, self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))?;
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "lbt"])
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &self.endpoint()])
@@ -59,9 +79,12 @@ impl Etcd {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("lbt={peer}")])
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting etcd (cargo xtask setup installs it)")?;
+            .stderr(log);
+        let child = match &self.ns {
+            Some(ns) => ns.spawn(&mut cmd).map(crate::NsChild::into_inner),
+            None => cmd.spawn().map_err(Into::into),
+        }
+        .context("starting etcd (cargo xtask setup installs it)")?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -87,15 +110,20 @@ impl Etcd {
 
     /// etcd's `/health` says so.
     fn healthy(&self) -> bool {
-        let ask = || -> std::io::Result<String> {
-            let mut s = TcpStream::connect(("127.0.0.1", self.client_port))?;
+        let at = (self.addr, self.client_port);
+        let ask = move || -> std::io::Result<String> {
+            let mut s = TcpStream::connect_timeout(&at.into(), Duration::from_secs(1))?;
             s.set_read_timeout(Some(Duration::from_secs(1)))?;
             s.write_all(b"GET /health HTTP/1.0\r\n\r\n")?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
             Ok(out)
         };
-        ask().is_ok_and(|r| r.contains("\"health\":\"true\""))
+        let answer = match &self.ns {
+            Some(ns) => ns.run(|| Ok(ask())).ok(),
+            None => Some(ask()),
+        };
+        answer.is_some_and(|r| r.is_ok_and(|r| r.contains("\"health\":\"true\"")))
     }
 
     /// Stops etcd (SIGKILL: as a crash would), data kept.

@@ -49,7 +49,7 @@ enum Cmd {
         /// Also write the results to FILE as JSON.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
-        /// Run this suite: dataplane, table, live, control or load (repeatable); without it,
+        /// Run this suite: dataplane, table, live, control, fleet or load (repeatable); without it,
         /// dataplane and table.
         #[arg(long, value_name = "NAME")]
         suite: Vec<String>,

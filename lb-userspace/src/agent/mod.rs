@@ -5,6 +5,7 @@
 //! signals send it messages, so every change is applied in order, whole or not at all.
 
 pub mod desired;
+mod fleet;
 mod load;
 mod lock;
 mod netlink;
@@ -113,10 +114,22 @@ pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()
     notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     let (event_tx, mut events) = mpsc::channel::<HealthEvent>(256);
     agent.checker = Some(Checker::new(event_tx));
+    // In a fleet, services and health come from the store from here on.
+    let mut fleet_updates = None;
+    if let Some(fc) = agent.config.fleet.clone() {
+        info!(endpoints = ?fc.endpoints, prefix = %fc.prefix, node = %fc.node, "joining the fleet");
+        let (f, rx) = fleet::Fleet::start(fc);
+        agent.fleet = Some(f);
+        fleet_updates = Some(rx);
+    }
     agent.update_health_targets();
     loop {
         tokio::select! {
             Some((req, caller, reply)) = calls.recv() => {
+                if let (Request::Apply { change }, true) = (&req, agent.in_fleet()) {
+                    agent.fleet_apply(change, caller, reply);
+                    continue;
+                }
                 let detach = matches!(req, Request::Detach {});
                 let resp = agent.handle(req, caller);
                 let failed = matches!(resp, Response::Error { .. });
@@ -137,6 +150,7 @@ pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()
             }
             Some(hops) = hop_updates.recv() => agent.nexthops_changed(hops),
             Some(round) = load_rounds.recv() => agent.load_round(round),
+            Some(u) = fleet::next(&mut fleet_updates) => agent.fleet_update(u),
             _ = hup.recv() => {
                 let _ = agent.reload(Caller::default(), "SIGHUP");
             }
@@ -192,6 +206,12 @@ async fn start_dataplane(
     }
     let mut agent = Agent::new(file, file_agent, config, dp)?;
     agent.apply_node()?;
+    if agent.config.fleet.is_some() {
+        // The store, not the file, says what the tables are: the running ones are kept
+        // until it answers.
+        agent.attach_all()?;
+        return Ok(agent);
+    }
     // Tables that already match what the configuration gives are left as they are.
     let rebuilt = agent.resync("start");
     info!(
@@ -254,6 +274,8 @@ struct Agent {
     load: crate::load::control::Controller,
     load_targets: Option<watch::Sender<crate::load::report::Targets>>,
     load_failing: Vec<IpAddr>,
+    /// The fleet this node is part of (`fleet` in the file).
+    fleet: Option<fleet::Fleet>,
 }
 
 impl Agent {
@@ -290,6 +312,7 @@ impl Agent {
             hops: NextHops::new(),
             hops_written: BTreeMap::new(),
             hop_addrs: None,
+            fleet: None,
         })
     }
 
@@ -441,10 +464,19 @@ impl Agent {
         if let Some(c) = &self.checker {
             c.set_targets(targets);
         }
+        self.fleet_publish_view();
     }
 
     /// Takes in health verdicts; the tables of the services they change are rebuilt once.
     fn health_changed(&mut self, verdicts: Vec<HealthEvent>) {
+        if self.in_fleet() {
+            for ev in &verdicts {
+                let why = if ev.up { "backend up" } else { "backend down" };
+                info!(service = %ev.service, backend = %ev.backend, reason = %ev.reason, "{why} (this node's view)");
+            }
+            self.fleet_publish_view();
+            return;
+        }
         let (mut ups, mut downs) = (0, 0);
         for ev in verdicts {
             let key = (ev.service.clone(), ev.backend);
@@ -652,6 +684,11 @@ impl Agent {
         for w in config.warnings() {
             warn!("{w}");
         }
+        // In a fleet the services are the store's; the file's only seed an empty one.
+        let mut config = config;
+        if self.in_fleet() {
+            config.services = self.config.services.clone();
+        }
         let mut ignored = reload::ignored(&self.config.node, &config.node, "node");
         ignored.extend(reload::ignored(&self.file_agent, &config.agent, "agent"));
         let mut changed = reload::service_changes(&self.config.services, &config.services);
@@ -837,6 +874,7 @@ impl Agent {
             reasons,
             table_rebuilds: self.programmer.rebuilds,
             load,
+            fleet: self.fleet.as_ref().map(fleet::Fleet::status),
         }
     }
 }

@@ -31,6 +31,39 @@ pub struct FleetConfig {
     pub tls: Option<TlsFiles>,
 }
 
+impl FleetConfig {
+    /// What is wrong with the section, as `Config::problems` reports it.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.endpoints.is_empty() {
+            p.push("fleet.endpoints: name at least one etcd client URL".into());
+        }
+        for e in &self.endpoints {
+            let scheme_ok = e.starts_with("http://") || e.starts_with("https://");
+            if !scheme_ok || e.contains(char::is_whitespace) {
+                p.push(format!(
+                    "fleet.endpoints: {e:?} is not an http:// or https:// URL"
+                ));
+            }
+        }
+        let prefix = self.prefix.trim_end_matches('/');
+        if !prefix.starts_with('/') || prefix.len() < 2 || prefix.contains("//") {
+            p.push(format!(
+                "fleet.prefix: {:?} must start with '/' and name a key path (\"/lb/site1\")",
+                self.prefix
+            ));
+        }
+        if !crate::config::is_name(&self.node) {
+            p.push(format!(
+                "fleet.node: {:?}: {}",
+                self.node,
+                crate::config::NAME_RULE
+            ));
+        }
+        p
+    }
+}
+
 /// PEM files for a TLS connection to etcd.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +89,8 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("the watch ended (etcd gone, or the history it asked for compacted)")]
+    WatchEnded,
     #[error("{key} changed since it was read (revision {expected}, now {found}): read it again")]
     Conflict {
         key: String,
@@ -81,6 +116,8 @@ pub struct Change {
     pub revision: i64,
 }
 
+/// A connection to the store; clones share it.
+#[derive(Clone)]
 pub struct Store {
     client: Client,
     prefix: String,
@@ -223,6 +260,52 @@ impl Store {
             out.insert(key[base.len()..].to_owned(), value);
         }
         Ok(out)
+    }
+
+    /// Every document under the prefix (names without it), and the store's revision
+    /// they were read at: a watch from that revision misses nothing.
+    pub async fn read_all(&mut self) -> Result<(i64, Vec<Change>), StoreError> {
+        let base = format!("{}/", self.prefix);
+        let resp = self
+            .client
+            .get(base.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let docs = resp
+            .kvs()
+            .iter()
+            .map(|kv| Change {
+                name: String::from_utf8_lossy(kv.key())
+                    .get(base.len()..)
+                    .unwrap_or_default()
+                    .to_owned(),
+                value: Some(kv.value().to_vec()),
+                revision: kv.mod_revision(),
+            })
+            .collect();
+        Ok((revision, docs))
+    }
+
+    /// Follows the changes after `revision` (0: from now) of the documents whose names
+    /// sort from `first` to `last` (both included, `last` as a whole name): a part of the
+    /// prefix, so a node need not hear of what it does not use.
+    pub async fn watch_between(
+        &mut self,
+        revision: i64,
+        first: &str,
+        last: &str,
+    ) -> Result<Watch, StoreError> {
+        let mut end = self.key(last).into_bytes();
+        end.push(0);
+        let mut opts = WatchOptions::new().with_range(end);
+        if revision > 0 {
+            opts = opts.with_start_revision(revision + 1);
+        }
+        let stream = self.client.watch(self.key(first), Some(opts)).await?;
+        Ok(Watch {
+            stream,
+            strip: self.prefix.len() + 1,
+        })
     }
 
     /// Follows every change under the prefix after `revision` (0: from now).

@@ -95,6 +95,16 @@ pub fn problems(config: &Config) -> Vec<String> {
     if l.report_port == 0 {
         p.push("load.report_port: 0 is not a port".into());
     }
+    if config.fleet.is_some() && !l.services.is_empty() {
+        // One controller per fleet (an elected leader) is not built yet: each node would
+        // correct the weights alone, and the nodes' tables would differ.
+        p.push(
+            "load.services: load-driven weights are not available in a fleet yet (each node \
+             would correct the weights alone and their tables would differ); remove them or \
+             the fleet section"
+                .into(),
+        );
+    }
     let names: BTreeSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
     let mut seen = BTreeSet::new();
     for s in &l.services {
@@ -128,5 +138,27 @@ mod tests {
     fn the_default_is_an_empty_section() {
         let empty: LoadConfig = serde_json::from_str("{}").unwrap();
         assert_eq!(empty, LoadConfig::default());
+    }
+
+    #[test]
+    fn load_driven_services_are_refused_in_a_fleet() {
+        let config: Config = serde_json::from_value(serde_json::json!({
+            "node": {"interfaces": ["eth0"], "address_v4": "10.0.0.1"},
+            "services": [{"name": "web", "vip": "192.0.2.1", "port": 80, "protocol": "tcp",
+                          "backends": [{"address": "10.0.1.1"}]}],
+            "load": {"services": ["web"]},
+            "fleet": {"endpoints": ["http://127.0.0.1:2379"], "prefix": "/lb/t", "node": "n1"}
+        }))
+        .unwrap();
+        let p = problems(&config);
+        assert!(
+            p.iter().any(|m| m.contains("not available in a fleet")),
+            "{p:?}"
+        );
+        let alone = Config {
+            fleet: None,
+            ..config
+        };
+        assert!(problems(&alone).is_empty(), "{:?}", problems(&alone));
     }
 }

@@ -28,6 +28,18 @@ pub struct Report {
     /// The load loop's experiment (`--suite load`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load: Option<super::load::LoadFigures>,
+    /// From a change committed to the store until every node's tables have it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fleet: Vec<FleetRow>,
+}
+
+#[derive(Serialize)]
+pub struct FleetRow {
+    /// Nodes that applied every change (real LB agents, and control planes watching).
+    pub nodes: usize,
+    pub changes: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -215,7 +227,22 @@ impl Report {
             map_bytes,
             control,
             load: None,
+            fleet: Vec::new(),
         }
+    }
+
+    /// Adds the fleet suite's figures.
+    pub fn with_fleet(mut self, fleet: &[super::fleet::FleetFigures]) -> Self {
+        self.fleet = fleet
+            .iter()
+            .map(|f| FleetRow {
+                nodes: f.nodes,
+                changes: f.changes,
+                p50_ms: round(f.p50_ms, 1),
+                p99_ms: round(f.p99_ms, 1),
+            })
+            .collect();
+        self
     }
 
     /// The tables for a terminal.
@@ -235,6 +262,9 @@ impl Report {
         }
         if !self.control.is_empty() {
             self.control_text(&mut o);
+        }
+        if !self.fleet.is_empty() {
+            self.fleet_text(&mut o);
         }
         if let Some(l) = &self.load {
             o.push_str(&super::load::text(l));
@@ -263,6 +293,32 @@ impl Report {
         let _ = writeln!(
             o,
             "floor: lb_tx (returns XDP_TX) run the same way; x floor: floor Mpps / Mpps."
+        );
+    }
+
+    fn fleet_text(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "\nFleet: a change committed to etcd until every node reports it applied, with \
+             equal digests"
+        );
+        let _ = writeln!(
+            o,
+            "{:>6} {:>8} {:>9} {:>9}",
+            "nodes", "changes", "p50 ms", "p99 ms"
+        );
+        for r in &self.fleet {
+            let _ = writeln!(
+                o,
+                "{:>6} {:>8} {:>9.1} {:>9.1}",
+                r.nodes, r.changes, r.p50_ms, r.p99_ms
+            );
+        }
+        let _ = writeln!(
+            o,
+            "3 nodes: LB agents with their data planes; more: {} control planes without one \
+             join them.",
+            super::fleet::WATCHERS
         );
     }
 

@@ -11,6 +11,7 @@ use clap::{Parser, ValueEnum};
 use tests::bench::{
     control,
     dataplane::{self, Settings},
+    fleet,
     harness::MAX_FRAMES,
     live, load, memory,
     report::Report,
@@ -30,6 +31,8 @@ enum Suite {
     Control,
     /// The load loop evening out backends in CPU cgroups of different quotas.
     Load,
+    /// From a change committed to etcd to every node of a fleet having it.
+    Fleet,
 }
 
 #[derive(Parser)]
@@ -82,6 +85,9 @@ struct Cli {
     cpu_server: Option<String>,
     #[arg(long, hide = true, default_value_t = 2000)]
     work_us: u64,
+    /// Changes the fleet suite times per case.
+    #[arg(long, default_value_t = 50)]
+    fleet_changes: usize,
 }
 
 fn flows(s: &str) -> Result<usize, String> {
@@ -122,8 +128,8 @@ fn run(cli: Cli) -> Result<()> {
     // SAFETY: geteuid cannot fail.
     if suites.iter().any(|s| *s != Suite::Table) && unsafe { libc::geteuid() } != 0 {
         anyhow::bail!(
-            "the data-plane, live and control suites need root (namespaces, BPF); the table suite \
-             does not"
+            "the data-plane, live, control and fleet suites need root (namespaces, BPF); the table \
+             suite does not"
         );
     }
     let cases = dataplane::selected(&cli.cases);
@@ -162,7 +168,13 @@ fn run(cli: Cli) -> Result<()> {
     } else {
         Vec::new()
     };
-    let mut report = Report::new(settings, &dp, &figures, &rates, &map_bytes, &changes);
+    let fleet = if suites.contains(&Suite::Fleet) {
+        fleet::measure(cli.fleet_changes.max(1))?
+    } else {
+        Vec::new()
+    };
+    let mut report =
+        Report::new(settings, &dp, &figures, &rates, &map_bytes, &changes).with_fleet(&fleet);
     if suites.contains(&Suite::Load) {
         let phases = load::Phases {
             off: std::time::Duration::from_secs(cli.load_off_s.max(5)),

@@ -157,6 +157,16 @@ impl Drop for Lab {
 impl Lab {
     /// Builds the topology and starts agents and servers.
     pub fn start(plan: LabPlan) -> Result<Self> {
+        Lab::start_with(plan, |_| Ok(None))
+    }
+
+    /// As `start`; `fleet` is called once the network exists, before the LB agents
+    /// start: a `fleet` section it returns (without `node`) makes the LB agents one fleet,
+    /// each named after its node (`lb0`, ...).
+    pub fn start_with(
+        plan: LabPlan,
+        fleet: impl FnOnce(&Topology) -> Result<Option<Value>>,
+    ) -> Result<Self> {
         let started = Instant::now();
         let spec = if plan.unimog {
             Spec::unimog(plan.clients, plan.backends)
@@ -188,8 +198,13 @@ impl Lab {
             }
         }
         let services = lab.service_configs(&lab.initial_members());
+        let fleet = fleet(topo)?;
         for n in &topo.lbs {
-            let config = json!({ "node": node_config(n), "services": services });
+            let mut config = json!({ "node": node_config(n), "services": services });
+            if let Some(f) = &fleet {
+                config["fleet"] = f.clone();
+                config["fleet"]["node"] = json!(n.name);
+            }
             lab.lb_agents.push(Agent::start(&topo.id, n, config)?);
         }
         Ok(lab)

@@ -1,0 +1,289 @@
+//! A node's link to the store: a task that reads the fleet's documents, follows the
+//! services and the health views with a watch and hands the agent a new [`FleetState`]
+//! for every revision that changes them; that publishes the node's own view and report
+//! under its lease; and that writes the services for the agent's commands.
+//!
+//! The other nodes' reports are read every few seconds rather than watched: a fleet of
+//! N nodes would otherwise send every node N reports per change.
+//!
+//! When etcd cannot be reached the task says so, retries every second and, once it is
+//! back, reads everything again (a new lease, its own documents written again). The
+//! agent meanwhile keeps its tables: losing the store freezes changes, not forwarding.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use super::{
+    doc::{FleetState, NodeReport, ServicesDoc, HEALTH, SERVICES, TABLES},
+    store::{FleetConfig, Store, StoreError},
+    vote::View,
+};
+use crate::api::{ApiError, ErrorKind};
+
+/// A node's leased documents go this long after it stops renewing them.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
+/// Wait between attempts to reach the store.
+const RETRY: Duration = Duration::from_secs(1);
+/// How often the other nodes' reports are read (for the metrics).
+const REPORTS_EVERY: Duration = Duration::from_secs(2);
+
+/// What the link tells the agent.
+#[derive(Debug)]
+pub enum Update {
+    /// The documents as of a revision that changed the tables' inputs.
+    State(FleetState),
+    /// The nodes' reports changed (nothing the tables depend on).
+    Reports(BTreeMap<String, NodeReport>),
+    /// The store can (true) or cannot (false) be reached.
+    Connected(bool),
+}
+
+/// A write of the services document: at the revision given, answered with the new one.
+type Write = (ServicesDoc, i64, oneshot::Sender<Result<i64, ApiError>>);
+
+/// The agent's end of the link.
+pub struct Link {
+    view: watch::Sender<Option<View>>,
+    report: watch::Sender<Option<NodeReport>>,
+    writes: mpsc::Sender<Write>,
+}
+
+impl Link {
+    /// Starts the link's task (within a tokio runtime); updates arrive on the receiver.
+    /// `follow_reports`: read the other nodes' reports every few seconds too.
+    pub fn start(config: FleetConfig, follow_reports: bool) -> (Link, mpsc::Receiver<Update>) {
+        let (updates, rx) = mpsc::channel(1024);
+        let (view, view_rx) = watch::channel(None);
+        let (report, report_rx) = watch::channel(None);
+        let (writes, writes_rx) = mpsc::channel(64);
+        tokio::spawn(run(
+            config,
+            updates,
+            Published {
+                view: view_rx,
+                report: report_rx,
+                writes: writes_rx,
+                follow_reports,
+            },
+        ));
+        (
+            Link {
+                view,
+                report,
+                writes,
+            },
+            rx,
+        )
+    }
+
+    /// Publishes this node's health view (when it changed).
+    pub fn publish_view(&self, v: View) {
+        self.view.send_if_modified(|old| {
+            let changed = old.as_ref() != Some(&v);
+            *old = Some(v);
+            changed
+        });
+    }
+
+    /// Publishes this node's report (when it changed).
+    pub fn publish_report(&self, r: NodeReport) {
+        self.report.send_if_modified(|old| {
+            let changed = old.as_ref() != Some(&r);
+            *old = Some(r);
+            changed
+        });
+    }
+
+    /// Writes the services if the document is still at `revision` (0: absent).
+    pub fn write(
+        &self,
+        doc: ServicesDoc,
+        revision: i64,
+    ) -> oneshot::Receiver<Result<i64, ApiError>> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(
+            mpsc::error::TrySendError::Full((_, _, tx))
+            | mpsc::error::TrySendError::Closed((_, _, tx)),
+        ) = self.writes.try_send((doc, revision, tx))
+        {
+            let _ = tx.send(Err(ApiError::new(
+                ErrorKind::Unavailable,
+                "the link to the fleet store is busy; try again",
+            )));
+        }
+        rx
+    }
+}
+
+struct Published {
+    view: watch::Receiver<Option<View>>,
+    report: watch::Receiver<Option<NodeReport>>,
+    writes: mpsc::Receiver<Write>,
+    follow_reports: bool,
+}
+
+async fn run(config: FleetConfig, updates: mpsc::Sender<Update>, mut published: Published) {
+    let mut failures = 0u64;
+    loop {
+        match session(&config, &updates, &mut published).await {
+            Ok(()) => return,
+            Err(e) => {
+                // Said once per outage, then quietly retried.
+                if failures == 0 {
+                    warn!(endpoints = ?config.endpoints, "fleet store unreachable: {e}; tables kept, retrying every {RETRY:?}");
+                }
+                failures += 1;
+                if updates.send(Update::Connected(false)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        // Writes asked for meanwhile are refused; views and reports wait in their
+        // channels for the next session.
+        let until = tokio::time::Instant::now() + RETRY;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                w = published.writes.recv() => match w {
+                    None => return,
+                    Some((_, _, reply)) => {
+                        let _ = reply.send(Err(unreachable_error()));
+                    }
+                },
+            }
+        }
+        if failures > 0 && failures.is_multiple_of(60) {
+            warn!(
+                attempts = failures,
+                "fleet store still unreachable; tables kept"
+            );
+        }
+    }
+}
+
+fn unreachable_error() -> ApiError {
+    ApiError::new(
+        ErrorKind::Unavailable,
+        "the fleet store cannot be reached: changes wait until it can (forwarding goes on \
+         with the current tables)",
+    )
+}
+
+/// One connection's life: read everything, publish, follow. `Ok` when the agent is gone.
+async fn session(
+    config: &FleetConfig,
+    updates: &mpsc::Sender<Update>,
+    published: &mut Published,
+) -> Result<(), StoreError> {
+    let mut store = Store::connect(config).await?;
+    let mut lease = store.lease(LEASE_TTL).await?;
+    let (revision, docs) = store.read_all().await?;
+    let mut state = FleetState::default();
+    for d in &docs {
+        state.take(d);
+    }
+    let view_key = format!("{HEALTH}/{}", config.node);
+    let report_key = format!("{TABLES}/{}", config.node);
+    // What this node published before is written again, under the new lease.
+    let view = published.view.borrow_and_update().clone();
+    if let Some(v) = view {
+        store.put_leased(&view_key, &v, &lease).await?;
+    }
+    let report = published.report.borrow_and_update().clone();
+    if let Some(r) = report {
+        store.put_leased(&report_key, &r, &lease).await?;
+    }
+    // The services and the views ("health/..." sorts before "services", the reports'
+    // "tables/..." after).
+    let mut watch = store
+        .watch_between(revision, &format!("{HEALTH}/"), SERVICES)
+        .await?;
+    info!(
+        revision,
+        services = state.services_revision,
+        nodes = state.reports.len(),
+        "fleet store reached; following it"
+    );
+    if updates.send(Update::Connected(true)).await.is_err()
+        || updates.send(Update::State(state.clone())).await.is_err()
+    {
+        return Ok(());
+    }
+    let mut renew = tokio::time::interval(LEASE_TTL / 3);
+    let mut reports = tokio::time::interval(REPORTS_EVERY);
+    loop {
+        tokio::select! {
+            _ = reports.tick(), if published.follow_reports => {
+                let now: BTreeMap<String, NodeReport> = store.list(TABLES).await?;
+                if now != state.reports {
+                    state.reports = now.clone();
+                    if updates.send(Update::Reports(now)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            _ = renew.tick() => lease.renew().await?,
+            changed = published.view.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let view = published.view.borrow_and_update().clone();
+                if let Some(v) = view {
+                    store.put_leased(&view_key, &v, &lease).await?;
+                }
+            }
+            changed = published.report.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let report = published.report.borrow_and_update().clone();
+                if let Some(r) = report {
+                    store.put_leased(&report_key, &r, &lease).await?;
+                }
+            }
+            w = published.writes.recv() => {
+                let Some((doc, at, reply)) = w else { return Ok(()) };
+                // Its own task: a slow write does not hold the watch up.
+                let mut store = store.clone();
+                tokio::spawn(async move {
+                    let r = store.put_if(SERVICES, &doc, at).await.map_err(|e| match e {
+                        StoreError::Conflict { .. } => ApiError::new(ErrorKind::Conflict, e.to_string()),
+                        e => ApiError::new(ErrorKind::Unavailable, format!("writing to the fleet store: {e}")),
+                    });
+                    let _ = reply.send(r);
+                });
+            }
+            batch = watch.next() => {
+                let changes = batch?.ok_or(StoreError::WatchEnded)?;
+                if !follow(&mut state, &changes, updates).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Takes in a watch's batch revision by revision: every revision that changes the inputs
+/// is a state of its own, so every node builds its tables through the same sequence of
+/// inputs (and so gets the same second hops). False when the agent is gone.
+async fn follow(
+    state: &mut FleetState,
+    changes: &[super::store::Change],
+    updates: &mpsc::Sender<Update>,
+) -> bool {
+    let mut i = 0;
+    while i < changes.len() {
+        let rev = changes[i].revision;
+        let mut input = false;
+        while i < changes.len() && changes[i].revision == rev {
+            input |= state.take(&changes[i]);
+            i += 1;
+        }
+        if input && updates.send(Update::State(state.clone())).await.is_err() {
+            return false;
+        }
+    }
+    true
+}

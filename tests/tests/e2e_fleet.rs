@@ -1,0 +1,306 @@
+//! A fleet on one etcd: three LB agents in namespaces take their services from the store,
+//! vote on health, and report their tables. One command on one node reaches every node;
+//! a backend that fails as seen from one node only changes no table; an agent restarted
+//! moves no bucket; etcd killed and restarted during traffic breaks nothing. Long-lived
+//! TCP connections and UDP sessions run through all of it and none may break. Last, a
+//! majority's verdict takes a backend out everywhere, and a node that dies stops voting
+//! when its lease ends.
+
+use std::{
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use tests::{
+    can_run,
+    churn::{Fate, FlowPlan, Flows, Lab, LabPlan},
+    etcd::Etcd,
+};
+
+/// One client, three LB nodes, three backends (all in the services), small tables.
+fn plan() -> LabPlan {
+    LabPlan {
+        clients: 1,
+        lbs: 3,
+        backends: 3,
+        weights: vec![100, 100, 100],
+        interval_ms: 200,
+        fall: 2,
+        table_bits: 12,
+        ipv6: false,
+        unimog: false,
+    }
+}
+
+/// `lb fleet ARGS --config <lb0's file>` in lb0's namespace (where etcd is reachable).
+fn fleet(lab: &Lab, args: &[&str]) -> Output {
+    let a = &lab.lb_agents[0];
+    let config = a.config_path.to_string_lossy().into_owned();
+    let mut all = vec!["fleet"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--config", &config]);
+    a.run_in_ns(&all).unwrap()
+}
+
+fn fleet_status(lab: &Lab) -> Value {
+    let out = fleet(lab, &["status", "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "lb fleet status: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Waits until every LB node reports, none lags, their digests agree, and their live
+/// tables (read from the maps) are bucket for bucket the same.
+fn wait_agreement(lab: &Lab, what: &str, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let s = fleet_status(lab);
+        let nodes = s["nodes"].as_array().map_or(0, Vec::len);
+        let lagging = s["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["lag"] != 0);
+        let agree = nodes == lab.lb_agents.len()
+            && !lagging
+            && s["disagree"].as_array().is_some_and(Vec::is_empty);
+        if agree {
+            let differ = lab.tables_differ().unwrap();
+            if differ.is_empty() {
+                return started.elapsed();
+            }
+            if started.elapsed() > timeout {
+                panic!("{what}: digests agree but tables differ: {differ:?}");
+            }
+        }
+        if started.elapsed() > timeout {
+            panic!(
+                "{what}: no agreement after {timeout:?}:\n{}",
+                String::from_utf8_lossy(&fleet(lab, &["status"]).stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Weight of backend `addr` of service `service` as LB node `lb` runs it.
+fn weight(lab: &Lab, lb: usize, service: &str, addr: &str) -> u64 {
+    let s = lab.lb_agents[lb].status().unwrap();
+    s["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default())
+        .find(|b| b["address"] == addr)
+        .and_then(|b| b["weight"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_fleet_on_one_etcd_agrees_and_survives_its_store() {
+    if !can_run("a_fleet_on_one_etcd_agrees_and_survives_its_store") {
+        return;
+    }
+    let mut etcd = None;
+    let mut lab = Lab::start_with(plan(), |topo| {
+        // In the router's namespace, on its end of lb0's link: every node routes there.
+        let e = Etcd::start_in("fleet", topo.router.name(), topo.lbs[0].router_v4)?;
+        let section = json!({ "endpoints": [e.endpoint()], "prefix": "/lbt/fleet" });
+        etcd = Some(e);
+        Ok(Some(section))
+    })
+    .unwrap();
+    let mut etcd = etcd.unwrap();
+    let took = wait_agreement(&lab, "start", Duration::from_secs(30));
+    println!("start: the three nodes agree ({took:?} after the last agent answered)");
+    let exported: Value =
+        serde_json::from_slice(&fleet(&lab, &["export"]).stdout).expect("lb fleet export");
+    assert_eq!(
+        exported["services"].as_array().map(Vec::len),
+        Some(2),
+        "the first agent seeded the store with its file's services"
+    );
+
+    let web = lab.service("web").dst();
+    let quic = lab.service("quic").dst();
+    let flows = Flows::open(
+        &lab.clients(),
+        &FlowPlan {
+            tcp: vec![(web, 30)],
+            udp: vec![(quic, 20)],
+            period: Duration::from_millis(10),
+            workers: 2,
+            timeout: Duration::from_secs(3),
+        },
+    )
+    .unwrap();
+    flows.settle(5, Duration::from_secs(10));
+
+    // One command on lb0 reaches every node.
+    let b0 = lab.topo.backends[0].v4.to_string();
+    lab.lb_agents[0]
+        .ok(&["backend", "set-weight", "web", &b0, "50"])
+        .unwrap();
+    let took = wait_agreement(&lab, "set-weight on lb0", Duration::from_secs(10));
+    for lb in 0..3 {
+        assert_eq!(weight(&lab, lb, "web", &b0), 50, "lb{lb}");
+    }
+    println!("one command on lb0: every node's tables identical after {took:?}");
+
+    // b2 fails as seen from lb0 only: its answers to lb0 are dropped.
+    let lb0_addr = format!("{}/32", lab.topo.lbs[0].v4);
+    let b2 = &lab.topo.backends[2];
+    b2.ns
+        .exec(&["ip", "route", "add", "blackhole", &lb0_addr])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.lb_agents[0]
+        .log()
+        .lines()
+        .any(|l| l.contains("backend down (this node's view)") && l.contains(&b2.v4.to_string()))
+    {
+        assert!(Instant::now() < deadline, "lb0 never saw b2 down");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    wait_agreement(&lab, "b2 down from lb0 only", Duration::from_secs(10));
+    for (i, agent) in lab.lb_agents.iter().enumerate() {
+        let s = agent.status().unwrap();
+        for svc in s["services"].as_array().unwrap() {
+            for b in svc["backends"].as_array().unwrap() {
+                assert_eq!(
+                    b["health"], "up",
+                    "lb{i}: {b}: one view of three is no majority"
+                );
+            }
+        }
+    }
+    println!("b2 down as seen from lb0 only: every node keeps it, tables identical");
+    b2.ns
+        .exec(&["ip", "route", "del", "blackhole", &lb0_addr])
+        .unwrap();
+
+    // An agent restarted takes its state from the store and rebuilds nothing.
+    let agent = &mut lab.lb_agents[1];
+    agent.terminate().unwrap();
+    let logged = agent.log().len();
+    agent.spawn().unwrap();
+    wait_agreement(&lab, "lb1 restarted", Duration::from_secs(20));
+    let log = lab.lb_agents[1].log()[logged..].to_owned();
+    let compared = log
+        .lines()
+        .find(|l| l.contains("running tables compared with the fleet store"))
+        .expect("lb1 compared its tables with the store");
+    assert!(compared.contains("rebuilt=0"), "{compared}");
+    assert!(
+        !log.contains("table rebuilt"),
+        "lb1's restart rebuilt a table:\n{log}"
+    );
+    println!(
+        "lb1 restarted: {}",
+        compared.split("INFO ").last().unwrap_or(compared)
+    );
+
+    // etcd killed during traffic: forwarding and tables go on, changes are refused.
+    etcd.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    let refused = lab.lb_agents[1]
+        .lb(&["backend", "set-weight", "web", &b0, "70"])
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "a change went through without the store"
+    );
+    println!(
+        "etcd down: change refused: {}",
+        String::from_utf8_lossy(&refused.stderr).trim()
+    );
+    assert_eq!(lab.tables_differ().unwrap(), Vec::<String>::new());
+    std::thread::sleep(Duration::from_secs(2));
+    etcd.restart().unwrap();
+    let took = wait_agreement(&lab, "etcd restarted", Duration::from_secs(30));
+    println!("etcd restarted on its data: agreement again after {took:?}");
+    assert_eq!(weight(&lab, 2, "web", &b0), 50, "the store kept the change");
+    lab.lb_agents[2]
+        .ok(&["backend", "set-weight", "web", &b0, "100"])
+        .unwrap();
+    let took = wait_agreement(&lab, "set-weight on lb2", Duration::from_secs(10));
+    println!("one command on lb2 after the restart: identical after {took:?}");
+    println!(
+        "{}",
+        String::from_utf8_lossy(&fleet(&lab, &["status"]).stdout)
+    );
+
+    let ended = flows.stop();
+    let broken: Vec<_> = ended
+        .iter()
+        .filter(|f| matches!(f.fate, Fate::Broken { .. }))
+        .collect();
+    println!(
+        "flows: {} ({} exchanges), broken: {}",
+        ended.len(),
+        ended.iter().map(|f| f.exchanges).sum::<u64>(),
+        broken.len()
+    );
+    assert!(broken.is_empty(), "flows broke: {broken:#?}");
+
+    // A majority sees b2 down: it leaves every node's tables. Then lb1 dies: when its
+    // lease ends its vote goes, one against one keeps b2 up, and it comes back.
+    let b2 = &lab.topo.backends[2];
+    let b2_addr = b2.v4.to_string();
+    for lb in [0, 1] {
+        let a = format!("{}/32", lab.topo.lbs[lb].v4);
+        b2.ns
+            .exec(&["ip", "route", "add", "blackhole", &a])
+            .unwrap();
+    }
+    let took = wait_health(&lab, &[0, 1, 2], &b2_addr, "down", Duration::from_secs(15));
+    wait_agreement(&lab, "b2 down from lb0 and lb1", Duration::from_secs(10));
+    println!("b2 down as seen from lb0 and lb1: out of every node's tables after {took:?}");
+    let died = Instant::now();
+    lab.lb_agents[1].kill().unwrap();
+    wait_health(&lab, &[0, 2], &b2_addr, "up", Duration::from_secs(30));
+    let s = fleet_status(&lab);
+    let live: Vec<&str> = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node"].as_str())
+        .collect();
+    assert_eq!(live, ["lb0", "lb2"], "lb1's documents went with its lease");
+    println!(
+        "lb1 killed: its lease ended and its vote with it; b2 back on lb0 and lb2 after {:?}",
+        died.elapsed()
+    );
+}
+
+/// Waits until the LB nodes `lbs` all show backend `addr` with health `want` in every
+/// service; returns how long it took.
+fn wait_health(lab: &Lab, lbs: &[usize], addr: &str, want: &str, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let all = lbs.iter().all(|&lb| {
+            let s = lab.lb_agents[lb].status().unwrap();
+            s["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|svc| svc["backends"].as_array().cloned().unwrap_or_default())
+                .filter(|b| b["address"] == addr)
+                .all(|b| b["health"] == want)
+        });
+        if all {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{addr} not {want} on {lbs:?} after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
