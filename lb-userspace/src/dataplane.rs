@@ -489,12 +489,7 @@ impl Dataplane {
 
     /// The counters of service `id` (`SERVICE_STATS`), summed over CPUs.
     pub fn service_counters(&mut self, id: u32) -> Result<Counters, DataplaneError> {
-        let per_cpu = self
-            .maps
-            .service_stats
-            .get(&id, 0)
-            .map_err(|source| map_err(names::SERVICE_STATS, source))?;
-        Ok(sum(&per_cpu))
+        summed(&self.maps.service_stats, names::SERVICE_STATS, id)
     }
 
     /// Sets the counters of service `id` to zero: a new service taking a freed id.
@@ -552,12 +547,11 @@ impl Dataplane {
     }
 
     fn local_counters(&mut self, id: u32) -> Result<Counters, DataplaneError> {
-        let per_cpu = self
-            .maps
-            .service_local_stats
-            .get(&id, 0)
-            .map_err(|source| map_err(names::SERVICE_LOCAL_STATS, source))?;
-        Ok(sum(&per_cpu))
+        summed(
+            &self.maps.service_local_stats,
+            names::SERVICE_LOCAL_STATS,
+            id,
+        )
     }
 
     /// Whether backend slot `slot` holds one of this node's own addresses.
@@ -614,6 +608,16 @@ pub struct Node {
     pub gue_port: u16,
     pub addr_v4: Option<std::net::Ipv4Addr>,
     pub addr_v6: Option<std::net::Ipv6Addr>,
+}
+
+/// Entry `id` of the per-CPU array `map` (named `name`), summed over CPUs.
+fn summed(
+    map: &PerCpuArray<MapData, Counters>,
+    name: &'static str,
+    id: u32,
+) -> Result<Counters, DataplaneError> {
+    let per_cpu = map.get(&id, 0).map_err(|source| map_err(name, source))?;
+    Ok(sum(&per_cpu))
 }
 
 fn sum(per_cpu: &PerCpuValues<Counters>) -> Counters {
