@@ -92,7 +92,8 @@ pub fn flow_hash(seed: u32, t: &FlowTuple) -> u32 {
 
 /// `flow_hash` of a tuple whose addresses are both IPv4 (`::ffff:a.b.c.d`): the same
 /// value, with the mapped prefix's constant words folded into the mixing by the compiler
-/// (about 60 fewer BPF instructions). `src` and `dst` are the IPv4 addresses' bytes.
+/// (about 60 fewer BPF instructions). `src` and `dst`: each address's last word, as
+/// `address_words` reads it.
 #[inline(always)]
 pub fn flow_hash_v4(seed: u32, src: u32, dst: u32, ports: u32, proto: u8) -> u32 {
     let mut h = seed;
@@ -107,7 +108,8 @@ pub fn flow_hash_v4(seed: u32, src: u32, dst: u32, ports: u32, proto: u8) -> u32
     fmix32(h ^ 40)
 }
 
-/// The third word of an IPv4-mapped address (bytes 0, 0, 0xff, 0xff), as `address_words` reads it.
+/// The third word of an IPv4-mapped address (bytes 0, 0, 0xff, 0xff), as `address_words`
+/// reads it.
 const V4_MAPPED_WORD: u32 = 0xffff_0000;
 
 /// The bucket of a hash in a table of `1 << bits` buckets.
