@@ -12,5 +12,6 @@ pub mod maps;
 pub mod packet;
 pub mod parse;
 pub mod proto;
+pub mod service_index;
 pub mod stats;
 pub mod tcp_window;

@@ -175,9 +175,10 @@ pub mod names {
     pub const SERVICE_LOCAL_STATS: &str = "SERVICE_LOCAL_STATS";
     pub const NEXTHOPS: &str = "NEXTHOPS";
     pub const NEXTHOPS_BY_ADDR: &str = "NEXTHOPS_BY_ADDR";
+    pub const SERVICE_INDEX: &str = "SERVICE_INDEX";
 
     /// Every map userspace knows (pinned under these names).
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES,
         VIPS,
         VIP_FILTER,
@@ -190,6 +191,7 @@ pub mod names {
         SERVICE_LOCAL_STATS,
         NEXTHOPS,
         NEXTHOPS_BY_ADDR,
+        SERVICE_INDEX,
     ];
 }
 
@@ -213,6 +215,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceBackendKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NextHopEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::service_index::ServiceSlot {}
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use lb_common::{
 use crate::{
     forward::{self, NextHop},
     icmp_reply,
-    maps::{self, BACKENDS, BUCKETS, SERVICES},
+    maps::{self, BACKENDS, BUCKETS},
     ptr::{self, Xdp},
     verdict::{drop, pass, Verdict},
 };
@@ -53,8 +53,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
         proto: flow.tuple.proto,
         _pad: 0,
     };
-    // SAFETY: the value is only read.
-    let Some(svc) = (unsafe { SERVICES.get(key) }) else {
+    let Some(svc) = maps::service(&key) else {
         return pass(Reason::PassNotService);
     };
     if svc.table_bits > MAX_TABLE_BITS {

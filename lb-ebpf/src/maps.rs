@@ -10,11 +10,27 @@ use lb_common::{
         vip_filter_bit, Backend, Bucket, Counters, NextHopEntry, NodeConfig, ServiceBackendKey,
         ServiceKey, ServiceValue, VipRefs, VIP_FILTER_WORDS,
     },
+    service_index::{self, Probe, ServiceSlot},
     stats::Reason,
 };
 
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// The services again, in an array read without a helper call (`lb_common::service_index`).
+#[map]
+pub static SERVICE_INDEX: Array<ServiceSlot> = Array::with_max_entries(service_index::SLOTS, 0);
+
+/// The service with `key`: from the index, or from `SERVICES` when the index cannot tell.
+#[inline(always)]
+pub fn service(key: &ServiceKey) -> Option<&'static ServiceValue> {
+    match service_index::probe(key, |i| SERVICE_INDEX.get(i)) {
+        Probe::Found(v) => Some(v),
+        Probe::Absent => None,
+        // SAFETY: the value is only read.
+        Probe::Unindexed => unsafe { SERVICES.get(key) },
+    }
+}
 
 /// All services' tables, each a slice at its `table_offset` (resized by the loader).
 #[map]

@@ -23,11 +23,12 @@ use lb_common::{
         names, vip_filter_bit, Backend, Bucket, Counters, NextHopEntry, NodeConfig,
         ServiceBackendKey, ServiceKey, ServiceValue, VipRefs, NODE_CONFIGURED, VIP_FILTER_WORDS,
     },
+    service_index::{ServiceSlot, SLOTS},
     stats::Reason,
     tcp_window::{self, TcpSockOffsets},
 };
 
-use crate::{ebpf, kernel_btf};
+use crate::{ebpf, kernel_btf, service_index::ServiceIndex};
 
 /// Errors from loading the program or touching its maps.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +92,7 @@ struct Maps {
     service_local_stats: PerCpuArray<MapData, Counters>,
     nexthops: Array<MapData, NextHopEntry>,
     nexthops_by_addr: HashMap<MapData, [u8; 16], NextHopEntry>,
+    service_index: Array<MapData, ServiceSlot>,
 }
 
 impl Maps {
@@ -108,6 +110,7 @@ impl Maps {
             service_local_stats: take(ebpf, names::SERVICE_LOCAL_STATS)?,
             nexthops: take(ebpf, names::NEXTHOPS)?,
             nexthops_by_addr: take(ebpf, names::NEXTHOPS_BY_ADDR)?,
+            service_index: take(ebpf, names::SERVICE_INDEX)?,
         })
     }
 
@@ -129,8 +132,20 @@ impl Maps {
             (names::SERVICE_LOCAL_STATS, self.service_local_stats.map()),
             (names::NEXTHOPS, self.nexthops.map()),
             (names::NEXTHOPS_BY_ADDR, self.nexthops_by_addr.map()),
+            (names::SERVICE_INDEX, self.service_index.map()),
         ]
     }
+}
+
+/// A service whose index window is full: its packets take the hash lookup, correct but
+/// slower (`lb_common::service_index`).
+fn warn_unindexed(key: &ServiceKey) {
+    tracing::warn!(
+        vip = %addr::from_bytes(key.addr),
+        port = u16::from_be(key.port_be),
+        proto = key.proto,
+        "service not in the service index (its slots are taken): its packets use the slower hash lookup"
+    );
 }
 
 /// Map `name` of `ebpf`, taken out of it as a `T`.
@@ -148,6 +163,7 @@ where
 pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,
+    index: ServiceIndex,
     pin_dir: Option<PathBuf>,
     adopted: bool,
 }
@@ -183,12 +199,26 @@ impl Dataplane {
         let mut ebpf = loader.load(ebpf::object()).map_err(DataplaneError::Load)?;
         load_program(&mut ebpf, ebpf::PROGRAM)?;
         let maps = Maps::take(&mut ebpf)?;
-        Ok(Dataplane {
+        let slots = (0..SLOTS)
+            .map(|i| maps.service_index.get(&i, 0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| map_err(names::SERVICE_INDEX, source))?;
+        let mut dp = Dataplane {
             ebpf,
             maps,
+            index: ServiceIndex::new(slots),
             pin_dir: opts.pin_dir.clone(),
             adopted,
-        })
+        };
+        // Pinned maps may come from a version without the index, or a run that stopped
+        // between two writes: the index is made to agree with `SERVICES`.
+        let services = dp.services()?.into_iter().collect();
+        let (writes, unindexed) = dp.index.reconcile(&services);
+        dp.write_index(&writes)?;
+        for key in &unindexed {
+            warn_unindexed(key);
+        }
+        Ok(dp)
     }
 
     /// Whether the maps were already pinned (a running data plane was taken over).
@@ -351,12 +381,38 @@ impl Dataplane {
         self.maps
             .services
             .insert(key, value, 0)
-            .map_err(|source| map_err(names::SERVICES, source))
+            .map_err(|source| map_err(names::SERVICES, source))?;
+        let (writes, indexed) = self.index.set(key, value);
+        if !indexed {
+            warn_unindexed(key);
+        }
+        self.write_index(&writes)
+    }
+
+    /// Whether the service index holds `key` (else its packets take the hash lookup).
+    pub fn service_indexed(&self, key: &ServiceKey) -> bool {
+        matches!(self.index.probe(key), lb_common::service_index::Probe::Found(_))
+    }
+
+    /// Applies slot writes of the service index, in order.
+    fn write_index(
+        &mut self,
+        writes: &[crate::service_index::Write],
+    ) -> Result<(), DataplaneError> {
+        for (i, slot) in writes {
+            self.maps
+                .service_index
+                .set(*i, *slot, 0)
+                .map_err(|source| map_err(names::SERVICE_INDEX, source))?;
+        }
+        Ok(())
     }
 
     /// Removes a service (the data plane passes its packets again) and, with its last
     /// service, its VIP.
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DataplaneError> {
+        let writes = self.index.remove(key);
+        self.write_index(&writes)?;
         if self.maps.services.remove(key).is_err() {
             return Ok(());
         }

@@ -9,6 +9,7 @@
 //! checked here on 6.18).
 
 use std::{
+    collections::BTreeMap,
     io::Read as _,
     mem::size_of,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -25,12 +26,13 @@ use lb_common::{
     addr::v4_mapped,
     encap::{FLAG_CHAINED, FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_HLEN, HOP_LIST_TYPE},
     hash::{bucket_index, flow_hash, outer_source_port, FlowTuple},
-    maps::{Bucket, Counters, ServiceBackendKey},
+    maps::{Bucket, Counters, ServiceBackendKey, ServiceKey},
     packet::{
         example::{NODE_MAC, PEER_MAC},
         ServiceAddr,
     },
     proto::{ETH_P_IP, ETH_P_IPV6},
+    service_index,
     stats::Reason,
 };
 use tests::fixture::{
@@ -1666,4 +1668,68 @@ fn local_first_hop_fixtures() {
     })
     .expect("running fixtures");
     assert!(failures.is_empty(), "failed fixtures: {failures:?}");
+}
+
+/// A service whose slots in the service index are all taken by others is found through
+/// the `SERVICES` hash map: `PROBES + 1` services on ports that share one home slot are
+/// each forwarded and counted as themselves, and stay so when one of them is removed.
+#[test]
+fn services_beyond_a_full_index_window_are_still_forwarded() {
+    if !tests::can_run("services_beyond_a_full_index_window_are_still_forwarded") {
+        return;
+    }
+    fixture::with_dataplane("index", &LoadOptions::default(), |dp, ifindex| {
+        configure(dp)?;
+        let key = |port: u16| ServiceKey {
+            addr: v4_mapped(VIP4),
+            port_be: port.to_be(),
+            proto: TCP,
+            _pad: 0,
+        };
+        let mut by_home: BTreeMap<u32, Vec<u16>> = BTreeMap::new();
+        for port in 20000..60000 {
+            by_home
+                .entry(service_index::home(&key(port)))
+                .or_default()
+                .push(port);
+        }
+        let n = service_index::PROBES as usize + 1;
+        let ports = by_home
+            .into_values()
+            .max_by_key(Vec::len)
+            .filter(|p| p.len() >= n)
+            .ok_or_else(|| anyhow::anyhow!("no {n} ports share a home slot"))?;
+        let ports = &ports[..n];
+        let table = vec![
+            Bucket {
+                first: slot(false, 0),
+                second: lb_common::maps::NO_BACKEND,
+            };
+            BUCKETS as usize
+        ];
+        let id = |i: usize| 20 + i as u32;
+        for (i, &port) in ports.iter().enumerate() {
+            install_service(dp, (v4_mapped(VIP4), port, TCP), id(i), &table)?;
+        }
+        let indexed: Vec<bool> = ports.iter().map(|&p| dp.service_indexed(&key(p))).collect();
+        assert_eq!(indexed.iter().filter(|i| !**i).count(), 1, "{indexed:?}");
+        assert!(!indexed[n - 1], "the last one finds its window full");
+        let forwarded = |dp: &mut Dataplane, i: usize| -> Result<bool> {
+            let before = dp.service_counters(id(i))?.packets;
+            let run = fixture::test_run(dp, ifindex, &tcp4(CLIENT4, VIP4, 40000, ports[i], true))?;
+            let counted = dp.service_counters(id(i))?.packets - before;
+            Ok(run.verdict == XDP_TX && counted == 1)
+        };
+        for i in 0..n {
+            assert!(forwarded(dp, i)?, "port {} not forwarded as its service", ports[i]);
+        }
+        dp.remove_service(&key(ports[0]))?;
+        let run = fixture::test_run(dp, ifindex, &tcp4(CLIENT4, VIP4, 40000, ports[0], true))?;
+        assert_eq!(run.verdict, XDP_PASS, "a removed service passes");
+        for i in 1..n {
+            assert!(forwarded(dp, i)?, "port {} after the removal", ports[i]);
+        }
+        Ok(())
+    })
+    .expect("running the index fixture");
 }
