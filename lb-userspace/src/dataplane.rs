@@ -391,7 +391,10 @@ impl Dataplane {
 
     /// Whether the service index holds `key` (else its packets take the hash lookup).
     pub fn service_indexed(&self, key: &ServiceKey) -> bool {
-        matches!(self.index.probe(key), lb_common::service_index::Probe::Found(_))
+        matches!(
+            self.index.probe(key),
+            lb_common::service_index::Probe::Found(_)
+        )
     }
 
     /// Applies slot writes of the service index, in order.

@@ -1714,20 +1714,23 @@ fn services_beyond_a_full_index_window_are_still_forwarded() {
         let indexed: Vec<bool> = ports.iter().map(|&p| dp.service_indexed(&key(p))).collect();
         assert_eq!(indexed.iter().filter(|i| !**i).count(), 1, "{indexed:?}");
         assert!(!indexed[n - 1], "the last one finds its window full");
-        let forwarded = |dp: &mut Dataplane, i: usize| -> Result<bool> {
+        let forwarded = |dp: &mut Dataplane, i: usize, port: u16| -> Result<bool> {
             let before = dp.service_counters(id(i))?.packets;
-            let run = fixture::test_run(dp, ifindex, &tcp4(CLIENT4, VIP4, 40000, ports[i], true))?;
+            let run = fixture::test_run(dp, ifindex, &tcp4(CLIENT4, VIP4, 40000, port, true))?;
             let counted = dp.service_counters(id(i))?.packets - before;
             Ok(run.verdict == XDP_TX && counted == 1)
         };
-        for i in 0..n {
-            assert!(forwarded(dp, i)?, "port {} not forwarded as its service", ports[i]);
+        for (i, &port) in ports.iter().enumerate() {
+            assert!(
+                forwarded(dp, i, port)?,
+                "port {port} not forwarded as its service"
+            );
         }
         dp.remove_service(&key(ports[0]))?;
         let run = fixture::test_run(dp, ifindex, &tcp4(CLIENT4, VIP4, 40000, ports[0], true))?;
         assert_eq!(run.verdict, XDP_PASS, "a removed service passes");
-        for i in 1..n {
-            assert!(forwarded(dp, i)?, "port {} after the removal", ports[i]);
+        for (i, &port) in ports.iter().enumerate().skip(1) {
+            assert!(forwarded(dp, i, port)?, "port {port} after the removal");
         }
         Ok(())
     })
