@@ -200,6 +200,18 @@ impl Law {
         }
     }
 
+    /// Sets `backend`'s correction (as the fleet's store has it), keeping what the law
+    /// measured of it.
+    pub fn correct(&mut self, backend: IpAddr, correction: f64) {
+        let g = &self.gains;
+        if correction.is_finite() {
+            self.memory
+                .entry(backend)
+                .or_insert_with(|| Memory::new(1.0))
+                .correction = correction.clamp(g.floor, g.ceiling);
+        }
+    }
+
     /// The dead band of a backend whose reports' surprises have mean square `noise`: the
     /// typical error of its smoothed figure times `noise_band`, within
     /// `dead_band ..= dead_band_max`.
