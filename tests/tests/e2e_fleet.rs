@@ -117,7 +117,8 @@ fn a_fleet_on_one_etcd_agrees_and_survives_its_store() {
     let endpoint = std::cell::OnceCell::new();
     let run_dir = std::cell::OnceCell::new();
     // Each backend reports the figure in its file (all equal at first: no weight moves).
-    let load_file = |b: &str| std::path::Path::new(run_dir.get().unwrap()).join(format!("{b}.load"));
+    let load_file =
+        |b: &str| std::path::Path::new(run_dir.get().unwrap()).join(format!("{b}.load"));
     let mut lab = Lab::start_configured(
         plan(),
         |topo| {
@@ -359,7 +360,10 @@ fn wait_rest(lab: &Lab) -> Vec<u64> {
         } else if last.1.elapsed() >= Duration::from_millis(8 * LOAD_PERIOD_MS) {
             return now;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "weights never rest: {last:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "weights never rest: {last:?}"
+        );
     }
 }
 
@@ -377,11 +381,9 @@ fn wait_load(
         let views: Vec<_> = lbs.iter().map(|&lb| load_view(lab, lb)).collect();
         let leader = &views[0].0;
         let one = !leader.is_empty() && views.iter().all(|v| &v.0 == leader);
-        let same = views.iter().all(|v| {
-            v.1.iter()
-                .map(|w| w.0)
-                .eq(views[0].1.iter().map(|w| w.0))
-        });
+        let same = views
+            .iter()
+            .all(|v| v.1.iter().map(|w| w.0).eq(views[0].1.iter().map(|w| w.0)));
         if one && same && ok(&views[0].1) {
             return leader.clone();
         }
@@ -399,17 +401,25 @@ fn load_phase(lab: &mut Lab, load_file: &dyn Fn(&str) -> std::path::PathBuf) {
     let all = [0, 1, 2];
     // Equal reports so far: the reports are in the store, seen by every node (the fleet's
     // LB nodes fetch nothing from the backends), and no weight moved.
-    let leader = wait_load(lab, &all, "reports in the store", Duration::from_secs(10), |w| {
-        w.iter().all(|b| b.1 == Some(0.5) && b.0 == 100)
-    });
+    let leader = wait_load(
+        lab,
+        &all,
+        "reports in the store",
+        Duration::from_secs(10),
+        |w| w.iter().all(|b| b.1 == Some(0.5) && b.0 == 100),
+    );
     println!("load: every node sees the published reports; leader {leader}");
     // b0 busy, b1 idle: the leader moves buckets, every node the same.
     std::fs::write(load_file("b0"), "0.9\n").unwrap();
     std::fs::write(load_file("b1"), "0.3\n").unwrap();
     let started = Instant::now();
-    wait_load(lab, &all, "weights after b0 got busy", Duration::from_secs(15), |w| {
-        w[0].0 < 90 && w[1].0 > 110
-    });
+    wait_load(
+        lab,
+        &all,
+        "weights after b0 got busy",
+        Duration::from_secs(15),
+        |w| w[0].0 < 90 && w[1].0 > 110,
+    );
     let took = wait_agreement(lab, "load-driven weights", Duration::from_secs(10));
     println!(
         "load: b0 busy, b1 idle: weights {:?} on every node after {:?}, tables identical \
@@ -429,7 +439,9 @@ fn load_phase(lab: &mut Lab, load_file: &dyn Fn(&str) -> std::path::PathBuf) {
     let killed = Instant::now();
     let mut next = leader.clone();
     while next == leader {
-        next = wait_load(lab, &live, "a new leader", Duration::from_secs(20), |_| true);
+        next = wait_load(lab, &live, "a new leader", Duration::from_secs(20), |_| {
+            true
+        });
         std::thread::sleep(Duration::from_millis(100));
     }
     let took = killed.elapsed();
@@ -437,7 +449,11 @@ fn load_phase(lab: &mut Lab, load_file: &dyn Fn(&str) -> std::path::PathBuf) {
     // second of slack for the polling here.
     let bound = Duration::from_secs(10) + Duration::from_millis(2 * LOAD_PERIOD_MS + 1000);
     assert!(took < bound, "no new leader within {bound:?}: {took:?}");
-    assert_eq!(weights(lab, live[0]), resting, "weights moved without cause");
+    assert_eq!(
+        weights(lab, live[0]),
+        resting,
+        "weights moved without cause"
+    );
     println!("load: {leader}'s agent killed; {next} leads after {took:?} (lease 10 s)");
     lab.lb_agents[dead].spawn().unwrap();
     wait_agreement(lab, "the old leader back", Duration::from_secs(30));
@@ -445,9 +461,13 @@ fn load_phase(lab: &mut Lab, load_file: &dyn Fn(&str) -> std::path::PathBuf) {
     std::fs::write(load_file("b0"), "0.3\n").unwrap();
     std::fs::write(load_file("b1"), "0.9\n").unwrap();
     let started = Instant::now();
-    let now = wait_load(lab, &all, "weights under the new leader", Duration::from_secs(15), |w| {
-        w[0].0 > resting[0].0 && w[1].0 < resting[1].0
-    });
+    let now = wait_load(
+        lab,
+        &all,
+        "weights under the new leader",
+        Duration::from_secs(15),
+        |w| w[0].0 > resting[0] && w[1].0 < resting[1],
+    );
     assert_eq!(now, next, "{leader} back as a follower");
     std::fs::write(load_file("b0"), "0.5\n").unwrap();
     std::fs::write(load_file("b1"), "0.5\n").unwrap();

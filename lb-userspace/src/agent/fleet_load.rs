@@ -34,16 +34,20 @@ impl Agent {
         }
         // The switch is the store's in a fleet; the file's `frozen` is not used.
         let config = Config {
-            load: self.config.load.clone().map(|l| LoadConfig {
-                frozen: false,
-                ..l
-            }),
+            load: self
+                .config
+                .load
+                .clone()
+                .map(|l| LoadConfig { frozen: false, ..l }),
             ..self.config.clone()
         };
-        let Some((doc, changes)) =
-            self.load
-                .propose(Instant::now(), &config, &self.health, current.as_ref(), &leader)
-        else {
+        let Some((doc, changes)) = self.load.propose(
+            Instant::now(),
+            &config,
+            &self.health,
+            current.as_ref(),
+            &leader,
+        ) else {
             return;
         };
         let Some(f) = self.fleet.as_ref() else { return };
@@ -51,7 +55,10 @@ impl Agent {
         let n = changes.len();
         tokio::spawn(async move {
             match answer.await {
-                Ok(Ok(revision)) => info!(changes = n, revision, "load: weights written to the fleet store"),
+                Ok(Ok(revision)) => info!(
+                    changes = n,
+                    revision, "load: weights written to the fleet store"
+                ),
                 // Another leader wrote meanwhile (a handover): its document counts.
                 Ok(Err(e)) => warn!("load: weights not written: {e}"),
                 Err(_) => {}
@@ -63,7 +70,9 @@ impl Agent {
     /// before the tables are built from a new state of the store.
     pub(super) fn fleet_adopt_load(&mut self) {
         let Some(f) = self.fleet.as_ref() else { return };
-        let Some(doc) = f.state.load.clone() else { return };
+        let Some(doc) = f.state.load.clone() else {
+            return;
+        };
         let leader = doc.leader.clone();
         for c in self.load.adopt(&doc, &self.config) {
             info!(
@@ -91,7 +100,10 @@ impl Agent {
         let mut doc = f.state.load.clone().unwrap_or_default();
         if doc.frozen == frozen && f.state.load.is_some() {
             let _ = reply.send(Response::Done {
-                message: format!("the fleet's load loop is already {}", super::load::word(frozen)),
+                message: format!(
+                    "the fleet's load loop is already {}",
+                    super::load::word(frozen)
+                ),
             });
             return;
         }

@@ -18,8 +18,8 @@ use super::{
     store::Change,
     vote::{Verdict, View},
 };
-pub use crate::load::{fleet::LoadDoc, report::Wire};
 use crate::config::{Config, ServiceConfig};
+pub use crate::load::{fleet::LoadDoc, report::Wire};
 
 pub const SERVICES: &str = "services";
 pub const HEALTH: &str = "health";
@@ -103,29 +103,30 @@ impl FleetState {
     /// Takes in one document change; returns whether it changes the tables' inputs
     /// (the services or a view) rather than a report.
     pub fn take(&mut self, c: &Change) -> bool {
-        let input = if c.name == SERVICES {
-            self.services = c.value.clone();
-            self.services_revision = if c.value.is_some() { c.revision } else { 0 };
-            true
-        } else if c.name == LOAD {
-            self.load = c.value.as_deref().and_then(|v| match serde_json::from_slice(v) {
+        let input =
+            if c.name == SERVICES {
+                self.services = c.value.clone();
+                self.services_revision = if c.value.is_some() { c.revision } else { 0 };
+                true
+            } else if c.name == LOAD {
+                self.load = c.value.as_deref().and_then(|v| match serde_json::from_slice(v) {
                 Ok(d) => Some(d),
                 Err(e) => {
                     warn!(key = %c.name, "fleet: ignoring a document that does not parse: {e}");
                     None
                 }
             });
-            self.load_revision = if c.value.is_some() { c.revision } else { 0 };
-            true
-        } else if let Some(node) = c.name.strip_prefix("health/") {
-            take_doc(&mut self.views, node, c);
-            true
-        } else if let Some(node) = c.name.strip_prefix("tables/") {
-            take_doc(&mut self.reports, node, c);
-            false
-        } else {
-            false
-        };
+                self.load_revision = if c.value.is_some() { c.revision } else { 0 };
+                true
+            } else if let Some(node) = c.name.strip_prefix("health/") {
+                take_doc(&mut self.views, node, c);
+                true
+            } else if let Some(node) = c.name.strip_prefix("tables/") {
+                take_doc(&mut self.reports, node, c);
+                false
+            } else {
+                false
+            };
         if input {
             self.revision = self.revision.max(c.revision);
         }

@@ -226,11 +226,7 @@ impl Store {
         let key = self.key(name);
         let json = encode(&key, value)?;
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
                 key.as_str(),
                 json.clone(),
@@ -242,7 +238,11 @@ impl Store {
             etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
             _ => None,
         });
-        let bytes = if resp.succeeded() { json } else { held.unwrap_or(json) };
+        let bytes = if resp.succeeded() {
+            json
+        } else {
+            held.unwrap_or(json)
+        };
         serde_json::from_slice(&bytes).map_err(|source| StoreError::Json { key, source })
     }
 

@@ -102,7 +102,9 @@ pub fn problems(config: &Config) -> Vec<String> {
     let names: BTreeSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
     let mut seen = BTreeSet::new();
     for s in &l.services {
-        if !names.contains(s.as_str()) {
+        // In a fleet the services are the store's, and a store without one of these
+        // must not be refused on every node: a name it lacks drives nothing.
+        if config.fleet.is_none() && !names.contains(s.as_str()) {
             p.push(format!("load.services: no service named {s:?}"));
         }
         if !seen.insert(s) {
@@ -163,14 +165,30 @@ mod tests {
         });
         let config: Config = serde_json::from_value(v.clone()).unwrap();
         assert!(problems(&config).is_empty(), "{:?}", problems(&config));
+        let store_without_web = Config {
+            services: Vec::new(),
+            ..config.clone()
+        };
+        assert!(problems(&store_without_web).is_empty());
+        let alone = Config {
+            fleet: None,
+            ..store_without_web
+        };
+        assert!(problems(&alone)
+            .iter()
+            .any(|m| m.contains("no service named")));
         v["load"]["report"]["fleet"]["node"] = "b1".into();
         v["load"]["report"]["fleet"]["prefix"] = "lb".into();
         let config: Config = serde_json::from_value(v).unwrap();
         let p = problems(&config);
         assert!(
-            p.iter().any(|m| m.starts_with("load.report.fleet.node: \"b1\" must be")),
+            p.iter()
+                .any(|m| m.starts_with("load.report.fleet.node: \"b1\" must be")),
             "{p:?}"
         );
-        assert!(p.iter().any(|m| m.starts_with("load.report.fleet.prefix")), "{p:?}");
+        assert!(
+            p.iter().any(|m| m.starts_with("load.report.fleet.prefix")),
+            "{p:?}"
+        );
     }
 }

@@ -395,10 +395,7 @@ impl Controller {
                     utilisation: c.and_then(|c| c.utilisation),
                 };
                 let key = (s.name.clone(), b.address);
-                let from = self
-                    .decisions
-                    .get(&key)
-                    .map_or(b.weight, |p| p.effective);
+                let from = self.decisions.get(&key).map_or(b.weight, |p| p.effective);
                 if from != d.effective {
                     changes.push(WeightChange {
                         service: s.name.clone(),

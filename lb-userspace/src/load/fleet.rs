@@ -152,6 +152,9 @@ mod tests {
         assert_eq!(r.len(), 1);
         let report = r[0].1.as_ref().unwrap();
         let age = report.at.elapsed();
-        assert!(age >= Duration::from_secs(29) && age < Duration::from_secs(40), "{age:?}");
+        assert!(
+            age >= Duration::from_secs(29) && age < Duration::from_secs(40),
+            "{age:?}"
+        );
     }
 }

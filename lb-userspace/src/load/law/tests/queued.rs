@@ -106,7 +106,7 @@ impl Experiment {
         let mut second = vec![0.0; self.servers.len()];
         for tick in 0..(off + on) * per_s {
             let total: f64 = self.servers.iter().map(|s| f64::from(s.weight)).sum();
-            for i in 0..self.servers.len() {
+            for (i, done) in second.iter_mut().enumerate() {
                 let share = f64::from(self.servers[i].weight) / total;
                 let arrivals = self.poisson(self.rate * share * TICK);
                 let stall = self.stall;
@@ -125,23 +125,23 @@ impl Experiment {
                     if cpu < left {
                         s.queue[0].1 -= cpu;
                         s.busy += cpu;
-                        second[i] += cpu;
+                        *done += cpu;
                         break;
                     }
                     cpu -= left;
                     s.busy += left;
-                    second[i] += left;
+                    *done += left;
                     s.queue.pop_front();
                 }
             }
             // Reports are sampled half a period before the law runs.
-            if (tick + period / 2) % period == 0 {
+            if (tick + period / 2).is_multiple_of(period) {
                 for s in &mut self.servers {
                     s.report = Some((s.busy / (s.capacity * period as f64 * TICK)).min(1.0));
                     s.busy = 0.0;
                 }
             }
-            if tick >= off * per_s && (tick - off * per_s) % period == 0 {
+            if tick >= off * per_s && (tick - off * per_s).is_multiple_of(period) {
                 let now = start + Duration::from_secs_f64(tick as f64 * TICK);
                 let at = now - Duration::from_secs_f64(period as f64 * TICK / 2.0);
                 let inputs: Vec<Input> = self
@@ -159,7 +159,7 @@ impl Experiment {
                     s.weight = w;
                 }
             }
-            if (tick + 1) % per_s == 0 {
+            if (tick + 1).is_multiple_of(per_s) {
                 trace.util.push(
                     second
                         .iter()
