@@ -486,6 +486,44 @@ mod tests {
     }
 
     #[test]
+    fn in_a_fleet_the_leader_proposes_and_every_node_adopts_the_store_s_weights() {
+        let cfg = config(false);
+        let health = BTreeMap::new();
+        let mut leader = Controller::restore(&cfg, None);
+        reports(&mut leader, 0.9, 0.3);
+        let (doc, changes) = leader
+            .propose(Instant::now(), &cfg, &health, None, "lb0")
+            .expect("a first document");
+        assert_eq!(
+            (changes.len(), doc.leader.as_str(), doc.steps),
+            (2, "lb0", 1)
+        );
+        // Nothing applied until the store brings it back.
+        assert!(leader.effective().is_empty());
+        let mut follower = Controller::restore(&cfg, None);
+        let adopted = follower.adopt(&doc, &cfg);
+        assert_eq!(adopted.len(), 2);
+        assert_eq!(leader.adopt(&doc, &cfg).len(), 2);
+        assert_eq!(follower.effective(), leader.effective());
+        let busy = ("web".to_string(), "10.3.0.2".parse().unwrap());
+        assert!(follower.effective()[&busy] < 100);
+        // The leader's law goes on from the store's corrections.
+        reports(&mut leader, 0.9, 0.3);
+        let (next, _) = leader
+            .propose(
+                Instant::now() + Duration::from_secs(3),
+                &cfg,
+                &health,
+                Some(&doc),
+                "lb0",
+            )
+            .expect("still apart: another step");
+        let c = |d: &LoadDoc| d.services["web"][&busy.1].correction;
+        assert!(c(&next) < c(&doc), "{} then {}", c(&doc), c(&next));
+        assert_eq!(next.steps, 2);
+    }
+
+    #[test]
     fn a_missing_or_failed_report_leaves_the_weights() {
         let cfg = config(false);
         let mut c = Controller::restore(&cfg, None);

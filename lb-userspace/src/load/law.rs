@@ -19,7 +19,7 @@
 //!    at most 1): the law knows what its own step does, so smoothing does not lag
 //!    behind it and does not make it overshoot.
 //!
-//! A saturated report (98% or more) against a lower expectation counts for a third: the
+//! A saturated report (98% or more) against a lower expectation counts for 0.3 of `alpha`: the
 //! backend may be working off its queue after its share was lowered, and taking that at
 //! face value lowered its weight well below where it ended.
 //!
