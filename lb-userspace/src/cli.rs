@@ -137,7 +137,7 @@ fn interval(s: &str) -> Result<f64, String> {
 #[derive(Debug, Subcommand)]
 pub enum LoadCmd {
     /// Stop changing effective weights; they stay as they are (kept in the config file,
-    /// so a restarted agent stays frozen).
+    /// so a restarted agent stays frozen; in a fleet, in the store, for every node).
     Freeze,
     /// Let the loop change effective weights again.
     Resume,

@@ -313,6 +313,11 @@ fn load_families(r: &mut Registry, status: &Status) {
         "The backend's smoothed utilisation as the load controller used it (1 = saturated)",
     );
     let frozen: Gauge = family(r, "load_frozen", "1 when the load loop is frozen");
+    let leader: Gauge = family(
+        r,
+        "load_leader",
+        "1 when this node runs the fleet's load loop (its elected leader)",
+    );
     let changes: Counter = family(
         r,
         "load_weight_changes",
@@ -336,6 +341,8 @@ fn load_families(r: &mut Registry, status: &Status) {
     if let Some(l) = &status.load {
         frozen.set(i64::from(l.frozen));
         changes.inc_by(l.changes);
+        let this = status.fleet.as_ref().and_then(|f| f.this_node.as_ref());
+        leader.set(i64::from(l.leader.is_some() && l.leader.as_ref() == this));
     }
 }
 

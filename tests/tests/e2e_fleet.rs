@@ -4,7 +4,9 @@
 //! moves no bucket; etcd killed and restarted during traffic breaks nothing. Long-lived
 //! TCP connections and UDP sessions run through all of it and none may break. Last, a
 //! majority's verdict takes a backend out everywhere, and a node that dies stops voting
-//! when its lease ends.
+//! when its lease ends. Load-driven weights run through it: the backends publish their
+//! reports to the store, one LB node leads the loop and every node builds the same tables
+//! from its corrections; the leader killed, another one takes over within the lease.
 
 use std::{
     process::Output,
@@ -16,7 +18,12 @@ use tests::{
     can_run,
     churn::{Fate, FlowPlan, Flows, Lab, LabPlan},
     etcd::Etcd,
+    Role,
 };
+
+/// The store's prefix, and the load loop's period on the LB nodes.
+const PREFIX: &str = "/lbt/fleet";
+const LOAD_PERIOD_MS: u64 = 500;
 
 /// One client, three LB nodes, three backends (all in the services), small tables.
 fn plan() -> LabPlan {
@@ -107,13 +114,39 @@ fn a_fleet_on_one_etcd_agrees_and_survives_its_store() {
         return;
     }
     let mut etcd = None;
-    let mut lab = Lab::start_with(plan(), |topo| {
-        // In the router's namespace, on its end of lb0's link: every node routes there.
-        let e = Etcd::start_in("fleet", topo.router.name(), topo.lbs[0].router_v4)?;
-        let section = json!({ "endpoints": [e.endpoint()], "prefix": "/lbt/fleet" });
-        etcd = Some(e);
-        Ok(Some(section))
-    })
+    let endpoint = std::cell::OnceCell::new();
+    let run_dir = std::cell::OnceCell::new();
+    // Each backend reports the figure in its file (all equal at first: no weight moves).
+    let load_file =
+        |b: &str| std::path::Path::new(run_dir.get().unwrap()).join(format!("{b}.load"));
+    let mut lab = Lab::start_configured(
+        plan(),
+        |topo| {
+            // In the router's namespace, on its end of lb0's link: every node routes there.
+            let e = Etcd::start_in("fleet", topo.router.name(), topo.lbs[0].router_v4)?;
+            let section = json!({ "endpoints": [e.endpoint()], "prefix": PREFIX });
+            endpoint.set(e.endpoint()).unwrap();
+            let dir = std::path::PathBuf::from("/run/lbt").join(&topo.id);
+            std::fs::create_dir_all(&dir)?;
+            run_dir.set(dir).unwrap();
+            etcd = Some(e);
+            Ok(Some(section))
+        },
+        |node, config| match node.role {
+            Role::Backend => {
+                let file = load_file(&node.name);
+                std::fs::write(&file, "0.5\n").unwrap();
+                config["load"] = json!({"report": {
+                    "source": {"file": file}, "interval_ms": 200,
+                    "fleet": {"endpoints": [endpoint.get().unwrap()], "prefix": PREFIX,
+                              "node": node.v4.to_string()}}});
+            }
+            _ => {
+                config["load"] = json!({"services": ["web"],
+                    "gains": {"period_ms": LOAD_PERIOD_MS}});
+            }
+        },
+    )
     .unwrap();
     let mut etcd = etcd.unwrap();
     let took = wait_agreement(&lab, "start", Duration::from_secs(30));
@@ -231,6 +264,8 @@ fn a_fleet_on_one_etcd_agrees_and_survives_its_store() {
         .unwrap();
     let took = wait_agreement(&lab, "set-weight on lb2", Duration::from_secs(10));
     println!("one command on lb2 after the restart: identical after {took:?}");
+
+    load_phase(&mut lab, &load_file);
     println!(
         "{}",
         String::from_utf8_lossy(&fleet(&lab, &["status"]).stdout)
@@ -276,6 +311,173 @@ fn a_fleet_on_one_etcd_agrees_and_survives_its_store() {
     println!(
         "lb1 killed: its lease ended and its vote with it; b2 back on lb0 and lb2 after {:?}",
         died.elapsed()
+    );
+}
+
+/// Each LB node's load loop as `lb list --json` shows it: (leader, effective weight and
+/// reported figure of every backend of `web`).
+fn load_view(lab: &Lab, lb: usize) -> (String, Vec<(u64, Option<f64>)>) {
+    let s = lab.lb_agents[lb].status().unwrap();
+    let web = s["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap()
+        .clone();
+    let weights = web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["load"]["effective_weight"].as_u64().unwrap_or(0),
+                b["load"]["reported"].as_f64(),
+            )
+        })
+        .collect();
+    (
+        s["load"]["leader"].as_str().unwrap_or_default().to_string(),
+        weights,
+    )
+}
+
+/// lb0's effective weights of `web`'s backends.
+fn weights(lab: &Lab, lb: usize) -> Vec<u64> {
+    load_view(lab, lb).1.iter().map(|w| w.0).collect()
+}
+
+/// Waits until lb0's weights have not moved for 8 periods (the reports level); returns
+/// them.
+fn wait_rest(lab: &Lab) -> Vec<u64> {
+    let started = Instant::now();
+    let mut last = (weights(lab, 0), Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(LOAD_PERIOD_MS / 2));
+        let now = weights(lab, 0);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() >= Duration::from_millis(8 * LOAD_PERIOD_MS) {
+            return now;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "weights never rest: {last:?}"
+        );
+    }
+}
+
+/// Waits until the live LB nodes `lbs` agree on one leader and `ok` holds of the weights
+/// they show; returns the leader.
+fn wait_load(
+    lab: &Lab,
+    lbs: &[usize],
+    what: &str,
+    timeout: Duration,
+    ok: impl Fn(&[(u64, Option<f64>)]) -> bool,
+) -> String {
+    let started = Instant::now();
+    loop {
+        let views: Vec<_> = lbs.iter().map(|&lb| load_view(lab, lb)).collect();
+        let leader = &views[0].0;
+        let one = !leader.is_empty() && views.iter().all(|v| &v.0 == leader);
+        let same = views
+            .iter()
+            .all(|v| v.1.iter().map(|w| w.0).eq(views[0].1.iter().map(|w| w.0)));
+        if one && same && ok(&views[0].1) {
+            return leader.clone();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{what}: not within {timeout:?}: {views:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Load-driven weights in the fleet: reports reach the store, one leader moves weights
+/// on every node alike; its agent killed, another leads within the lease.
+fn load_phase(lab: &mut Lab, load_file: &dyn Fn(&str) -> std::path::PathBuf) {
+    let all = [0, 1, 2];
+    // Equal reports so far: the reports are in the store, seen by every node (the fleet's
+    // LB nodes fetch nothing from the backends), and no weight moved.
+    let leader = wait_load(
+        lab,
+        &all,
+        "reports in the store",
+        Duration::from_secs(10),
+        |w| w.iter().all(|b| b.1 == Some(0.5) && b.0 == 100),
+    );
+    println!("load: every node sees the published reports; leader {leader}");
+    // b0 busy, b1 idle: the leader moves buckets, every node the same.
+    std::fs::write(load_file("b0"), "0.9\n").unwrap();
+    std::fs::write(load_file("b1"), "0.3\n").unwrap();
+    let started = Instant::now();
+    wait_load(
+        lab,
+        &all,
+        "weights after b0 got busy",
+        Duration::from_secs(15),
+        |w| w[0].0 < 90 && w[1].0 > 110,
+    );
+    let took = wait_agreement(lab, "load-driven weights", Duration::from_secs(10));
+    println!(
+        "load: b0 busy, b1 idle: weights {:?} on every node after {:?}, tables identical \
+         ({took:?})",
+        load_view(lab, 0).1.iter().map(|w| w.0).collect::<Vec<_>>(),
+        started.elapsed()
+    );
+    // Equal figures again: the weights rest where they are (a node that misses changes
+    // while it is down would come back with other second hops: docs/fleet.md).
+    std::fs::write(load_file("b0"), "0.5\n").unwrap();
+    std::fs::write(load_file("b1"), "0.5\n").unwrap();
+    let resting = wait_rest(lab);
+    // The leader's agent killed: its lease ends and another node leads.
+    let dead: usize = leader.trim_start_matches("lb").parse().unwrap();
+    let live: Vec<usize> = all.into_iter().filter(|&i| i != dead).collect();
+    lab.lb_agents[dead].kill().unwrap();
+    let killed = Instant::now();
+    let mut next = leader.clone();
+    while next == leader {
+        next = wait_load(lab, &live, "a new leader", Duration::from_secs(20), |_| {
+            true
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = killed.elapsed();
+    // Within the lease (10 s from its last renewal) and a period to claim the key; a
+    // second of slack for the polling here.
+    let bound = Duration::from_secs(10) + Duration::from_millis(2 * LOAD_PERIOD_MS + 1000);
+    assert!(took < bound, "no new leader within {bound:?}: {took:?}");
+    assert_eq!(
+        weights(lab, live[0]),
+        resting,
+        "weights moved without cause"
+    );
+    println!("load: {leader}'s agent killed; {next} leads after {took:?} (lease 10 s)");
+    lab.lb_agents[dead].spawn().unwrap();
+    wait_agreement(lab, "the old leader back", Duration::from_secs(30));
+    // The new leader moves the weights the other way, on every node alike.
+    std::fs::write(load_file("b0"), "0.3\n").unwrap();
+    std::fs::write(load_file("b1"), "0.9\n").unwrap();
+    let started = Instant::now();
+    let now = wait_load(
+        lab,
+        &all,
+        "weights under the new leader",
+        Duration::from_secs(15),
+        |w| w[0].0 > resting[0] && w[1].0 < resting[1],
+    );
+    assert_eq!(now, next, "{leader} back as a follower");
+    std::fs::write(load_file("b0"), "0.5\n").unwrap();
+    std::fs::write(load_file("b1"), "0.5\n").unwrap();
+    wait_rest(lab);
+    let took = wait_agreement(lab, "weights under the new leader", Duration::from_secs(10));
+    println!(
+        "load: {leader} back as a follower; {next} moved the weights to {:?} on every node \
+         after {:?}, tables identical ({took:?})",
+        load_view(lab, 0).1.iter().map(|w| w.0).collect::<Vec<_>>(),
+        started.elapsed()
     );
 }
 

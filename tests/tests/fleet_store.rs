@@ -1,6 +1,7 @@
 //! The fleet's store against a real etcd started for the test: writes with a revision
-//! check, leased documents that go with their node, watches, and data that survives an
-//! etcd killed and restarted on its disk.
+//! check, leased documents that go with their node (and a leased key held by one node at
+//! a time, the load loop's election), watches, and data that survives an etcd killed
+//! and restarted on its disk.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -92,6 +93,12 @@ fn a_nodes_leased_view_goes_with_it_and_watches_see_it() {
         assert_eq!(first[0].name, "health/lb0");
         assert!(first[0].value.is_some());
 
+        // The load loop's election: one holder of the leased key at a time.
+        let (lb0, lb1) = ("lb0".to_string(), "lb1".to_string());
+        assert_eq!(a.hold("controller", &lb0, &lease_a).await.unwrap(), lb0);
+        assert_eq!(b.hold("controller", &lb1, &lease_b).await.unwrap(), lb0);
+        assert_eq!(a.hold("controller", &lb0, &lease_a).await.unwrap(), lb0);
+
         // Renewed, lb0's view stays past its TTL; left alone, it goes.
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_millis(700)).await;
@@ -115,6 +122,8 @@ fn a_nodes_leased_view_goes_with_it_and_watches_see_it() {
         assert!(gone.revision > 0);
         let views: BTreeMap<String, Value> = b.list("health").await.unwrap();
         assert_eq!(views.keys().collect::<Vec<_>>(), ["lb1"]);
+        // The holder's lease ended: the next to try holds the key.
+        assert_eq!(b.hold("controller", &lb1, &lease_b).await.unwrap(), lb1);
     });
 }
 

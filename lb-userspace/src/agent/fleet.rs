@@ -9,7 +9,7 @@ use crate::{
     api::{Change, ErrorKind, PlanSummary, Response},
     fleet::{
         doc::{self, FleetState, NodeReport, ServicesDoc},
-        link::{Link, Update},
+        link::{Doc, Link, Update},
         status::FleetStatus,
         store::FleetConfig,
         vote::{self, Verdict, View},
@@ -19,9 +19,9 @@ use crate::{
 /// What the agent knows of its fleet.
 pub struct Fleet {
     config: FleetConfig,
-    link: Link,
+    pub(super) link: Link,
     /// The documents as last read.
-    state: FleetState,
+    pub(super) state: FleetState,
     connected: bool,
     /// Whether a state has been applied since the start.
     synced: bool,
@@ -32,12 +32,18 @@ pub struct Fleet {
     applied: i64,
     /// An empty store was seeded with the file's services (once).
     seeded: bool,
+    /// The load loop's leader, as last read (when this node drives load).
+    pub load_leader: Option<String>,
 }
 
 impl Fleet {
-    /// Starts the link to the store.
-    pub fn start(config: FleetConfig) -> (Fleet, mpsc::Receiver<Update>) {
-        let (link, rx) = Link::start(config.clone(), true);
+    /// Starts the link to the store; `load`: the law's period, when this node drives
+    /// load.
+    pub fn start(
+        config: FleetConfig,
+        load: Option<std::time::Duration>,
+    ) -> (Fleet, mpsc::Receiver<Update>) {
+        let (link, rx) = Link::start(config.clone(), true, load);
         (
             Fleet {
                 config,
@@ -48,9 +54,15 @@ impl Fleet {
                 services_revision: 0,
                 applied: 0,
                 seeded: false,
+                load_leader: None,
             },
             rx,
         )
+    }
+
+    /// This node's name in the fleet.
+    pub fn node(&self) -> &str {
+        &self.config.node
     }
 
     pub fn status(&self) -> FleetStatus {
@@ -83,6 +95,7 @@ impl Agent {
             }
             Update::Reports(r) => f.state.reports = r,
             Update::State(s) => self.fleet_state(s),
+            Update::Load { leader, usage } => self.fleet_load(leader, usage),
         }
     }
 
@@ -123,6 +136,7 @@ impl Agent {
         f.synced = true;
         self.health = doc::health_map(&vote::effective(&f.state.views));
         let applied = f.state.revision;
+        self.fleet_adopt_load();
         let rebuilt = self.resync(if first { "fleet start" } else { "fleet" });
         if first {
             info!(
@@ -161,7 +175,7 @@ impl Agent {
             services: self.config.services.clone(),
         };
         let n = doc.services.len();
-        let answer = f.link.write(doc, 0);
+        let answer = f.link.write(Doc::Services(doc), 0);
         tokio::spawn(async move {
             match answer.await {
                 Ok(Ok(revision)) => {
@@ -231,9 +245,9 @@ impl Agent {
             });
         let at = f.services_revision;
         let answer = f.link.write(
-            ServicesDoc {
+            Doc::Services(ServicesDoc {
                 services: next.services,
-            },
+            }),
             at,
         );
         tokio::spawn(async move {

@@ -20,6 +20,11 @@ use crate::{
 impl Agent {
     /// The controller as the state file left it.
     pub(super) fn restore_load(config: &Config) -> Controller {
+        if config.fleet.is_some() {
+            // In a fleet the store has the corrections (and the first tables are built
+            // once it answers), not this node's file.
+            return Controller::restore(config, None);
+        }
         let state = config
             .load
             .as_ref()
@@ -40,8 +45,14 @@ impl Agent {
             return;
         };
         let load = self.config.load.clone().unwrap_or_default();
+        // In a fleet the reports come from the store.
+        let backends = if self.config.fleet.is_some() {
+            Vec::new()
+        } else {
+            Controller::wanted_reports(&self.config)
+        };
         let want = Targets {
-            backends: Controller::wanted_reports(&self.config),
+            backends,
             port: load.report_port,
             period: load.gains.period(),
             timeout: self.load.fetch_timeout(),
@@ -178,7 +189,7 @@ impl Agent {
     }
 }
 
-fn word(frozen: bool) -> &'static str {
+pub(super) fn word(frozen: bool) -> &'static str {
     if frozen {
         "frozen"
     } else {

@@ -6,6 +6,7 @@
 
 pub mod desired;
 mod fleet;
+mod fleet_load;
 mod load;
 mod lock;
 mod netlink;
@@ -118,7 +119,13 @@ pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()
     let mut fleet_updates = None;
     if let Some(fc) = agent.config.fleet.clone() {
         info!(endpoints = ?fc.endpoints, prefix = %fc.prefix, node = %fc.node, "joining the fleet");
-        let (f, rx) = fleet::Fleet::start(fc);
+        let load = agent
+            .config
+            .load
+            .as_ref()
+            .filter(|l| !l.services.is_empty())
+            .map(|l| l.gains.period());
+        let (f, rx) = fleet::Fleet::start(fc, load);
         agent.fleet = Some(f);
         fleet_updates = Some(rx);
     }
@@ -128,6 +135,10 @@ pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()
             Some((req, caller, reply)) = calls.recv() => {
                 if let (Request::Apply { change }, true) = (&req, agent.in_fleet()) {
                     agent.fleet_apply(change, caller, reply);
+                    continue;
+                }
+                if let (Request::LoadFreeze { frozen }, true) = (&req, agent.in_fleet()) {
+                    agent.fleet_load_freeze(*frozen, caller, reply);
                     continue;
                 }
                 let detach = matches!(req, Request::Detach {});
@@ -868,7 +879,7 @@ impl Agent {
             .load
             .as_ref()
             .filter(|l| !l.services.is_empty())
-            .map(|l| self.load.status(l.frozen));
+            .map(|l| self.fleet_load_status(self.load.status(l.frozen)));
         Status {
             services,
             reasons,

@@ -5,6 +5,9 @@
 //! | `services` | [`ServicesDoc`]: the services, their backends and weights |
 //! | `health/NODE` | [`View`]: NODE's own checks' verdicts, under NODE's lease |
 //! | `tables/NODE` | [`NodeReport`]: the revision NODE applied and its tables' digests, leased |
+//! | `load` | [`LoadDoc`]: the load loop's corrections, written by its leader |
+//! | `controller` | the name of the load loop's leader, under its lease |
+//! | `usage/ADDRESS` | [`Wire`]: backend ADDRESS's utilisation, under its lease |
 
 use std::{collections::BTreeMap, net::IpAddr};
 
@@ -16,10 +19,16 @@ use super::{
     vote::{Verdict, View},
 };
 use crate::config::{Config, ServiceConfig};
+pub use crate::load::{fleet::LoadDoc, report::Wire};
 
 pub const SERVICES: &str = "services";
 pub const HEALTH: &str = "health";
 pub const TABLES: &str = "tables";
+/// Watched with the services and views (it sorts between them): the weights are an input
+/// of the tables. The leader's key sorts before, the reports after: neither is watched.
+pub const LOAD: &str = "load";
+pub const CONTROLLER: &str = "controller";
+pub const USAGE: &str = "usage";
 
 /// `PREFIX/services`: what every node balances. The format of `lb fleet export` and
 /// `lb fleet import`.
@@ -83,6 +92,9 @@ pub struct FleetState {
     pub views: BTreeMap<String, View>,
     /// The live nodes' reports, by node.
     pub reports: BTreeMap<String, NodeReport>,
+    /// The load loop's corrections and the revision that wrote them (0: none yet).
+    pub load: Option<LoadDoc>,
+    pub load_revision: i64,
     /// The newest revision of a change to the services or the views taken in.
     pub revision: i64,
 }
@@ -91,19 +103,30 @@ impl FleetState {
     /// Takes in one document change; returns whether it changes the tables' inputs
     /// (the services or a view) rather than a report.
     pub fn take(&mut self, c: &Change) -> bool {
-        let input = if c.name == SERVICES {
-            self.services = c.value.clone();
-            self.services_revision = if c.value.is_some() { c.revision } else { 0 };
-            true
-        } else if let Some(node) = c.name.strip_prefix("health/") {
-            take_doc(&mut self.views, node, c);
-            true
-        } else if let Some(node) = c.name.strip_prefix("tables/") {
-            take_doc(&mut self.reports, node, c);
-            false
-        } else {
-            false
-        };
+        let input =
+            if c.name == SERVICES {
+                self.services = c.value.clone();
+                self.services_revision = if c.value.is_some() { c.revision } else { 0 };
+                true
+            } else if c.name == LOAD {
+                self.load = c.value.as_deref().and_then(|v| match serde_json::from_slice(v) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    warn!(key = %c.name, "fleet: ignoring a document that does not parse: {e}");
+                    None
+                }
+            });
+                self.load_revision = if c.value.is_some() { c.revision } else { 0 };
+                true
+            } else if let Some(node) = c.name.strip_prefix("health/") {
+                take_doc(&mut self.views, node, c);
+                true
+            } else if let Some(node) = c.name.strip_prefix("tables/") {
+                take_doc(&mut self.reports, node, c);
+                false
+            } else {
+                false
+            };
         if input {
             self.revision = self.revision.max(c.revision);
         }

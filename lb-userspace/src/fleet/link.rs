@@ -6,6 +6,9 @@
 //! The other nodes' reports are read every few seconds rather than watched: a fleet of
 //! N nodes would otherwise send every node N reports per change.
 //!
+//! A node that drives load (`load.services`) also stands for the load loop's leader once
+//! a law period and reads the backends' published reports (docs/load.md).
+//!
 //! When etcd cannot be reached the task says so, retries every second and, once it is
 //! back, reads everything again (a new lease, its own documents written again). The
 //! agent meanwhile keeps its tables: losing the store freezes changes, not forwarding.
@@ -16,7 +19,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use super::{
-    doc::{FleetState, NodeReport, ServicesDoc, HEALTH, SERVICES, TABLES},
+    doc::{
+        FleetState, LoadDoc, NodeReport, ServicesDoc, Wire, CONTROLLER, HEALTH, LOAD, SERVICES,
+        TABLES, USAGE,
+    },
     store::{FleetConfig, Store, StoreError},
     vote::View,
 };
@@ -38,10 +44,23 @@ pub enum Update {
     Reports(BTreeMap<String, NodeReport>),
     /// The store can (true) or cannot (false) be reached.
     Connected(bool),
+    /// Once a law period, when this node drives load: the load loop's leader and the
+    /// backends' published reports, by address.
+    Load {
+        leader: String,
+        usage: BTreeMap<String, Wire>,
+    },
 }
 
-/// A write of the services document: at the revision given, answered with the new one.
-type Write = (ServicesDoc, i64, oneshot::Sender<Result<i64, ApiError>>);
+/// A shared document to write: the services or the load loop's corrections.
+#[derive(Debug)]
+pub enum Doc {
+    Services(ServicesDoc),
+    Load(LoadDoc),
+}
+
+/// A write of a shared document: at the revision given, answered with the new one.
+type Write = (Doc, i64, oneshot::Sender<Result<i64, ApiError>>);
 
 /// The agent's end of the link.
 pub struct Link {
@@ -52,8 +71,13 @@ pub struct Link {
 
 impl Link {
     /// Starts the link's task (within a tokio runtime); updates arrive on the receiver.
-    /// `follow_reports`: read the other nodes' reports every few seconds too.
-    pub fn start(config: FleetConfig, follow_reports: bool) -> (Link, mpsc::Receiver<Update>) {
+    /// `follow_reports`: read the other nodes' reports every few seconds too. `load`:
+    /// the law's period, when this node drives load (it stands for leader).
+    pub fn start(
+        config: FleetConfig,
+        follow_reports: bool,
+        load: Option<Duration>,
+    ) -> (Link, mpsc::Receiver<Update>) {
         let (updates, rx) = mpsc::channel(1024);
         let (view, view_rx) = watch::channel(None);
         let (report, report_rx) = watch::channel(None);
@@ -66,6 +90,7 @@ impl Link {
                 report: report_rx,
                 writes: writes_rx,
                 follow_reports,
+                load,
             },
         ));
         (
@@ -96,12 +121,8 @@ impl Link {
         });
     }
 
-    /// Writes the services if the document is still at `revision` (0: absent).
-    pub fn write(
-        &self,
-        doc: ServicesDoc,
-        revision: i64,
-    ) -> oneshot::Receiver<Result<i64, ApiError>> {
+    /// Writes a shared document if it is still at `revision` (0: absent).
+    pub fn write(&self, doc: Doc, revision: i64) -> oneshot::Receiver<Result<i64, ApiError>> {
         let (tx, rx) = oneshot::channel();
         if let Err(
             mpsc::error::TrySendError::Full((_, _, tx))
@@ -122,6 +143,7 @@ struct Published {
     report: watch::Receiver<Option<NodeReport>>,
     writes: mpsc::Receiver<Write>,
     follow_reports: bool,
+    load: Option<Duration>,
 }
 
 async fn run(config: FleetConfig, updates: mpsc::Sender<Update>, mut published: Published) {
@@ -213,8 +235,16 @@ async fn session(
     }
     let mut renew = tokio::time::interval(LEASE_TTL / 3);
     let mut reports = tokio::time::interval(REPORTS_EVERY);
+    let mut load = tokio::time::interval(published.load.unwrap_or(REPORTS_EVERY));
     loop {
         tokio::select! {
+            _ = load.tick(), if published.load.is_some() => {
+                let leader: String = store.hold(CONTROLLER, &config.node, &lease).await?;
+                let usage: BTreeMap<String, Wire> = store.list(USAGE).await?;
+                if updates.send(Update::Load { leader, usage }).await.is_err() {
+                    return Ok(());
+                }
+            }
             _ = reports.tick(), if published.follow_reports => {
                 let now: BTreeMap<String, NodeReport> = store.list(TABLES).await?;
                 if now != state.reports {
@@ -248,7 +278,11 @@ async fn session(
                 // Its own task: a slow write does not hold the watch up.
                 let mut store = store.clone();
                 tokio::spawn(async move {
-                    let r = store.put_if(SERVICES, &doc, at).await.map_err(|e| match e {
+                    let r = match &doc {
+                        Doc::Services(d) => store.put_if(SERVICES, d, at).await,
+                        Doc::Load(d) => store.put_if(LOAD, d, at).await,
+                    };
+                    let r = r.map_err(|e| match e {
                         StoreError::Conflict { .. } => ApiError::new(ErrorKind::Conflict, e.to_string()),
                         e => ApiError::new(ErrorKind::Unavailable, format!("writing to the fleet store: {e}")),
                     });

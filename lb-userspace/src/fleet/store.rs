@@ -213,6 +213,39 @@ impl Store {
         })
     }
 
+    /// Holds document `name` (`value`) under `lease` unless another holder has it: a
+    /// transaction that writes only if the key does not exist. Returns the holder's value,
+    /// `value` itself when this call took it or already held it. The key goes with its
+    /// holder's lease, and the next call of another node takes it: an election.
+    pub async fn hold<T: Serialize + DeserializeOwned>(
+        &mut self,
+        name: &str,
+        value: &T,
+        lease: &Lease,
+    ) -> Result<T, StoreError> {
+        let key = self.key(name);
+        let json = encode(&key, value)?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                json.clone(),
+                Some(PutOptions::new().with_lease(lease.id)),
+            )])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = self.client.txn(txn).await?;
+        let held = resp.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        let bytes = if resp.succeeded() {
+            json
+        } else {
+            held.unwrap_or(json)
+        };
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::Json { key, source })
+    }
+
     /// A lease of `ttl`, renewed by the returned keeper (`renew` at least every ttl/3).
     pub async fn lease(&mut self, ttl: Duration) -> Result<Lease, StoreError> {
         let id = self

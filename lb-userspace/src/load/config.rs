@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{law::Gains, measure::Source};
-use crate::config::Config;
+use crate::{config::Config, fleet::store::FleetConfig};
 
 /// Where backends serve their reports unless `load.report_port` says otherwise.
 pub const DEFAULT_REPORT_PORT: u16 = 9641;
@@ -61,6 +61,10 @@ pub struct ReportConfig {
     /// How often the source is sampled, milliseconds.
     #[serde(default = "default_interval_ms")]
     pub interval_ms: u64,
+    /// Publish the report to this fleet's store too (`usage/NODE` under a lease), `node`
+    /// being this backend's address as the services name it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetConfig>,
 }
 
 fn default_report_port() -> u16 {
@@ -95,20 +99,12 @@ pub fn problems(config: &Config) -> Vec<String> {
     if l.report_port == 0 {
         p.push("load.report_port: 0 is not a port".into());
     }
-    if config.fleet.is_some() && !l.services.is_empty() {
-        // One controller per fleet (an elected leader) is not built yet: each node would
-        // correct the weights alone, and the nodes' tables would differ.
-        p.push(
-            "load.services: load-driven weights are not available in a fleet yet (each node \
-             would correct the weights alone and their tables would differ); remove them or \
-             the fleet section"
-                .into(),
-        );
-    }
     let names: BTreeSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
     let mut seen = BTreeSet::new();
     for s in &l.services {
-        if !names.contains(s.as_str()) {
+        // In a fleet the services are the store's, and a store without one of these
+        // must not be refused on every node: a name it lacks drives nothing.
+        if config.fleet.is_none() && !names.contains(s.as_str()) {
             p.push(format!("load.services: no service named {s:?}"));
         }
         if !seen.insert(s) {
@@ -118,6 +114,22 @@ pub fn problems(config: &Config) -> Vec<String> {
     if let Some(r) = &l.report {
         if r.interval_ms == 0 {
             p.push("load.report.interval_ms: must be above 0".into());
+        }
+        if let Some(f) = &r.fleet {
+            // The node's name is the key's last part; an address the LB nodes know.
+            let named = f.node.parse::<std::net::IpAddr>().is_ok();
+            let mut fp: Vec<String> = f
+                .problems()
+                .into_iter()
+                .filter(|m| !m.starts_with("fleet.node"))
+                .collect();
+            if !named {
+                fp.push(format!(
+                    "fleet.node: {:?} must be this backend's address as the services name it",
+                    f.node
+                ));
+            }
+            p.extend(fp.into_iter().map(|m| format!("load.report.{m}")));
         }
         if let Source::Cgroup(name) = &r.source {
             if name.is_empty() || name.split('/').any(|c| c == "..") {
@@ -141,24 +153,42 @@ mod tests {
     }
 
     #[test]
-    fn load_driven_services_are_refused_in_a_fleet() {
-        let config: Config = serde_json::from_value(serde_json::json!({
+    fn load_driven_services_work_in_a_fleet_and_a_published_report_names_its_address() {
+        let mut v = serde_json::json!({
             "node": {"interfaces": ["eth0"], "address_v4": "10.0.0.1"},
             "services": [{"name": "web", "vip": "192.0.2.1", "port": 80, "protocol": "tcp",
                           "backends": [{"address": "10.0.1.1"}]}],
-            "load": {"services": ["web"]},
+            "load": {"services": ["web"],
+                     "report": {"source": "host", "fleet": {"endpoints": ["http://127.0.0.1:2379"],
+                                "prefix": "/lb/t", "node": "10.0.1.1"}}},
             "fleet": {"endpoints": ["http://127.0.0.1:2379"], "prefix": "/lb/t", "node": "n1"}
-        }))
-        .unwrap();
-        let p = problems(&config);
-        assert!(
-            p.iter().any(|m| m.contains("not available in a fleet")),
-            "{p:?}"
-        );
+        });
+        let config: Config = serde_json::from_value(v.clone()).unwrap();
+        assert!(problems(&config).is_empty(), "{:?}", problems(&config));
+        let store_without_web = Config {
+            services: Vec::new(),
+            ..config.clone()
+        };
+        assert!(problems(&store_without_web).is_empty());
         let alone = Config {
             fleet: None,
-            ..config
+            ..store_without_web
         };
-        assert!(problems(&alone).is_empty(), "{:?}", problems(&alone));
+        assert!(problems(&alone)
+            .iter()
+            .any(|m| m.contains("no service named")));
+        v["load"]["report"]["fleet"]["node"] = "b1".into();
+        v["load"]["report"]["fleet"]["prefix"] = "lb".into();
+        let config: Config = serde_json::from_value(v).unwrap();
+        let p = problems(&config);
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("load.report.fleet.node: \"b1\" must be")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|m| m.starts_with("load.report.fleet.prefix")),
+            "{p:?}"
+        );
     }
 }

@@ -12,7 +12,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::law::{Decision, Gains, Input, Law, Report};
+use super::{
+    fleet::{Corrected, LoadDoc},
+    law::{Decision, Gains, Input, Law, Report},
+};
 use crate::config::Config;
 
 /// What `lb list` shows of a backend whose service follows load.
@@ -39,9 +42,13 @@ pub struct BackendLoad {
 pub struct LoadStatus {
     pub frozen: bool,
     pub period_ms: u64,
-    /// Periods run and effective-weight changes made since the agent started.
+    /// Periods run and effective-weight changes made since the agent started (in a
+    /// fleet: by the leaders, as the store has it).
     pub steps: u64,
     pub changes: u64,
+    /// In a fleet: the node that runs the law.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 /// The controller's next step (`lb plan load`).
@@ -329,7 +336,84 @@ impl Controller {
             period_ms: self.gains.period_ms,
             steps: self.steps,
             changes: self.changes,
+            leader: None,
         }
+    }
+
+    /// In a fleet, as the leader: one period of the law, as a document to write, when a
+    /// weight changes (or the store has none yet). The tables do not take it from here:
+    /// every node, this one too, takes it from the store ([`Controller::adopt`]).
+    pub fn propose(
+        &mut self,
+        now: Instant,
+        config: &Config,
+        health: &BTreeMap<(String, IpAddr), bool>,
+        current: Option<&LoadDoc>,
+        leader: &str,
+    ) -> Option<(LoadDoc, Vec<WeightChange>)> {
+        let mut next = self.clone();
+        let changes = next.step(now, config, health);
+        // The laws move on (their smoothing); the decisions wait for the store.
+        self.laws = next.laws;
+        if changes.is_empty() && current.is_some() {
+            return None;
+        }
+        let mut doc = current.cloned().unwrap_or_default();
+        doc.leader = leader.to_string();
+        doc.steps += 1;
+        doc.changes += changes.len() as u64;
+        doc.services.clear();
+        for ((s, b), d) in &next.decisions {
+            doc.services.entry(s.clone()).or_default().insert(
+                *b,
+                Corrected {
+                    correction: d.correction,
+                    utilisation: d.utilisation,
+                },
+            );
+        }
+        Some((doc, changes))
+    }
+
+    /// In a fleet: the corrections the leader wrote become this node's effective weights
+    /// (and the laws' starting point, should this node lead next). Returns the effective
+    /// weights that changed.
+    pub fn adopt(&mut self, doc: &LoadDoc, config: &Config) -> Vec<WeightChange> {
+        let load = config.load.clone().unwrap_or_default();
+        let mut changes = Vec::new();
+        let mut decisions = BTreeMap::new();
+        for s in config.services.iter().filter(|s| load.drives(&s.name)) {
+            let corrected = doc.services.get(&s.name);
+            for b in &s.backends {
+                let c = corrected.and_then(|c| c.get(&b.address));
+                let correction = c.map_or(1.0, |c| c.correction);
+                let d = Decision {
+                    backend: b.address,
+                    configured: b.weight,
+                    effective: super::law::effective(b.weight, correction),
+                    correction,
+                    utilisation: c.and_then(|c| c.utilisation),
+                };
+                let key = (s.name.clone(), b.address);
+                let from = self.decisions.get(&key).map_or(b.weight, |p| p.effective);
+                if from != d.effective {
+                    changes.push(WeightChange {
+                        service: s.name.clone(),
+                        backend: b.address,
+                        configured: b.weight,
+                        from,
+                        to: d.effective,
+                        utilisation: d.utilisation,
+                    });
+                }
+                self.law(&s.name).correct(b.address, correction);
+                decisions.insert(key, d);
+            }
+        }
+        self.decisions = decisions;
+        self.steps = doc.steps;
+        self.changes = doc.changes;
+        changes
     }
 
     /// How long a fetch may take: within a period, and never long.
@@ -399,6 +483,44 @@ mod tests {
         reports(&mut c, 0.95, 0.1);
         assert!(c.step(Instant::now(), &frozen, &health).is_empty());
         assert_eq!(c.effective(), w);
+    }
+
+    #[test]
+    fn in_a_fleet_the_leader_proposes_and_every_node_adopts_the_store_s_weights() {
+        let cfg = config(false);
+        let health = BTreeMap::new();
+        let mut leader = Controller::restore(&cfg, None);
+        reports(&mut leader, 0.9, 0.3);
+        let (doc, changes) = leader
+            .propose(Instant::now(), &cfg, &health, None, "lb0")
+            .expect("a first document");
+        assert_eq!(
+            (changes.len(), doc.leader.as_str(), doc.steps),
+            (2, "lb0", 1)
+        );
+        // Nothing applied until the store brings it back.
+        assert!(leader.effective().is_empty());
+        let mut follower = Controller::restore(&cfg, None);
+        let adopted = follower.adopt(&doc, &cfg);
+        assert_eq!(adopted.len(), 2);
+        assert_eq!(leader.adopt(&doc, &cfg).len(), 2);
+        assert_eq!(follower.effective(), leader.effective());
+        let busy = ("web".to_string(), "10.3.0.2".parse().unwrap());
+        assert!(follower.effective()[&busy] < 100);
+        // The leader's law goes on from the store's corrections.
+        reports(&mut leader, 0.9, 0.3);
+        let (next, _) = leader
+            .propose(
+                Instant::now() + Duration::from_secs(3),
+                &cfg,
+                &health,
+                Some(&doc),
+                "lb0",
+            )
+            .expect("still apart: another step");
+        let c = |d: &LoadDoc| d.services["web"][&busy.1].correction;
+        assert!(c(&next) < c(&doc), "{} then {}", c(&doc), c(&next));
+        assert_eq!(next.steps, 2);
     }
 
     #[test]

@@ -2,15 +2,26 @@
 //! so that every backend of a service runs at the same utilisation whatever its capacity.
 //!
 //! Each period, for every backend that is in the table and has a fresh report:
-//! 1. its utilisation is smoothed: `s = alpha * u + (1 - alpha) * s_prev`;
-//! 2. the mean `m` of the smoothed figures, weighted by the configured weights, is the
+//! 1. a new report `u` (each report counts once, however often it is fetched) updates the
+//!    expected utilisation: `s += alpha * (u - s)`; the square of the surprise `u - s`
+//!    is averaged the same way into the backend's noise;
+//! 2. the mean `m` of the expected figures, weighted by the configured weights, is the
 //!    target;
-//! 3. outside the dead band (`|s - m| > dead_band`) its correction `c` is multiplied by
-//!    `(m / s)^gain`, the factor held within `1 / (1 + max_step) ..= 1 + max_step`;
+//! 3. outside the backend's dead band its correction `c` is multiplied by `(m / s)^gain`,
+//!    the factor held within `1 / (1 + max_step) ..= 1 + max_step`; the band is
+//!    `noise_band` times the typical error of `s` given the measured noise, within
+//!    `dead_band ..= dead_band_max`, so noise alone does not move weights;
 //! 4. the corrections are scaled so that the configured weights' total is kept (only the
 //!    ratios decide the table, so this moves nothing), then held within
 //!    `floor ..= ceiling`;
-//! 5. the effective weight is `round(configured * c)`, at least 1.
+//! 5. the effective weight is `round(configured * c)`, at least 1;
+//! 6. each expectation `s` is moved by the backend's change of share (`s * new / old`,
+//!    at most 1): the law knows what its own step does, so smoothing does not lag
+//!    behind it and does not make it overshoot.
+//!
+//! A saturated report (98% or more) against a lower expectation counts for 0.3 of `alpha`: the
+//! backend may be working off its queue after its share was lowered, and taking that at
+//! face value lowered its weight well below where it ended.
 //!
 //! Why multiplicative: a backend's utilisation is its share of the traffic over its
 //! capacity, so with a steady total load `m / s` is exactly the factor that would level it,
@@ -30,7 +41,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 /// The law's constants. The defaults settle a 4:1 spread of capacities in about ten
-/// periods (see the tests), moving at most a quarter of a backend's weight per period.
+/// periods (see the tests), moving at most a quarter of a backend's weight per period,
+/// and let reports with the noise of a few hundred requests leave weights at rest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Gains {
@@ -41,8 +53,12 @@ pub struct Gains {
     /// Weight of a new measurement in the smoothed utilisation, in (0, 1].
     pub alpha: f64,
     /// Distance from the mean, in utilisation (0.02 = 2 points), within which a backend's
-    /// correction stays as it is.
+    /// correction stays as it is: the least band.
     pub dead_band: f64,
+    /// The band of a backend is `noise_band` times the typical error of its smoothed
+    /// figure (measured from its reports' noise), within `dead_band ..= dead_band_max`.
+    pub noise_band: f64,
+    pub dead_band_max: f64,
     /// Largest relative change of a correction in one period (0.25 = 25%).
     pub max_step: f64,
     /// Bounds of the correction.
@@ -57,8 +73,10 @@ impl Default for Gains {
         Gains {
             period_ms: 3_000,
             gain: 0.6,
-            alpha: 0.7,
+            alpha: 0.5,
             dead_band: 0.02,
+            noise_band: 2.0,
+            dead_band_max: 0.04,
             max_step: 0.25,
             floor: 0.1,
             ceiling: 10.0,
@@ -81,8 +99,11 @@ impl Gains {
         if !unit(self.gain) || !unit(self.alpha) {
             return Err("gain and alpha must lie in (0, 1]".into());
         }
-        if !(0.0..0.5).contains(&self.dead_band) {
-            return Err("dead_band must lie in [0, 0.5)".into());
+        if !(0.0..0.5).contains(&self.dead_band) || !(0.0..0.5).contains(&self.dead_band_max) {
+            return Err("dead_band and dead_band_max must lie in [0, 0.5)".into());
+        }
+        if !(0.0..=10.0).contains(&self.noise_band) {
+            return Err("noise_band must lie in [0, 10]".into());
         }
         if !(self.max_step > 0.0 && self.max_step <= 1.0) {
             return Err("max_step must lie in (0, 1]".into());
@@ -124,9 +145,32 @@ pub struct Decision {
 
 #[derive(Clone, Copy, Debug)]
 struct Memory {
+    /// The utilisation expected under the current weights: the smoothed reports, moved
+    /// by the law's own changes of the backend's share.
     smoothed: Option<f64>,
+    /// Mean square of the reports' surprise (report minus expectation): their noise.
+    noise: f64,
+    /// When the latest report taken in was measured: a report counts once.
+    taken: Option<Instant>,
     correction: f64,
 }
+
+impl Memory {
+    fn new(correction: f64) -> Self {
+        Memory {
+            smoothed: None,
+            noise: 0.0,
+            taken: None,
+            correction,
+        }
+    }
+}
+
+/// A report at or above this says only that demand reached capacity.
+const SATURATED: f64 = 0.98;
+/// How much a saturated report counts (of `alpha`) when the expectation is below
+/// saturation.
+const SATURATED_TRUST: f64 = 0.3;
 
 /// The law's state: per backend, the smoothed utilisation and the correction.
 #[derive(Clone, Debug)]
@@ -151,73 +195,142 @@ impl Law {
     pub fn seed(&mut self, backend: IpAddr, correction: f64) {
         let g = &self.gains;
         if correction.is_finite() {
-            self.memory.insert(
-                backend,
-                Memory {
-                    smoothed: None,
-                    correction: correction.clamp(g.floor, g.ceiling),
-                },
-            );
+            self.memory
+                .insert(backend, Memory::new(correction.clamp(g.floor, g.ceiling)));
         }
+    }
+
+    /// Sets `backend`'s correction (as the fleet's store has it), keeping what the law
+    /// measured of it.
+    pub fn correct(&mut self, backend: IpAddr, correction: f64) {
+        let g = &self.gains;
+        if correction.is_finite() {
+            self.memory
+                .entry(backend)
+                .or_insert_with(|| Memory::new(1.0))
+                .correction = correction.clamp(g.floor, g.ceiling);
+        }
+    }
+
+    /// The dead band of a backend whose reports' surprises have mean square `noise`: the
+    /// typical error of its smoothed figure times `noise_band`, within
+    /// `dead_band ..= dead_band_max`.
+    fn band(&self, noise: f64) -> f64 {
+        let g = &self.gains;
+        // An exponential average with weight `alpha` keeps `alpha / (2 - alpha)` of the
+        // variance of what it averages.
+        let sd = (noise * g.alpha / (2.0 - g.alpha)).sqrt();
+        (g.noise_band * sd).clamp(g.dead_band, g.dead_band_max.max(g.dead_band))
     }
 
     /// One period: the effective weight of every input. Backends no longer in `inputs`
     /// are forgotten; one that comes back starts again at correction 1.
     pub fn step(&mut self, now: Instant, inputs: &[Input]) -> Vec<Decision> {
-        let g = &self.gains;
+        let g = self.gains.clone();
         let stale = Duration::from_millis(g.stale_after_ms);
         self.memory
             .retain(|b, _| inputs.iter().any(|i| i.backend == *b));
-        // 1. Smooth the fresh reports.
+        // 1. Take in the new reports.
         let mut fresh: Vec<(IpAddr, f64, f64)> = Vec::new();
         for i in inputs {
-            let m = self.memory.entry(i.backend).or_insert(Memory {
-                smoothed: None,
-                correction: 1.0,
-            });
+            let m = self
+                .memory
+                .entry(i.backend)
+                .or_insert_with(|| Memory::new(1.0));
             let report = i
                 .report
                 .filter(|r| now.saturating_duration_since(r.at) <= stale);
-            match report {
-                Some(r) if i.in_table => {
-                    let u = r.utilisation.max(0.0);
-                    let s = m.smoothed.map_or(u, |s| g.alpha * u + (1.0 - g.alpha) * s);
-                    m.smoothed = Some(s);
-                    fresh.push((i.backend, s, f64::from(i.configured)));
-                }
-                _ => m.smoothed = None,
+            let Some(r) = report.filter(|_| i.in_table) else {
+                *m = Memory::new(m.correction);
+                continue;
+            };
+            // The same report fetched again (its date moves only by the fetch's jitter)
+            // is no new measurement.
+            let new = m
+                .taken
+                .is_none_or(|t| r.at.saturating_duration_since(t) > g.period() / 2);
+            if new {
+                let u = r.utilisation.clamp(0.0, 1.0);
+                m.smoothed = Some(match m.smoothed {
+                    None => u,
+                    Some(s) => {
+                        let surprise = u - s;
+                        if u >= SATURATED && s < SATURATED {
+                            // Expected below capacity, reported at it: the law lowered its
+                            // share already and the backend may still be working off its
+                            // queue. Weighed lightly, not left out: it may be truly
+                            // saturated still.
+                            s + g.alpha * SATURATED_TRUST * surprise
+                        } else {
+                            m.noise += g.alpha * (surprise * surprise - m.noise);
+                            s + g.alpha * surprise
+                        }
+                    }
+                });
+                m.taken = Some(r.at);
+            }
+            if let Some(s) = m.smoothed {
+                fresh.push((i.backend, s, f64::from(i.configured)));
             }
         }
         // 2-3. Step the corrections towards the weighted mean.
         let total: f64 = fresh.iter().map(|f| f.2).sum();
-        if fresh.len() >= 2 && total > 0.0 {
-            let mean = fresh.iter().map(|f| f.1 * f.2).sum::<f64>() / total;
-            for &(b, s, _) in &fresh {
-                if (s - mean).abs() <= g.dead_band {
-                    continue;
-                }
-                let factor = (mean / s.max(0.01))
-                    .powf(g.gain)
-                    .clamp(1.0 / (1.0 + g.max_step), 1.0 + g.max_step);
-                if let Some(m) = self.memory.get_mut(&b) {
-                    m.correction *= factor;
-                }
-            }
-            // 4. Keep the configured total, then the bounds.
-            let weighted: f64 = fresh
+        if fresh.len() < 2 || total <= 0.0 {
+            return self.decisions(inputs);
+        }
+        let shares = |memory: &BTreeMap<IpAddr, Memory>| -> Vec<f64> {
+            let weighted: Vec<f64> = fresh
                 .iter()
-                .map(|f| f.2 * self.memory[&f.0].correction)
-                .sum();
-            if weighted > 0.0 {
-                let scale = total / weighted;
-                for f in &fresh {
-                    if let Some(m) = self.memory.get_mut(&f.0) {
-                        m.correction = (m.correction * scale).clamp(g.floor, g.ceiling);
-                    }
-                }
+                .map(|f| f.2 * memory[&f.0].correction)
+                .collect();
+            let sum: f64 = weighted.iter().sum();
+            weighted.iter().map(|w| w / sum).collect()
+        };
+        let before = shares(&self.memory);
+        let mean = fresh.iter().map(|f| f.1 * f.2).sum::<f64>() / total;
+        for &(b, s, _) in &fresh {
+            let band = self.band(self.memory[&b].noise);
+            if (s - mean).abs() <= band {
+                continue;
+            }
+            let factor = (mean / s.max(0.01))
+                .powf(g.gain)
+                .clamp(1.0 / (1.0 + g.max_step), 1.0 + g.max_step);
+            if let Some(m) = self.memory.get_mut(&b) {
+                m.correction *= factor;
             }
         }
-        // 5. Effective weights.
+        // 4. Keep the configured total, then the bounds.
+        let weighted: f64 = fresh
+            .iter()
+            .map(|f| f.2 * self.memory[&f.0].correction)
+            .sum();
+        let scale = total / weighted;
+        for f in &fresh {
+            if let Some(m) = self.memory.get_mut(&f.0) {
+                m.correction = (m.correction * scale).clamp(g.floor, g.ceiling);
+            }
+        }
+        // The law's own change of a backend's share moves its utilisation in proportion
+        // (up to saturation): expect it, so that smoothing does not lag behind the law.
+        let after = shares(&self.memory);
+        for (f, (b, a)) in fresh.iter().zip(before.iter().zip(&after)) {
+            if let Some(m) = self.memory.get_mut(&f.0) {
+                m.smoothed = m.smoothed.map(|s| (s * a / b).min(1.0));
+            }
+        }
+        let mut d = self.decisions(inputs);
+        // Shown: the smoothed figure the step used, not the expectation for the next one.
+        for x in &mut d {
+            if let Some(f) = fresh.iter().find(|f| f.0 == x.backend) {
+                x.utilisation = Some(f.1);
+            }
+        }
+        d
+    }
+
+    /// 5. Effective weights.
+    fn decisions(&self, inputs: &[Input]) -> Vec<Decision> {
         inputs
             .iter()
             .map(|i| {

@@ -20,8 +20,11 @@ pub fn backend_suffix(l: &BackendLoad) -> String {
 /// The line under `lb list` that says how the loop runs.
 pub fn status_line(l: &LoadStatus) -> String {
     format!(
-        "load loop: {}, period {} ms, {} periods, {} weight changes\n",
+        "load loop: {}{}, period {} ms, {} periods, {} weight changes\n",
         if l.frozen { "frozen" } else { "running" },
+        l.leader
+            .as_ref()
+            .map_or(String::new(), |n| format!(", leader {n}")),
         l.period_ms,
         l.steps,
         l.changes

@@ -34,8 +34,23 @@ pub struct Wire {
     pub age_ms: u64,
 }
 
-/// The latest sample, shared by the sampler and the listener.
-type Latest = Arc<Mutex<Option<(f64, Instant, SystemTime)>>>;
+impl Wire {
+    /// The report of a sample taken at `at` (`wall` on the wall clock), as of now.
+    pub fn of(utilisation: f64, source: &str, at: Instant, wall: SystemTime) -> Self {
+        Wire {
+            utilisation,
+            source: source.to_string(),
+            measured_unix_ms: wall
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            age_ms: at.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+/// The latest sample (figure, when on both clocks), shared by the sampler, the listener
+/// and the publisher.
+pub type Latest = Arc<Mutex<Option<(f64, Instant, SystemTime)>>>;
 
 /// Starts sampling `config.source` and serving it; fails when the address is taken.
 pub async fn serve(config: &ReportConfig) -> Result<()> {
@@ -50,6 +65,14 @@ pub async fn serve(config: &ReportConfig) -> Result<()> {
         Duration::from_millis(config.interval_ms),
         latest.clone(),
     ));
+    if let Some(fleet) = &config.fleet {
+        tokio::spawn(super::fleet::publish(
+            fleet.clone(),
+            source.clone(),
+            latest.clone(),
+            Duration::from_millis(config.interval_ms),
+        ));
+    }
     tokio::spawn(async move {
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -147,15 +170,7 @@ fn answer(
             "503 no measurement yet\n".into(),
         );
     };
-    let wire = Wire {
-        utilisation: u,
-        source: source.to_string(),
-        measured_unix_ms: wall
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-        age_ms: at.elapsed().as_millis() as u64,
-    };
-    let body = serde_json::to_string(&wire).expect("a report serializes");
+    let body = serde_json::to_string(&Wire::of(u, source, at, wall)).expect("a report serializes");
     reply(StatusCode::OK, "application/json", body)
 }
 
@@ -255,6 +270,7 @@ mod tests {
             source: Source::File(file),
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
             interval_ms: 20,
+            fleet: None,
         };
         serve(&config).await.unwrap();
         assert!(serve(&config).await.is_err(), "the address is taken");

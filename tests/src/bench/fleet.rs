@@ -242,7 +242,7 @@ async fn settled(
 /// validated as a file, the health vote, every table built on the previous one, and a
 /// report of the revision with the digests of the tables' first hops.
 async fn control_plane(cfg: FleetConfig, base: Config) {
-    let (link, mut updates) = Link::start(cfg, false);
+    let (link, mut updates) = Link::start(cfg, false, None);
     let mut tables: BTreeMap<String, Vec<Bucket>> = BTreeMap::new();
     while let Some(u) = updates.recv().await {
         let Update::State(s) = u else { continue };

@@ -167,6 +167,16 @@ impl Lab {
         plan: LabPlan,
         fleet: impl FnOnce(&Topology) -> Result<Option<Value>>,
     ) -> Result<Self> {
+        Lab::start_configured(plan, fleet, |_, _| {})
+    }
+
+    /// As `start_with`; `edit` may change each agent's config (backends' first, then the
+    /// LB nodes') before it starts.
+    pub fn start_configured(
+        plan: LabPlan,
+        fleet: impl FnOnce(&Topology) -> Result<Option<Value>>,
+        edit: impl Fn(&Node, &mut Value),
+    ) -> Result<Self> {
         let started = Instant::now();
         let spec = if plan.unimog {
             Spec::unimog(plan.clients, plan.backends)
@@ -190,21 +200,23 @@ impl Lab {
             lab.start_servers(i)?;
         }
         let topo = &lab.topo;
+        let fleet = fleet(topo)?;
         if !lab.plan.unimog {
             for b in &topo.backends {
                 let vips: Vec<IpAddr> = topo.spec.vips.clone();
-                let config = json!({ "node": node_config(b), "backend_vips": vips });
+                let mut config = json!({ "node": node_config(b), "backend_vips": vips });
+                edit(b, &mut config);
                 lab.backend_agents.push(Agent::start(&topo.id, b, config)?);
             }
         }
         let services = lab.service_configs(&lab.initial_members());
-        let fleet = fleet(topo)?;
         for n in &topo.lbs {
             let mut config = json!({ "node": node_config(n), "services": services });
             if let Some(f) = &fleet {
                 config["fleet"] = f.clone();
                 config["fleet"]["node"] = json!(n.name);
             }
+            edit(n, &mut config);
             lab.lb_agents.push(Agent::start(&topo.id, n, config)?);
         }
         Ok(lab)

@@ -356,3 +356,5 @@ fn bad_gains_are_refused() {
         assert!(bad.check().is_err(), "{bad:?}");
     }
 }
+
+mod queued;
