@@ -84,6 +84,54 @@ pub struct Backend {
 /// The slot holds a backend.
 pub const BACKEND_PRESENT: u32 = 1;
 
+/// The third word of an IPv4-mapped address, as a native load reads it.
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The four words of the 16-byte address at `p`, each read with one aligned load: the
+/// data plane compares words, where a byte array's comparison takes a load per byte.
+///
+/// # Safety
+/// `p` points at 16 readable, initialised bytes, 4-byte aligned.
+#[inline(always)]
+unsafe fn address_words(p: *const u8) -> [u32; 4] {
+    let p = p.cast::<u32>();
+    // SAFETY: the caller's promise.
+    core::array::from_fn(|i| unsafe { p.add(i).read() })
+}
+
+impl Backend {
+    /// `addr` as words (`Backend` is 4-aligned, its address first).
+    #[inline(always)]
+    pub fn addr_words(&self) -> [u32; 4] {
+        // SAFETY: `addr` is at offset 0 of a 4-aligned struct.
+        unsafe { address_words(self.addr.as_ptr()) }
+    }
+
+    /// Whether the backend's address is IPv4 (see `addr`).
+    #[inline(always)]
+    pub fn is_v4(&self) -> bool {
+        let w = self.addr_words();
+        w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD
+    }
+}
+
+impl NodeConfig {
+    /// Whether backend `b` is this node itself (one of its GUE addresses).
+    #[inline(always)]
+    pub fn is_own(&self, b: &Backend) -> bool {
+        let w = b.addr_words();
+        if b.is_v4() {
+            let mine = u32::from_ne_bytes(self.addr_v4);
+            return mine != 0 && w[3] == mine;
+        }
+        // SAFETY: `addr_v6` is at a 4-aligned offset (asserted below) of a 4-aligned
+        // struct.
+        let mine = unsafe { address_words(self.addr_v6.as_ptr()) };
+        mine != [0; 4] && w == mine
+    }
+}
+const _: () = assert!(core::mem::offset_of!(NodeConfig, addr_v6) % 4 == 0);
+
 /// The one value of the `NODE` array: this node's identity and settings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,6 +271,36 @@ mod pod {
 mod tests {
     use super::*;
     use crate::addr::v4_mapped;
+
+    #[test]
+    fn a_node_owns_its_own_addresses_only() {
+        let node = NodeConfig {
+            hash_seed: 0,
+            gue_port_be: 0,
+            _pad: 0,
+            addr_v4: [10, 0, 0, 1],
+            addr_v6: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            flags: 0,
+        };
+        let b = |addr| Backend { addr, flags: 1 };
+        assert!(node.is_own(&b(v4_mapped([10, 0, 0, 1]))));
+        assert!(!node.is_own(&b(v4_mapped([10, 0, 0, 2]))));
+        assert!(node.is_own(&b(node.addr_v6)));
+        assert!(!node.is_own(&b([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2])));
+        // An IPv6 address whose last word is the node's IPv4 address is not the node.
+        let mut tricky = [0u8; 16];
+        tricky[12..].copy_from_slice(&node.addr_v4);
+        assert!(!node.is_own(&b(tricky)));
+        assert!(b(v4_mapped([192, 0, 2, 1])).is_v4() && !b(node.addr_v6).is_v4());
+        // A node without an address of a family owns no backend of it.
+        let bare = NodeConfig {
+            addr_v4: [0; 4],
+            addr_v6: [0; 16],
+            ..node
+        };
+        assert!(!bare.is_own(&b(v4_mapped([0, 0, 0, 0]))));
+        assert!(!bare.is_own(&b([0; 16])));
+    }
 
     #[test]
     fn vip_filter_bits_spread() {

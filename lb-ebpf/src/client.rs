@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    addr::{is_v4_mapped, v4_mapped, v4_part},
+    addr::v4_mapped,
     encap::{write_outer_v4, write_outer_v6, Outer, ENCAP_LEN_V4, ENCAP_LEN_V6, FLAG_CHAINED},
     hash::{bucket_index, outer_source_port},
     limits::MAX_TABLE_BITS,
@@ -70,7 +70,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
     // nothing is encapsulated to the node itself. The entry point asks the local sockets
     // first (`local_claim`), before anything else is read, and comes back when none owns
     // the flow: the socket lookup's frames would not fit under this one's.
-    let local = is_local(node, &first.addr);
+    let local = node.is_own(first);
     if local && !unclaimed {
         return Verdict::ask_local(svc.id);
     }
@@ -78,8 +78,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
     // family.
     let mut second = None;
     if bucket.second != bucket.first {
-        second =
-            present(bucket.second).filter(|s| is_v4_mapped(&s.addr) == is_v4_mapped(&first.addr));
+        second = present(bucket.second).filter(|s| s.is_v4() == first.is_v4());
     }
     let mut reason = if flow.icmp {
         Reason::IcmpForwarded
@@ -120,7 +119,8 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
     } else {
         bucket.first
     };
-    let v = encapsulate(ctx, node, ip, slot, &mut outer);
+    // A hop list cannot switch the family: the second hop's is the first's.
+    let v = encapsulate(ctx, node, ip, (slot, first.is_v4()), &mut outer);
     if v.action() != xdp_action::XDP_DROP {
         // Counted, as every packet of the bucket, under its owner (`sent_on_from_local`
         // tells those this node handed on), with the length it arrived with.
@@ -162,16 +162,6 @@ fn delivered(ctx: &XdpContext, service: u32) -> Verdict {
     pass(Reason::DeliveredLocally)
 }
 
-/// Whether `addr` (a backend's) is one of this node's own addresses.
-#[inline(always)]
-fn is_local(node: &NodeConfig, addr: &[u8; 16]) -> bool {
-    if is_v4_mapped(addr) {
-        node.addr_v4 != [0; 4] && v4_part(addr) == node.addr_v4
-    } else {
-        node.addr_v6 != [0; 16] && *addr == node.addr_v6
-    }
-}
-
 #[inline(always)]
 fn present(index: u32) -> Option<&'static Backend> {
     BACKENDS
@@ -180,17 +170,18 @@ fn present(index: u32) -> Option<&'static Backend> {
 }
 
 /// Puts the outer headers in front of the IP packet at `ip.l3_off` and sends it to
-/// `outer.dst`, the backend in slot `slot`, completing `outer` (source, length, TOS). The
-/// verdict's reason is the caller's to set when the packet was sent.
+/// `outer.dst`, the backend in slot `slot` (IPv4 when `outer_v4`), completing `outer`
+/// (source, length, TOS). The verdict's reason is the caller's to set when the packet was
+/// sent.
 #[inline(always)]
 fn encapsulate(
     ctx: &XdpContext,
     node: &NodeConfig,
     ip: &Ip,
-    slot: u32,
+    (slot, outer_v4): (u32, bool),
     outer: &mut Outer,
 ) -> Verdict {
-    match outer_headers(ctx, node, ip, slot, outer) {
+    match outer_headers(ctx, node, ip, (slot, outer_v4), outer) {
         Some(Ok(action)) => Verdict::new(action, Reason::Encapsulated),
         Some(Err(r)) => drop(r),
         None => drop(Reason::DropMalformed),
@@ -204,11 +195,10 @@ fn outer_headers(
     ctx: &XdpContext,
     node: &NodeConfig,
     ip: &Ip,
-    slot: u32,
+    (slot, outer_v4): (u32, bool),
     outer: &mut Outer,
 ) -> Option<Result<u32, Reason>> {
     let dst = &outer.dst;
-    let outer_v4 = is_v4_mapped(dst);
     let src = if outer_v4 {
         if node.addr_v4 == [0; 4] {
             return Some(Err(Reason::DropNoSource));

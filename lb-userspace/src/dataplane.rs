@@ -625,9 +625,7 @@ impl Dataplane {
             .node
             .get(&0, 0)
             .map_err(|source| map_err(names::NODE, source))?;
-        let v4 = n.addr_v4 != [0; 4] && b.addr == lb_common::addr::v4_mapped(n.addr_v4);
-        let v6 = n.addr_v6 != [0; 16] && b.addr == n.addr_v6;
-        Ok(b.flags & lb_common::maps::BACKEND_PRESENT != 0 && (v4 || v6))
+        Ok(b.flags & lb_common::maps::BACKEND_PRESENT != 0 && n.is_own(&b))
     }
 
     /// Starts the counters of a (service, backend) pair at zero, replacing any (for this
