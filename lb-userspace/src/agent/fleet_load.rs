@@ -75,16 +75,7 @@ impl Agent {
         };
         let leader = doc.leader.clone();
         for c in self.load.adopt(&doc, &self.config) {
-            info!(
-                service = %c.service,
-                backend = %c.backend,
-                configured = c.configured,
-                from = c.from,
-                to = c.to,
-                utilisation = c.utilisation.map(|u| format!("{:.1}%", u * 100.0)).unwrap_or_default(),
-                %leader,
-                "load: effective weight changed"
-            );
+            super::load::log_change(&c, Some(&leader));
         }
     }
 

@@ -12,7 +12,7 @@ use crate::{
     config::Config,
     load::{
         config::LoadConfig,
-        control::{Controller, LoadPlan, NextWeight, ServiceStep},
+        control::{Controller, LoadPlan, NextWeight, ServiceStep, WeightChange},
         report::{Round, Targets},
     },
 };
@@ -86,15 +86,7 @@ impl Agent {
             return;
         }
         for c in &changes {
-            info!(
-                service = %c.service,
-                backend = %c.backend,
-                configured = c.configured,
-                from = c.from,
-                to = c.to,
-                utilisation = c.utilisation.map(|u| format!("{:.1}%", u * 100.0)).unwrap_or_default(),
-                "load: effective weight changed"
-            );
+            log_change(c, None);
         }
         self.save_load_state();
         self.resync("load");
@@ -195,4 +187,18 @@ pub(super) fn word(frozen: bool) -> &'static str {
     } else {
         "running"
     }
+}
+
+/// Logs one effective weight's change; `leader`: in a fleet, the node whose law made it.
+pub(super) fn log_change(c: &WeightChange, leader: Option<&str>) {
+    info!(
+        service = %c.service,
+        backend = %c.backend,
+        configured = c.configured,
+        from = c.from,
+        to = c.to,
+        utilisation = c.utilisation.map(|u| format!("{:.1}%", u * 100.0)).unwrap_or_default(),
+        leader,
+        "load: effective weight changed"
+    );
 }
