@@ -38,6 +38,19 @@ pub fn ne_words(a: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
+/// The `N` words at `p` in memory order, each read with one aligned load: where a
+/// struct keeps addresses at 4-aligned offsets, the data plane compares and hashes words,
+/// not bytes (a byte array's comparison takes a load per byte).
+///
+/// # Safety
+/// `p` points at `4 * N` readable, initialised bytes, 4-byte aligned.
+#[inline(always)]
+pub unsafe fn aligned_words<const N: usize>(p: *const u8) -> [u32; N] {
+    let p = p.cast::<u32>();
+    // SAFETY: the caller's promise.
+    core::array::from_fn(|i| unsafe { p.add(i).read() })
+}
+
 /// Host-side conversion from `IpAddr`.
 pub fn to_bytes(ip: IpAddr) -> [u8; 16] {
     match ip {

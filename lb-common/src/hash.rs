@@ -36,9 +36,8 @@ impl FlowTuple {
     /// one aligned load a word: the tuple is `repr(C, align(4))` with the addresses first.
     #[inline(always)]
     fn address_words(&self) -> [u32; 8] {
-        let p = (self as *const Self).cast::<u32>();
         // SAFETY: the 32 bytes from the start are the two addresses, 4-byte aligned.
-        core::array::from_fn(|i| u32::from_le(unsafe { p.add(i).read() }))
+        unsafe { crate::addr::aligned_words::<8>((self as *const Self).cast()) }.map(u32::from_le)
     }
 
     /// The tuple of the reply direction (used for ICMP errors, which quote the packet

@@ -87,24 +87,12 @@ pub const BACKEND_PRESENT: u32 = 1;
 /// The third word of an IPv4-mapped address, as a native load reads it.
 const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
-/// The four words of the 16-byte address at `p`, each read with one aligned load: the
-/// data plane compares words, where a byte array's comparison takes a load per byte.
-///
-/// # Safety
-/// `p` points at 16 readable, initialised bytes, 4-byte aligned.
-#[inline(always)]
-unsafe fn address_words(p: *const u8) -> [u32; 4] {
-    let p = p.cast::<u32>();
-    // SAFETY: the caller's promise.
-    core::array::from_fn(|i| unsafe { p.add(i).read() })
-}
-
 impl Backend {
     /// `addr` as words (`Backend` is 4-aligned, its address first).
     #[inline(always)]
     pub fn addr_words(&self) -> [u32; 4] {
         // SAFETY: `addr` is at offset 0 of a 4-aligned struct.
-        unsafe { address_words(self.addr.as_ptr()) }
+        unsafe { crate::addr::aligned_words(self.addr.as_ptr()) }
     }
 
     /// Whether the backend's address is IPv4 (see `addr`).
@@ -126,7 +114,7 @@ impl NodeConfig {
         }
         // SAFETY: `addr_v6` is at a 4-aligned offset (asserted below) of a 4-aligned
         // struct.
-        let mine = unsafe { address_words(self.addr_v6.as_ptr()) };
+        let mine = unsafe { crate::addr::aligned_words(self.addr_v6.as_ptr()) };
         mine != [0; 4] && w == mine
     }
 }

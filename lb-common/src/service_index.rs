@@ -63,9 +63,8 @@ impl ServiceSlot {
 /// The key as five words, each read with one aligned load (`ServiceKey` is 4-aligned).
 #[inline(always)]
 fn words(key: &ServiceKey) -> [u32; 5] {
-    let p = (key as *const ServiceKey).cast::<u32>();
     // SAFETY: the key is 20 bytes, 4-byte aligned, with no uninitialised padding.
-    core::array::from_fn(|i| unsafe { p.add(i).read() })
+    unsafe { crate::addr::aligned_words((key as *const ServiceKey).cast()) }
 }
 
 /// The key's home slot.
