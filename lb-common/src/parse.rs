@@ -185,7 +185,7 @@ impl Ip {
 /// the packet would go on elsewhere). The addresses are read by then, so a caller can
 /// tell whether it was to a VIP. Returning at once, rather than carrying a flag, keeps
 /// the verifier's paths few.
-#[inline(never)]
+#[inline(always)]
 pub fn ip<'a, F: Frame<'a>>(f: F, off: usize, v6: bool, out: &mut Ip) -> Result<(), ParseError> {
     if v6 {
         ipv6(f, off, out)
@@ -198,7 +198,7 @@ pub fn ip<'a, F: Frame<'a>>(f: F, off: usize, v6: bool, out: &mut Ip) -> Result<
 /// IPv4 total length within the frame and at least the IP and transport headers, an IPv6
 /// payload length within the frame. (A packet quoted in an ICMP error is cut short by
 /// design: this is not for it.)
-#[inline(never)]
+#[inline(always)]
 pub fn lengths_ok<'a, F: Frame<'a>>(f: F, ip: &Ip) -> bool {
     let Some(h) = f.read::<8>(ip.l3_off) else {
         return false;
@@ -237,7 +237,7 @@ fn ipv4<'a, F: Frame<'a>>(f: F, off: usize, out: &mut Ip) -> Result<(), ParseErr
     Ok(())
 }
 
-#[inline(always)]
+#[inline(never)]
 fn ipv6<'a, F: Frame<'a>>(f: F, off: usize, out: &mut Ip) -> Result<(), ParseError> {
     let h = f.at::<[u8; IPV6_LEN]>(off).ok_or(ParseError::Truncated)?;
     if h[0] >> 4 != 6 {
@@ -324,7 +324,7 @@ impl Flow {
 /// Reads into `out` the flow of a TCP or UDP packet, or of an ICMP/ICMPv6 "too big" error
 /// (whose quoted packet went from the VIP to the client: reversed here). `Ok(false)`:
 /// none of those, so not for lb.
-#[inline(never)]
+#[inline(always)]
 pub fn flow<'a, F: Frame<'a>>(f: F, ip: &Ip, out: &mut Flow) -> Result<bool, ParseError> {
     out.tcp_flags = 0;
     out.icmp = false;
@@ -346,8 +346,8 @@ pub fn flow<'a, F: Frame<'a>>(f: F, ip: &Ip, out: &mut Flow) -> Result<bool, Par
             set_tuple(&mut out.tuple, ip, [h[0], h[1], h[2], h[3]], IPPROTO_UDP);
             Ok(true)
         }
-        IPPROTO_ICMP if !ip.v6 => icmp_too_big(f, ip, 3, 4, out),
-        IPPROTO_ICMPV6 if ip.v6 => icmp_too_big(f, ip, 2, 0, out),
+        IPPROTO_ICMP if !ip.v6 => icmp_too_big(f, ip, out),
+        IPPROTO_ICMPV6 if ip.v6 => icmp_too_big(f, ip, out),
         _ => Ok(false),
     }
 }
@@ -361,17 +361,12 @@ fn set_tuple(t: &mut FlowTuple, ip: &Ip, ports: [u8; 4], proto: u8) {
     t.proto = proto;
 }
 
-/// ICMP type 3 code 4 / ICMPv6 type 2: the flow of the quoted packet, reversed.
-#[inline(always)]
-fn icmp_too_big<'a, F: Frame<'a>>(
-    f: F,
-    ip: &Ip,
-    ty: u8,
-    code: u8,
-    out: &mut Flow,
-) -> Result<bool, ParseError> {
-    let h = f.read::<2>(ip.l4_off).ok_or(ParseError::Truncated)?;
-    if h[0] != ty || h[1] != code {
+/// ICMP type 3 code 4 / ICMPv6 type 2: the flow of the quoted packet, reversed. Not
+/// inlined: the quoted header's facts stay out of the callers' frames.
+#[inline(never)]
+fn icmp_too_big<'a, F: Frame<'a>>(f: F, ip: &Ip, out: &mut Flow) -> Result<bool, ParseError> {
+    let too_big = if ip.v6 { [2, 0] } else { [3, 4] };
+    if f.read::<2>(ip.l4_off).ok_or(ParseError::Truncated)? != too_big {
         return Ok(false);
     }
     let mut quoted = Ip::EMPTY;

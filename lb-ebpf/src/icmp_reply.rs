@@ -102,8 +102,10 @@ pub fn too_big(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict
     }
     if !ip.v6 {
         // Without DF the client expects routers to fragment; lb does not.
-        match ptr::read::<u8>(ctx, ip.l3_off + 6) {
-            Some(flags) if flags & 0x40 != 0 => {}
+        // Two bytes, flags and fragment offset: for a one-byte read LLVM turns the bounds
+        // check into `p < data_end`, from which the verifier learns no range.
+        match ptr::read::<[u8; 2]>(ctx, ip.l3_off + 6) {
+            Some([flags, _]) if flags & 0x40 != 0 => {}
             _ => return drop(Reason::DropTooBig),
         }
     }

@@ -19,7 +19,12 @@ mod ptr;
 mod socket;
 mod verdict;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::PerCpuArray,
+    programs::XdpContext,
+};
 use lb_common::{
     maps::NODE_CONFIGURED,
     parse::{self, Ip},
@@ -27,6 +32,12 @@ use lb_common::{
 };
 use ptr::Xdp;
 use verdict::{pass, Verdict};
+
+/// The IP header's facts of the packet at hand, in a per-CPU value rather than on the
+/// stack: the entry point's frame stays small enough for the client path's and the
+/// socket check's frames on top of it (BPF's 512 bytes for a call chain).
+#[map]
+static IP: PerCpuArray<Ip> = PerCpuArray::with_max_entries(1, 0);
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -52,9 +63,17 @@ fn process(ctx: &XdpContext) -> Verdict {
     if parse::certainly_not_for_lb(frame, &l2, &node.addr_v4, &node.addr_v6, maps::maybe_vip) {
         return pass(Reason::PassNotService);
     }
-    let mut ip = Ip::EMPTY;
-    let parsed = parse::ip(frame, l2.l3_off, l2.v6(), &mut ip);
-    if parsed.is_err() || !parse::lengths_ok(frame, &ip) {
+    let Some(ip) = IP.get_ptr_mut(0) else {
+        return pass(Reason::PassUnconfigured);
+    };
+    // SAFETY: a per-CPU value, only this program run touches it. Reset, as `parse::ip`
+    // may stop before it writes the address read below.
+    let ip = unsafe {
+        *ip = Ip::EMPTY;
+        &mut *ip
+    };
+    let parsed = parse::ip(frame, l2.l3_off, l2.v6(), ip);
+    if parsed.is_err() || !parse::lengths_ok(frame, ip) {
         // The addresses are read before the extension headers: a broken header (or one
         // whose lengths contradict the frame) to a VIP is lb's to drop, not the stack's
         // to route; the backend's kernel would discard it.
@@ -64,18 +83,18 @@ fn process(ctx: &XdpContext) -> Verdict {
         return pass(Reason::PassUnparsed);
     }
     let gue_port = u16::from_be(node.gue_port_be);
-    if parse::is_gue_to_me(frame, &ip, &node.addr_v4, &node.addr_v6, gue_port) {
-        return backend::handle(ctx, &ip);
+    if parse::is_gue_to_me(frame, ip, &node.addr_v4, &node.addr_v6, gue_port) {
+        return backend::handle(ctx, ip);
     }
-    let mut v = client::handle(ctx, node, &ip, false);
+    let mut v = client::handle(ctx, node, ip, false);
     if let Some(service) = v.asked_local() {
-        if client::local_claim(ctx, &ip, service) {
+        if client::local_claim(ctx, ip, service) {
             return pass(Reason::DeliveredLocally);
         }
-        v = client::handle(ctx, node, &ip, true);
+        v = client::handle(ctx, node, ip, true);
     }
     if v.reason_index() == Reason::DropTooBig as u32 {
-        return icmp_reply::too_big(ctx, node, &l2, &ip);
+        return icmp_reply::too_big(ctx, node, &l2, ip);
     }
     v
 }
