@@ -8,7 +8,7 @@
 use core::mem::size_of;
 
 use crate::{
-    parse::{view_mut, Wire},
+    parse::Wire,
     proto::{IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, UDP_LEN},
 };
 
@@ -54,35 +54,6 @@ unsafe impl Wire for HopList {}
 // SAFETY: as above.
 unsafe impl Wire for Gue {}
 
-impl Gue {
-    pub const ZERO: Gue = Gue {
-        header: GueHeader {
-            ver_c_hlen: 0,
-            proto: 0,
-            flags: [0; 2],
-        },
-        hops: HopList {
-            kind: [0; 2],
-            hops_left: 0,
-            flags: 0,
-            next_hop: [0; 16],
-        },
-    };
-
-    /// Writes lb's GUE header and hop list, field by field and in place (in a packet, a
-    /// whole `Gue` would be built on the stack first).
-    #[inline(always)]
-    pub fn set(&mut self, inner_v6: bool, hops_left: u8, flags: u8, next_hop: &[u8; 16]) {
-        self.header.ver_c_hlen = GUE_FIRST_BYTE;
-        self.header.proto = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
-        self.header.flags = [0; 2];
-        self.hops.kind = HOP_LIST_TYPE;
-        self.hops.hops_left = hops_left;
-        self.hops.flags = flags;
-        self.hops.next_hop.copy_from_slice(next_hop);
-    }
-}
-
 pub const GUE_HEADER_LEN: usize = size_of::<GueHeader>();
 pub const HOP_LIST_LEN: usize = size_of::<HopList>();
 /// The GUE base header and the hop list.
@@ -116,85 +87,131 @@ const _: () = assert!(ENCAP_LEN_V4 == 52 && ENCAP_LEN_V6 == 72);
 /// The GUE port when the config names none (the port Linux's own GUE examples use).
 pub const DEFAULT_GUE_PORT: u16 = 6080;
 
-/// What goes into the outer headers of one packet.
+/// What goes into the outer headers of one packet. The addresses come first, in a struct
+/// aligned to 8 bytes, so the data plane reads their words with one load each.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outer {
     /// Outer source and destination (see `addr`): both IPv4-mapped or both IPv6.
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    pub next_hop: [u8; 16],
+    /// IPv6 flow label (low 20 bits used), from the flow hash so routers spread flows.
+    pub flow_label: u32,
     /// UDP source port (from the flow hash) and destination port (the GUE port).
     pub src_port: u16,
     pub dst_port: u16,
     /// Length of the inner IP packet.
     pub inner_len: u16,
-    /// The inner packet is IPv6.
-    pub inner_v6: bool,
     /// Inner DSCP/ECN byte, copied so the path treats the tunnel like the flow.
     pub tos: u8,
-    /// IPv6 flow label (low 20 bits used), from the flow hash so routers spread flows.
-    pub flow_label: u32,
+    /// The inner packet is IPv6.
+    pub inner_v6: bool,
     pub hops_left: u8,
     pub flags: u8,
-    pub next_hop: [u8; 16],
 }
 
 /// Outer TTL / hop limit.
 pub const OUTER_TTL: u8 = 64;
 
-/// Writes UDP, GUE and the hop list (32 bytes) for `o`.
-#[inline(always)]
-fn write_udp_gue(o: &Outer, out: &mut [u8]) {
-    let udp_len = (UDP_LEN + GUE_LEN) as u16 + o.inner_len;
-    out[0..2].copy_from_slice(&o.src_port.to_be_bytes());
-    out[2..4].copy_from_slice(&o.dst_port.to_be_bytes());
-    out[4..6].copy_from_slice(&udp_len.to_be_bytes());
-    // Zero UDP checksum: the receiver is lb's own XDP program, and the inner packet
-    // carries its own checksum (RFC 6935/6936 allow this for tunnels over IPv6 too).
-    out[6] = 0;
-    out[7] = 0;
-    view_mut::<Gue>(&mut out[UDP_LEN..]).set(o.inner_v6, o.hops_left, o.flags, &o.next_hop);
+/// Where outer headers go: 32-bit words, each stored big-endian at `4 * i` bytes. Every
+/// field of lb's outer headers lies within one word, so a header is one store per word;
+/// in the data plane that is a word store into the packet instead of a store per byte.
+pub trait WordSink {
+    /// Stores `w` big-endian at bytes `4 * i..4 * i + 4`.
+    fn put(&mut self, i: usize, w: u32);
 }
 
-/// The outer IPv4 + UDP + GUE + hop list headers of `o` (addresses IPv4-mapped).
+impl<const N: usize> WordSink for [u8; N] {
+    #[inline(always)]
+    fn put(&mut self, i: usize, w: u32) {
+        self[4 * i..4 * i + 4].copy_from_slice(&w.to_be_bytes());
+    }
+}
+
+/// The big-endian word at bytes `4 * i..4 * i + 4` of an address.
 #[inline(always)]
-pub fn write_outer_v4(o: &Outer, out: &mut [u8; ENCAP_LEN_V4]) {
-    let tot_len = ENCAP_LEN_V4 as u16 + o.inner_len;
-    out[0] = 0x45;
-    out[1] = o.tos;
-    out[2..4].copy_from_slice(&tot_len.to_be_bytes());
-    out[4] = 0;
-    out[5] = 0;
-    // Don't fragment: a too-big tunnel packet must be refused, not split.
-    out[6] = 0x40;
-    out[7] = 0;
-    out[8] = OUTER_TTL;
-    out[9] = IPPROTO_UDP;
-    out[12..16].copy_from_slice(&o.src[12..16]);
-    out[16..20].copy_from_slice(&o.dst[12..16]);
+fn addr_word(a: &[u8; 16], i: usize) -> u32 {
+    u32::from_be_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+}
+
+/// Writes UDP, GUE and the hop list (32 bytes, 8 words) for `o` from word `at` on.
+#[inline(always)]
+fn write_udp_gue<S: WordSink>(o: &Outer, out: &mut S, at: usize) {
+    let udp_len = (UDP_LEN + GUE_LEN) as u32 + u32::from(o.inner_len);
+    out.put(at, u32::from(o.src_port) << 16 | u32::from(o.dst_port));
+    // Zero UDP checksum: the receiver is lb's own XDP program, and the inner packet
+    // carries its own checksum (RFC 6935/6936 allow this for tunnels over IPv6 too).
+    out.put(at + 1, udp_len << 16);
+    write_gue(out, at + 2, o.inner_v6, (o.hops_left, o.flags), &o.next_hop);
+}
+
+/// Writes lb's GUE header and hop list (24 bytes, 6 words) from word `at` on.
+#[inline(always)]
+pub fn write_gue<S: WordSink>(
+    out: &mut S,
+    at: usize,
+    inner_v6: bool,
+    (hops_left, flags): (u8, u8),
+    next_hop: &[u8; 16],
+) {
+    let proto = if inner_v6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+    // First byte, inner protocol, no GUE flags.
+    out.put(at, u32::from(GUE_FIRST_BYTE) << 24 | u32::from(proto) << 16);
+    let kind = u32::from(u16::from_be_bytes(HOP_LIST_TYPE));
+    out.put(
+        at + 1,
+        kind << 16 | u32::from(hops_left) << 8 | u32::from(flags),
+    );
+    for i in 0..4 {
+        out.put(at + 2 + i, addr_word(next_hop, i));
+    }
+}
+
+/// The outer IPv4 + UDP + GUE + hop list headers of `o` (addresses IPv4-mapped), 13
+/// words.
+#[inline(always)]
+pub fn write_outer_v4<S: WordSink>(o: &Outer, out: &mut S) {
+    let tot_len = ENCAP_LEN_V4 as u32 + u32::from(o.inner_len);
+    let (src, dst) = (addr_word(&o.src, 3), addr_word(&o.dst, 3));
     // Only TOS, length and addresses vary: the fixed words add up to a constant, so the
     // checksum is a few additions instead of a pass over the header.
     const FIXED: u32 = 0x4500 + 0x4000 + ((OUTER_TTL as u32) << 8 | IPPROTO_UDP as u32);
-    let word = |i: usize| u32::from(u16::from_be_bytes([out[i], out[i + 1]]));
-    let mut sum = FIXED + u32::from(o.tos) + u32::from(tot_len);
-    sum += word(12) + word(14) + word(16) + word(18);
+    let mut sum = FIXED + u32::from(o.tos) + tot_len;
+    sum += (src >> 16) + (src & 0xffff) + (dst >> 16) + (dst & 0xffff);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
-    out[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    write_udp_gue(o, &mut out[IPV4_LEN..]);
+    let checksum = u32::from(!(sum as u16));
+    out.put(0, 0x4500_0000 | u32::from(o.tos) << 16 | tot_len);
+    // No identification; don't fragment: a too-big tunnel packet must be refused, not
+    // split.
+    out.put(1, 0x0000_4000);
+    out.put(
+        2,
+        u32::from(OUTER_TTL) << 24 | u32::from(IPPROTO_UDP) << 16 | checksum,
+    );
+    out.put(3, src);
+    out.put(4, dst);
+    write_udp_gue(o, out, IPV4_LEN / 4);
 }
 
-/// The outer IPv6 + UDP + GUE + hop list headers of `o`.
+/// The outer IPv6 + UDP + GUE + hop list headers of `o`, 18 words.
 #[inline(always)]
-pub fn write_outer_v6(o: &Outer, out: &mut [u8; ENCAP_LEN_V6]) {
-    let payload_len = (ENCAP_LEN_V6 - IPV6_LEN) as u16 + o.inner_len;
-    let vcf = (6u32 << 28) | ((o.tos as u32) << 20) | (o.flow_label & 0x000f_ffff);
-    out[0..4].copy_from_slice(&vcf.to_be_bytes());
-    out[4..6].copy_from_slice(&payload_len.to_be_bytes());
-    out[6] = IPPROTO_UDP;
-    out[7] = OUTER_TTL;
-    out[8..24].copy_from_slice(&o.src);
-    out[24..40].copy_from_slice(&o.dst);
-    write_udp_gue(o, &mut out[IPV6_LEN..]);
+pub fn write_outer_v6<S: WordSink>(o: &Outer, out: &mut S) {
+    let payload_len = (ENCAP_LEN_V6 - IPV6_LEN) as u32 + u32::from(o.inner_len);
+    out.put(
+        0,
+        (6u32 << 28) | u32::from(o.tos) << 20 | (o.flow_label & 0x000f_ffff),
+    );
+    out.put(
+        1,
+        payload_len << 16 | u32::from(IPPROTO_UDP) << 8 | u32::from(OUTER_TTL),
+    );
+    for i in 0..4 {
+        out.put(2 + i, addr_word(&o.src, i));
+        out.put(6 + i, addr_word(&o.dst, i));
+    }
+    write_udp_gue(o, out, IPV6_LEN / 4);
 }
 
 /// The IPv4 header checksum of a 20-byte header (its checksum field taken as zero or

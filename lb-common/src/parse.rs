@@ -45,16 +45,6 @@ pub unsafe trait Wire: Copy {
 // SAFETY: bytes.
 unsafe impl<const N: usize> Wire for [u8; N] {}
 
-/// `T` over the first bytes of `b`. Panics when `b` is shorter (a constant length after
-/// inlining, so the check folds away).
-#[inline(always)]
-pub fn view_mut<T: Wire>(b: &mut [u8]) -> &mut T {
-    const { assert!(align_of::<T>() == 1) };
-    assert!(b.len() >= size_of::<T>());
-    // SAFETY: long enough (above), alignment 1 and any bit pattern valid (`Wire`).
-    unsafe { &mut *b.as_mut_ptr().cast::<T>() }
-}
-
 /// The packet bytes the parser reads: bounds-checked access, implemented for a slice and
 /// for the XDP context.
 ///

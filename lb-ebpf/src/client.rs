@@ -23,7 +23,7 @@ use crate::{
     forward::{self, NextHop},
     icmp_reply,
     maps::{self, BACKENDS, BUCKETS},
-    ptr::{self, Xdp},
+    ptr::{self, PacketWords, Xdp},
     verdict::{drop, pass, Verdict},
 };
 
@@ -235,14 +235,10 @@ fn outer_headers(
         return None;
     }
     if outer_v4 {
-        let out = ptr::at::<[u8; ENCAP_LEN_V4]>(ctx, ETH_LEN)?;
-        // SAFETY: bounds checked by `ptr::at`.
-        write_outer_v4(outer, unsafe { &mut *out });
+        write_outer_v4(outer, &mut PacketWords::<ENCAP_LEN_V4>::at(ctx, ETH_LEN)?);
         forward::send(ctx, &hop, ETH_P_IP).map(Ok)
     } else {
-        let out = ptr::at::<[u8; ENCAP_LEN_V6]>(ctx, ETH_LEN)?;
-        // SAFETY: as above.
-        write_outer_v6(outer, unsafe { &mut *out });
+        write_outer_v6(outer, &mut PacketWords::<ENCAP_LEN_V6>::at(ctx, ETH_LEN)?);
         forward::send(ctx, &hop, ETH_P_IPV6).map(Ok)
     }
 }

@@ -7,6 +7,8 @@
 //! Everything else is passed to the stack untouched. Every packet is counted under exactly
 //! one reason (`lb_common::stats::Reason`).
 #![no_std]
+// Inline assembly on BPF (`ptr::PacketWords`).
+#![feature(asm_experimental_arch)]
 #![no_main]
 
 mod backend;

@@ -5,7 +5,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{limits::MAX_HEADER_OFFSET, parse::Frame};
+use lb_common::{encap::WordSink, limits::MAX_HEADER_OFFSET, parse::Frame};
 
 /// The XDP context as the parser's byte source. The references it hands out are valid
 /// until the packet is resized (`bpf_xdp_adjust_head`): read what is needed before.
@@ -53,4 +53,39 @@ pub fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 pub fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
     // SAFETY: `at` checked the bounds.
     at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// `N` bytes of packet, bounds-checked by `ptr::at`, written a 32-bit word at a time
+/// (`WordSink`). Rust has no unaligned word store that LLVM's BPF backend does not split
+/// into bytes, and packet headers sit at any offset, so the store is one BPF instruction
+/// in inline assembly: x86-64 and arm64 load and store unaligned words, and the verifier
+/// allows unaligned packet access there. It checks the constant offsets against the
+/// bounds as it checks any packet access.
+pub struct PacketWords<const N: usize>(*mut [u8; N]);
+
+impl<const N: usize> PacketWords<N> {
+    /// The `N` bytes at `off`, or `None` when the packet is shorter.
+    #[inline(always)]
+    pub fn at(ctx: &XdpContext, off: usize) -> Option<Self> {
+        at::<[u8; N]>(ctx, off).map(PacketWords)
+    }
+}
+
+impl<const N: usize> WordSink for PacketWords<N> {
+    #[inline(always)]
+    fn put(&mut self, i: usize, w: u32) {
+        if 4 * i + 4 > N {
+            return;
+        }
+        let p = self.0.cast::<u8>().wrapping_add(4 * i);
+        // SAFETY: the word lies inside the `N` bytes `at` checked.
+        unsafe {
+            core::arch::asm!(
+                "*(u32 *)({p} + 0) = {w}",
+                p = in(reg) p,
+                w = in(reg) u64::from(w.to_be()),
+                options(nostack, preserves_flags),
+            );
+        }
+    }
 }

@@ -21,7 +21,7 @@ use std::{
 };
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use lb_common::{encap::Gue, parse::Wire};
+use lb_common::encap::{write_gue, GUE_LEN};
 
 use super::CheckResult;
 use crate::config::{CheckKind, HealthConfig};
@@ -53,9 +53,9 @@ pub async fn check(backend: IpAddr, port: u16, t: &Tunnel, config: &HealthConfig
 
 /// The GUE header and a hop list with no hop left: the backend must accept the packet.
 fn gue(inner: &IpAddr, packet: &[u8]) -> Vec<u8> {
-    let mut g = Gue::ZERO;
-    g.set(inner.is_ipv6(), 0, 0, &[0; 16]);
-    let mut out = g.as_bytes().to_vec();
+    let mut g = [0u8; GUE_LEN];
+    write_gue(&mut g, 0, inner.is_ipv6(), (0, 0), &[0; 16]);
+    let mut out = g.to_vec();
     out.extend_from_slice(packet);
     out
 }
