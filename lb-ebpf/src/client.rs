@@ -140,9 +140,10 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
 
 /// Whether a local socket owns the flow of `ip`, a packet for service `service` whose
 /// bucket's first hop is this node (`Verdict::ask_local`): the backend path's question,
-/// asked from the entry point, where the socket lookup's frames fit. A packet so claimed
-/// is counted; the entry point passes it to the stack (`delivered_locally`).
-#[inline(never)]
+/// asked in the entry point's own frame (inlined, as a call and return cost about 9 ns
+/// here), where the socket lookup's frames fit. A packet so claimed is counted; the entry
+/// point passes it to the stack (`delivered_locally`).
+#[inline(always)]
 pub fn local_claim(ctx: &XdpContext, ip: &Ip, service: u32) -> bool {
     // `handle` parsed the flow in this run before it asked.
     let claimed = FLOW
