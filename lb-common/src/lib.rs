@@ -10,6 +10,7 @@ pub mod hash;
 pub mod limits;
 pub mod maps;
 pub mod packet;
+pub mod pair_index;
 pub mod parse;
 pub mod proto;
 pub mod service_index;

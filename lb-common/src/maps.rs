@@ -172,10 +172,11 @@ pub struct Counters {
     pub bytes: u64,
 }
 
-/// Key of `SERVICE_BACKEND_STATS`: what one service forwarded to one backend. The agent
-/// creates the entry (zeroed) before a table of the service sends anything to the slot,
-/// and deletes it when the backend leaves the service, so a reused slot or service id
-/// starts from zero. What a service's buckets owned by this node itself carry is counted
+/// A (service, backend) pair: what one service forwarded to one backend, counted in
+/// `PAIR_STATS` at the pair's slot of `PAIR_INDEX` (`pair_index`), or in
+/// `SERVICE_BACKEND_STATS` when the index has no room for it. The agent opens the pair
+/// (zeroed) before a table of the service sends anything to the slot, and closes it when
+/// the backend leaves the service, so a reused slot or service id starts from zero. What a service's buckets owned by this node itself carry is counted
 /// in `SERVICE_LOCAL_STATS` instead, by service id: an array, cheaper per packet than
 /// this hash, and a service has one such backend at most. Userspace adds it to this
 /// node's own pair (`Dataplane::service_backend_counters`).
@@ -212,9 +213,11 @@ pub mod names {
     pub const NEXTHOPS: &str = "NEXTHOPS";
     pub const NEXTHOPS_BY_ADDR: &str = "NEXTHOPS_BY_ADDR";
     pub const SERVICE_INDEX: &str = "SERVICE_INDEX";
+    pub const PAIR_INDEX: &str = "PAIR_INDEX";
+    pub const PAIR_STATS: &str = "PAIR_STATS";
 
     /// Every map userspace knows (pinned under these names).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 15] = [
         SERVICES,
         VIPS,
         VIP_FILTER,
@@ -228,6 +231,8 @@ pub mod names {
         NEXTHOPS,
         NEXTHOPS_BY_ADDR,
         SERVICE_INDEX,
+        PAIR_INDEX,
+        PAIR_STATS,
     ];
 }
 
@@ -253,6 +258,8 @@ mod pod {
     unsafe impl aya::Pod for NextHopEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::service_index::ServiceSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::pair_index::PairSlot {}
 }
 
 #[cfg(test)]

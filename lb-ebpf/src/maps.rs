@@ -10,6 +10,7 @@ use lb_common::{
         vip_filter_bit, Backend, Bucket, Counters, NextHopEntry, NodeConfig, ServiceBackendKey,
         ServiceKey, ServiceValue, VipRefs, VIP_FILTER_WORDS,
     },
+    pair_index::{self, PairSlot},
     service_index::{self, Probe, ServiceSlot},
     stats::Reason,
 };
@@ -57,10 +58,19 @@ pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason
 #[map]
 pub static SERVICE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
-/// What each service forwarded to each of its backends (entries made by the agent).
+/// What each service forwarded to each of its backends, for the pairs the pair index has
+/// no room for (entries made by the agent).
 #[map]
 pub static SERVICE_BACKEND_STATS: PerCpuHashMap<ServiceBackendKey, Counters> =
     PerCpuHashMap::with_max_entries(MAX_SERVICE_BACKENDS, 0);
+
+/// The (service, backend) pairs the agent opened (`lb_common::pair_index`).
+#[map]
+pub static PAIR_INDEX: Array<PairSlot> = Array::with_max_entries(pair_index::SLOTS, 0);
+
+/// What each pair of `PAIR_INDEX` forwarded, at the pair's slot.
+#[map]
+pub static PAIR_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(pair_index::SLOTS, 0);
 
 /// What each service's buckets whose first hop is this node carried (delivered locally or
 /// sent on from here), by service id: see `lb_common::maps::ServiceBackendKey`.
@@ -86,7 +96,11 @@ pub fn add(id: u32, backend: u32, bytes: u64) {
         service: id,
         backend,
     };
-    bump(SERVICE_BACKEND_STATS.get_ptr_mut(key), bytes);
+    match pair_index::probe(&key, |i| PAIR_INDEX.get(i)) {
+        pair_index::Probe::Slot(i) => bump(PAIR_STATS.get_ptr_mut(i), bytes),
+        pair_index::Probe::Unindexed => bump(SERVICE_BACKEND_STATS.get_ptr_mut(key), bytes),
+        pair_index::Probe::Absent => {}
+    }
 }
 
 /// As `add`, for a packet of a bucket whose first hop is this node.

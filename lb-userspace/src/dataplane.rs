@@ -23,12 +23,13 @@ use lb_common::{
         names, vip_filter_bit, Backend, Bucket, Counters, NextHopEntry, NodeConfig,
         ServiceBackendKey, ServiceKey, ServiceValue, VipRefs, NODE_CONFIGURED, VIP_FILTER_WORDS,
     },
+    pair_index::{self, PairSlot},
     service_index::{ServiceSlot, SLOTS},
     stats::Reason,
     tcp_window::{self, TcpSockOffsets},
 };
 
-use crate::{ebpf, kernel_btf, service_index::ServiceIndex};
+use crate::{ebpf, kernel_btf, pair_index::PairIndex, service_index::ServiceIndex};
 
 /// Errors from loading the program or touching its maps.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +94,8 @@ struct Maps {
     nexthops: Array<MapData, NextHopEntry>,
     nexthops_by_addr: HashMap<MapData, [u8; 16], NextHopEntry>,
     service_index: Array<MapData, ServiceSlot>,
+    pair_index: Array<MapData, PairSlot>,
+    pair_stats: PerCpuArray<MapData, Counters>,
 }
 
 impl Maps {
@@ -111,6 +114,8 @@ impl Maps {
             nexthops: take(ebpf, names::NEXTHOPS)?,
             nexthops_by_addr: take(ebpf, names::NEXTHOPS_BY_ADDR)?,
             service_index: take(ebpf, names::SERVICE_INDEX)?,
+            pair_index: take(ebpf, names::PAIR_INDEX)?,
+            pair_stats: take(ebpf, names::PAIR_STATS)?,
         })
     }
 
@@ -133,6 +138,8 @@ impl Maps {
             (names::NEXTHOPS, self.nexthops.map()),
             (names::NEXTHOPS_BY_ADDR, self.nexthops_by_addr.map()),
             (names::SERVICE_INDEX, self.service_index.map()),
+            (names::PAIR_INDEX, self.pair_index.map()),
+            (names::PAIR_STATS, self.pair_stats.map()),
         ]
     }
 }
@@ -164,6 +171,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,
     index: ServiceIndex,
+    pairs: PairIndex,
     pin_dir: Option<PathBuf>,
     adopted: bool,
 }
@@ -203,10 +211,15 @@ impl Dataplane {
             .map(|i| maps.service_index.get(&i, 0))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| map_err(names::SERVICE_INDEX, source))?;
+        let pair_slots = (0..pair_index::SLOTS)
+            .map(|i| maps.pair_index.get(&i, 0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| map_err(names::PAIR_INDEX, source))?;
         let mut dp = Dataplane {
             ebpf,
             maps,
             index: ServiceIndex::new(slots),
+            pairs: PairIndex::new(pair_slots),
             pin_dir: opts.pin_dir.clone(),
             adopted,
         };
@@ -217,6 +230,20 @@ impl Dataplane {
         dp.write_index(&writes)?;
         for key in &unindexed {
             warn_unindexed(key);
+        }
+        // Pairs opened by a version without the pair index are only in the hash map,
+        // which the program no longer looks at for a pair it cannot find in the index:
+        // they get slots (their counts so far stay in the hash map and are added).
+        let hashed: Vec<ServiceBackendKey> = dp
+            .maps
+            .service_backend_stats
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| map_err(names::SERVICE_BACKEND_STATS, source))?;
+        for key in hashed {
+            if dp.pairs.slot_of(&key).is_none() {
+                dp.open_pair_slot(key)?;
+            }
         }
         Ok(dp)
     }
@@ -586,6 +613,13 @@ impl Dataplane {
                 Ok((k, sum(&v)))
             })
             .collect::<Result<std::collections::BTreeMap<_, _>, DataplaneError>>()?;
+        let indexed: Vec<(ServiceBackendKey, u32)> = self.pairs.pairs().collect();
+        for (k, slot) in indexed {
+            let c = summed(&self.maps.pair_stats, names::PAIR_STATS, slot)?;
+            let total = pairs.entry(k).or_default();
+            total.packets += c.packets;
+            total.bytes += c.bytes;
+        }
         let mut own = std::collections::BTreeMap::new();
         for (k, c) in &mut pairs {
             let is_own = match own.get(&k.backend) {
@@ -631,29 +665,68 @@ impl Dataplane {
     /// Starts the counters of a (service, backend) pair at zero, replacing any (for this
     /// node's own backend, its counters by service id too).
     pub fn open_service_backend(&mut self, key: ServiceBackendKey) -> Result<(), DataplaneError> {
-        let name = names::SERVICE_BACKEND_STATS;
-        let zero = zeroed_per_cpu().map_err(|source| map_err(name, source))?;
-        self.maps
-            .service_backend_stats
-            .insert(key, zero, 0)
-            .map_err(|source| map_err(name, source))?;
+        self.remove_hashed_pair(&key)?;
+        if !self.open_pair_slot(key)? {
+            let name = names::SERVICE_BACKEND_STATS;
+            let zero = zeroed_per_cpu().map_err(|source| map_err(name, source))?;
+            self.maps
+                .service_backend_stats
+                .insert(key, zero, 0)
+                .map_err(|source| map_err(name, source))?;
+        }
         if self.is_own_slot(key.backend)? {
             self.zero_local_counters(key.service)?;
         }
         Ok(())
     }
 
+    /// Gives `key` a slot of the pair index with zeroed counters (zeroed again when it
+    /// has one). False when its window is full.
+    fn open_pair_slot(&mut self, key: ServiceBackendKey) -> Result<bool, DataplaneError> {
+        let Some((slot, writes)) = self.pairs.open(&key) else {
+            tracing::warn!(
+                service = key.service,
+                backend = key.backend,
+                "pair not in the pair index (its slots are taken): counted in the slower hash map"
+            );
+            return Ok(false);
+        };
+        let name = names::PAIR_STATS;
+        let zero = zeroed_per_cpu().map_err(|source| map_err(name, source))?;
+        self.maps
+            .pair_stats
+            .set(slot, zero, 0)
+            .map_err(|source| map_err(name, source))?;
+        self.write_pairs(&writes)?;
+        Ok(true)
+    }
+
     /// Drops the counters of a (service, backend) pair.
     pub fn close_service_backend(&mut self, key: ServiceBackendKey) -> Result<(), DataplaneError> {
-        let name = names::SERVICE_BACKEND_STATS;
-        match self.maps.service_backend_stats.remove(&key) {
+        let writes = self.pairs.close(&key);
+        self.write_pairs(&writes)?;
+        self.remove_hashed_pair(&key)
+    }
+
+    fn write_pairs(&mut self, writes: &[crate::pair_index::Write]) -> Result<(), DataplaneError> {
+        for (i, slot) in writes {
+            self.maps
+                .pair_index
+                .set(*i, *slot, 0)
+                .map_err(|source| map_err(names::PAIR_INDEX, source))?;
+        }
+        Ok(())
+    }
+
+    fn remove_hashed_pair(&mut self, key: &ServiceBackendKey) -> Result<(), DataplaneError> {
+        match self.maps.service_backend_stats.remove(key) {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.kind() == std::io::ErrorKind::NotFound =>
             {
                 Ok(())
             }
-            Err(source) => Err(map_err(name, source)),
+            Err(source) => Err(map_err(names::SERVICE_BACKEND_STATS, source)),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod health;
 pub mod kernel_btf;
 pub mod load;
 pub mod metrics;
+pub mod pair_index;
 pub mod service_index;
 pub mod top;
 
