@@ -259,9 +259,28 @@ fn a_fleet_on_one_etcd_agrees_and_survives_its_store() {
     let took = wait_agreement(&lab, "etcd restarted", Duration::from_secs(30));
     println!("etcd restarted on its data: agreement again after {took:?}");
     assert_eq!(weight(&lab, 2, "web", &b0), 50, "the store kept the change");
-    lab.lb_agents[2]
-        .ok(&["backend", "set-weight", "web", &b0, "100"])
-        .unwrap();
+    // The tables agreed all along; each node's store client reconnects on its own
+    // schedule, and until it has, a change is refused as unavailable.
+    let asked = Instant::now();
+    loop {
+        let out = lab.lb_agents[2]
+            .lb(&["backend", "set-weight", "web", &b0, "100"])
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("unavailable") && asked.elapsed() < Duration::from_secs(15),
+            "lb2 refused a change {:?} after etcd came back: {stderr}",
+            asked.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "lb2 took a change {:?} after the store came back",
+        asked.elapsed()
+    );
     let took = wait_agreement(&lab, "set-weight on lb2", Duration::from_secs(10));
     println!("one command on lb2 after the restart: identical after {took:?}");
 
