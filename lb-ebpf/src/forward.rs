@@ -17,15 +17,16 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    addr::{is_v4_mapped, ne_words, v4_part},
+    addr::{aligned_words, is_v4_mapped, ne_words, v4_part},
+    encap::WordSink,
     maps::{NextHopEntry, NEXTHOP_VALID, NO_BACKEND},
-    proto::IPPROTO_UDP,
+    proto::{ETH_LEN, IPPROTO_UDP},
     stats::Reason,
 };
 
 use crate::{
     maps::{self, NEXTHOPS, NEXTHOPS_BY_ADDR},
-    ptr,
+    ptr::{self, PacketWords},
 };
 
 /// `bpf_fib_lookup`'s parameter block, in a per-CPU value rather than on the stack: its
@@ -37,20 +38,33 @@ static FIB_PARAMS: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Where a packet to `dst` leaves: interface and MAC addresses.
+/// Where a packet to `dst` leaves: the interface, and the Ethernet header's first 12
+/// bytes (destination and source MAC) as three words in memory order, copied and written
+/// a word at a time.
 #[derive(Clone, Copy)]
 pub struct NextHop {
     pub ifindex: u32,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
+    pub macs: [u32; 3],
 }
 
 impl NextHop {
     pub const EMPTY: NextHop = NextHop {
         ifindex: 0,
-        smac: [0; 6],
-        dmac: [0; 6],
+        macs: [0; 3],
     };
+
+    #[inline(always)]
+    fn new(ifindex: u32, dmac: &[u8; 6], smac: &[u8; 6]) -> NextHop {
+        let mut b = [0u8; 12];
+        b[..6].copy_from_slice(dmac);
+        b[6..].copy_from_slice(smac);
+        NextHop {
+            ifindex,
+            macs: core::array::from_fn(|i| {
+                u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+            }),
+        }
+    }
 }
 
 /// The next hop for an outer packet of `tot_len` bytes (from the IP header on) from `src`
@@ -86,8 +100,9 @@ fn from_entry(e: &NextHopEntry, tot_len: u16, out: &mut NextHop) -> Result<(), R
     }
     *out = NextHop {
         ifindex: e.ifindex,
-        smac: e.smac,
-        dmac: e.dmac,
+        // SAFETY: `dmac` and `smac` are the entry's last 12 bytes, at offset 8 of a
+        // 4-aligned `repr(C)` struct.
+        macs: unsafe { aligned_words(e.dmac.as_ptr()) },
     };
     Ok(())
 }
@@ -127,11 +142,7 @@ fn fib(
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), p, size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            *out = NextHop {
-                ifindex: p.ifindex,
-                smac: p.smac,
-                dmac: p.dmac,
-            };
+            *out = NextHop::new(p.ifindex, &p.dmac, &p.smac);
             Ok(())
         }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropTooBig),
@@ -143,13 +154,11 @@ fn fib(
 /// Returns `None` if the packet is too short for an Ethernet header.
 #[inline(always)]
 pub fn send(ctx: &XdpContext, hop: &NextHop, ether_type: u16) -> Option<u32> {
-    let eth = ptr::at::<[u8; 14]>(ctx, 0)?;
-    let mut h = [0u8; 14];
-    h[0..6].copy_from_slice(&hop.dmac);
-    h[6..12].copy_from_slice(&hop.smac);
-    h[12..14].copy_from_slice(&ether_type.to_be_bytes());
-    // SAFETY: bounds checked by `ptr::at`.
-    unsafe { eth.write_unaligned(h) };
+    let mut eth = PacketWords::<ETH_LEN>::at(ctx, 0)?;
+    for (i, w) in hop.macs.iter().enumerate() {
+        eth.put(i, u32::from_be(*w));
+    }
+    eth.put_u16(12, ether_type);
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
         Some(xdp_action::XDP_TX)
     } else {

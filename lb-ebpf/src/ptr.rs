@@ -69,6 +69,24 @@ impl<const N: usize> PacketWords<N> {
     pub fn at(ctx: &XdpContext, off: usize) -> Option<Self> {
         at::<[u8; N]>(ctx, off).map(PacketWords)
     }
+
+    /// Stores `v` big-endian at bytes `off..off + 2`.
+    #[inline(always)]
+    pub fn put_u16(&mut self, off: usize, v: u16) {
+        if off + 2 > N {
+            return;
+        }
+        let p = self.0.cast::<u8>().wrapping_add(off);
+        // SAFETY: the two bytes lie inside the `N` bytes `at` checked.
+        unsafe {
+            core::arch::asm!(
+                "*(u16 *)({p} + 0) = {v}",
+                p = in(reg) p,
+                v = in(reg) u64::from(v.to_be()),
+                options(nostack, preserves_flags),
+            );
+        }
+    }
 }
 
 impl<const N: usize> WordSink for PacketWords<N> {
