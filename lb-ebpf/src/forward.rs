@@ -26,7 +26,7 @@ use lb_common::{
 
 use crate::{
     maps::{self, NEXTHOPS, NEXTHOPS_BY_ADDR},
-    ptr::{self, PacketWords},
+    ptr::PacketWords,
 };
 
 /// `bpf_fib_lookup`'s parameter block, in a per-CPU value rather than on the stack: its

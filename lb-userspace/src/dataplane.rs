@@ -429,13 +429,7 @@ impl Dataplane {
         &mut self,
         writes: &[crate::service_index::Write],
     ) -> Result<(), DataplaneError> {
-        for (i, slot) in writes {
-            self.maps
-                .service_index
-                .set(*i, *slot, 0)
-                .map_err(|source| map_err(names::SERVICE_INDEX, source))?;
-        }
-        Ok(())
+        write_slots(&mut self.maps.service_index, names::SERVICE_INDEX, writes)
     }
 
     /// Removes a service (the data plane passes its packets again) and, with its last
@@ -709,13 +703,7 @@ impl Dataplane {
     }
 
     fn write_pairs(&mut self, writes: &[crate::pair_index::Write]) -> Result<(), DataplaneError> {
-        for (i, slot) in writes {
-            self.maps
-                .pair_index
-                .set(*i, *slot, 0)
-                .map_err(|source| map_err(names::PAIR_INDEX, source))?;
-        }
-        Ok(())
+        write_slots(&mut self.maps.pair_index, names::PAIR_INDEX, writes)
     }
 
     fn remove_hashed_pair(&mut self, key: &ServiceBackendKey) -> Result<(), DataplaneError> {
@@ -738,6 +726,18 @@ pub struct Node {
     pub gue_port: u16,
     pub addr_v4: Option<std::net::Ipv4Addr>,
     pub addr_v6: Option<std::net::Ipv6Addr>,
+}
+
+/// Writes `(slot, value)` pairs into the array `map` (named `name`), in order.
+fn write_slots<T: aya::Pod>(
+    map: &mut Array<MapData, T>,
+    name: &'static str,
+    writes: &[(u32, T)],
+) -> Result<(), DataplaneError> {
+    for (i, v) in writes {
+        map.set(*i, *v, 0).map_err(|source| map_err(name, source))?;
+    }
+    Ok(())
 }
 
 /// Entry `id` of the per-CPU array `map` (named `name`), summed over CPUs.

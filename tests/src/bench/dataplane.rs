@@ -176,7 +176,7 @@ fn run_rounds(
             let before = dp.reason_counts()?;
             let t = harness.run(dp.ebpf(), Target::Lb, first, s.repeat)?;
             let after = dp.reason_counts()?;
-            check_counts(c, (&before, &after), u64::from(s.repeat), &[])?;
+            check_counts(c, &before, &after, u64::from(s.repeat), &[])?;
             ensure!(
                 t.return_value == c.verdict,
                 "{}: verdict {}, expected {}",
@@ -237,7 +237,8 @@ fn run_rounds(
 /// under the reasons of `strays` (traffic that is not the benchmark's).
 pub fn check_counts(
     c: &Case,
-    (before, after): (&[(Reason, u64)], &[(Reason, u64)]),
+    before: &[(Reason, u64)],
+    after: &[(Reason, u64)],
     runs: u64,
     strays: &[Reason],
 ) -> Result<()> {
@@ -273,7 +274,7 @@ fn verify_frames(dp: &mut Dataplane, harness: &Harness, c: &Case) -> Result<bool
             t.return_value,
             c.verdict
         );
-        check_counts(c, (&before, &after), 1, &[]).with_context(|| format!("frame {i}"))?;
+        check_counts(c, &before, &after, 1, &[]).with_context(|| format!("frame {i}"))?;
         unchanged &= t.output == *f;
     }
     Ok(unchanged)

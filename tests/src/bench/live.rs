@@ -108,7 +108,7 @@ pub fn measure(s: Settings, names: &[&str]) -> Result<Vec<LiveResult>> {
                 // The program is attached to the veth, so the kernel's own traffic on it
                 // (IPv6 neighbour discovery and the like) is counted too, as not for lb.
                 let strays = [Reason::PassNotService, Reason::PassNotIp];
-                check_counts(c, (&before, &after), u64::from(s.frames), &strays)?;
+                check_counts(c, &before, &after, u64::from(s.frames), &strays)?;
                 checked += u64::from(s.frames);
                 per_frame.push(t.ns_per_run - base.ns_per_run + floor.ns_per_run);
                 floors.push(floor.ns_per_run);
