@@ -227,6 +227,8 @@ fn ipv4<'a, F: Frame<'a>>(f: F, off: usize, out: &mut Ip) -> Result<(), ParseErr
     Ok(())
 }
 
+/// Not inlined, unlike the IPv4 half: inlined into the entry point, the extension-header
+/// loop's bounds were lost to the verifier ("invalid mem access 'scalar'").
 #[inline(never)]
 fn ipv6<'a, F: Frame<'a>>(f: F, off: usize, out: &mut Ip) -> Result<(), ParseError> {
     let h = f.at::<[u8; IPV6_LEN]>(off).ok_or(ParseError::Truncated)?;
