@@ -26,16 +26,15 @@ pub const fn v4_part(a: &[u8; 16]) -> [u8; 4] {
     [a[12], a[13], a[14], a[15]]
 }
 
-/// The address as four u32 in memory order, as kernel structs (`bpf_fib_lookup`,
-/// `bpf_sock_tuple`) hold IPv6 addresses.
+/// Copies the address into `words`, four u32 in memory order, as kernel structs
+/// (`bpf_fib_lookup`, `bpf_sock_tuple`) hold IPv6 addresses. Byte by byte: built as words
+/// first, the address took registers that the FIB helper's callers then spilled to the
+/// stack, whose frames are at the bottom of the longest call chain.
 #[inline(always)]
-pub fn ne_words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
+pub fn copy_to_words(words: &mut [u32; 4], a: &[u8; 16]) {
+    // SAFETY: `[u32; 4]` is 16 bytes, and any bytes are valid u32s.
+    let bytes = unsafe { &mut *(words as *mut [u32; 4]).cast::<[u8; 16]>() };
+    *bytes = *a;
 }
 
 /// The `N` words at `p` in memory order, each read with one aligned load: where a

@@ -12,7 +12,7 @@ use lb_common::{
     addr::v4_mapped,
     encap::{write_outer_v4, write_outer_v6, Outer, ENCAP_LEN_V4, ENCAP_LEN_V6, FLAG_CHAINED},
     hash::{bucket_index, outer_source_port},
-    limits::MAX_TABLE_BITS,
+    limits::{MAX_SERVICES, MAX_TABLE_BITS},
     maps::{Backend, NodeConfig, ServiceKey, BACKEND_PRESENT},
     parse::{self, Flow, Ip, NoFlow},
     proto::{ETH_LEN, ETH_P_IP, ETH_P_IPV6},
@@ -27,15 +27,18 @@ use crate::{
     verdict::{drop, pass, Verdict},
 };
 
-/// The flow of the packet at hand, in a per-CPU value rather than on the stack: parsed
-/// once by `handle`, read again by `local_claim` (a program run keeps its CPU), and its
-/// 40 bytes stay out of the client path's frame (BPF's 512 bytes for a call chain).
+/// The flow of the packet at hand, in a per-CPU value rather than on the stack: its 40
+/// bytes stay out of the entry point's frame (BPF's 512 bytes for a call chain).
 #[map]
 static FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
-/// `unclaimed`: asked again after `local_claim` found no local socket owning the flow.
-#[inline(never)]
-pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> Verdict {
+/// The client path's decisions, inlined in the entry point (a call and return cost about
+/// 9 ns here): the flow, its service, bucket and first hop. When the first hop is this
+/// node, the backend path's question (does a local socket own the flow?) is asked here,
+/// in the entry point's frame, where the socket lookup's frames fit; only what is sent
+/// on goes through `forward`.
+#[inline(always)]
+pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip) -> Verdict {
     let Some(flow) = FLOW.get_ptr_mut(0) else {
         return pass(Reason::PassNotService);
     };
@@ -67,24 +70,85 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
         return drop(Reason::DropNoBackend);
     };
     // This node is the first hop: what its backend path would decide, made here, so
-    // nothing is encapsulated to the node itself. The entry point asks the local sockets
-    // first (`local_claim`), before anything else is read, and comes back when none owns
-    // the flow: the socket lookup's frames would not fit under this one's.
+    // nothing is encapsulated to the node itself.
     let local = node.is_own(first);
-    if local && !unclaimed {
-        return Verdict::ask_local(svc.id);
+    if local && crate::backend::claim(ctx, flow, ip, false).is_some() {
+        return delivered(ctx, svc.id);
     }
+    let pick = Pick::new(hash, svc.id, local, flow.icmp);
+    let slots = u64::from(bucket.first) | (u64::from(bucket.second) << 32);
+    forward(ctx, node, ip, slots, pick)
+}
+
+/// What `handle` chose, for `forward`, in one scalar (BPF functions take at most five):
+/// the flow hash, the service id, whether the first hop is this node and whether the
+/// packet is an ICMP error about the flow.
+#[derive(Clone, Copy)]
+struct Pick(u64);
+
+const PICK_LOCAL: u64 = 1 << 16;
+const PICK_ICMP: u64 = 1 << 17;
+const _: () = assert!(MAX_SERVICES as u64 <= PICK_LOCAL);
+
+impl Pick {
+    #[inline(always)]
+    fn new(hash: u32, service: u32, local: bool, icmp: bool) -> Pick {
+        let mut p = (u64::from(hash) << 32) | u64::from(service);
+        if local {
+            p |= PICK_LOCAL;
+        }
+        if icmp {
+            p |= PICK_ICMP;
+        }
+        Pick(p)
+    }
+
+    #[inline(always)]
+    fn hash(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    #[inline(always)]
+    fn service(self) -> u32 {
+        (self.0 & (PICK_LOCAL - 1)) as u32
+    }
+
+    #[inline(always)]
+    fn local(self) -> bool {
+        self.0 & PICK_LOCAL != 0
+    }
+
+    #[inline(always)]
+    fn icmp(self) -> bool {
+        self.0 & PICK_ICMP != 0
+    }
+}
+
+/// Sends the packet of `pick`'s flow on, encapsulated: to the bucket's first hop, with the
+/// previous owner as the next hop of the hop list (`slots`: the bucket's first and second
+/// backend slots, in the low and high half); or, when the first hop is
+/// this node and no local socket owns the flow, to the second hop, chained. Out of line:
+/// its frame and the FIB fallback's would not fit under the entry point's with the
+/// backend path's.
+#[inline(never)]
+fn forward(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, slots: u64, pick: Pick) -> Verdict {
+    let (first_slot, second_slot) = (slots as u32, (slots >> 32) as u32);
+    let Some(first) = present(first_slot) else {
+        return drop(Reason::DropNoBackend);
+    };
+    let local = pick.local();
     // The previous owner, when it can be chained to: a hop list cannot switch the outer
     // family.
     let mut second = None;
-    if bucket.second != bucket.first {
-        second = present(bucket.second).filter(|s| s.is_v4() == first.is_v4());
+    if second_slot != first_slot {
+        second = present(second_slot).filter(|s| s.is_v4() == first.is_v4());
     }
-    let mut reason = if flow.icmp {
+    let mut reason = if pick.icmp() {
         Reason::IcmpForwarded
     } else {
         Reason::Encapsulated
     };
+    let hash = pick.hash();
     // The outer headers as far as the bucket decides them; `encapsulate` adds the rest.
     let mut outer = Outer {
         src: [0; 16],
@@ -102,7 +166,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
     if local {
         let Some(second) = second else {
             // No one else to ask: the local stack answers for itself.
-            return delivered(ctx, svc.id);
+            return delivered(ctx, pick.service());
         };
         // As a first hop passes a packet it does not own on: to the second hop, chained,
         // with no hop left, so an unowned UDP flow comes back here.
@@ -114,11 +178,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
         outer.hops_left = 1;
         outer.next_hop = second.addr;
     }
-    let slot = if reason == Reason::SentOnFromLocal {
-        bucket.second
-    } else {
-        bucket.first
-    };
+    let slot = if local { second_slot } else { first_slot };
     // A hop list cannot switch the family: the second hop's is the first's.
     let v = encapsulate(ctx, node, ip, (slot, first.is_v4()), &mut outer);
     if v.action() != xdp_action::XDP_DROP {
@@ -126,33 +186,16 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, unclaimed: bool) -> 
         // tells those this node handed on), with the length it arrived with.
         let bytes = (outer.inner_len as usize + ip.l3_off) as u64;
         if local {
-            maps::add_local(svc.id, bytes);
+            maps::add_local(pick.service(), bytes);
         } else {
-            maps::add(svc.id, bucket.first, bytes);
+            maps::add(pick.service(), first_slot, bytes);
         }
         return Verdict::new(v.action(), reason);
-    } else if v.reason_index() == Reason::DropTooBig as u32 && !flow.icmp {
+    } else if v.reason_index() == Reason::DropTooBig as u32 && !pick.icmp() {
         // The entry point answers the client (`icmp_reply`), not an ICMP error.
         icmp_reply::remember_hop(&outer.dst);
     }
     v
-}
-
-/// Whether a local socket owns the flow of `ip`, a packet for service `service` whose
-/// bucket's first hop is this node (`Verdict::ask_local`): the backend path's question,
-/// asked in the entry point's own frame (inlined, as a call and return cost about 9 ns
-/// here), where the socket lookup's frames fit. A packet so claimed is counted; the entry
-/// point passes it to the stack (`delivered_locally`).
-#[inline(always)]
-pub fn local_claim(ctx: &XdpContext, ip: &Ip, service: u32) -> bool {
-    // `handle` parsed the flow in this run before it asked.
-    let claimed = FLOW
-        .get(0)
-        .is_some_and(|flow| crate::backend::claim(ctx, flow, ip, false).is_some());
-    if claimed {
-        maps::add_local(service, ptr::frame_len(ctx) as u64);
-    }
-    claimed
 }
 
 /// A packet passed to the local stack untouched, counted for the service and this node's

@@ -17,7 +17,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    addr::{aligned_words, is_v4_mapped, ne_words, v4_part},
+    addr::{aligned_words, copy_to_words, is_v4_mapped, v4_part},
     encap::WordSink,
     maps::{NextHopEntry, NEXTHOP_VALID, NO_BACKEND},
     proto::{ETH_LEN, IPPROTO_UDP},
@@ -53,17 +53,15 @@ impl NextHop {
         macs: [0; 3],
     };
 
+    /// Sets `self` from a route's interface and MACs, a word at a time as each is formed:
+    /// built whole, the words were spilled to the stack around the FIB helper's call, and
+    /// that frame sits at the bottom of the backend path's call chain.
     #[inline(always)]
-    fn new(ifindex: u32, dmac: &[u8; 6], smac: &[u8; 6]) -> NextHop {
-        let mut b = [0u8; 12];
-        b[..6].copy_from_slice(dmac);
-        b[6..].copy_from_slice(smac);
-        NextHop {
-            ifindex,
-            macs: core::array::from_fn(|i| {
-                u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
-            }),
-        }
+    fn set(&mut self, ifindex: u32, d: &[u8; 6], s: &[u8; 6]) {
+        self.ifindex = ifindex;
+        self.macs[0] = u32::from_ne_bytes([d[0], d[1], d[2], d[3]]);
+        self.macs[1] = u32::from_ne_bytes([d[4], d[5], s[0], s[1]]);
+        self.macs[2] = u32::from_ne_bytes([s[2], s[3], s[4], s[5]]);
     }
 }
 
@@ -135,14 +133,17 @@ fn fib(
         p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(v4_part(dst));
     } else {
         p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = ne_words(src);
-        p.__bindgen_anon_4.ipv6_dst = ne_words(dst);
+        // SAFETY: the unions' IPv6 members, written whole (plain u32 arrays).
+        unsafe {
+            copy_to_words(&mut p.__bindgen_anon_3.ipv6_src, src);
+            copy_to_words(&mut p.__bindgen_anon_4.ipv6_dst, dst);
+        }
     }
     // SAFETY: `p` is a valid, initialised parameter block of the size passed.
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), p, size_of::<FibParams>() as i32, 0) };
     match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            *out = NextHop::new(p.ifindex, &p.dmac, &p.smac);
+            out.set(p.ifindex, &p.dmac, &p.smac);
             Ok(())
         }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropTooBig),

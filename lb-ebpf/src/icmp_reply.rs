@@ -23,7 +23,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    addr::{is_v4_mapped, ne_words, v4_part},
+    addr::{copy_to_words, is_v4_mapped, v4_part},
     encap::{ipv4_checksum, ENCAP_LEN_V4, ENCAP_LEN_V6},
     maps::NodeConfig,
     parse::{Ip, L2},
@@ -151,8 +151,11 @@ fn path_mtu(ctx: &XdpContext, node: &NodeConfig, hop: &[u8; 16]) -> Option<u32> 
         p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(v4_part(hop));
     } else {
         p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = ne_words(&node.addr_v6);
-        p.__bindgen_anon_4.ipv6_dst = ne_words(hop);
+        // SAFETY: the unions' IPv6 members, written whole (plain u32 arrays).
+        unsafe {
+            copy_to_words(&mut p.__bindgen_anon_3.ipv6_src, &node.addr_v6);
+            copy_to_words(&mut p.__bindgen_anon_4.ipv6_dst, hop);
+        }
     }
     // SAFETY: `p` is a valid, initialised parameter block of the size passed.
     let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) };

@@ -88,13 +88,7 @@ fn process(ctx: &XdpContext) -> Verdict {
     if parse::is_gue_to_me(frame, ip, &node.addr_v4, &node.addr_v6, gue_port) {
         return backend::handle(ctx, ip);
     }
-    let mut v = client::handle(ctx, node, ip, false);
-    if let Some(service) = v.asked_local() {
-        if client::local_claim(ctx, ip, service) {
-            return pass(Reason::DeliveredLocally);
-        }
-        v = client::handle(ctx, node, ip, true);
-    }
+    let v = client::handle(ctx, node, ip);
     if v.reason_index() == Reason::DropTooBig as u32 {
         return icmp_reply::too_big(ctx, node, &l2, ip);
     }

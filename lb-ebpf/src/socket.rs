@@ -19,7 +19,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    addr::{ne_words, v4_part},
+    addr::{copy_to_words, v4_part},
     hash::FlowTuple,
     parse::{Flow, Ip},
     proto::{IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, TCP_ACK, TCP_LEN},
@@ -171,8 +171,8 @@ fn fill(t: &mut bpf_sock_tuple, f: &FlowTuple, v6: bool) -> u32 {
     unsafe {
         if v6 {
             let s = &mut t.__bindgen_anon_1.ipv6;
-            s.saddr = ne_words(&f.src);
-            s.daddr = ne_words(&f.dst);
+            copy_to_words(&mut s.saddr, &f.src);
+            copy_to_words(&mut s.daddr, &f.dst);
             s.sport = f.src_port.to_be();
             s.dport = f.dst_port.to_be();
             size_of::<[u32; 9]>() as u32

@@ -12,9 +12,6 @@ use lb_common::stats::Reason;
 #[repr(transparent)]
 pub struct Verdict(u64);
 
-/// The action of `Verdict::ask_local`: no XDP action has this value.
-const ASK_LOCAL: u32 = 0xff;
-
 impl Verdict {
     #[inline(always)]
     pub fn new(action: u32, reason: Reason) -> Self {
@@ -24,20 +21,6 @@ impl Verdict {
     #[inline(always)]
     pub fn action(self) -> u32 {
         self.0 as u32
-    }
-
-    /// Not a verdict yet: the client path found this node the bucket's first hop and asks
-    /// the entry point to look for a local socket (`client::local_claim`). Carries the
-    /// service id, for the counters.
-    #[inline(always)]
-    pub fn ask_local(service: u32) -> Self {
-        Verdict(((service as u64) << 32) | ASK_LOCAL as u64)
-    }
-
-    /// The service id of an `ask_local` verdict.
-    #[inline(always)]
-    pub fn asked_local(self) -> Option<u32> {
-        (self.action() == ASK_LOCAL).then_some((self.0 >> 32) as u32)
     }
 
     /// The reason's index in `REASON_STATS`.
