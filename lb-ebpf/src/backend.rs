@@ -18,7 +18,7 @@ use lb_common::{
 
 use crate::{
     forward::{self, NextHop},
-    ptr::{self, Xdp},
+    ptr::{self, PacketWords, Xdp},
     socket,
     verdict::{drop, Verdict},
 };
@@ -94,22 +94,18 @@ pub fn claim(ctx: &XdpContext, f: &Flow, ip: &Ip, forward_syn: bool) -> Option<R
 /// the verifier cannot follow.
 #[inline(never)]
 fn accept(ctx: &XdpContext, inner_off: usize, inner_v6: bool, reason: Reason) -> Verdict {
-    let Some(macs) = ptr::read::<[u8; 12]>(ctx, 0) else {
+    let Some(old) = PacketWords::<12>::at(ctx, 0) else {
         return drop(Reason::DropMalformed);
     };
+    let macs = [old.get(0), old.get(1), old.get(2)];
     // SAFETY: plain helper call; packet pointers are derived anew afterwards.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, (inner_off - ETH_LEN) as i32) } != 0 {
         return drop(Reason::DropMalformed);
     }
-    let Some(eth) = ptr::at::<[u8; ETH_LEN]>(ctx, 0) else {
-        return drop(Reason::DropMalformed);
-    };
     let ether_type = if inner_v6 { ETH_P_IPV6 } else { ETH_P_IP };
-    let mut h = [0u8; ETH_LEN];
-    h[..12].copy_from_slice(&macs);
-    h[12..].copy_from_slice(&ether_type.to_be_bytes());
-    // SAFETY: bounds checked by `ptr::at`.
-    unsafe { eth.write_unaligned(h) };
+    if ptr::write_ethernet(ctx, &macs, ether_type).is_none() {
+        return drop(Reason::DropMalformed);
+    }
     Verdict::new(xdp_action::XDP_PASS, reason)
 }
 

@@ -18,15 +18,14 @@ use aya_ebpf::{
 };
 use lb_common::{
     addr::{aligned_words, copy_to_words, is_v4_mapped, v4_part},
-    encap::WordSink,
     maps::{NextHopEntry, NEXTHOP_VALID, NO_BACKEND},
-    proto::{ETH_LEN, IPPROTO_UDP},
+    proto::IPPROTO_UDP,
     stats::Reason,
 };
 
 use crate::{
     maps::{self, NEXTHOPS, NEXTHOPS_BY_ADDR},
-    ptr::PacketWords,
+    ptr,
 };
 
 /// `bpf_fib_lookup`'s parameter block, in a per-CPU value rather than on the stack: its
@@ -155,11 +154,7 @@ fn fib(
 /// Returns `None` if the packet is too short for an Ethernet header.
 #[inline(always)]
 pub fn send(ctx: &XdpContext, hop: &NextHop, ether_type: u16) -> Option<u32> {
-    let mut eth = PacketWords::<ETH_LEN>::at(ctx, 0)?;
-    for (i, w) in hop.macs.iter().enumerate() {
-        eth.put(i, u32::from_be(*w));
-    }
-    eth.put_u16(12, ether_type);
+    ptr::write_ethernet(ctx, &hop.macs, ether_type)?;
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
         Some(xdp_action::XDP_TX)
     } else {

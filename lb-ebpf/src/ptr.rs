@@ -5,7 +5,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{encap::WordSink, limits::MAX_HEADER_OFFSET, parse::Frame};
+use lb_common::{encap::WordSink, limits::MAX_HEADER_OFFSET, parse::Frame, proto::ETH_LEN};
 
 /// The XDP context as the parser's byte source. The references it hands out are valid
 /// until the packet is resized (`bpf_xdp_adjust_head`): read what is needed before.
@@ -55,8 +55,8 @@ pub fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
     at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
 }
 
-/// `N` bytes of packet, bounds-checked by `ptr::at`, written a 32-bit word at a time
-/// (`WordSink`). Rust has no unaligned word store that LLVM's BPF backend does not split
+/// `N` bytes of packet, bounds-checked by `ptr::at`, read and written a 32-bit word at a
+/// time (`WordSink`). Rust has no unaligned word store that LLVM's BPF backend does not split
 /// into bytes, and packet headers sit at any offset, so the store is one BPF instruction
 /// in inline assembly: x86-64 and arm64 load and store unaligned words, and the verifier
 /// allows unaligned packet access there. It checks the constant offsets against the
@@ -68,6 +68,26 @@ impl<const N: usize> PacketWords<N> {
     #[inline(always)]
     pub fn at(ctx: &XdpContext, off: usize) -> Option<Self> {
         at::<[u8; N]>(ctx, off).map(PacketWords)
+    }
+
+    /// The word at bytes `4 * i..4 * i + 4`, in memory order (as `u32::from_ne_bytes`).
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> u32 {
+        if 4 * i + 4 > N {
+            return 0;
+        }
+        let p = self.0.cast::<u8>().wrapping_add(4 * i);
+        let w: u64;
+        // SAFETY: the word lies inside the `N` bytes `at` checked.
+        unsafe {
+            core::arch::asm!(
+                "{w} = *(u32 *)({p} + 0)",
+                p = in(reg) p,
+                w = out(reg) w,
+                options(nostack, preserves_flags, readonly),
+            );
+        }
+        w as u32
     }
 
     /// Stores `v` big-endian at bytes `off..off + 2`.
@@ -106,4 +126,17 @@ impl<const N: usize> WordSink for PacketWords<N> {
             );
         }
     }
+}
+
+/// Writes the Ethernet header at the start of the packet: `macs`, the destination and
+/// source MAC as three words in memory order, then `ether_type`. `None` when the packet
+/// is shorter than the header.
+#[inline(always)]
+pub fn write_ethernet(ctx: &XdpContext, macs: &[u32; 3], ether_type: u16) -> Option<()> {
+    let mut eth = PacketWords::<ETH_LEN>::at(ctx, 0)?;
+    for (i, w) in macs.iter().enumerate() {
+        eth.put(i, u32::from_be(*w));
+    }
+    eth.put_u16(12, ether_type);
+    Some(())
 }
