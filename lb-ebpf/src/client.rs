@@ -72,12 +72,14 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip) -> Verdict {
     // This node is the first hop: what its backend path would decide, made here, so
     // nothing is encapsulated to the node itself.
     let local = node.is_own(first);
-    if local && crate::backend::claim(ctx, flow, ip, false).is_some() {
-        return delivered(ctx, svc.id);
-    }
+    // Only these four values live across the socket question's call: each more would be
+    // spilled to the stack on every forwarded packet too.
     let pick = Pick::new(hash, svc.id, local, flow.icmp);
     let slots = u64::from(bucket.first) | (u64::from(bucket.second) << 32);
-    forward(ctx, node, ip, slots, pick)
+    if local && crate::backend::claim(ctx, flow, ip, false).is_some() {
+        return delivered(ctx, pick.service());
+    }
+    forward(ctx, ip, slots, pick)
 }
 
 /// What `handle` chose, for `forward`, in one scalar (BPF functions take at most five):
@@ -131,7 +133,10 @@ impl Pick {
 /// its frame and the FIB fallback's would not fit under the entry point's with the
 /// backend path's.
 #[inline(never)]
-fn forward(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, slots: u64, pick: Pick) -> Verdict {
+fn forward(ctx: &XdpContext, ip: &Ip, slots: u64, pick: Pick) -> Verdict {
+    let Some(node) = maps::NODE.get(0) else {
+        return pass(Reason::PassUnconfigured);
+    };
     let (first_slot, second_slot) = (slots as u32, (slots >> 32) as u32);
     let Some(first) = present(first_slot) else {
         return drop(Reason::DropNoBackend);
