@@ -127,11 +127,10 @@ impl Pick {
 }
 
 /// Sends the packet of `pick`'s flow on, encapsulated: to the bucket's first hop, with the
-/// previous owner as the next hop of the hop list (`slots`: the bucket's first and second
-/// backend slots, in the low and high half); or, when the first hop is
-/// this node and no local socket owns the flow, to the second hop, chained. Out of line:
-/// its frame and the FIB fallback's would not fit under the entry point's with the
-/// backend path's.
+/// previous owner as the next hop of the hop list; or, when the first hop is this node
+/// and no local socket owns the flow, to the second hop, chained. `slots`: the bucket's
+/// first and second backend slots, in the low and high half. Out of line: its frame and
+/// the FIB fallback's would not fit under the entry point's with the backend path's.
 #[inline(never)]
 fn forward(ctx: &XdpContext, ip: &Ip, slots: u64, pick: Pick) -> Verdict {
     let Some(node) = maps::NODE.get(0) else {
