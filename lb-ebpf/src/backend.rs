@@ -90,9 +90,10 @@ pub fn claim(ctx: &XdpContext, f: &Flow, ip: &Ip, forward_syn: bool) -> Option<R
 }
 
 /// Strips everything before the inner IP packet but the Ethernet addresses, and passes it.
-/// Not inlined: LLVM would otherwise reuse bounds checks made for other offsets, which
-/// the verifier cannot follow.
-#[inline(never)]
+/// Inlined, as a call costs about 9 ns here. (Out of line it once had to be: LLVM reused
+/// bounds checks of byte-wise Ethernet accesses across the head's move, which the
+/// verifier cannot follow; `PacketWords` checks its span anew after the move.)
+#[inline(always)]
 fn accept(ctx: &XdpContext, inner_off: usize, inner_v6: bool, reason: Reason) -> Verdict {
     let Some(old) = PacketWords::<12>::at(ctx, 0) else {
         return drop(Reason::DropMalformed);
