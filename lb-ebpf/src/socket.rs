@@ -95,7 +95,7 @@ pub fn owns(ctx: &XdpContext, flow: &Flow, inner: &Ip) -> bool {
 /// True when the TCP segment of `flow` (at `inner.l4_off`) falls in the windows of the
 /// full socket `sk`. Without the field offsets (no kernel BTF), the state check alone
 /// decides. Values are checked as they are read: the frame stays small.
-#[inline(never)]
+#[inline(always)]
 fn segment_in_window(ctx: &XdpContext, sk: *mut bpf_sock, flow: &Flow, inner: &Ip) -> bool {
     let o = addr_of!(TCP_SOCK_OFFSETS);
     // SAFETY: reads of the loader-set global's fields.
