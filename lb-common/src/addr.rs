@@ -14,6 +14,9 @@ pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
     ]
 }
 
+/// The third word of an IPv4-mapped address, as a native load reads it.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
 /// Whether a 16-byte address holds an IPv4 address.
 #[inline(always)]
 pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
@@ -48,6 +51,15 @@ pub unsafe fn aligned_words<const N: usize>(p: *const u8) -> [u32; N] {
     let p = p.cast::<u32>();
     // SAFETY: the caller's promise.
     core::array::from_fn(|i| unsafe { p.add(i).read() })
+}
+
+/// Four words (as `aligned_words` reads them) as the address's bytes. An address copied
+/// as `from_words(aligned_words(..))` into a field at an aligned offset is four word
+/// loads and stores: a plain `[u8; 16]` copy is sixteen of each in BPF.
+#[inline(always)]
+pub fn from_words(w: [u32; 4]) -> [u8; 16] {
+    // SAFETY: 16 bytes either way, and any bytes are valid.
+    unsafe { core::mem::transmute(w) }
 }
 
 /// Host-side conversion from `IpAddr`.

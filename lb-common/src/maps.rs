@@ -84,8 +84,6 @@ pub struct Backend {
 /// The slot holds a backend.
 pub const BACKEND_PRESENT: u32 = 1;
 
-/// The third word of an IPv4-mapped address, as a native load reads it.
-const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 impl Backend {
     /// `addr` as words (`Backend` is 4-aligned, its address first).
@@ -99,7 +97,7 @@ impl Backend {
     #[inline(always)]
     pub fn is_v4(&self) -> bool {
         let w = self.addr_words();
-        w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD
+        w[0] == 0 && w[1] == 0 && w[2] == crate::addr::V4_MAPPED_WORD
     }
 }
 
@@ -109,22 +107,38 @@ impl NodeConfig {
     pub fn is_own(&self, b: &Backend) -> bool {
         let w = b.addr_words();
         if b.is_v4() {
-            let mine = u32::from_ne_bytes(self.addr_v4);
+            let mine = self.addr_v4_word();
             return mine != 0 && w[3] == mine;
         }
-        // SAFETY: `addr_v6` is at a 4-aligned offset (asserted below) of a 4-aligned
-        // struct.
-        let mine = unsafe { crate::addr::aligned_words(self.addr_v6.as_ptr()) };
+        let mine = self.addr_v6_words();
         mine != [0; 4] && w == mine
     }
+
+    /// `addr_v4` in one aligned load.
+    #[inline(always)]
+    pub fn addr_v4_word(&self) -> u32 {
+        // SAFETY: `addr_v4` is at a 4-aligned offset (asserted below) of a 4-aligned
+        // struct.
+        let [w] = unsafe { crate::addr::aligned_words::<1>(self.addr_v4.as_ptr()) };
+        w
+    }
+
+    /// `addr_v6` in four aligned loads.
+    #[inline(always)]
+    pub fn addr_v6_words(&self) -> [u32; 4] {
+        // SAFETY: as `addr_v4_word`.
+        unsafe { crate::addr::aligned_words(self.addr_v6.as_ptr()) }
+    }
 }
+const _: () = assert!(core::mem::offset_of!(NodeConfig, addr_v4) % 4 == 0);
 const _: () = assert!(core::mem::offset_of!(NodeConfig, addr_v6) % 4 == 0);
 
 /// The one value of the `NODE` array: this node's identity and settings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
-    /// Fleet-wide flow hash seed.
+    /// Fleet-wide flow hash seed. The data plane hashes with `FLOW_HASH`, which the agent
+    /// writes from it.
     pub hash_seed: u32,
     /// The UDP port GUE packets are sent to and received on, network byte order.
     pub gue_port_be: u16,
@@ -215,9 +229,10 @@ pub mod names {
     pub const SERVICE_INDEX: &str = "SERVICE_INDEX";
     pub const PAIR_INDEX: &str = "PAIR_INDEX";
     pub const PAIR_STATS: &str = "PAIR_STATS";
+    pub const FLOW_HASH: &str = "FLOW_HASH";
 
     /// Every map userspace knows (pinned under these names).
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         SERVICES,
         VIPS,
         VIP_FILTER,
@@ -233,6 +248,7 @@ pub mod names {
         SERVICE_INDEX,
         PAIR_INDEX,
         PAIR_STATS,
+        FLOW_HASH,
     ];
 }
 
@@ -260,6 +276,8 @@ mod pod {
     unsafe impl aya::Pod for crate::service_index::ServiceSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::pair_index::PairSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::hash::FlowHashKey {}
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    addr::v4_mapped,
+    addr::{from_words, V4_MAPPED_WORD},
     encap::{write_outer_v4, write_outer_v6, Outer, ENCAP_LEN_V4, ENCAP_LEN_V6, FLAG_CHAINED},
     hash::{bucket_index, outer_source_port},
     limits::{MAX_SERVICES, MAX_TABLE_BITS},
@@ -62,7 +62,10 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip) -> Verdict {
     if svc.table_bits > MAX_TABLE_BITS {
         return drop(Reason::DropNoBackend);
     }
-    let hash = flow.tuple.hash(node.hash_seed, !ip.v6);
+    let Some(hash_key) = maps::FLOW_HASH.get(0) else {
+        return pass(Reason::PassUnconfigured);
+    };
+    let hash = flow.tuple.hash(hash_key, !ip.v6);
     let Some(bucket) = BUCKETS.get(svc.table_offset + bucket_index(hash, svc.table_bits)) else {
         return drop(Reason::DropNoBackend);
     };
@@ -156,7 +159,7 @@ fn forward(ctx: &XdpContext, ip: &Ip, slots: u64, pick: Pick) -> Verdict {
     // The outer headers as far as the bucket decides them; `encapsulate` adds the rest.
     let mut outer = Outer {
         src: [0; 16],
-        dst: first.addr,
+        dst: from_words(first.addr_words()),
         src_port: outer_source_port(hash),
         dst_port: u16::from_be(node.gue_port_be),
         inner_len: 0,
@@ -175,12 +178,12 @@ fn forward(ctx: &XdpContext, ip: &Ip, slots: u64, pick: Pick) -> Verdict {
         // As a first hop passes a packet it does not own on: to the second hop, chained,
         // with no hop left, so an unowned UDP flow comes back here.
         reason = Reason::SentOnFromLocal;
-        outer.dst = second.addr;
+        outer.dst = from_words(second.addr_words());
         outer.flags = FLAG_CHAINED;
-        outer.next_hop = second.addr;
+        outer.next_hop = outer.dst;
     } else if let Some(second) = second {
         outer.hops_left = 1;
-        outer.next_hop = second.addr;
+        outer.next_hop = from_words(second.addr_words());
     }
     let slot = if local { second_slot } else { first_slot };
     // A hop list cannot switch the family: the second hop's is the first's.
@@ -248,15 +251,17 @@ fn outer_headers(
 ) -> Option<Result<u32, Reason>> {
     let dst = &outer.dst;
     let src = if outer_v4 {
-        if node.addr_v4 == [0; 4] {
+        let a = node.addr_v4_word();
+        if a == 0 {
             return Some(Err(Reason::DropNoSource));
         }
-        v4_mapped(node.addr_v4)
+        from_words([0, 0, V4_MAPPED_WORD, a])
     } else {
-        if node.addr_v6 == [0; 16] {
+        let w = node.addr_v6_words();
+        if w == [0; 4] {
             return Some(Err(Reason::DropNoSource));
         }
-        node.addr_v6
+        from_words(w)
     };
     let inner_len = ptr::frame_len(ctx) - ip.l3_off;
     let encap_len = if outer_v4 { ENCAP_LEN_V4 } else { ENCAP_LEN_V6 };

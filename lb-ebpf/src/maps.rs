@@ -5,6 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use lb_common::{
+    hash::FlowHashKey,
     limits::{DEFAULT_BUCKET_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_SERVICE_BACKENDS},
     maps::{
         vip_filter_bit, Backend, Bucket, Counters, NextHopEntry, NodeConfig, ServiceBackendKey,
@@ -51,6 +52,11 @@ pub static NEXTHOPS_BY_ADDR: HashMap<[u8; 16], NextHopEntry> =
 
 #[map]
 pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+/// The flow hash's seed and IPv4 head (`lb_common::hash::FlowHashKey`), written before
+/// `NODE`.
+#[map]
+pub static FLOW_HASH: Array<FlowHashKey> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT as u32, 0);

@@ -19,6 +19,7 @@ use aya::{
 };
 use lb_common::{
     addr,
+    hash::FlowHashKey,
     maps::{
         names, vip_filter_bit, Backend, Bucket, Counters, NextHopEntry, NodeConfig,
         ServiceBackendKey, ServiceKey, ServiceValue, VipRefs, NODE_CONFIGURED, VIP_FILTER_WORDS,
@@ -87,6 +88,7 @@ struct Maps {
     buckets: Array<MapData, Bucket>,
     backends: Array<MapData, Backend>,
     node: Array<MapData, NodeConfig>,
+    flow_hash: Array<MapData, FlowHashKey>,
     reason_stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Counters>,
     service_backend_stats: PerCpuHashMap<MapData, ServiceBackendKey, Counters>,
@@ -107,6 +109,7 @@ impl Maps {
             buckets: take(ebpf, names::BUCKETS)?,
             backends: take(ebpf, names::BACKENDS)?,
             node: take(ebpf, names::NODE)?,
+            flow_hash: take(ebpf, names::FLOW_HASH)?,
             reason_stats: take(ebpf, names::REASON_STATS)?,
             service_stats: take(ebpf, names::SERVICE_STATS)?,
             service_backend_stats: take(ebpf, names::SERVICE_BACKEND_STATS)?,
@@ -140,6 +143,7 @@ impl Maps {
             (names::SERVICE_INDEX, self.service_index.map()),
             (names::PAIR_INDEX, self.pair_index.map()),
             (names::PAIR_STATS, self.pair_stats.map()),
+            (names::FLOW_HASH, self.flow_hash.map()),
         ]
     }
 }
@@ -336,6 +340,12 @@ impl Dataplane {
         if let Some(v6) = node.addr_v6 {
             cfg.addr_v6 = v6.octets();
         }
+        // Before `NODE`, whose flag makes the program forward: no packet is hashed with a
+        // key not yet written.
+        self.maps
+            .flow_hash
+            .set(0, FlowHashKey::new(node.hash_seed), 0)
+            .map_err(|source| map_err(names::FLOW_HASH, source))?;
         self.maps
             .node
             .set(0, cfg, 0)
