@@ -84,7 +84,6 @@ pub struct Backend {
 /// The slot holds a backend.
 pub const BACKEND_PRESENT: u32 = 1;
 
-
 impl Backend {
     /// `addr` as words (`Backend` is 4-aligned, its address first).
     #[inline(always)]

@@ -18,6 +18,7 @@ use lb_common::{
 
 use crate::{
     forward::{self, NextHop},
+    maps,
     ptr::{self, PacketWords, Xdp},
     socket,
     verdict::{drop, Verdict},
@@ -51,12 +52,19 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
     }
     let mut udp = false;
     if !inner.fragment {
-        let mut f = Flow::EMPTY;
-        match parse::flow(frame, &inner, &mut f) {
+        let Some(f) = maps::FLOW.get_ptr_mut(0) else {
+            return drop(Reason::DropMalformed);
+        };
+        // SAFETY: a per-CPU value, only this program run touches it.
+        let f = unsafe {
+            *f = Flow::EMPTY;
+            &mut *f
+        };
+        match parse::flow(frame, &inner, f) {
             Err(_) => return drop(Reason::DropMalformed),
             Ok(false) => {}
             Ok(true) => {
-                if let Some(reason) = claim(ctx, &f, &inner, flags & FLAG_FORWARD_SYN != 0) {
+                if let Some(reason) = claim(ctx, f, &inner, flags & FLAG_FORWARD_SYN != 0) {
                     return accept(ctx, inner_off, inner_v6, reason);
                 }
                 udp = f.tuple.proto == IPPROTO_UDP && !f.icmp;

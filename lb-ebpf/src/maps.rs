@@ -12,6 +12,7 @@ use lb_common::{
         ServiceKey, ServiceValue, VipRefs, VIP_FILTER_WORDS,
     },
     pair_index::{self, PairSlot},
+    parse::Flow,
     service_index::{self, Probe, ServiceSlot},
     stats::Reason,
 };
@@ -52,6 +53,12 @@ pub static NEXTHOPS_BY_ADDR: HashMap<[u8; 16], NextHopEntry> =
 
 #[map]
 pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
+
+/// The flow of the packet at hand (the client path's, or a GUE packet's inner one), in a
+/// per-CPU value rather than on the stack: its 40 bytes stay out of the frames of the
+/// entry point and the backend path (BPF's 512 bytes for a call chain).
+#[map]
+pub static FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 
 /// The flow hash's seed and IPv4 head (`lb_common::hash::FlowHashKey`), written before
 /// `NODE`.
