@@ -13,7 +13,7 @@ use lb_common::{
     hash::{bucket_index, outer_source_port},
     limits::{MAX_SERVICES, MAX_TABLE_BITS},
     maps::{Backend, NodeConfig, ServiceKey, BACKEND_PRESENT},
-    parse::{self, Flow, Ip, NoFlow},
+    parse::{self, Ip, NoFlow},
     proto::{ETH_LEN, ETH_P_IP, ETH_P_IPV6},
     stats::Reason,
 };
