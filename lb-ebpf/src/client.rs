@@ -75,7 +75,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip) -> Verdict {
     if local && crate::backend::claim(ctx, flow, ip, false).is_some() {
         return delivered(ctx, pick.service());
     }
-    forward(ctx, ip, slots, pick)
+    forward(ctx, node, ip, slots, pick)
 }
 
 /// What `handle` chose, for `forward`, in one scalar: the flow hash, the service id,
@@ -131,10 +131,7 @@ impl Pick {
 /// under BPF's 512 bytes with the backend path's frames on top because that path keeps
 /// its flow in the per-CPU `FLOW`.
 #[inline(always)]
-fn forward(ctx: &XdpContext, ip: &Ip, slots: u64, pick: Pick) -> Verdict {
-    let Some(node) = maps::NODE.get(0) else {
-        return pass(Reason::PassUnconfigured);
-    };
+fn forward(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, slots: u64, pick: Pick) -> Verdict {
     let (first_slot, second_slot) = (slots as u32, (slots >> 32) as u32);
     let Some(first) = present(first_slot) else {
         return drop(Reason::DropNoBackend);
