@@ -68,6 +68,11 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip) -> Verdict {
     // This node is the first hop: what its backend path would decide, made here, so
     // nothing is encapsulated to the node itself.
     let local = node.is_own(first);
+    if local && previous_owner(bucket.first, bucket.second, first).is_none() {
+        // No one else to ask: the local stack answers for itself, socket or not (most
+        // buckets, as a bucket has a second hop only after a change of its owner).
+        return delivered(ctx, svc.id);
+    }
     // Only these four values live across the socket question's call: each more would be
     // spilled to the stack on every forwarded packet too.
     let pick = Pick::new(hash, svc.id, local, flow.icmp);
@@ -76,6 +81,17 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip) -> Verdict {
         return delivered(ctx, pick.service());
     }
     forward(ctx, node, ip, slots, pick)
+}
+
+/// The bucket's previous owner (in slot `second_slot`), when a packet can be chained to
+/// it from the first hop `first` (in `first_slot`): a hop list cannot switch the outer
+/// family.
+#[inline(always)]
+fn previous_owner(first_slot: u32, second_slot: u32, first: &Backend) -> Option<&'static Backend> {
+    if second_slot == first_slot {
+        return None;
+    }
+    present(second_slot).filter(|s| s.is_v4() == first.is_v4())
 }
 
 /// What `handle` chose, for `forward`, in one scalar: the flow hash, the service id,
@@ -137,12 +153,7 @@ fn forward(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, slots: u64, pick: Pick)
         return drop(Reason::DropNoBackend);
     };
     let local = pick.local();
-    // The previous owner, when it can be chained to: a hop list cannot switch the outer
-    // family.
-    let mut second = None;
-    if second_slot != first_slot {
-        second = present(second_slot).filter(|s| s.is_v4() == first.is_v4());
-    }
+    let second = previous_owner(first_slot, second_slot, first);
     let mut reason = if pick.icmp() {
         Reason::IcmpForwarded
     } else {
@@ -165,7 +176,8 @@ fn forward(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, slots: u64, pick: Pick)
     };
     if local {
         let Some(second) = second else {
-            // No one else to ask: the local stack answers for itself.
+            // Gone since `handle` looked (the agent writes meanwhile): delivered here, as
+            // `handle` would have.
             return delivered(ctx, pick.service());
         };
         // As a first hop passes a packet it does not own on: to the second hop, chained,

@@ -17,7 +17,14 @@ use lb::{
     dataplane::{Dataplane, LoadOptions, Node},
     table::{self, Candidate},
 };
-use lb_common::{addr::to_bytes, limits::DEFAULT_TABLE_BITS, proto::ETH_P_IP, stats::Reason};
+use lb_common::{
+    addr::{to_bytes, v4_mapped},
+    hash::{bucket_index, flow_hash, FlowTuple},
+    limits::DEFAULT_TABLE_BITS,
+    maps::Bucket,
+    proto::ETH_P_IP,
+    stats::Reason,
+};
 
 use super::harness::{Harness, Target};
 pub use crate::fixture::{XDP_PASS, XDP_TX};
@@ -41,7 +48,7 @@ const TCP: u8 = 6;
 const UDP: u8 = 17;
 
 /// The cases, in the order they are reported.
-pub const CASES: [&str; 9] = [
+pub const CASES: [&str; 10] = [
     "tcp_syn_vip_v4",
     "tcp_ack_vip_v4",
     "udp_vip_v4",
@@ -51,6 +58,7 @@ pub const CASES: [&str; 9] = [
     "gue_second_hop_v4",
     "icmp_too_big_v4",
     "tcp_ack_local_v4",
+    "tcp_ack_local_chained_v4",
 ];
 
 /// One path through the program: its frames and what every run of them must end in.
@@ -114,15 +122,27 @@ pub struct Measured {
 /// Measures the cases named in `names` (see [`CASES`]).
 pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
     let opts = LoadOptions {
-        bucket_slots: 4 << DEFAULT_TABLE_BITS,
+        bucket_slots: BUCKET_SLOTS,
         pin_dir: None,
     };
     fixture::with_dataplane("bench", &opts, |dp, ifindex| {
         configure(dp)?;
-        let sockets = Sockets::open(80, s.flows)?;
-        let local = Sockets::open(LOCAL_PORT, s.flows)?;
+        let sockets = Sockets::open(80, s.flows, |_| true)?;
+        let local = Sockets::open(LOCAL_PORT, s.flows, |_| true)?;
+        // Connections whose bucket this node took over from backend 0, which the bucket
+        // keeps as its second hop.
+        let chained_table = chained_table()?;
+        let chained = Sockets::open(CHAINED_PORT, s.flows, |port| {
+            let b = chained_table[chained_bucket(port)];
+            b.first == LOCAL_SLOT && b.second == 0
+        })?;
         let mut harness = Harness::load(dp.ebpf(), ifindex)?;
-        let cases: Vec<Case> = cases(s.flows, &sockets.established, &local.established)
+        let established = [
+            &sockets.established,
+            &local.established,
+            &chained.established,
+        ];
+        let cases: Vec<Case> = cases(s.flows, established.map(Vec::as_slice))
             .into_iter()
             .filter(|c| names.contains(&c.name))
             .collect();
@@ -347,9 +367,8 @@ pub fn configure(dp: &mut Dataplane) -> Result<()> {
         dp.set_nexthop_of(addr, Some(hop))?;
     }
     // This node itself, the only backend of a fourth service: every bucket's first hop.
-    let local = IpAddr::V4(NODE4);
-    dp.set_backend(2 * BACKENDS, local)?;
-    let local = vec![Candidate::new(local, 1, 2 * BACKENDS)];
+    dp.set_backend(LOCAL_SLOT, IpAddr::V4(NODE4))?;
+    let local = vec![local_candidate()];
     let services = [
         (to_bytes(VIP4.into()), 80, TCP, &families[0]),
         (to_bytes(VIP4.into()), 53, UDP, &families[0]),
@@ -365,15 +384,62 @@ pub fn configure(dp: &mut Dataplane) -> Result<()> {
         let buckets = table::build(backends, bits, SEED, before.as_deref())?;
         install_service(dp, (addr, port, proto), id as u32, &buckets)?;
     }
+    // A fifth: this node added to backend 0, so the buckets it took over keep backend 0
+    // as their second hop.
+    let id = services.len() as u32;
+    install_service(
+        dp,
+        (to_bytes(VIP4.into()), CHAINED_PORT, TCP),
+        id,
+        &chained_table()?,
+    )?;
     Ok(())
 }
 
+/// This node's backend slot.
+const LOCAL_SLOT: u32 = 2 * BACKENDS;
+
+fn local_candidate() -> Candidate {
+    Candidate::new(IpAddr::V4(NODE4), 1, LOCAL_SLOT)
+}
+
+/// The fifth service's table: backend 0, then this node added.
+fn chained_table() -> Result<Vec<Bucket>> {
+    let b0 = Candidate::new(IpAddr::V4(plan::backend_v4(0)), 1, 0);
+    let before = table::build(&[b0], DEFAULT_TABLE_BITS, SEED, None)?;
+    let after = [b0, local_candidate()];
+    Ok(table::build(
+        &after,
+        DEFAULT_TABLE_BITS,
+        SEED,
+        Some(&before),
+    )?)
+}
+
+/// The fifth service's bucket of the connection from VIP4:`port`.
+fn chained_bucket(port: u16) -> usize {
+    let tuple = FlowTuple {
+        src: v4_mapped(VIP4.octets()),
+        dst: v4_mapped(VIP4.octets()),
+        src_port: port,
+        dst_port: CHAINED_PORT,
+        proto: TCP,
+    };
+    bucket_index(flow_hash(SEED, &tuple), DEFAULT_TABLE_BITS) as usize
+}
+
+/// Room in `BUCKETS` for the five services' tables of `configure`.
+pub const BUCKET_SLOTS: u32 = 8 << DEFAULT_TABLE_BITS;
+
 /// The port of the service whose only backend is this node.
 const LOCAL_PORT: u16 = 8080;
+/// The port of the service this node was added to (`chained_table`).
+const CHAINED_PORT: u16 = 8081;
 
 /// Sockets of the backend side: a listener on VIP4:`port` and established connections
 /// to it, whose client ports and next sequence numbers the decapsulation (port 80) and
-/// local (`LOCAL_PORT`) cases use (a segment must fall in its socket's windows).
+/// local (`LOCAL_PORT`, `CHAINED_PORT`) cases use (a segment must fall in its socket's
+/// windows).
 struct Sockets {
     _listener: TcpListener,
     _conns: Vec<(TcpStream, TcpStream)>,
@@ -390,19 +456,28 @@ pub struct Established {
 }
 
 impl Sockets {
-    fn open(port: u16, n: usize) -> Result<Self> {
+    /// `n` connections whose client port `wanted` accepts (others are opened too, and
+    /// kept open, but not listed).
+    fn open(port: u16, n: usize, wanted: impl Fn(u16) -> bool) -> Result<Self> {
         let listener = TcpListener::bind((VIP4, port)).context("listening on the VIP")?;
         let mut conns = Vec::new();
         let mut ports = Vec::new();
-        for _ in 0..n {
+        while ports.len() < n {
+            ensure!(
+                conns.len() < 16 * n,
+                "too few wanted connections to port {port}"
+            );
             let client = TcpStream::connect((VIP4, port))?;
             let (server, _) = listener.accept()?;
             let (seq, ack) = crate::fixture::next_seq_ack(&client)?;
-            ports.push(Established {
-                port: client.local_addr()?.port(),
-                seq,
-                ack,
-            });
+            let client_port = client.local_addr()?.port();
+            if wanted(client_port) {
+                ports.push(Established {
+                    port: client_port,
+                    seq,
+                    ack,
+                });
+            }
             conns.push((client, server));
         }
         Ok(Sockets {
@@ -428,9 +503,9 @@ fn client_port(i: usize) -> u16 {
     10_000 + (i as u16).wrapping_mul(211) % 50_000
 }
 
-/// Build every case with `flows` frames; `established` and `local` are connections to
-/// VIP4:80 and VIP4:`LOCAL_PORT` on this node.
-pub fn cases(flows: usize, established: &[Established], local: &[Established]) -> Vec<Case> {
+/// Build every case with `flows` frames; `established`, `local` and `chained` are
+/// connections to VIP4:80, VIP4:`LOCAL_PORT` and VIP4:`CHAINED_PORT` on this node.
+pub fn cases(flows: usize, [established, local, chained]: [&[Established]; 3]) -> Vec<Case> {
     let each = |f: &dyn Fn(usize) -> Vec<u8>| (0..flows).map(f).collect::<Vec<_>>();
     let encap = |name, frames, reason| Case {
         name,
@@ -541,6 +616,21 @@ pub fn cases(flows: usize, established: &[Established], local: &[Established]) -
             verdict: XDP_PASS,
             reason: Reason::DeliveredLocally,
         },
+        Case {
+            name: CASES[9],
+            frames: each(&|i| {
+                let e = chained[i];
+                packets::tcp_seq(
+                    m,
+                    (VIP4, e.port).into(),
+                    (VIP4, CHAINED_PORT).into(),
+                    (e.seq, e.ack),
+                    &[],
+                )
+            }),
+            verdict: XDP_PASS,
+            reason: Reason::DeliveredLocally,
+        },
     ]
 }
 
@@ -557,7 +647,7 @@ mod tests {
                 ack: 2,
             })
             .collect();
-        for c in cases(256, &ports, &ports) {
+        for c in cases(256, [&ports, &ports, &ports]) {
             let distinct: HashSet<&Vec<u8>> = c.frames.iter().collect();
             assert_eq!(distinct.len(), 256, "{}", c.name);
             assert!(

@@ -21,10 +21,10 @@ use lb::{
     dataplane::{load_program, Dataplane, LoadOptions},
     ebpf,
 };
-use lb_common::{limits::DEFAULT_TABLE_BITS, stats::Reason};
+use lb_common::stats::Reason;
 
 use super::{
-    dataplane::{cases, check_counts, configure, median, Case, Established, XDP_TX},
+    dataplane::{cases, check_counts, configure, median, Case, Established, BUCKET_SLOTS, XDP_TX},
     harness::{Harness, Target},
 };
 use crate::{fixture, link};
@@ -69,7 +69,7 @@ pub fn measure(s: Settings, names: &[&str]) -> Result<Vec<LiveResult>> {
         pin_to(s.cpu)?;
         let fx0 = link::if_index(fixture::IF)?;
         let mut dp = Dataplane::load(&LoadOptions {
-            bucket_slots: 4 << DEFAULT_TABLE_BITS,
+            bucket_slots: BUCKET_SLOTS,
             pin_dir: None,
         })?;
         configure(&mut dp)?;
@@ -86,7 +86,7 @@ pub fn measure(s: Settings, names: &[&str]) -> Result<Vec<LiveResult>> {
             ack: 0,
         };
         let est = vec![none; s.flows];
-        let list: Vec<Case> = cases(s.flows, &est, &est)
+        let list: Vec<Case> = cases(s.flows, [&est, &est, &est])
             .into_iter()
             .filter(|c| CASES.contains(&c.name) && names.contains(&c.name))
             .collect();
