@@ -4,6 +4,7 @@
 //! a fleet to put a change in every node's maps.
 //! docs/benchmarks.md explains every figure.
 
+pub mod compare;
 pub mod control;
 pub mod dataplane;
 pub mod fleet;

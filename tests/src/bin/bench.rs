@@ -9,7 +9,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use tests::bench::{
-    control,
+    compare, control,
     dataplane::{self, Settings},
     fleet,
     harness::MAX_FRAMES,
@@ -85,6 +85,15 @@ struct Cli {
     cpu_server: Option<String>,
     #[arg(long, hide = true, default_value_t = 2000)]
     work_us: u64,
+    /// Compare this build with another `bench` binary (another commit's, with its data
+    /// plane): the two run in turn, `--alternations` times each, with the other arguments;
+    /// printed are each figure's median over the runs, of the runs' lowest rounds, and the
+    /// difference.
+    #[arg(long, value_name = "BENCH_BINARY", conflicts_with = "json")]
+    compare: Option<PathBuf>,
+    /// Runs of each binary for `--compare`.
+    #[arg(long, default_value_t = 5, requires = "compare")]
+    alternations: usize,
     /// Changes the fleet suite times per case.
     #[arg(long, default_value_t = 50)]
     fleet_changes: usize,
@@ -110,6 +119,13 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     if let Some(name) = &cli.cpu_server {
         return load::serve(name, std::time::Duration::from_micros(cli.work_us));
+    }
+    if let Some(other) = &cli.compare {
+        return compare::run(
+            other,
+            cli.alternations,
+            std::env::args_os().skip(1).collect(),
+        );
     }
     let settings = Settings {
         repeat: cli.repeat.max(1),
