@@ -515,6 +515,22 @@ pub fn cases(flows: usize, [established, local, chained]: [&[Established]; 3]) -
     };
     let other4 = |i: usize| Ipv4Addr::from(0xcb00_7101 + i as u32); // 203.0.113.1..
     let m = packets::TO_NODE;
+    // The next segment of each connection to VIP4:`port`, delivered to the local stack.
+    let delivered = |name, conns: &[Established], port| Case {
+        name,
+        frames: each(&|i| {
+            let e = conns[i];
+            packets::tcp_seq(
+                m,
+                (VIP4, e.port).into(),
+                (VIP4, port).into(),
+                (e.seq, e.ack),
+                &[],
+            )
+        }),
+        verdict: XDP_PASS,
+        reason: Reason::DeliveredLocally,
+    };
     // GUE from an LB node, the bucket's previous owner as the one hop left.
     let to_node = |i: usize, inner: &[u8]| {
         let port = (50_000 + i as u16, plan::GUE_PORT);
@@ -601,36 +617,8 @@ pub fn cases(flows: usize, [established, local, chained]: [&[Established]; 3]) -
             }),
             Reason::IcmpForwarded,
         ),
-        Case {
-            name: CASES[8],
-            frames: each(&|i| {
-                let e = local[i];
-                packets::tcp_seq(
-                    m,
-                    (VIP4, e.port).into(),
-                    (VIP4, LOCAL_PORT).into(),
-                    (e.seq, e.ack),
-                    &[],
-                )
-            }),
-            verdict: XDP_PASS,
-            reason: Reason::DeliveredLocally,
-        },
-        Case {
-            name: CASES[9],
-            frames: each(&|i| {
-                let e = chained[i];
-                packets::tcp_seq(
-                    m,
-                    (VIP4, e.port).into(),
-                    (VIP4, CHAINED_PORT).into(),
-                    (e.seq, e.ack),
-                    &[],
-                )
-            }),
-            verdict: XDP_PASS,
-            reason: Reason::DeliveredLocally,
-        },
+        delivered(CASES[8], local, LOCAL_PORT),
+        delivered(CASES[9], chained, CHAINED_PORT),
     ]
 }
 
