@@ -3,7 +3,7 @@
 //! Everything here is `no_std` and free of allocation so the same code runs in the kernel
 //! and on the host, where it is tested.
 #![no_std]
-// Inline assembly on BPF (`hash::times5_plus`).
+// Inline assembly on BPF (`hash::times5_plus_n`).
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 pub mod addr;
