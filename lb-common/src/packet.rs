@@ -264,7 +264,7 @@ pub fn classify(node: &NodeView<'_>, frame: &[u8]) -> Class {
 
 fn backend(f: &[u8], outer: &Ip) -> Class {
     use Class::Decided;
-    let g = match parse::gue(f, outer) {
+    let g = match parse::gue(f, outer.l4_off + UDP_LEN) {
         Ok(g) => g,
         Err(r) => return Decided(r),
     };

@@ -491,13 +491,12 @@ pub fn client_flow<'a, F: Frame<'a>>(f: F, ip: &Ip, out: &mut Flow) -> Result<()
     Ok(())
 }
 
-/// The GUE header and hop list of `outer`, a packet for this node's GUE port, when they are
-/// lb's: the base header as lb writes it, the hop list's type, at most [`MAX_HOPS`].
+/// The GUE header and hop list at `gue_off` (after the outer UDP header of a packet for
+/// this node's GUE port), when they are lb's: the base header as lb writes it, the hop
+/// list's type, at most [`MAX_HOPS`].
 #[inline(always)]
-pub fn gue<'a, F: Frame<'a>>(f: F, outer: &Ip) -> Result<&'a Gue, Reason> {
-    let g = f
-        .at::<Gue>(outer.l4_off + UDP_LEN)
-        .ok_or(Reason::DropMalformed)?;
+pub fn gue<'a, F: Frame<'a>>(f: F, gue_off: usize) -> Result<&'a Gue, Reason> {
+    let g = f.at::<Gue>(gue_off).ok_or(Reason::DropMalformed)?;
     if !matches!(g.header.proto, IPPROTO_IPIP | IPPROTO_IPV6)
         || g.header.ver_c_hlen != GUE_FIRST_BYTE
         || g.hops.kind != HOP_LIST_TYPE

@@ -24,11 +24,16 @@ use crate::{
     verdict::{drop, Verdict},
 };
 
-#[inline(never)]
+/// The backend path, inlined in the entry point: a call and return cost 3 to 8 ns a
+/// packet here, and the entry point's frame holds this path's locals in the slots of the
+/// client path's.
+#[inline(always)]
 pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
     let frame = Xdp(ctx);
-    let gue_off = outer.l4_off + UDP_LEN;
-    let g = match parse::gue(frame, outer) {
+    // Opaque: inlined in the entry point, LLVM rebuilt this offset from one of the GUE
+    // test's, of a range the verifier cannot follow.
+    let gue_off = ptr::opaque(outer.l4_off) + UDP_LEN;
+    let g = match parse::gue(frame, gue_off) {
         Ok(g) => g,
         Err(r) => return drop(r),
     };

@@ -143,9 +143,9 @@ impl Pick {
 /// previous owner as the next hop of the hop list; or, when the first hop is this node
 /// and no local socket owns the flow, to the second hop, chained. `slots`: the bucket's
 /// first and second backend slots, in the low and high half. Inlined (a call and return
-/// measured about 10 ns): the entry point's frame then holds the outer headers, which fits
-/// under BPF's 512 bytes with the backend path's frames on top because that path keeps
-/// its flow in the per-CPU `FLOW`.
+/// measured about 10 ns): the entry point's frame then holds the outer headers, and still
+/// leaves room under BPF's 512 bytes for the calls made on top of it (the socket check,
+/// the ICMP reply).
 #[inline(always)]
 fn forward(ctx: &XdpContext, node: &NodeConfig, ip: &Ip, slots: u64, pick: Pick) -> Verdict {
     let (first_slot, second_slot) = (slots as u32, (slots >> 32) as u32);

@@ -36,8 +36,8 @@ use ptr::Xdp;
 use verdict::{pass, Verdict};
 
 /// The IP header's facts of the packet at hand, in a per-CPU value rather than on the
-/// stack: the entry point's frame stays small enough for the client path's and the
-/// socket check's frames on top of it (BPF's 512 bytes for a call chain).
+/// stack: the entry point's frame, which holds both paths, stays small enough for the
+/// frames of the calls on top of it (BPF's 512 bytes for a call chain).
 #[map]
 static IP: PerCpuArray<Ip> = PerCpuArray::with_max_entries(1, 0);
 

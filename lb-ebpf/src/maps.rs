@@ -55,8 +55,8 @@ pub static NEXTHOPS_BY_ADDR: HashMap<[u8; 16], NextHopEntry> =
 pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);
 
 /// The flow of the packet at hand (the client path's, or a GUE packet's inner one), in a
-/// per-CPU value rather than on the stack: its 40 bytes stay out of the frames of the
-/// entry point and the backend path (BPF's 512 bytes for a call chain).
+/// per-CPU value rather than on the stack: its 40 bytes stay out of the entry point's
+/// frame, which holds both paths (BPF's 512 bytes for a call chain).
 #[map]
 pub static FLOW: PerCpuArray<Flow> = PerCpuArray::with_max_entries(1, 0);
 

@@ -37,6 +37,18 @@ pub fn frame_len(ctx: &XdpContext) -> usize {
     core::hint::black_box(ctx.data_end() - ctx.data())
 }
 
+/// `x`, which LLVM can no longer relate to anything else: one register move in assembly
+/// (`core::hint::black_box` goes through the stack). For offsets that LLVM would
+/// otherwise rebuild from another value, of a range the verifier cannot follow.
+#[inline(always)]
+pub fn opaque(mut x: usize) -> usize {
+    // SAFETY: a register moved to itself.
+    unsafe {
+        core::arch::asm!("{x} = {x}", x = inout(reg) x, options(pure, nomem, nostack, preserves_flags));
+    }
+    x
+}
+
 /// A pointer to a `T` at `off` bytes into the packet, or `None` when the packet is shorter.
 #[inline(always)]
 pub fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
