@@ -27,8 +27,12 @@ use crate::{
 
 /// Each backend's CPU quota, in cores.
 pub const QUOTAS: [f64; 3] = [0.4, 0.2, 0.1];
-/// CPU time a request costs the server.
-pub const WORK: Duration = Duration::from_millis(2);
+/// CPU time a request costs the server, unless `--load-work-us` says otherwise. Short, so
+/// that the 10% backend works enough requests (60 a second) for its 10-second figure to
+/// judge the loop rather than the count's noise: with 2 ms requests even weights set
+/// right at once failed the settling criterion in a quarter of the simulated runs
+/// (`law/tests/queued.rs`).
+pub const WORK: Duration = Duration::from_millis(1);
 /// The offered load as a fraction of the backends' total capacity.
 pub const LOAD: f64 = 0.6;
 /// The CFS period of the cgroups: short, so a throttled server waits tens of ms, not 100.
@@ -154,12 +158,12 @@ impl Slot {
     }
 
     /// Starts the server in `ns` and moves it into the cgroup before it serves.
-    fn start(&mut self, ns: &crate::Netns, backend: &str) -> Result<()> {
+    fn start(&mut self, ns: &crate::Netns, backend: &str, work: Duration) -> Result<()> {
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new(exe);
         cmd.args(["--cpu-server", backend])
             .arg("--work-us")
-            .arg(WORK.as_micros().to_string())
+            .arg(work.as_micros().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::null());
         // Held by the slot at once: dropping it ends the process, also on an error below.
@@ -334,6 +338,12 @@ fn client(
 async fn request(dst: SocketAddr) -> std::io::Result<String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(dst).await?;
+    // Closed with a reset, not a FIN: a request given up on would otherwise leave its
+    // port in TIME_WAIT for 60 s, and the kernel would skip those ports for new
+    // connections. One client address has only ~28k ports, and the ones skipped are those
+    // whose flows hashed to the backend that failed them: that backend would then get
+    // fewer new flows than its buckets say. Clients of a real VIP are many addresses.
+    s.set_zero_linger()?;
     s.write_all(b"work\n").await?;
     let mut line = String::new();
     tokio::io::BufReader::new(s).read_line(&mut line).await?;
@@ -376,23 +386,29 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * f).round() / f
 }
 
-/// Runs the experiment; writes the chart to `png`.
-pub fn measure(phases: Phases, png: &Path) -> Result<LoadFigures> {
+/// Runs the experiment with requests of `work`; writes the chart to `png`.
+pub fn measure(phases: Phases, work: Duration, png: &Path) -> Result<LoadFigures> {
     let topo = Topology::build(Spec::new(1, 1, QUOTAS.len()))?;
     let run_dir = PathBuf::from("/run/lbt").join(&topo.id);
-    let result = experiment(&topo, &run_dir, phases, png);
+    let result = experiment(&topo, &run_dir, phases, work, png);
     remove_run_dir(&topo.id);
     result
 }
 
-fn experiment(topo: &Topology, run_dir: &Path, ph: Phases, png: &Path) -> Result<LoadFigures> {
+fn experiment(
+    topo: &Topology,
+    run_dir: &Path,
+    ph: Phases,
+    work: Duration,
+    png: &Path,
+) -> Result<LoadFigures> {
     std::fs::create_dir_all(run_dir)?;
     let mut slots = Vec::new();
     let mut agents = Vec::new();
     let mut names = BTreeMap::new();
     for (i, (b, q)) in topo.backends.iter().zip(QUOTAS).enumerate() {
         let mut slot = Slot::create(format!("lbbench-{}-{}", topo.id, b.name), q)?;
-        slot.start(b, &b.name)?;
+        slot.start(b, &b.name, work)?;
         let config = json!({ "node": node_config(b), "backend_vips": [topo.vip_v4()],
             // Each report covers one control period (3 s by default).
             "load": { "report": { "source": { "cgroup": slot.name }, "interval_ms": 3000 } } });
@@ -414,13 +430,13 @@ fn experiment(topo: &Topology, run_dir: &Path, ph: Phases, png: &Path) -> Result
     });
     let lb = Agent::start(&topo.id, &topo.lbs[0], config)?;
 
-    let capacity: f64 = QUOTAS.iter().sum::<f64>() / WORK.as_secs_f64();
+    let capacity: f64 = QUOTAS.iter().sum::<f64>() / work.as_secs_f64();
     let rate = capacity * LOAD;
     let total = ph.warm + ph.off + ph.on;
     eprintln!(
         "bench: load: {rate:.0} requests/s of {} ms CPU each ({:.0}% of {capacity:.0}/s), \
          {}s frozen then {}s running",
-        WORK.as_millis(),
+        work.as_secs_f64() * 1000.0,
         LOAD * 100.0,
         (ph.warm + ph.off).as_secs(),
         ph.on.as_secs()
@@ -518,7 +534,7 @@ fn experiment(topo: &Topology, run_dir: &Path, ph: Phases, png: &Path) -> Result
     };
     // Settled: from the first second after which the spread of the 10-second mean
     // utilisation stays within 10 points. One second of a 10%-of-a-core backend is about
-    // 30 requests: its figure alone varies by ±15 points from second to second.
+    // 60 requests: its figure alone varies by ±8 points from second to second.
     let window: Vec<(Instant, f64)> = samples
         .windows(SETTLE_WINDOW)
         .map(|w| {
@@ -567,7 +583,7 @@ fn experiment(topo: &Topology, run_dir: &Path, ph: Phases, png: &Path) -> Result
         p99_ms_on: round(p99(lat(on, None)), 1),
         buckets_moved: end.moved - moved_at_resume,
         rate_rps: round(rate, 1),
-        work_ms: WORK.as_secs_f64() * 1000.0,
+        work_ms: work.as_secs_f64() * 1000.0,
         failed_off: failed(off),
         failed_on: failed(on),
         weight_changes_steady: end.changes - changes_at(on.0),

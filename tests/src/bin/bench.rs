@@ -80,6 +80,10 @@ struct Cli {
     load_off_s: u64,
     #[arg(long, default_value_t = 90)]
     load_on_s: u64,
+    /// CPU time each of the load suite's requests costs its server, microseconds; the
+    /// request rate follows (60% of the backends' capacity).
+    #[arg(long, default_value_t = load::WORK.as_micros() as u64, value_parser = clap::value_parser!(u64).range(100..=100_000))]
+    load_work_us: u64,
     /// The load suite's CPU-bound server, run by the suite itself in a backend's namespace.
     #[arg(long, hide = true, value_name = "NAME")]
     cpu_server: Option<String>,
@@ -197,7 +201,8 @@ fn run(cli: Cli) -> Result<()> {
             on: std::time::Duration::from_secs(cli.load_on_s.max(35)),
             ..load::Phases::default()
         };
-        report.load = Some(load::measure(phases, &cli.load_chart)?);
+        let work = std::time::Duration::from_micros(cli.load_work_us);
+        report.load = Some(load::measure(phases, work, &cli.load_chart)?);
         eprintln!("bench: load chart written to {}", cli.load_chart.display());
     }
     print!("{}", report.text());
