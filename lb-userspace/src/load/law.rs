@@ -19,9 +19,10 @@
 //!    at most 1): the law knows what its own step does, so smoothing does not lag
 //!    behind it and does not make it overshoot.
 //!
-//! A saturated report (98% or more) against a lower expectation counts for 0.3 of `alpha`: the
-//! backend may be working off its queue after its share was lowered, and taking that at
-//! face value lowered its weight well below where it ended.
+//! A saturated report (95% or more: a cgroup held to its quota reads 96 to 99%, not 100%)
+//! against a lower expectation counts for 0.3 of `alpha`: the backend may be working off
+//! its queue after its share was lowered, and taking that at face value lowered its weight
+//! well below where it ended.
 //!
 //! Why multiplicative: a backend's utilisation is its share of the traffic over its
 //! capacity, so with a steady total load `m / s` is exactly the factor that would level it,
@@ -166,8 +167,11 @@ impl Memory {
     }
 }
 
-/// A report at or above this says only that demand reached capacity.
-const SATURATED: f64 = 0.98;
+/// A report at or above this says only that demand reached capacity. Below 1: a CPU
+/// cgroup held to its quota reads 96 to 99% of it (the benchmark's 10% backend, saturated).
+/// At 0.98 most such reports counted in full, and the weakest backend's weight fell to
+/// 0.76 to 0.84 of its final value before its queue was worked off.
+const SATURATED: f64 = 0.95;
 /// How much a saturated report counts (of `alpha`) when the expectation is below
 /// saturation.
 const SATURATED_TRUST: f64 = 0.3;
