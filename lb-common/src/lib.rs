@@ -11,6 +11,8 @@ pub mod encap;
 pub mod hash;
 pub mod limits;
 pub mod maps;
+pub mod nexthop_index;
+pub mod open_index;
 pub mod packet;
 pub mod pair_index;
 pub mod parse;

@@ -226,12 +226,13 @@ pub mod names {
     pub const NEXTHOPS: &str = "NEXTHOPS";
     pub const NEXTHOPS_BY_ADDR: &str = "NEXTHOPS_BY_ADDR";
     pub const SERVICE_INDEX: &str = "SERVICE_INDEX";
+    pub const NEXTHOP_INDEX: &str = "NEXTHOP_INDEX";
     pub const PAIR_INDEX: &str = "PAIR_INDEX";
     pub const PAIR_STATS: &str = "PAIR_STATS";
     pub const FLOW_HASH: &str = "FLOW_HASH";
 
     /// Every map userspace knows (pinned under these names).
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SERVICES,
         VIPS,
         VIP_FILTER,
@@ -245,6 +246,7 @@ pub mod names {
         NEXTHOPS,
         NEXTHOPS_BY_ADDR,
         SERVICE_INDEX,
+        NEXTHOP_INDEX,
         PAIR_INDEX,
         PAIR_STATS,
         FLOW_HASH,
@@ -273,6 +275,8 @@ mod pod {
     unsafe impl aya::Pod for NextHopEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::service_index::ServiceSlot {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::nexthop_index::NextHopSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::pair_index::PairSlot {}
     // SAFETY: as above.

@@ -4,7 +4,7 @@
 //! lookup and the functions under it each return through the return thunk, about 9 ns
 //! apiece on the benchmark machine).
 //!
-//! Open addressing as in `service_index`, with the same slot states and the same write
+//! Open addressing as in `open_index`, with the same slot states and the same write
 //! order (a slot's key changes only while it is not `VALID`, going live or being removed
 //! changes `state` alone, a slot never becomes `EMPTY` again). A pair's counters are the
 //! `PAIR_STATS` entry of its slot. A pair whose window is full is counted in
@@ -14,7 +14,7 @@ use crate::{
     hash::fmix32,
     limits::MAX_SERVICE_BACKENDS,
     maps::ServiceBackendKey,
-    service_index::{EMPTY, VALID},
+    open_index::{EMPTY, VALID},
 };
 
 /// Slots of the index: one per pair at the limit, so windows stay short below it.
@@ -28,7 +28,7 @@ pub const PROBES: u32 = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PairSlot {
     pub key: ServiceBackendKey,
-    /// `service_index::EMPTY`, `VALID` or `REMOVED`.
+    /// `open_index::EMPTY`, `VALID` or `REMOVED`.
     pub state: u32,
 }
 const _: () = assert!(core::mem::size_of::<PairSlot>() == 12);

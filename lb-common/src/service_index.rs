@@ -1,20 +1,14 @@
-//! The service index: an array in front of the `SERVICES` hash map, so the client path
-//! finds a packet's service with a few inlined array reads instead of a hash-map helper
-//! call (the hash lookup was about 65 ns a packet on the benchmark machine, two floors).
-//!
-//! Open addressing: a key lives in one of the `PROBES` slots from its home slot on, before
-//! the first empty one. A reader stops at an empty slot (no service) or at the key; when
-//! all `PROBES` slots are taken by other keys or removed ones, it asks `SERVICES`, which
-//! always holds every service. Userspace keeps the index (lb-userspace's
-//! `service_index`), with writes that readers never see half done:
-//! - a slot's bytes change only while it is not `VALID`; making it `VALID` or
-//!   `REMOVED` changes its `state` byte alone;
-//! - a slot never becomes `EMPTY` again, so an empty slot always ends a search correctly.
+//! The service index: an array in front of the `SERVICES` hash map (`open_index`), so the
+//! client path finds a packet's service with a few inlined array reads instead of a
+//! hash-map helper call (the hash lookup was about 65 ns a packet on the benchmark
+//! machine, two floors).
 
+pub use crate::open_index::{EMPTY, REMOVED, VALID};
 use crate::{
     hash::fmix32,
     limits::MAX_SERVICES,
     maps::{ServiceKey, ServiceValue},
+    open_index::{self, Slot},
 };
 
 /// Slots of the index: four per service, so windows stay short.
@@ -23,12 +17,8 @@ const _: () = assert!(SLOTS.is_power_of_two());
 /// Slots a reader looks at before it asks `SERVICES`.
 pub const PROBES: u32 = 8;
 
-/// `ServiceSlot::state`: never used; ends a search.
-pub const EMPTY: u8 = 0;
-/// Holds a live service.
-pub const VALID: u8 = 1;
-/// Held a service that was removed or moved to another slot; a search goes on past it.
-pub const REMOVED: u8 = 2;
+/// What the index says about a key.
+pub type Probe<'a> = open_index::Probe<'a, ServiceValue>;
 
 /// One slot of the `SERVICE_INDEX` array.
 #[repr(C, align(4))]
@@ -60,17 +50,54 @@ impl ServiceSlot {
     };
 }
 
-/// The key as five words, each read with one aligned load (`ServiceKey` is 4-aligned).
-#[inline(always)]
-fn words(key: &ServiceKey) -> [u32; 5] {
-    // SAFETY: the key is 20 bytes, 4-byte aligned, with no uninitialised padding.
-    unsafe { crate::addr::aligned_words((key as *const ServiceKey).cast()) }
+impl Slot for ServiceSlot {
+    type Key = ServiceKey;
+    type Value = ServiceValue;
+    type Words = [u32; 5];
+    const SLOTS: u32 = SLOTS;
+    const PROBES: u32 = PROBES;
+
+    /// The key as five words, each read with one aligned load (`ServiceKey` is 4-aligned).
+    #[inline(always)]
+    fn words(key: &ServiceKey) -> [u32; 5] {
+        // SAFETY: the key is 20 bytes, 4-byte aligned, with no uninitialised padding.
+        unsafe { crate::addr::aligned_words((key as *const ServiceKey).cast()) }
+    }
+
+    #[inline(always)]
+    fn home(key: &ServiceKey) -> u32 {
+        home(key)
+    }
+
+    fn new(key: ServiceKey, value: ServiceValue, state: u8) -> Self {
+        ServiceSlot {
+            key,
+            value,
+            state,
+            _pad: [0; 3],
+        }
+    }
+
+    #[inline(always)]
+    fn key(&self) -> &ServiceKey {
+        &self.key
+    }
+
+    #[inline(always)]
+    fn value(&self) -> &ServiceValue {
+        &self.value
+    }
+
+    #[inline(always)]
+    fn state(&self) -> u8 {
+        self.state
+    }
 }
 
 /// The key's home slot.
 #[inline(always)]
 pub fn home(key: &ServiceKey) -> u32 {
-    let w = words(key);
+    let w = ServiceSlot::words(key);
     let addr = w[0] ^ w[1].rotate_left(8) ^ w[2].rotate_left(16) ^ w[3].rotate_left(24);
     fmix32(addr ^ fmix32(w[4])) & (SLOTS - 1)
 }
@@ -78,36 +105,13 @@ pub fn home(key: &ServiceKey) -> u32 {
 /// The slots a search for `key` may look at, in order.
 #[inline(always)]
 pub fn window(key: &ServiceKey) -> impl Iterator<Item = u32> {
-    let h = home(key);
-    (0..PROBES).map(move |i| (h + i) & (SLOTS - 1))
-}
-
-/// What the index says about a key.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Probe<'a> {
-    Found(&'a ServiceValue),
-    /// No service has the key.
-    Absent,
-    /// The index cannot tell: ask `SERVICES`.
-    Unindexed,
+    open_index::window::<ServiceSlot>(key)
 }
 
 /// Looks `key` up, reading slots with `slot` (the array's lookup).
 #[inline(always)]
 pub fn probe<'a>(key: &ServiceKey, slot: impl Fn(u32) -> Option<&'a ServiceSlot>) -> Probe<'a> {
-    let want = words(key);
-    for i in window(key) {
-        let Some(s) = slot(i) else {
-            return Probe::Unindexed;
-        };
-        if s.state == EMPTY {
-            return Probe::Absent;
-        }
-        if s.state == VALID && words(&s.key) == want {
-            return Probe::Found(&s.value);
-        }
-    }
-    Probe::Unindexed
+    open_index::probe(key, slot)
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{self, NEXTHOPS, NEXTHOPS_BY_ADDR},
+    maps::{self, NEXTHOPS},
     ptr,
 };
 
@@ -80,8 +80,7 @@ pub fn lookup(
     let entry = if slot != NO_BACKEND {
         NEXTHOPS.get(slot)
     } else {
-        // SAFETY: the value is only read.
-        unsafe { NEXTHOPS_BY_ADDR.get(dst) }
+        maps::nexthop_of(dst)
     };
     if let Some(e) = entry.filter(|e| e.flags & NEXTHOP_VALID != 0) {
         return from_entry(e, tot_len, out);

@@ -41,7 +41,10 @@ use verdict::{pass, Verdict};
 #[map]
 static IP: PerCpuArray<Ip> = PerCpuArray::with_max_entries(1, 0);
 
+// Inlined into the entry symbol the macro makes: left to LLVM, a body this large became a
+// function of its own, and every packet paid a call (7 to 9 ns).
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let v = process(&ctx);
     maps::count(v.reason_index());

@@ -11,9 +11,11 @@ use lb_common::{
         vip_filter_bit, Backend, Bucket, Counters, NextHopEntry, NodeConfig, ServiceBackendKey,
         ServiceKey, ServiceValue, VipRefs, VIP_FILTER_WORDS,
     },
+    nexthop_index::{self, NextHopSlot},
+    open_index::Probe,
     pair_index::{self, PairSlot},
     parse::Flow,
-    service_index::{self, Probe, ServiceSlot},
+    service_index::{self, ServiceSlot},
     stats::Reason,
 };
 
@@ -50,6 +52,23 @@ pub static NEXTHOPS: Array<NextHopEntry> = Array::with_max_entries(MAX_BACKENDS,
 #[map]
 pub static NEXTHOPS_BY_ADDR: HashMap<[u8; 16], NextHopEntry> =
     HashMap::with_max_entries(MAX_BACKENDS, 0);
+
+/// `NEXTHOPS_BY_ADDR` again, in an array read without a helper call
+/// (`lb_common::nexthop_index`).
+#[map]
+pub static NEXTHOP_INDEX: Array<NextHopSlot> = Array::with_max_entries(nexthop_index::SLOTS, 0);
+
+/// The next hop for address `addr`: from the index, or from `NEXTHOPS_BY_ADDR` when the
+/// index cannot tell.
+#[inline(always)]
+pub fn nexthop_of(addr: &[u8; 16]) -> Option<&'static NextHopEntry> {
+    match nexthop_index::probe(addr, |i| NEXTHOP_INDEX.get(i)) {
+        Probe::Found(e) => Some(e),
+        Probe::Absent => None,
+        // SAFETY: the value is only read.
+        Probe::Unindexed => unsafe { NEXTHOPS_BY_ADDR.get(addr) },
+    }
+}
 
 #[map]
 pub static NODE: Array<NodeConfig> = Array::with_max_entries(1, 0);

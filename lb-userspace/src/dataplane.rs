@@ -24,13 +24,18 @@ use lb_common::{
         names, vip_filter_bit, Backend, Bucket, Counters, NextHopEntry, NodeConfig,
         ServiceBackendKey, ServiceKey, ServiceValue, VipRefs, NODE_CONFIGURED, VIP_FILTER_WORDS,
     },
+    nexthop_index::{self, NextHopSlot},
     pair_index::{self, PairSlot},
-    service_index::{ServiceSlot, SLOTS},
+    service_index::{self, ServiceSlot},
     stats::Reason,
     tcp_window::{self, TcpSockOffsets},
 };
 
-use crate::{ebpf, kernel_btf, pair_index::PairIndex, service_index::ServiceIndex};
+use crate::{
+    ebpf, kernel_btf,
+    open_index::{OpenIndex, Write},
+    pair_index::PairIndex,
+};
 
 /// Errors from loading the program or touching its maps.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +101,7 @@ struct Maps {
     nexthops: Array<MapData, NextHopEntry>,
     nexthops_by_addr: HashMap<MapData, [u8; 16], NextHopEntry>,
     service_index: Array<MapData, ServiceSlot>,
+    nexthop_index: Array<MapData, NextHopSlot>,
     pair_index: Array<MapData, PairSlot>,
     pair_stats: PerCpuArray<MapData, Counters>,
 }
@@ -117,6 +123,7 @@ impl Maps {
             nexthops: take(ebpf, names::NEXTHOPS)?,
             nexthops_by_addr: take(ebpf, names::NEXTHOPS_BY_ADDR)?,
             service_index: take(ebpf, names::SERVICE_INDEX)?,
+            nexthop_index: take(ebpf, names::NEXTHOP_INDEX)?,
             pair_index: take(ebpf, names::PAIR_INDEX)?,
             pair_stats: take(ebpf, names::PAIR_STATS)?,
         })
@@ -141,6 +148,7 @@ impl Maps {
             (names::NEXTHOPS, self.nexthops.map()),
             (names::NEXTHOPS_BY_ADDR, self.nexthops_by_addr.map()),
             (names::SERVICE_INDEX, self.service_index.map()),
+            (names::NEXTHOP_INDEX, self.nexthop_index.map()),
             (names::PAIR_INDEX, self.pair_index.map()),
             (names::PAIR_STATS, self.pair_stats.map()),
             (names::FLOW_HASH, self.flow_hash.map()),
@@ -174,7 +182,8 @@ where
 pub struct Dataplane {
     ebpf: Ebpf,
     maps: Maps,
-    index: ServiceIndex,
+    index: OpenIndex<ServiceSlot>,
+    nexthop_index: OpenIndex<NextHopSlot>,
     pairs: PairIndex,
     pin_dir: Option<PathBuf>,
     adopted: bool,
@@ -211,10 +220,14 @@ impl Dataplane {
         let mut ebpf = loader.load(ebpf::object()).map_err(DataplaneError::Load)?;
         load_program(&mut ebpf, ebpf::PROGRAM)?;
         let maps = Maps::take(&mut ebpf)?;
-        let slots = (0..SLOTS)
+        let slots = (0..service_index::SLOTS)
             .map(|i| maps.service_index.get(&i, 0))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| map_err(names::SERVICE_INDEX, source))?;
+        let nexthop_slots = (0..nexthop_index::SLOTS)
+            .map(|i| maps.nexthop_index.get(&i, 0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| map_err(names::NEXTHOP_INDEX, source))?;
         let pair_slots = (0..pair_index::SLOTS)
             .map(|i| maps.pair_index.get(&i, 0))
             .collect::<Result<Vec<_>, _>>()
@@ -222,7 +235,8 @@ impl Dataplane {
         let mut dp = Dataplane {
             ebpf,
             maps,
-            index: ServiceIndex::new(slots),
+            index: OpenIndex::new(slots),
+            nexthop_index: OpenIndex::new(nexthop_slots),
             pairs: PairIndex::new(pair_slots),
             pin_dir: opts.pin_dir.clone(),
             adopted,
@@ -235,6 +249,15 @@ impl Dataplane {
         for key in &unindexed {
             warn_unindexed(key);
         }
+        // The same for the next-hop index and `NEXTHOPS_BY_ADDR`.
+        let nexthops = dp
+            .maps
+            .nexthops_by_addr
+            .iter()
+            .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+            .map_err(|source| map_err(names::NEXTHOPS_BY_ADDR, source))?;
+        let (writes, _) = dp.nexthop_index.reconcile(&nexthops);
+        write_slots(&mut dp.maps.nexthop_index, names::NEXTHOP_INDEX, &writes)?;
         // Pairs opened by a version without the pair index are only in the hash map,
         // which the program no longer looks at for a pair it cannot find in the index:
         // they get slots (their counts so far stay in the hash map and are added).
@@ -428,17 +451,11 @@ impl Dataplane {
 
     /// Whether the service index holds `key` (else its packets take the hash lookup).
     pub fn service_indexed(&self, key: &ServiceKey) -> bool {
-        matches!(
-            self.index.probe(key),
-            lb_common::service_index::Probe::Found(_)
-        )
+        matches!(self.index.probe(key), service_index::Probe::Found(_))
     }
 
     /// Applies slot writes of the service index, in order.
-    fn write_index(
-        &mut self,
-        writes: &[crate::service_index::Write],
-    ) -> Result<(), DataplaneError> {
+    fn write_index(&mut self, writes: &[Write<ServiceSlot>]) -> Result<(), DataplaneError> {
         write_slots(&mut self.maps.service_index, names::SERVICE_INDEX, writes)
     }
 
@@ -532,12 +549,26 @@ impl Dataplane {
     ) -> Result<(), DataplaneError> {
         let m = &mut self.maps.nexthops_by_addr;
         let key = addr::to_bytes(ip);
+        // The hash map first on a write and last on a removal: a packet that finds no
+        // slot asks it, so it never lacks what the index had.
         match entry {
-            Some(e) => m.insert(key, e, 0),
-            None if m.get(&key, 0).is_err() => Ok(()),
-            None => m.remove(&key),
+            Some(e) => {
+                m.insert(key, e, 0)
+                    .map_err(|source| map_err(names::NEXTHOPS_BY_ADDR, source))?;
+                // A full window leaves the address to the hash map, correct but slower.
+                let (writes, _) = self.nexthop_index.set(&key, &e);
+                write_slots(&mut self.maps.nexthop_index, names::NEXTHOP_INDEX, &writes)
+            }
+            None => {
+                let writes = self.nexthop_index.remove(&key);
+                write_slots(&mut self.maps.nexthop_index, names::NEXTHOP_INDEX, &writes)?;
+                if m.get(&key, 0).is_err() {
+                    return Ok(());
+                }
+                m.remove(&key)
+                    .map_err(|source| map_err(names::NEXTHOPS_BY_ADDR, source))
+            }
         }
-        .map_err(|source| map_err(names::NEXTHOPS_BY_ADDR, source))
     }
 
     /// Empties backend slot `index`.

@@ -12,8 +12,8 @@ pub mod health;
 pub mod kernel_btf;
 pub mod load;
 pub mod metrics;
+pub mod open_index;
 pub mod pair_index;
-pub mod service_index;
 pub mod top;
 
 pub mod agent;

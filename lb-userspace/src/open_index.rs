@@ -1,66 +1,61 @@
-//! Userspace's copy of the service index (`lb_common::service_index`) and the slot writes
-//! that keep the kernel's array equal to `SERVICES`, in an order that packets being
-//! forwarded meanwhile never see half done.
+//! Userspace's copy of an index in front of a hash map (`lb_common::open_index`: the
+//! service index, the next-hop index) and the slot writes that keep the kernel's array
+//! equal to the hash map, in an order that packets being forwarded meanwhile never see
+//! half done.
 
 use std::collections::BTreeMap;
 
-use lb_common::{
-    maps::{ServiceKey, ServiceValue},
-    service_index::{self, Probe, ServiceSlot, EMPTY, REMOVED, SLOTS, VALID},
-};
+use lb_common::open_index::{self, Probe, Slot, EMPTY, REMOVED, VALID};
 
 /// One slot write, to be applied in order.
-pub type Write = (u32, ServiceSlot);
+pub type Write<S> = (u32, S);
 
-/// The index as written to the kernel.
-pub struct ServiceIndex {
-    slots: Vec<ServiceSlot>,
+/// An index as written to the kernel.
+pub struct OpenIndex<S> {
+    slots: Vec<S>,
 }
 
-impl ServiceIndex {
-    /// The index as read back from the kernel's array (`SLOTS` slots).
-    pub fn new(slots: Vec<ServiceSlot>) -> Self {
-        assert_eq!(slots.len(), SLOTS as usize, "the index has {SLOTS} slots");
-        ServiceIndex { slots }
+impl<S: Slot> OpenIndex<S> {
+    /// The index as read back from the kernel's array (`S::SLOTS` slots).
+    pub fn new(slots: Vec<S>) -> Self {
+        assert_eq!(
+            slots.len(),
+            S::SLOTS as usize,
+            "the index has {} slots",
+            S::SLOTS
+        );
+        OpenIndex { slots }
     }
 
     /// What a packet's search finds for `key`.
-    pub fn probe(&self, key: &ServiceKey) -> Probe<'_> {
-        service_index::probe(key, |i| self.slots.get(i as usize))
+    pub fn probe(&self, key: &S::Key) -> Probe<'_, S::Value> {
+        open_index::probe(key, |i| self.slots.get(i as usize))
     }
 
     /// The slot holding `key`, if the index holds it.
-    fn position(&self, key: &ServiceKey) -> Option<u32> {
-        window_until_empty(self, key)
-            .find(|&i| self.slots[i as usize].state == VALID && self.slots[i as usize].key == *key)
+    fn position(&self, key: &S::Key) -> Option<u32> {
+        self.window_until_empty(key).find(|&i| {
+            let s = &self.slots[i as usize];
+            s.state() == VALID && s.key() == key
+        })
     }
 
     /// The writes that make searches for `key` find `value`: a new slot written while it
     /// is not live, then made live, then the old slot removed. When the key's window has
-    /// no free slot, searches go to `SERVICES` (which the caller has already updated)
+    /// no free slot, searches go to the hash map (which the caller has already updated)
     /// and only the old slot is removed. Returns whether the key is indexed.
-    pub fn set(&mut self, key: &ServiceKey, value: &ServiceValue) -> (Vec<Write>, bool) {
+    pub fn set(&mut self, key: &S::Key, value: &S::Value) -> (Vec<Write<S>>, bool) {
         if self.probe(key) == Probe::Found(value) {
             return (Vec::new(), true);
         }
         let old = self.position(key);
-        let free = window_until_empty(self, key).find(|&i| self.slots[i as usize].state != VALID);
+        let free = self
+            .window_until_empty(key)
+            .find(|&i| self.slots[i as usize].state() != VALID);
         let mut writes = Vec::new();
         if let Some(n) = free {
-            let hidden = ServiceSlot {
-                key: *key,
-                value: *value,
-                state: self.slots[n as usize].state,
-                _pad: [0; 3],
-            };
-            writes.push((n, hidden));
-            writes.push((
-                n,
-                ServiceSlot {
-                    state: VALID,
-                    ..hidden
-                },
-            ));
+            writes.push((n, S::new(*key, *value, self.slots[n as usize].state())));
+            writes.push((n, S::new(*key, *value, VALID)));
         }
         if let Some(o) = old {
             writes.push((o, self.removed(o)));
@@ -69,10 +64,10 @@ impl ServiceIndex {
         (writes, free.is_some())
     }
 
-    /// The writes that take `key` out of the index (the caller removes it from
-    /// `SERVICES` afterwards).
-    pub fn remove(&mut self, key: &ServiceKey) -> Vec<Write> {
-        let writes: Vec<Write> = self
+    /// The writes that take `key` out of the index (the caller removes it from the hash
+    /// map afterwards).
+    pub fn remove(&mut self, key: &S::Key) -> Vec<Write<S>> {
+        let writes: Vec<Write<S>> = self
             .position(key)
             .map(|o| (o, self.removed(o)))
             .into_iter()
@@ -81,17 +76,17 @@ impl ServiceIndex {
         writes
     }
 
-    /// The writes that make the index agree with `services` (all of `SERVICES`), for an
-    /// index left by an earlier version or another run. Returns the writes and the keys
-    /// that are not indexed.
-    pub fn reconcile(
-        &mut self,
-        services: &BTreeMap<ServiceKey, ServiceValue>,
-    ) -> (Vec<Write>, Vec<ServiceKey>) {
+    /// The writes that make the index agree with `all` (the whole hash map), for an index
+    /// left by an earlier version or another run. Returns the writes and the keys that are
+    /// not indexed.
+    pub fn reconcile(&mut self, all: &BTreeMap<S::Key, S::Value>) -> (Vec<Write<S>>, Vec<S::Key>)
+    where
+        S::Key: Ord,
+    {
         let mut writes = Vec::new();
-        for i in 0..SLOTS {
+        for i in 0..S::SLOTS {
             let s = self.slots[i as usize];
-            let stale = s.state == VALID && services.get(&s.key) != Some(&s.value);
+            let stale = s.state() == VALID && all.get(s.key()) != Some(s.value());
             if stale {
                 let w = (i, self.removed(i));
                 self.apply(std::slice::from_ref(&w));
@@ -99,7 +94,7 @@ impl ServiceIndex {
             }
         }
         let mut unindexed = Vec::new();
-        for (k, v) in services {
+        for (k, v) in all {
             let (w, indexed) = self.set(k, v);
             writes.extend(w);
             if !indexed {
@@ -109,39 +104,41 @@ impl ServiceIndex {
         (writes, unindexed)
     }
 
-    fn removed(&self, i: u32) -> ServiceSlot {
-        ServiceSlot {
-            state: REMOVED,
-            ..self.slots[i as usize]
-        }
+    fn removed(&self, i: u32) -> S {
+        let s = &self.slots[i as usize];
+        S::new(*s.key(), *s.value(), REMOVED)
     }
 
-    fn apply(&mut self, writes: &[Write]) {
+    fn apply(&mut self, writes: &[Write<S>]) {
         for (i, s) in writes {
             self.slots[*i as usize] = *s;
         }
     }
-}
 
-/// The key's window up to and with its first empty slot: where a search can find it.
-fn window_until_empty<'a>(
-    index: &'a ServiceIndex,
-    key: &ServiceKey,
-) -> impl Iterator<Item = u32> + 'a {
-    let mut ended = false;
-    service_index::window(key).take_while(move |&i| {
-        let go = !ended;
-        ended = index.slots[i as usize].state == EMPTY;
-        go
-    })
+    /// The key's window up to and with its first empty slot: where a search can find it.
+    fn window_until_empty<'a>(&'a self, key: &S::Key) -> impl Iterator<Item = u32> + 'a {
+        let mut ended = false;
+        open_index::window::<S>(key).take_while(move |&i| {
+            let go = !ended;
+            ended = self.slots[i as usize].state() == EMPTY;
+            go
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use lb_common::addr::v4_mapped;
+    use lb_common::{
+        addr::v4_mapped,
+        maps::{ServiceKey, ServiceValue},
+        service_index::{self, ServiceSlot, SLOTS},
+    };
     use proptest::prelude::*;
 
     use super::*;
+
+    type ServiceIndex = OpenIndex<ServiceSlot>;
+    type Write = super::Write<ServiceSlot>;
 
     fn key(vip: u16, port: u16) -> ServiceKey {
         ServiceKey {
