@@ -13,8 +13,9 @@ use crate::{
 /// Slots of the index: one per entry at the limit, as `NEXTHOPS_BY_ADDR` has.
 pub const SLOTS: u32 = MAX_BACKENDS;
 const _: () = assert!(SLOTS.is_power_of_two());
-/// Slots a reader looks at before it asks `NEXTHOPS_BY_ADDR`.
-pub const PROBES: u32 = 4;
+/// Slots a reader looks at before it asks `NEXTHOPS_BY_ADDR`: few, as each one searched
+/// is code in the entry point (there are far fewer next hops than slots).
+pub const PROBES: u32 = 2;
 
 /// What the index says about an address.
 pub type Probe<'a> = open_index::Probe<'a, NextHopEntry>;
