@@ -7,7 +7,7 @@ use crate::{
     hash::fmix32,
     limits::MAX_BACKENDS,
     maps::NextHopEntry,
-    open_index::{self, Slot, EMPTY},
+    open_index::{self, Slot},
 };
 
 /// Slots of the index: one per entry at the limit, as `NEXTHOPS_BY_ADDR` has.
@@ -20,9 +20,9 @@ pub const PROBES: u32 = 2;
 /// What the index says about an address.
 pub type Probe<'a> = open_index::Probe<'a, NextHopEntry>;
 
-/// One slot of the `NEXTHOP_INDEX` array.
+/// One slot of the `NEXTHOP_INDEX` array; the default one is `EMPTY`.
 #[repr(C, align(4))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHopSlot {
     pub addr: [u8; 16],
     pub entry: NextHopEntry,
@@ -30,21 +30,7 @@ pub struct NextHopSlot {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<NextHopSlot>() == 40);
-
-impl NextHopSlot {
-    pub const EMPTY: NextHopSlot = NextHopSlot {
-        addr: [0; 16],
-        entry: NextHopEntry {
-            ifindex: 0,
-            mtu: 0,
-            flags: 0,
-            dmac: [0; 6],
-            smac: [0; 6],
-        },
-        state: EMPTY,
-        _pad: [0; 3],
-    };
-}
+const _: () = assert!(open_index::EMPTY == 0, "the default slot is empty");
 
 impl Slot for NextHopSlot {
     type Key = [u8; 16];
@@ -127,7 +113,7 @@ mod tests {
     #[test]
     fn an_address_is_found_with_its_entry() {
         let a = v4_mapped([10, 2, 0, 7]);
-        let mut slots = vec![NextHopSlot::EMPTY; SLOTS as usize];
+        let mut slots = vec![NextHopSlot::default(); SLOTS as usize];
         assert_eq!(probe(&a, |i| slots.get(i as usize)), Probe::Absent);
         let entry = NextHopEntry {
             ifindex: 3,
