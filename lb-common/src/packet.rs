@@ -166,12 +166,13 @@ impl Class {
                 if g.syn {
                     return Reasons::one(Reason::AcceptSyn);
                 }
+                if !g.chains && !g.returns {
+                    // Accepted whatever the socket table says, so it is not asked.
+                    return Reasons::one(Reason::AcceptLastHop);
+                }
                 let mut r = Reasons::EMPTY;
                 if g.flow.is_some() {
                     r = r.with(Reason::AcceptSocket);
-                }
-                if !g.chains && !g.returns {
-                    return r.with(Reason::AcceptLastHop);
                 }
                 r = r.with(Reason::DropFibMiss).with(Reason::DropTooBig);
                 if g.outer_v4_options {

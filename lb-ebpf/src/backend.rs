@@ -56,6 +56,7 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
         return accept(ctx, inner_off, inner_v6, Reason::AcceptReturned);
     }
     let mut udp = false;
+    let mut flow = None;
     if !inner.fragment {
         let Some(f) = maps::FLOW.get_ptr_mut(0) else {
             return drop(Reason::DropMalformed);
@@ -69,14 +70,18 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
             Err(_) => return drop(Reason::DropMalformed),
             Ok(false) => {}
             Ok(true) => {
-                if let Some(reason) = claim(ctx, f, &inner, flags & FLAG_FORWARD_SYN != 0) {
-                    return accept(ctx, inner_off, inner_v6, reason);
-                }
                 udp = f.tuple.proto == IPPROTO_UDP && !f.icmp;
+                flow = Some(&*f);
             }
         }
     }
     let step = next_step(outer, hops_left, flags, &next_hop, udp);
+    if let Some(f) = flow {
+        let forward_syn = flags & FLAG_FORWARD_SYN != 0;
+        if let Some(reason) = claim(ctx, f, &inner, forward_syn, step == Step::Accept) {
+            return accept(ctx, inner_off, inner_v6, reason);
+        }
+    }
     match step {
         Step::PassOn => pass_on(ctx, outer, gue_off, &next_hop, step_flags(step, flags)),
         Step::Return => {
@@ -89,14 +94,23 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
 
 /// Whether the packet of flow `f` (IP header `ip`) is this node's to take: a new TCP
 /// connection (a SYN, unless the sender asks for SYNs to be passed on) or a flow a local
-/// socket owns. The backend path asks it of a GUE packet's inner packet, and the client
-/// path of a packet whose bucket's first hop is this node.
+/// socket owns. `stays`: the packet is accepted here whatever the answer (no one is left
+/// to pass it to), so the socket table is not asked; most packets of a backend are such,
+/// as a bucket has a second hop only after a change of its owner. The backend path asks
+/// it of a GUE packet's inner packet, and the client path of a packet whose bucket's
+/// first hop is this node.
 #[inline(always)]
-pub fn claim(ctx: &XdpContext, f: &Flow, ip: &Ip, forward_syn: bool) -> Option<Reason> {
+pub fn claim(
+    ctx: &XdpContext,
+    f: &Flow,
+    ip: &Ip,
+    forward_syn: bool,
+    stays: bool,
+) -> Option<Reason> {
     if f.is_syn() && !forward_syn {
         return Some(Reason::AcceptSyn);
     }
-    if socket::owns(ctx, f, ip) {
+    if !stays && socket::owns(ctx, f, ip) {
         return Some(Reason::AcceptSocket);
     }
     None

@@ -77,7 +77,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip) -> Verdict {
     // spilled to the stack on every forwarded packet too.
     let pick = Pick::new(hash, svc.id, local, flow.icmp);
     let slots = u64::from(bucket.first) | (u64::from(bucket.second) << 32);
-    if local && crate::backend::claim(ctx, flow, ip, false).is_some() {
+    if local && crate::backend::claim(ctx, flow, ip, false, false).is_some() {
         return delivered(ctx, pick.service());
     }
     forward(ctx, node, ip, slots, pick)

@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// `bpf_fib_lookup`'s parameter block, in a per-CPU value rather than on the stack: its
-/// 64 bytes would not fit under the client path's frame (the verifier's 512 bytes for a
+/// 64 bytes would not fit under the entry point's frame (the verifier's 512 bytes for a
 /// call chain).
 #[map]
 static FIB_PARAMS: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);
@@ -113,33 +113,20 @@ fn fib(
     tot_len: u16,
     out: &mut NextHop,
 ) -> Result<(), Reason> {
-    let Some(p) = FIB_PARAMS.get_ptr_mut(0) else {
+    let Some((p, v4)) = fib_params(ctx, tot_len, dst) else {
         return Err(Reason::DropFibMiss);
     };
-    // SAFETY: a per-CPU value, only this CPU touches it while the program runs; a plain C
-    // struct, all zero is its "unset" state.
-    let p = unsafe {
-        *p = zeroed();
-        &mut *p
-    };
-    p.l4_protocol = IPPROTO_UDP;
-    p.ifindex = ctx.ingress_ifindex() as u32;
-    p.__bindgen_anon_1.tot_len = tot_len;
-    if is_v4_mapped(dst) {
-        p.family = AF_INET;
+    if v4 {
         p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(v4_part(src));
         p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(v4_part(dst));
     } else {
-        p.family = AF_INET6;
         // SAFETY: the unions' IPv6 members, written whole (plain u32 arrays).
         unsafe {
             copy_to_words(&mut p.__bindgen_anon_3.ipv6_src, src);
             copy_to_words(&mut p.__bindgen_anon_4.ipv6_dst, dst);
         }
     }
-    // SAFETY: `p` is a valid, initialised parameter block of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), p, size_of::<FibParams>() as i32, 0) };
-    match rc as u32 {
+    match fib_query(ctx, p) {
         BPF_FIB_LKUP_RET_SUCCESS => {
             out.set(p.ifindex, &p.dmac, &p.smac);
             Ok(())
@@ -147,6 +134,39 @@ fn fib(
         BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropTooBig),
         _ => Err(Reason::DropFibMiss),
     }
+}
+
+/// The per-CPU parameter block of `bpf_fib_lookup`, set for a UDP packet of `tot_len`
+/// bytes (from the IP header on) to `dst`, arriving on the packet's interface, and
+/// whether `dst` is IPv4: the caller sets the addresses. (The family is read after the
+/// map lookup: read before, LLVM kept `dst`'s bytes across the call on the stack.)
+#[inline(always)]
+pub fn fib_params(
+    ctx: &XdpContext,
+    tot_len: u16,
+    dst: &[u8; 16],
+) -> Option<(&'static mut FibParams, bool)> {
+    let p = FIB_PARAMS.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU value, only this CPU touches it while the program runs; a plain C
+    // struct, all zero is its "unset" state.
+    let p = unsafe {
+        *p = zeroed();
+        &mut *p
+    };
+    let v4 = is_v4_mapped(dst);
+    p.l4_protocol = IPPROTO_UDP;
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.family = if v4 { AF_INET } else { AF_INET6 };
+    Some((p, v4))
+}
+
+/// Asks the kernel's FIB and neighbour tables (`bpf_fib_lookup`) with `p`: the helper's
+/// return code; its answer is in `p`.
+#[inline(always)]
+pub fn fib_query(ctx: &XdpContext, p: &mut FibParams) -> u32 {
+    // SAFETY: `p` is a valid, initialised parameter block of the size passed.
+    unsafe { bpf_fib_lookup(ctx.as_ptr(), p, size_of::<FibParams>() as i32, 0) as u32 }
 }
 
 /// Writes the Ethernet header at the start of the packet and sends it towards `hop`.

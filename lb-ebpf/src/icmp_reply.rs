@@ -10,32 +10,26 @@
 //! (`remember_hop`); the entry point answers when the client path ends in
 //! `drop_too_big` (`too_big`), so the reply is built in a frame of its own.
 
-use core::mem::{size_of, zeroed};
-
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED},
+    bindings::BPF_FIB_LKUP_RET_FRAG_NEEDED,
     helpers::generated::{
-        bpf_csum_diff, bpf_fib_lookup, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_csum_diff, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
     macros::map,
     maps::PerCpuArray,
     programs::XdpContext,
-    EbpfContext,
 };
 use lb_common::{
     addr::{copy_to_words, is_v4_mapped, v4_part},
     encap::{ipv4_checksum, ENCAP_LEN_V4, ENCAP_LEN_V6},
     maps::NodeConfig,
     parse::{Ip, L2},
-    proto::{
-        ETH_P_IP, ETH_P_IPV6, ICMP_LEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP, IPV4_LEN,
-        IPV6_LEN,
-    },
+    proto::{ETH_P_IP, ETH_P_IPV6, ICMP_LEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_LEN, IPV6_LEN},
     stats::Reason,
 };
 
 use crate::{
-    ptr,
+    forward, ptr,
     verdict::{drop, Verdict},
 };
 
@@ -48,8 +42,6 @@ const REPLIES_PER_SEC: u64 = 1000;
 const NS_PER_SEC: u64 = 1_000_000_000;
 const IPV6_MIN_MTU: u32 = 1280;
 const IPV4_MIN_MTU: u32 = 68;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
 
 /// The next hop a client packet was too big for (`valid` 1), per CPU, until `too_big`
 /// takes it.
@@ -138,28 +130,20 @@ pub fn too_big(ctx: &XdpContext, node: &NodeConfig, l2: &L2, ip: &Ip) -> Verdict
 
 /// The MTU of the route from this node to `hop` (the FIB's answer for a packet too big
 /// for it).
-#[inline(never)]
+#[inline(always)]
 fn path_mtu(ctx: &XdpContext, node: &NodeConfig, hop: &[u8; 16]) -> Option<u32> {
-    // SAFETY: a plain C struct, all zero is its "unset" state.
-    let mut p: FibParams = unsafe { zeroed() };
-    p.l4_protocol = IPPROTO_UDP;
-    p.ifindex = ctx.ingress_ifindex() as u32;
-    p.__bindgen_anon_1.tot_len = u16::MAX;
-    if is_v4_mapped(hop) {
-        p.family = AF_INET;
+    let (p, v4) = forward::fib_params(ctx, u16::MAX, hop)?;
+    if v4 {
         p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(node.addr_v4);
         p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(v4_part(hop));
     } else {
-        p.family = AF_INET6;
         // SAFETY: the unions' IPv6 members, written whole (plain u32 arrays).
         unsafe {
             copy_to_words(&mut p.__bindgen_anon_3.ipv6_src, &node.addr_v6);
             copy_to_words(&mut p.__bindgen_anon_4.ipv6_dst, hop);
         }
     }
-    // SAFETY: `p` is a valid, initialised parameter block of the size passed.
-    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &mut p, size_of::<FibParams>() as i32, 0) };
-    if rc as u32 != BPF_FIB_LKUP_RET_FRAG_NEEDED {
+    if forward::fib_query(ctx, p) != BPF_FIB_LKUP_RET_FRAG_NEEDED {
         return None;
     }
     // SAFETY: the helper sets `mtu_result` when it answers FRAG_NEEDED.

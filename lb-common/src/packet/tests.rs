@@ -190,7 +190,8 @@ const CHAIN: Reasons = Reasons::one(Reason::AcceptSocket)
     .with(Reason::SecondHop)
     .with(Reason::DropFibMiss)
     .with(Reason::DropTooBig);
-const LAST: Reasons = Reasons::one(Reason::AcceptSocket).with(Reason::AcceptLastHop);
+/// No hop left: accepted without asking the socket table.
+const LAST: Reasons = Reasons::one(Reason::AcceptLastHop);
 
 /// The seed corpus: real packets of every path, and the malformed ones the program must
 /// tell apart. Each with what the model must make of it.

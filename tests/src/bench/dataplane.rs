@@ -48,13 +48,14 @@ const TCP: u8 = 6;
 const UDP: u8 = 17;
 
 /// The cases, in the order they are reported.
-pub const CASES: [&str; 10] = [
+pub const CASES: [&str; 11] = [
     "tcp_syn_vip_v4",
     "tcp_ack_vip_v4",
     "udp_vip_v4",
     "tcp_syn_vip_v6",
     "non_vip_pass_v4",
     "gue_decap_accept_v4",
+    "gue_decap_last_hop_v4",
     "gue_second_hop_v4",
     "icmp_too_big_v4",
     "tcp_ack_local_v4",
@@ -531,17 +532,25 @@ pub fn cases(flows: usize, [established, local, chained]: [&[Established]; 3]) -
         verdict: XDP_PASS,
         reason: Reason::DeliveredLocally,
     };
-    // GUE from an LB node, the bucket's previous owner as the one hop left.
-    let to_node = |i: usize, inner: &[u8]| {
+    // GUE from an LB node, with `hops` left: the bucket's previous owner as the next hop.
+    let to_node = |i: usize, hops: u8, inner: &[u8]| {
         let port = (50_000 + i as u16, plan::GUE_PORT);
-        packets::gue4(
-            m,
-            LB4,
-            NODE4,
-            port,
-            plan::backend_v4(i as u32 % BACKENDS),
-            inner,
-        )
+        let next_hop = plan::backend_v4(i as u32 % BACKENDS);
+        packets::gue4(m, LB4, NODE4, port, (hops, next_hop), inner)
+    };
+    // The next segment of each connection to VIP4:80, in GUE with `hops` left.
+    let established_gue = |hops: u8| {
+        each(&|i| {
+            let e = established[i];
+            let inner = packets::tcp_seq(
+                m,
+                (VIP4, e.port).into(),
+                (VIP4, 80).into(),
+                (e.seq, e.ack),
+                &[],
+            );
+            to_node(i, hops, &inner)
+        })
     };
     vec![
         encap(
@@ -587,38 +596,34 @@ pub fn cases(flows: usize, [established, local, chained]: [&[Established]; 3]) -
         },
         Case {
             name: CASES[5],
-            frames: each(&|i| {
-                let e = established[i];
-                let inner = packets::tcp_seq(
-                    m,
-                    (VIP4, e.port).into(),
-                    (VIP4, 80).into(),
-                    (e.seq, e.ack),
-                    &[],
-                );
-                to_node(i, &inner)
-            }),
+            frames: established_gue(1),
             verdict: XDP_PASS,
             reason: Reason::AcceptSocket,
         },
+        Case {
+            name: CASES[6],
+            frames: established_gue(0),
+            verdict: XDP_PASS,
+            reason: Reason::AcceptLastHop,
+        },
         encap(
-            CASES[6],
+            CASES[7],
             each(&|i| {
                 let inner = packets::tcp(m, (client4(i), VIP4), (client_port(i), 80), false, &[]);
-                to_node(i, &inner)
+                to_node(i, 1, &inner)
             }),
             Reason::SecondHop,
         ),
         encap(
-            CASES[7],
+            CASES[8],
             each(&|i| {
                 let sent = packets::tcp(m, (VIP4, client4(i)), (80, client_port(i)), false, &[]);
                 packets::icmp4_frag_needed(m, ROUTER4, VIP4, &sent)
             }),
             Reason::IcmpForwarded,
         ),
-        delivered(CASES[8], local, LOCAL_PORT),
-        delivered(CASES[9], chained, CHAINED_PORT),
+        delivered(CASES[9], local, LOCAL_PORT),
+        delivered(CASES[10], chained, CHAINED_PORT),
     ]
 }
 
