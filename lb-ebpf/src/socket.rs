@@ -203,7 +203,7 @@ fn fill(t: &mut bpf_sock_tuple, f: &FlowTuple, v6: bool) -> u32 {
 /// An ACK to a listener completes a handshake whose SYN was answered with a cookie.
 /// The helper reads only the fixed headers, given as bounds-checked packet pointers (stack
 /// copies would cost the frame they need).
-#[inline(never)]
+#[inline(always)]
 fn syncookie_ok(ctx: &XdpContext, sk: *mut bpf_sock, inner: &Ip) -> bool {
     let Some(th) = ptr::at::<[u8; TCP_LEN]>(ctx, inner.l4_off) else {
         return false;
