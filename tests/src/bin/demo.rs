@@ -498,12 +498,13 @@ fn run(slot: &mut Option<Lab>) -> Result<()> {
 /// Counters of the client and backend paths on each node, from `lb list --json`: how
 /// the packets went (delivered to the node's own stack, sent on, encapsulated, accepted).
 fn path_counts(lab: &Lab) -> Result<Vec<String>> {
-    const SHOWN: [&str; 5] = [
+    const SHOWN: [&str; 6] = [
         "delivered_locally",
         "sent_on_from_local",
         "encapsulated",
         "accept_syn",
         "accept_socket",
+        "accept_last_hop",
     ];
     lab.lb_agents
         .iter()
