@@ -353,9 +353,8 @@ fn set_tuple(t: &mut FlowTuple, ip: &Ip, ports: [u8; 4], proto: u8) {
     t.proto = proto;
 }
 
-/// ICMP type 3 code 4 / ICMPv6 type 2: the flow of the quoted packet, reversed. Not
-/// inlined: the quoted header's facts stay out of the callers' frames.
-#[inline(never)]
+/// ICMP type 3 code 4 / ICMPv6 type 2: the flow of the quoted packet, reversed.
+#[inline(always)]
 fn icmp_too_big<'a, F: Frame<'a>>(f: F, ip: &Ip, out: &mut Flow) -> Result<bool, ParseError> {
     let too_big = if ip.v6 { [2, 0] } else { [3, 4] };
     if f.read::<2>(ip.l4_off).ok_or(ParseError::Truncated)? != too_big {
