@@ -5,7 +5,6 @@
 
 pub use crate::open_index::{EMPTY, REMOVED, VALID};
 use crate::{
-    hash::fmix32,
     limits::MAX_SERVICES,
     maps::{ServiceKey, ServiceValue},
     open_index::{self, Slot},
@@ -94,13 +93,22 @@ impl Slot for ServiceSlot {
     }
 }
 
-/// The key's home slot.
+/// The key's home slot: the top bits of a multiplicative hash of the key's words. Two
+/// multiplications deep, where two rounds of `fmix32` were six steps (about 5 ns of the
+/// IPv4 client path here, measured). The keys are the operator's services, not a
+/// client's choosing, and a crowded window only sends a search to `SERVICES`.
 #[inline(always)]
 pub fn home(key: &ServiceKey) -> u32 {
     let w = ServiceSlot::words(key);
     let addr = w[0] ^ w[1].rotate_left(8) ^ w[2].rotate_left(16) ^ w[3].rotate_left(24);
-    fmix32(addr ^ fmix32(w[4])) & (SLOTS - 1)
+    let h = (addr ^ w[4].wrapping_mul(GOLDEN)).wrapping_mul(MIX);
+    h >> (32 - SLOTS.trailing_zeros())
 }
+
+/// 2^32 divided by the golden ratio, and `fmix32`'s first multiplier: odd constants
+/// whose products spread every input bit over the top bits.
+const GOLDEN: u32 = 0x9e37_79b1;
+const MIX: u32 = 0x85eb_ca6b;
 
 /// The slots a search for `key` may look at, in order.
 #[inline(always)]

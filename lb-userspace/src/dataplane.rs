@@ -202,8 +202,11 @@ impl Dataplane {
                     path: maps.clone(),
                     message: e.to_string(),
                 })?;
-                adopted = maps.join(names::SERVICES).exists();
-                names::ALL.iter().map(|n| (*n, maps.join(n))).collect()
+                adopted = map_pin_path(dir, names::SERVICES).exists();
+                names::ALL
+                    .iter()
+                    .map(|n| (*n, map_pin_path(dir, n)))
+                    .collect()
             }
             None => Vec::new(),
         };
@@ -270,6 +273,15 @@ impl Dataplane {
         for key in hashed {
             if dp.pairs.slot_of(&key).is_none() {
                 dp.open_pair_slot(key)?;
+            }
+        }
+        // A map pinned by an earlier version that this one does not use stays alive while
+        // a program still uses it (the earlier program, until `attach` replaces it); only
+        // its pin goes.
+        if let Some(dir) = &opts.pin_dir {
+            for path in stale_pins(dir) {
+                std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+                tracing::info!(path = %path.display(), "removed a map pin this version does not use");
             }
         }
         Ok(dp)
@@ -810,6 +822,42 @@ fn zeroed_per_cpu() -> Result<PerCpuValues<Counters>, aya::maps::MapError> {
     PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(io)
 }
 
+/// Maps whose layout changed since they were first pinned, with their layout's version:
+/// such a map is pinned as `NAME.VERSION`, so an agent never adopts a map laid out for
+/// another version (the earlier program keeps the map it was loaded with until the new
+/// one replaces it).
+const LAYOUT_VERSIONS: [(&str, u32); 1] = [
+    // Home slots from a multiplicative hash (`service_index::home`).
+    (names::SERVICE_INDEX, 2),
+];
+
+/// Where map `name` is pinned in pin directory `pin_dir`.
+pub fn map_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
+    let file = match LAYOUT_VERSIONS.iter().find(|(n, _)| *n == name) {
+        Some((_, version)) => format!("{name}.{version}"),
+        None => name.to_string(),
+    };
+    pin_dir.join("maps").join(file)
+}
+
+/// The map pins in `pin_dir` that this version does not use.
+fn stale_pins(pin_dir: &Path) -> Vec<PathBuf> {
+    let used: Vec<PathBuf> = names::ALL
+        .iter()
+        .map(|n| map_pin_path(pin_dir, n))
+        .collect();
+    let Ok(entries) = std::fs::read_dir(pin_dir.join("maps")) else {
+        return Vec::new();
+    };
+    let mut stale: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| !used.contains(p))
+        .collect();
+    stale.sort();
+    stale
+}
+
 fn pin_err(path: &Path, e: impl std::fmt::Display) -> DataplaneError {
     DataplaneError::Pin {
         path: path.to_path_buf(),
@@ -832,4 +880,29 @@ pub fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), Dataplane
     xdp(ebpf, name)
         .load()
         .map_err(|source| DataplaneError::Program { name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_map_of_a_changed_layout_gets_a_pin_of_its_own_and_the_old_pin_is_stale() {
+        let dir = std::env::temp_dir().join(format!("lb-pins-{}", std::process::id()));
+        let maps = dir.join("maps");
+        std::fs::create_dir_all(&maps).unwrap();
+        assert_eq!(map_pin_path(&dir, names::SERVICES), maps.join("SERVICES"));
+        assert_eq!(
+            map_pin_path(&dir, names::SERVICE_INDEX),
+            maps.join("SERVICE_INDEX.2")
+        );
+        // An earlier version's pins: SERVICE_INDEX in its first layout, and a map this
+        // version does not know.
+        for f in ["SERVICES", "SERVICE_INDEX", "SERVICE_INDEX.2", "RETIRED"] {
+            std::fs::write(maps.join(f), b"").unwrap();
+        }
+        let stale = stale_pins(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(stale, [maps.join("RETIRED"), maps.join("SERVICE_INDEX")]);
+    }
 }
