@@ -823,9 +823,9 @@ fn zeroed_per_cpu() -> Result<PerCpuValues<Counters>, aya::maps::MapError> {
 }
 
 /// Maps whose layout changed since they were first pinned, with their layout's version:
-/// such a map is pinned as `NAME.VERSION`, so an agent never adopts a map laid out for
-/// another version (the earlier program keeps the map it was loaded with until the new
-/// one replaces it).
+/// such a map is pinned as `NAME_VVERSION` (bpffs allows no dots in names), so an agent
+/// never adopts a map laid out for another version. The earlier program keeps the map it
+/// was loaded with until the new one replaces it on the interface.
 const LAYOUT_VERSIONS: [(&str, u32); 1] = [
     // Home slots from a multiplicative hash (`service_index::home`).
     (names::SERVICE_INDEX, 2),
@@ -834,7 +834,7 @@ const LAYOUT_VERSIONS: [(&str, u32); 1] = [
 /// Where map `name` is pinned in pin directory `pin_dir`.
 pub fn map_pin_path(pin_dir: &Path, name: &str) -> PathBuf {
     let file = match LAYOUT_VERSIONS.iter().find(|(n, _)| *n == name) {
-        Some((_, version)) => format!("{name}.{version}"),
+        Some((_, version)) => format!("{name}_V{version}"),
         None => name.to_string(),
     };
     pin_dir.join("maps").join(file)
@@ -894,11 +894,11 @@ mod tests {
         assert_eq!(map_pin_path(&dir, names::SERVICES), maps.join("SERVICES"));
         assert_eq!(
             map_pin_path(&dir, names::SERVICE_INDEX),
-            maps.join("SERVICE_INDEX.2")
+            maps.join("SERVICE_INDEX_V2")
         );
         // An earlier version's pins: SERVICE_INDEX in its first layout, and a map this
         // version does not know.
-        for f in ["SERVICES", "SERVICE_INDEX", "SERVICE_INDEX.2", "RETIRED"] {
+        for f in ["SERVICES", "SERVICE_INDEX", "SERVICE_INDEX_V2", "RETIRED"] {
             std::fs::write(maps.join(f), b"").unwrap();
         }
         let stale = stale_pins(&dir);
