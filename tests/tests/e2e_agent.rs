@@ -11,6 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::MapData;
+use lb::dataplane::map_pin_path;
+use lb_common::maps::names;
 use serde_json::{json, Value};
 use tests::{
     agent::{node_config, remove_run_dir, Agent},
@@ -400,9 +403,20 @@ fn restarting_the_agent_loses_no_connection() {
                 .expect("an established connection broke");
         }
     };
+    // Where an earlier version pinned the service index (its first layout).
+    let old_index = lab.lb().pin_dir.join("maps").join(names::SERVICE_INDEX);
     for restart in 0..3 {
         talk(&mut conns);
         lab.agents[0].kill().unwrap();
+        if restart == 0 {
+            // As after an upgrade from that version: its pin is left, and must be
+            // neither adopted nor kept.
+            let current = map_pin_path(&lab.lb().pin_dir, names::SERVICE_INDEX);
+            MapData::from_pin(&current)
+                .unwrap()
+                .pin(&old_index)
+                .unwrap();
+        }
         // The program keeps forwarding with no agent at all.
         for _ in 0..5 {
             talk(&mut conns);
@@ -422,10 +436,10 @@ fn restarting_the_agent_loses_no_connection() {
     println!("{rounds} agent restarts; 20 long-lived connections intact; new connections: {ok} ok, {failed} failed");
     assert_eq!(failed, 0, "new connections failed during restarts");
     assert!(ok > 0);
-    assert!(lab
-        .lb()
-        .log()
-        .contains("taking over the running data plane"));
+    let log = lab.lb().log();
+    assert!(log.contains("taking over the running data plane"));
+    assert!(log.contains("removed a map pin this version does not use"));
+    assert!(!old_index.exists(), "the earlier version's pin is gone");
 }
 
 #[test]
