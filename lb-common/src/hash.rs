@@ -1,9 +1,15 @@
-//! The flow hash: one function, compiled into the XDP program and used on the host to
-//! predict where a flow goes (tests, `lb` tooling). It is MurmurHash3's 32-bit mixing
-//! over a fixed 10-word input, so the XDP program runs it without loops or tables.
+//! The flow hash: one function per kind, compiled into the XDP program and used on the
+//! host to predict where a flow goes (tests, `lb` tooling). The kind and its keys are the
+//! `FLOW_HASH` map's value ([`FlowHashKey`]), worked out by the agent from the node's
+//! `flow_hash` and `hash_seed`, which every node of a fleet shares.
 //!
 //! Words are read little-endian from the address bytes, making the result the same on
 //! every host and in BPF (which is little-endian here).
+
+mod multiply_shift;
+mod murmur3;
+
+pub use murmur3::fmix32;
 
 /// The parts of a packet that pick its bucket. Addresses as in [`crate::addr`];
 /// ports in host byte order. Aligned to 4 bytes, with the addresses first, so that the
@@ -19,17 +25,26 @@ pub struct FlowTuple {
     pub proto: u8,
 }
 
+/// The words a flow hash reads: eight address words, the ports, the protocol.
+pub const WORDS: usize = 10;
+
 impl FlowTuple {
-    /// `flow_hash` of the tuple with `key`'s seed; `v4`: both addresses are IPv4, the
-    /// cheaper way.
+    /// The hash of the tuple with `key`; `v4`: both addresses are IPv4, the cheaper way.
     #[inline(always)]
     pub fn hash(&self, key: &FlowHashKey, v4: bool) -> u32 {
+        let multiply_shift = key.kind == FlowHash::MultiplyShift as u32;
         if v4 {
             let w = self.address_words();
-            let ports = ((self.src_port as u32) << 16) | self.dst_port as u32;
-            flow_hash_v4(key.v4_head, w[3], w[7], ports, self.proto)
+            let ports = self.ports_word();
+            if multiply_shift {
+                multiply_shift::hash_v4(key.v4_base, &key.mul, w[3], w[7], ports, self.proto)
+            } else {
+                murmur3::hash_v4(key.v4_head, w[3], w[7], ports, self.proto)
+            }
+        } else if multiply_shift {
+            multiply_shift::hash(key.base, &key.mul, self)
         } else {
-            flow_hash(key.seed, self)
+            murmur3::hash(key.seed, self)
         }
     }
 
@@ -39,6 +54,12 @@ impl FlowTuple {
     fn address_words(&self) -> [u32; 8] {
         // SAFETY: the 32 bytes from the start are the two addresses, 4-byte aligned.
         unsafe { crate::addr::aligned_words::<8>((self as *const Self).cast()) }.map(u32::from_le)
+    }
+
+    /// Both ports in one word, the source's in the upper half.
+    #[inline(always)]
+    fn ports_word(&self) -> u32 {
+        ((self.src_port as u32) << 16) | self.dst_port as u32
     }
 
     /// The tuple of the reply direction (used for ICMP errors, which quote the packet
@@ -55,112 +76,82 @@ impl FlowTuple {
     }
 }
 
-const C1: u32 = 0xcc9e_2d51;
-const C2: u32 = 0x1b87_3593;
-
-#[inline(always)]
-fn mix(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-    times5_plus_n((h ^ k).rotate_left(13))
+/// Which function hashes flows (the node setting `flow_hash`). Every node of a fleet
+/// must run the same with the same seed: a change moves nearly every flow to another
+/// bucket, as a change of seed does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "kebab-case")
+)]
+#[repr(u32)]
+pub enum FlowHash {
+    /// MurmurHash3's mixing, round after round: the hash of every lb before
+    /// `multiply-shift`, and the default, so an upgraded node keeps its flows' buckets.
+    #[default]
+    Murmur3 = 0,
+    /// A strongly universal multiply-shift hash: independent products, a fraction of
+    /// `murmur3`'s dependent chain per packet (docs/benchmarks.md).
+    MultiplyShift = 1,
 }
 
-/// `r * 5 + 0xe654_6b64`, the last steps of `mix`. On BPF a shift and two adds, two
-/// steps deep: the JIT makes a multiply an `imul`, three cycles on the hash's dependent
-/// chain before its add, and LLVM would turn the shift back into a multiply.
-#[inline(always)]
-fn times5_plus_n(r: u32) -> u32 {
-    #[cfg(target_arch = "bpf")]
-    {
-        let mut r = u64::from(r);
-        // SAFETY: register arithmetic only; the upper half is ignored by the `as u32`.
-        unsafe {
-            core::arch::asm!(
-                "{t} = {r}",
-                "{t} <<= 2",
-                "{r} += {n}",
-                "{r} += {t}",
-                r = inout(reg) r,
-                t = out(reg) _,
-                n = const 0xe654_6b64u32 as i32,
-                options(pure, nomem, nostack),
-            );
+impl FlowHash {
+    /// The kind of a [`FlowHashKey`]'s `kind`.
+    pub fn from_kind(kind: u32) -> Option<FlowHash> {
+        [FlowHash::Murmur3, FlowHash::MultiplyShift]
+            .into_iter()
+            .find(|k| *k as u32 == kind)
+    }
+
+    /// The name in settings and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowHash::Murmur3 => "murmur3",
+            FlowHash::MultiplyShift => "multiply-shift",
         }
-        r as u32
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    {
-        r.wrapping_mul(5).wrapping_add(0xe654_6b64)
     }
 }
 
-/// MurmurHash3's finaliser: every input bit affects every output bit.
-#[inline(always)]
-pub fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
-/// Seeded hash of a flow. The seed is the same on every load-balancer node of a fleet,
-/// so they all send a flow to the same bucket.
-#[inline(always)]
-pub fn flow_hash(seed: u32, t: &FlowTuple) -> u32 {
-    let mut h = seed;
-    for w in t.address_words() {
-        h = mix(h, w);
-    }
-    h = mix(h, ((t.src_port as u32) << 16) | t.dst_port as u32);
-    h = mix(h, t.proto as u32);
-    fmix32(h ^ 40)
-}
-
-/// What the data plane hashes flows with (the value of the `FLOW_HASH` map): the seed, and
-/// the hash's state after the first three words of an IPv4 flow, which are the same for
-/// every IPv4 flow. Worked out once by the agent, not per packet: each mixing step waits
-/// for the one before it, and these three were about a quarter of the IPv4 hash's chain.
+/// What the data plane hashes flows with (the value of the `FLOW_HASH` map): the kind,
+/// and each kind's keys worked out once by the agent, not per packet, including what
+/// every IPv4 flow's constant words contribute.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowHashKey {
+    /// [`FlowHash`] as `u32`.
+    pub kind: u32,
+    /// `murmur3`: the seed, and the state after the first three words of an IPv4 flow
+    /// (about a quarter of that hash's chain).
     pub seed: u32,
     pub v4_head: u32,
+    pub _pad: u32,
+    /// `multiply-shift`: the added key, the same plus an IPv4 flow's constant words'
+    /// products, and the multipliers.
+    pub base: u64,
+    pub v4_base: u64,
+    pub mul: [u64; WORDS],
 }
 
 impl FlowHashKey {
-    pub fn new(seed: u32) -> Self {
+    pub fn new(kind: FlowHash, seed: u32) -> Self {
+        let (base, mul) = multiply_shift::keys(seed);
         FlowHashKey {
+            kind: kind as u32,
             seed,
-            v4_head: v4_head(seed),
+            v4_head: murmur3::v4_head(seed),
+            _pad: 0,
+            base,
+            v4_base: multiply_shift::v4_base(base, &mul),
+            mul,
         }
     }
-}
 
-/// `flow_hash`'s state after an IPv4-mapped source's first three words.
-#[inline(always)]
-fn v4_head(seed: u32) -> u32 {
-    mix(mix(mix(seed, 0), 0), V4_MAPPED_WORD)
+    /// The hash of `t` (the data plane's value, by the general way: for the host).
+    pub fn hash(&self, t: &FlowTuple) -> u32 {
+        t.hash(self, false)
+    }
 }
-
-/// `flow_hash` of a tuple whose addresses are both IPv4 (`::ffff:a.b.c.d`): the same
-/// value, starting from `head` (`FlowHashKey::v4_head`), with the mapped prefix's
-/// constant words folded into the mixing by the compiler. `src` and `dst`: each address's
-/// last word, as `address_words` reads it.
-#[inline(always)]
-pub fn flow_hash_v4(head: u32, src: u32, dst: u32, ports: u32, proto: u8) -> u32 {
-    let mut h = mix(head, src);
-    h = mix(h, 0);
-    h = mix(h, 0);
-    h = mix(h, V4_MAPPED_WORD);
-    h = mix(h, dst);
-    h = mix(h, ports);
-    h = mix(h, proto as u32);
-    fmix32(h ^ 40)
-}
-
-/// The third word of an IPv4-mapped address (bytes 0, 0, 0xff, 0xff), as `address_words`
-/// reads it.
-const V4_MAPPED_WORD: u32 = 0xffff_0000;
 
 /// The bucket of a hash in a table of `1 << bits` buckets.
 #[inline(always)]
@@ -180,6 +171,8 @@ mod tests {
     use super::*;
     use crate::addr::v4_mapped;
 
+    const KINDS: [FlowHash; 2] = [FlowHash::Murmur3, FlowHash::MultiplyShift];
+
     fn tuple(sport: u16) -> FlowTuple {
         FlowTuple {
             src: v4_mapped([10, 0, 0, 1]),
@@ -191,22 +184,44 @@ mod tests {
     }
 
     #[test]
-    fn known_value_is_stable() {
-        // Pinned so that a change to the hash, which would move every flow of a running
+    fn known_values_are_stable() {
+        // Pinned so that a change to a hash, which would move every flow of a running
         // fleet, cannot go unnoticed.
-        assert_eq!(flow_hash(0, &tuple(40000)), 0xeafd_d353);
+        assert_eq!(
+            FlowHashKey::new(FlowHash::Murmur3, 0).hash(&tuple(40000)),
+            0xeafd_d353
+        );
+        assert_eq!(
+            FlowHashKey::new(FlowHash::MultiplyShift, 0).hash(&tuple(40000)),
+            0x6181_27e4
+        );
     }
 
     #[test]
     fn seed_and_every_field_matter() {
-        let base = tuple(1234);
-        let h = flow_hash(7, &base);
-        assert_ne!(h, flow_hash(8, &base));
-        assert_ne!(h, flow_hash(7, &tuple(1235)));
-        assert_ne!(h, flow_hash(7, &base.reversed()));
-        let mut t = base;
-        t.proto = 17;
-        assert_ne!(h, flow_hash(7, &t));
+        for kind in KINDS {
+            let base = tuple(1234);
+            let k7 = FlowHashKey::new(kind, 7);
+            let h = k7.hash(&base);
+            assert_ne!(h, FlowHashKey::new(kind, 8).hash(&base), "{kind:?}");
+            assert_ne!(h, k7.hash(&tuple(1235)), "{kind:?}");
+            assert_ne!(h, k7.hash(&base.reversed()), "{kind:?}");
+            let mut t = base;
+            t.proto = 17;
+            assert_ne!(h, k7.hash(&t), "{kind:?}");
+            let mut t = base;
+            t.src[0] = 0x20;
+            assert_ne!(h, k7.hash(&t), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn the_kinds_differ() {
+        let t = tuple(1234);
+        assert_ne!(
+            FlowHashKey::new(FlowHash::Murmur3, 7).hash(&t),
+            FlowHashKey::new(FlowHash::MultiplyShift, 7).hash(&t)
+        );
     }
 
     #[test]
@@ -218,7 +233,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn the_ipv4_hash_is_the_hash(seed: u32, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) {
+        fn the_ipv4_way_is_the_hash(seed: u32, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) {
             let t = FlowTuple {
                 src: v4_mapped(src),
                 dst: v4_mapped(dst),
@@ -226,26 +241,39 @@ mod tests {
                 dst_port: dport,
                 proto,
             };
-            let ports = ((sport as u32) << 16) | dport as u32;
-            let key = FlowHashKey::new(seed);
-            let v4 = flow_hash_v4(key.v4_head, u32::from_le_bytes(src), u32::from_le_bytes(dst), ports, proto);
-            proptest::prop_assert_eq!(v4, flow_hash(seed, &t));
-            proptest::prop_assert_eq!(t.hash(&key, true), flow_hash(seed, &t));
-            proptest::prop_assert_eq!(t.hash(&key, false), flow_hash(seed, &t));
+            for kind in KINDS {
+                let key = FlowHashKey::new(kind, seed);
+                proptest::prop_assert_eq!(t.hash(&key, true), key.hash(&t));
+            }
+            // The murmur3 of every earlier lb, written out as it was.
+            let key = FlowHashKey::new(FlowHash::Murmur3, seed);
+            proptest::prop_assert_eq!(key.hash(&t), murmur3::hash(seed, &t));
         }
+    }
+
+    proptest::proptest! {
+        // 64 seeds: each case hashes 256k flows.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
         #[test]
-        fn buckets_spread_evenly(seed: u32) {
-            // 64k flows into 256 buckets: each near 256, none wildly off.
-            let mut counts = [0u32; 256];
-            for i in 0..65536u32 {
-                let mut t = tuple((i & 0xffff) as u16);
-                t.src[15] = (i >> 8) as u8;
-                counts[bucket_index(flow_hash(seed, &t), 8) as usize] += 1;
+        fn buckets_spread_evenly(seed: u32, v6: bool) {
+            // 64k flows of one client address block to one service, into 256 buckets:
+            // each near 256, none wildly off.
+            for kind in KINDS {
+                let key = FlowHashKey::new(kind, seed);
+                let mut counts = [0u32; 256];
+                for i in 0..65536u32 {
+                    let mut t = tuple((i & 0xffff) as u16);
+                    t.src[15] = (i >> 8) as u8;
+                    if v6 {
+                        t.src[0] = 0x20;
+                    }
+                    counts[bucket_index(key.hash(&t), 8) as usize] += 1;
+                }
+                let max = *counts.iter().max().unwrap();
+                let min = *counts.iter().min().unwrap();
+                proptest::prop_assert!(max < 360 && min > 160, "{kind:?}: min {min} max {max}");
             }
-            let max = *counts.iter().max().unwrap();
-            let min = *counts.iter().min().unwrap();
-            proptest::prop_assert!(max < 360 && min > 160, "min {min} max {max}");
         }
     }
 }

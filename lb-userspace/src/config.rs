@@ -11,6 +11,7 @@ use std::{
 
 use lb_common::{
     encap::DEFAULT_GUE_PORT,
+    hash::FlowHash,
     limits::{
         DEFAULT_BUCKET_SLOTS, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, MAX_TABLE_BITS,
         MAX_WEIGHT, MIN_TABLE_BITS,
@@ -91,6 +92,11 @@ pub struct NodeSettings {
     /// The flow hash seed: the same on every LB node of a fleet.
     #[serde(default)]
     pub hash_seed: u32,
+    /// The flow hash: `murmur3` (the default, every earlier version's) or
+    /// `multiply-shift` (cheaper per packet). The same on every LB node of a fleet; a
+    /// change, like one of the seed, moves nearly every flow to another bucket.
+    #[serde(default)]
+    pub flow_hash: FlowHash,
     #[serde(default)]
     pub xdp_mode: XdpMode,
 }

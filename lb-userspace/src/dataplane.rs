@@ -19,7 +19,7 @@ use aya::{
 };
 use lb_common::{
     addr,
-    hash::FlowHashKey,
+    hash::{FlowHash, FlowHashKey},
     maps::{
         names, vip_filter_bit, Backend, Bucket, Counters, NextHopEntry, NodeConfig,
         ServiceBackendKey, ServiceKey, ServiceValue, VipRefs, NODE_CONFIGURED, VIP_FILTER_WORDS,
@@ -359,6 +359,14 @@ impl Dataplane {
         self.maps.all().into_iter()
     }
 
+    /// The flow hash the program runs with; all zero until `set_node` wrote it.
+    pub fn flow_hash_key(&self) -> Result<FlowHashKey, DataplaneError> {
+        self.maps
+            .flow_hash
+            .get(&0, 0)
+            .map_err(|source| map_err(names::FLOW_HASH, source))
+    }
+
     /// Writes the node's settings; until this is done the program passes everything.
     pub fn set_node(&mut self, node: &Node) -> Result<(), DataplaneError> {
         let mut cfg = NodeConfig {
@@ -379,7 +387,7 @@ impl Dataplane {
         // key not yet written.
         self.maps
             .flow_hash
-            .set(0, FlowHashKey::new(node.hash_seed), 0)
+            .set(0, FlowHashKey::new(node.flow_hash, node.hash_seed), 0)
             .map_err(|source| map_err(names::FLOW_HASH, source))?;
         self.maps
             .node
@@ -776,6 +784,7 @@ impl Dataplane {
 #[derive(Clone, Debug)]
 pub struct Node {
     pub hash_seed: u32,
+    pub flow_hash: FlowHash,
     pub gue_port: u16,
     pub addr_v4: Option<std::net::Ipv4Addr>,
     pub addr_v6: Option<std::net::Ipv6Addr>,
@@ -826,9 +835,11 @@ fn zeroed_per_cpu() -> Result<PerCpuValues<Counters>, aya::maps::MapError> {
 /// such a map is pinned as `NAME_VVERSION` (bpffs allows no dots in names), so an agent
 /// never adopts a map laid out for another version. The earlier program keeps the map it
 /// was loaded with until the new one replaces it on the interface.
-const LAYOUT_VERSIONS: [(&str, u32); 1] = [
+const LAYOUT_VERSIONS: [(&str, u32); 2] = [
     // Home slots from a multiplicative hash (`service_index::home`).
     (names::SERVICE_INDEX, 2),
+    // The hash's kind and the `multiply-shift` keys (`hash::FlowHashKey`).
+    (names::FLOW_HASH, 2),
 ];
 
 /// Where map `name` is pinned in pin directory `pin_dir`.

@@ -282,5 +282,6 @@ pub fn node_config(node: &Node) -> Value {
         "address_v4": node.v4,
         "address_v6": node.v6,
         "hash_seed": 42,
+        "flow_hash": "multiply-shift",
     })
 }

@@ -15,6 +15,7 @@
 //!     let mut dp = Dataplane::load(&LoadOptions::default()).unwrap();
 //!     dp.set_node(&NodeConfig {
 //!         hash_seed: 7,
+//!         flow_hash: Default::default(),
 //!         gue_port: lb_common::encap::DEFAULT_GUE_PORT,
 //!         addr_v4: Some(node.v4),
 //!         addr_v6: Some(node.v6),

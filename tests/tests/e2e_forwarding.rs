@@ -36,6 +36,7 @@ fn attach(node: &Node) -> Dataplane {
     let mut dp = Dataplane::load(&LoadOptions::default()).unwrap();
     dp.set_node(&DpNode {
         hash_seed: 7,
+        flow_hash: Default::default(),
         gue_port: DEFAULT_GUE_PORT,
         addr_v4: Some(node.v4),
         addr_v6: Some(node.v6),

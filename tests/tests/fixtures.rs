@@ -25,7 +25,7 @@ use lb::dataplane::{Dataplane, LoadOptions};
 use lb_common::{
     addr::v4_mapped,
     encap::{FLAG_CHAINED, FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_HLEN, HOP_LIST_TYPE},
-    hash::{bucket_index, flow_hash, outer_source_port, FlowTuple},
+    hash::{bucket_index, outer_source_port, FlowHash, FlowHashKey, FlowTuple},
     maps::{Bucket, Counters, ServiceBackendKey, ServiceKey},
     packet::{
         example::{NODE_MAC, PEER_MAC},
@@ -48,6 +48,9 @@ use tests::fixture::{
 };
 
 const SEED: u32 = 0x5eed_1234;
+/// The fixtures' flow hash, as lb.example.json sets it; `every_flow_hash_sends_flows_where_the_host_predicts`
+/// runs both.
+const FLOW_HASH: FlowHash = FlowHash::MultiplyShift;
 const TABLE_BITS: u32 = 4;
 const BUCKETS: u32 = 1 << TABLE_BITS;
 
@@ -79,8 +82,17 @@ fn services() -> Vec<Service> {
     .collect()
 }
 
+/// The fixtures' flow hash with its keys.
+fn key() -> FlowHashKey {
+    FlowHashKey::new(FLOW_HASH, SEED)
+}
+
 fn configure(dp: &mut Dataplane) -> Result<()> {
-    round_robin(dp, SEED, TABLE_BITS, &services())
+    configure_with(dp, FLOW_HASH)
+}
+
+fn configure_with(dp: &mut Dataplane, flow_hash: FlowHash) -> Result<()> {
+    round_robin(dp, (flow_hash, SEED), TABLE_BITS, &services())
 }
 
 // ---- packets -------------------------------------------------------------------------
@@ -125,9 +137,10 @@ fn tuple(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, proto: u8) -> Flo
     }
 }
 
-/// Where the fixture table sends a flow of service `svc`: (hash, first, second).
-fn owner(svc_v6_backends: bool, t: &FlowTuple) -> (u32, [u8; 16], [u8; 16]) {
-    let h = flow_hash(SEED, t);
+/// Where the fixture table, with flows hashed by `key`, sends a flow of a service whose
+/// backends are IPv6 when `svc_v6_backends`: (hash, first, second).
+fn owner(key: &FlowHashKey, svc_v6_backends: bool, t: &FlowTuple) -> (u32, [u8; 16], [u8; 16]) {
+    let h = key.hash(t);
     let b = bucket_index(h, TABLE_BITS);
     (
         h,
@@ -205,9 +218,16 @@ fn set_flow_label(frame: &mut [u8], hash: u32) {
     frame[17] = label as u8;
 }
 
-/// The frame lb sends for a client packet to a service whose backends are in `v6`.
-fn client_path_output(frame: &[u8], l3: usize, t: &FlowTuple, v6_backends: bool) -> Vec<u8> {
-    let (h, first, second) = owner(v6_backends, t);
+/// The frame lb sends for a client packet to a service whose backends are in `v6`, with
+/// flows hashed by `key`.
+fn client_path_output(
+    key: &FlowHashKey,
+    frame: &[u8],
+    l3: usize,
+    t: &FlowTuple,
+    v6_backends: bool,
+) -> Vec<u8> {
+    let (h, first, second) = owner(key, v6_backends, t);
     let src = if v6_backends {
         node_v6().octets()
     } else {
@@ -336,8 +356,8 @@ fn client_cases() -> Vec<Case> {
     let mut cases = Vec::new();
 
     let mut encap = |name, input: Vec<u8>, l3: usize, t: FlowTuple, svc: u32, v6b: bool, reason| {
-        let (_, first, _) = owner(v6b, &t);
-        let output = client_path_output(&input, l3, &t, v6b);
+        let (_, first, _) = owner(&key(), v6b, &t);
+        let output = client_path_output(&key(), &input, l3, &t, v6b);
         cases.push(Case {
             name,
             verdict: XDP_TX,
@@ -1527,7 +1547,7 @@ fn encapsulated_to(
     next: u32,
 ) -> Vec<u8> {
     let t = local_tuple(input, v6);
-    let h = flow_hash(SEED, &t);
+    let h = key().hash(&t);
     let src = if v6 {
         node_v6().octets()
     } else {
@@ -1735,4 +1755,79 @@ fn services_beyond_a_full_index_window_are_still_forwarded() {
         Ok(())
     })
     .expect("running the index fixture");
+}
+
+/// With either flow hash configured, the program sends each flow, IPv4 and IPv6, TCP and
+/// UDP, to the backend the host's copy of that hash predicts, with the outer source port
+/// (and IPv6 flow label) of that hash: the data plane and the host (tests, tooling) hash
+/// alike.
+#[test]
+fn every_flow_hash_sends_flows_where_the_host_predicts() {
+    if !tests::can_run("every_flow_hash_sends_flows_where_the_host_predicts") {
+        return;
+    }
+    let v4 = v4_mapped;
+    let flows = |i: u16| {
+        let port = 20000 + 7 * i;
+        [
+            (
+                tcp4(CLIENT4, VIP4, port, 80, true),
+                tuple(v4(CLIENT4), v4(VIP4), port, 80, TCP),
+                0,
+                false,
+            ),
+            (
+                udp4(CLIENT4, VIP4, port, 53, b"query"),
+                tuple(v4(CLIENT4), v4(VIP4), port, 53, UDP),
+                1,
+                false,
+            ),
+            (
+                tcp6(client_v6(), vip_v6(), port, 80, true),
+                tuple(client_v6().octets(), vip_v6().octets(), port, 80, TCP),
+                2,
+                true,
+            ),
+        ]
+    };
+    let mut buckets = Vec::new();
+    for kind in [FlowHash::Murmur3, FlowHash::MultiplyShift] {
+        let key = FlowHashKey::new(kind, SEED);
+        let failures = fixture::with_dataplane("hashes", &LoadOptions::default(), |dp, ifindex| {
+            configure_with(dp, kind)?;
+            let mut failures = Vec::new();
+            let mut placed = Vec::new();
+            for i in 0..64 {
+                for (input, t, svc, v6b) in flows(i) {
+                    let (_, first, _) = owner(&key, v6b, &t);
+                    placed.push(bucket_index(key.hash(&t), TABLE_BITS));
+                    let c = Case {
+                        name: "flow",
+                        output: Out::Bytes(client_path_output(&key, &input, 14, &t, v6b)),
+                        verdict: XDP_TX,
+                        reason: Reason::Encapsulated,
+                        counted: Some((svc, slot_of(first))),
+                        input,
+                    };
+                    if let Err(e) = run_case(dp, ifindex, &c) {
+                        failures.push(format!("{}: {t:?}: {e:#}", kind.name()));
+                    }
+                }
+            }
+            buckets.push(placed);
+            Ok(failures)
+        })
+        .expect("running the flow hash fixture");
+        assert!(
+            failures.is_empty(),
+            "{} flows misplaced: {:?}",
+            failures.len(),
+            failures.first()
+        );
+    }
+    // Were the two hashes alike on these flows, the data plane could ignore the setting.
+    assert_ne!(
+        buckets[0], buckets[1],
+        "both hashes put every flow in the same bucket"
+    );
 }

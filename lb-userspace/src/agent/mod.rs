@@ -26,6 +26,7 @@ use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode as AyaXdpMode;
 use lb_common::{
     addr,
+    hash::{FlowHash, FlowHashKey},
     maps::{NextHopEntry, ServiceBackendKey, ServiceKey, NEXTHOP_VALID},
     stats::Reason,
 };
@@ -329,12 +330,26 @@ impl Agent {
 
     fn apply_node(&mut self) -> Result<()> {
         let n = &self.config.node;
-        self.programmer.dataplane().set_node(&Node {
+        let dp = self.programmer.dataplane();
+        let running = dp.flow_hash_key()?;
+        let wanted = FlowHashKey::new(n.flow_hash, n.hash_seed);
+        if dp.adopted() && running.v4_head != 0 && running != wanted {
+            warn!(
+                running = FlowHash::from_kind(running.kind).map_or("unknown", FlowHash::name),
+                configured = n.flow_hash.name(),
+                "node.flow_hash or node.hash_seed differs from the running data plane's: nearly \
+                 every flow moves to another bucket, and connections through this node break \
+                 unless every node of the fleet changes alike"
+            );
+        }
+        dp.set_node(&Node {
             hash_seed: n.hash_seed,
+            flow_hash: n.flow_hash,
             gue_port: n.gue_port,
             addr_v4: n.address_v4,
             addr_v6: n.address_v6,
         })?;
+        info!(flow_hash = n.flow_hash.name(), "node settings written");
         for ifname in &n.interfaces {
             netlink::enable_forwarding(ifname)?;
         }

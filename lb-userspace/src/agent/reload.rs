@@ -159,6 +159,7 @@ mod tests {
             address_v6: None,
             gue_port: 6080,
             hash_seed: 1,
+            flow_hash: Default::default(),
             xdp_mode: Default::default(),
         };
         let other = NodeSettings {

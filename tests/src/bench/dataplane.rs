@@ -19,7 +19,7 @@ use lb::{
 };
 use lb_common::{
     addr::{to_bytes, v4_mapped},
-    hash::{bucket_index, flow_hash, FlowTuple},
+    hash::{bucket_index, FlowHash, FlowHashKey, FlowTuple},
     limits::DEFAULT_TABLE_BITS,
     maps::Bucket,
     proto::ETH_P_IP,
@@ -79,6 +79,8 @@ pub struct Settings {
     pub rounds: usize,
     /// Distinct flows (frames) per case.
     pub flows: usize,
+    /// The node's flow hash (`node.flow_hash`).
+    pub flow_hash: FlowHash,
 }
 
 /// Which cases to run: all when `only` is empty.
@@ -127,14 +129,14 @@ pub fn measure(s: Settings, names: &[&str]) -> Result<Measured> {
         pin_dir: None,
     };
     fixture::with_dataplane("bench", &opts, |dp, ifindex| {
-        configure(dp)?;
+        configure(dp, s.flow_hash)?;
         let sockets = Sockets::open(80, s.flows, |_| true)?;
         let local = Sockets::open(LOCAL_PORT, s.flows, |_| true)?;
         // Connections whose bucket this node took over from backend 0, which the bucket
         // keeps as its second hop.
         let chained_table = chained_table()?;
         let chained = Sockets::open(CHAINED_PORT, s.flows, |port| {
-            let b = chained_table[chained_bucket(port)];
+            let b = chained_table[chained_bucket(s.flow_hash, port)];
             b.first == LOCAL_SLOT && b.second == 0
         })?;
         let mut harness = Harness::load(dp.ebpf(), ifindex)?;
@@ -336,9 +338,10 @@ pub fn median(v: &[f64]) -> f64 {
 /// Node settings, backends (slots 0.. IPv4, BACKENDS.. IPv6) with their next hops as the
 /// agent resolves them, and three services, each with a default-size table from the real
 /// builder, as it stands after one backend was added (so some buckets have a second hop).
-pub fn configure(dp: &mut Dataplane) -> Result<()> {
+pub fn configure(dp: &mut Dataplane, flow_hash: FlowHash) -> Result<()> {
     dp.set_node(&Node {
         hash_seed: SEED,
+        flow_hash,
         gue_port: plan::GUE_PORT,
         addr_v4: Some(NODE4),
         addr_v6: Some(NODE6),
@@ -418,7 +421,7 @@ fn chained_table() -> Result<Vec<Bucket>> {
 }
 
 /// The fifth service's bucket of the connection from VIP4:`port`.
-fn chained_bucket(port: u16) -> usize {
+fn chained_bucket(flow_hash: FlowHash, port: u16) -> usize {
     let tuple = FlowTuple {
         src: v4_mapped(VIP4.octets()),
         dst: v4_mapped(VIP4.octets()),
@@ -426,7 +429,10 @@ fn chained_bucket(port: u16) -> usize {
         dst_port: CHAINED_PORT,
         proto: TCP,
     };
-    bucket_index(flow_hash(SEED, &tuple), DEFAULT_TABLE_BITS) as usize
+    bucket_index(
+        FlowHashKey::new(flow_hash, SEED).hash(&tuple),
+        DEFAULT_TABLE_BITS,
+    ) as usize
 }
 
 /// Room in `BUCKETS` for the five services' tables of `configure`.

@@ -50,6 +50,8 @@ pub struct Settings {
     pub flows: usize,
     /// The core the measuring thread is pinned to.
     pub cpu: usize,
+    /// The node's flow hash.
+    pub flow_hash: lb_common::hash::FlowHash,
 }
 
 /// One case's rate next to the floor's, both medians over the rounds.
@@ -72,7 +74,7 @@ pub fn measure(s: Settings, names: &[&str]) -> Result<Vec<LiveResult>> {
             bucket_slots: BUCKET_SLOTS,
             pin_dir: None,
         })?;
-        configure(&mut dp)?;
+        configure(&mut dp, s.flow_hash)?;
         let mut harness = Harness::load(dp.ebpf(), fx0)?;
         load_program(dp.ebpf(), ebpf::DROP_PROGRAM)?;
         // Both detached when the object is dropped at the end.

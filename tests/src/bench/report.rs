@@ -20,6 +20,8 @@ pub struct Report {
     pub repeat: u32,
     pub rounds: usize,
     pub flows: usize,
+    /// The node's flow hash in the data-plane and live suites.
+    pub flow_hash: &'static str,
     pub dataplane: Vec<CaseRow>,
     pub table: Vec<TableRow>,
     pub live: Vec<LiveRow>,
@@ -221,6 +223,7 @@ impl Report {
             repeat: s.repeat,
             rounds: s.rounds,
             flows: s.flows,
+            flow_hash: s.flow_hash.name(),
             dataplane,
             table,
             live,
@@ -376,8 +379,8 @@ impl Report {
         let _ = writeln!(
             o,
             "Data plane: BPF_PROG_TEST_RUN, {} runs per test run, median of {} rounds, {} flows \
-             per case",
-            self.repeat, self.rounds, self.flows
+             per case, flow hash {}",
+            self.repeat, self.rounds, self.flows, self.flow_hash
         );
         let _ = writeln!(
             o,

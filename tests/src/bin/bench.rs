@@ -8,6 +8,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
+use lb_common::hash::FlowHash;
 use tests::bench::{
     compare, control,
     dataplane::{self, Settings},
@@ -101,6 +102,16 @@ struct Cli {
     /// Changes the fleet suite times per case.
     #[arg(long, default_value_t = 50)]
     fleet_changes: usize,
+    /// The node's flow hash in the data-plane and live suites: `multiply-shift` (as
+    /// lb.example.json sets it) or `murmur3` (the default of a config without
+    /// `node.flow_hash`).
+    #[arg(long, value_name = "NAME", default_value = "multiply-shift", value_parser = flow_hash)]
+    flow_hash: FlowHash,
+}
+
+fn flow_hash(s: &str) -> Result<FlowHash, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| "murmur3 or multiply-shift".to_string())
 }
 
 fn flows(s: &str) -> Result<usize, String> {
@@ -135,6 +146,7 @@ fn run(cli: Cli) -> Result<()> {
         repeat: cli.repeat.max(1),
         rounds: cli.rounds.max(1),
         flows: cli.flows,
+        flow_hash: cli.flow_hash,
     };
     let suites = if cli.dataplane_only {
         vec![Suite::Dataplane]
@@ -178,6 +190,7 @@ fn run(cli: Cli) -> Result<()> {
             rounds: settings.rounds,
             flows: settings.flows,
             cpu: cli.live_cpu,
+            flow_hash: cli.flow_hash,
         };
         live::measure(s, &cases)?
     } else {

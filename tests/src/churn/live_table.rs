@@ -7,21 +7,22 @@ use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
     addr,
-    hash::{bucket_index, flow_hash, FlowTuple},
-    maps::{names, Backend, Bucket, NodeConfig, ServiceKey, ServiceValue, BACKEND_PRESENT},
+    hash::{bucket_index, FlowHashKey, FlowTuple},
+    maps::{names, Backend, Bucket, ServiceKey, ServiceValue, BACKEND_PRESENT},
 };
 
 /// A service's live forwarding table on one LB node, in backend addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LiveTable {
-    pub seed: u32,
+    /// The node's flow hash, as its data plane hashes with it.
+    pub hash: FlowHashKey,
     pub bits: u32,
     /// (first, second) per bucket.
     pub buckets: Vec<(Option<IpAddr>, Option<IpAddr>)>,
 }
 
 fn pinned(pin_dir: &Path, name: &str) -> Result<Map> {
-    let path = pin_dir.join("maps").join(name);
+    let path = lb::dataplane::map_pin_path(pin_dir, name);
     let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     Ok(Map::from_map_data(data)?)
 }
@@ -29,8 +30,8 @@ fn pinned(pin_dir: &Path, name: &str) -> Result<Map> {
 impl LiveTable {
     /// Reads the table of (`vip`, `port`, `proto`) from the maps pinned under `pin_dir`.
     pub fn read(pin_dir: &Path, vip: IpAddr, port: u16, proto: u8) -> Result<Self> {
-        let node: Array<MapData, NodeConfig> = pinned(pin_dir, names::NODE)?.try_into()?;
-        let seed = node.get(&0, 0)?.hash_seed;
+        let hash: Array<MapData, FlowHashKey> = pinned(pin_dir, names::FLOW_HASH)?.try_into()?;
+        let hash = hash.get(&0, 0)?;
         let services: HashMap<MapData, ServiceKey, ServiceValue> =
             pinned(pin_dir, names::SERVICES)?.try_into()?;
         let key = ServiceKey {
@@ -64,7 +65,7 @@ impl LiveTable {
             buckets.push((slot(b.first)?, slot(b.second)?));
         }
         Ok(Self {
-            seed,
+            hash,
             bits: sv.table_bits,
             buckets,
         })
@@ -72,7 +73,7 @@ impl LiveTable {
 
     /// The bucket of a flow.
     pub fn bucket(&self, t: &FlowTuple) -> usize {
-        bucket_index(flow_hash(self.seed, t), self.bits) as usize
+        bucket_index(self.hash.hash(t), self.bits) as usize
     }
 
     /// The first and second hop of a flow.

@@ -8,6 +8,7 @@ use lb::dataplane::{Dataplane, LoadOptions};
 use lb_common::{
     addr::{is_v4_mapped, v4_mapped},
     encap::{ENCAP_LEN_V4, ENCAP_LEN_V6},
+    hash::FlowHash,
     packet::{
         check::{self, RoundTrip},
         classify, ethernet, example, ip,
@@ -49,7 +50,7 @@ fn configure(dp: &mut Dataplane) -> Result<()> {
             empty: false,
         })
         .collect();
-    round_robin(dp, 0x5eed, TABLE_BITS, &services)
+    round_robin(dp, (FlowHash::MultiplyShift, 0x5eed), TABLE_BITS, &services)
 }
 
 /// The seed corpus of the fuzz target, by name.
