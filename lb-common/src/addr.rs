@@ -53,6 +53,15 @@ pub unsafe fn aligned_words<const N: usize>(p: *const u8) -> [u32; N] {
     core::array::from_fn(|i| unsafe { p.add(i).read() })
 }
 
+/// The address's four words in memory order, as `aligned_words` reads them (for bytes
+/// that need not be aligned; the host's side).
+#[inline(always)]
+pub fn words(a: &[u8; 16]) -> [u32; 4] {
+    core::array::from_fn(|i| {
+        u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+    })
+}
+
 /// Four words (as `aligned_words` reads them) as the address's bytes. An address copied
 /// as `from_words(aligned_words(..))` into a field at an aligned offset is four word
 /// loads and stores: a plain `[u8; 16]` copy is sixteen of each in BPF.

@@ -56,6 +56,13 @@ impl FlowTuple {
         unsafe { crate::addr::aligned_words::<8>((self as *const Self).cast()) }.map(u32::from_le)
     }
 
+    /// `dst` in four aligned loads, in memory order.
+    #[inline(always)]
+    pub fn dst_words(&self) -> [u32; 4] {
+        // SAFETY: `dst` is at offset 16 of the 4-aligned tuple.
+        unsafe { crate::addr::aligned_words(self.dst.as_ptr()) }
+    }
+
     /// Both ports in one word, the source's in the upper half.
     #[inline(always)]
     fn ports_word(&self) -> u32 {

@@ -43,9 +43,16 @@ pub const VIP_FILTER_WORDS: u32 = 1024;
 /// The bit of `addr` in the VIP filter (word index, bit in the word).
 #[inline(always)]
 pub fn vip_filter_bit(addr: &[u8; 16]) -> (u32, u64) {
-    let w = |i: usize| u32::from_le_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    vip_filter_bit_of_words(crate::addr::words(addr))
+}
+
+/// `vip_filter_bit` of an address given as its four words in memory order.
+#[inline(always)]
+pub fn vip_filter_bit_of_words(w: [u32; 4]) -> (u32, u64) {
+    // Little-endian words, as the filter was first laid out (BPF is little-endian here).
+    let w = w.map(u32::from_le);
     let h = crate::hash::fmix32(
-        w(0) ^ w(4).rotate_left(8) ^ w(8).rotate_left(16) ^ w(12).rotate_left(24),
+        w[0] ^ w[1].rotate_left(8) ^ w[2].rotate_left(16) ^ w[3].rotate_left(24),
     );
     let bit = h % (VIP_FILTER_WORDS * 64);
     (bit / 64, 1u64 << (bit % 64))

@@ -14,7 +14,7 @@ pub use crate::parse::{Flow, Ip, ParseError};
 use crate::{
     encap::{FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_LEN},
     hash::FlowTuple,
-    maps::vip_filter_bit,
+    maps::{vip_filter_bit, vip_filter_bit_of_words},
     parse::{self, next_step, Step},
     proto::{IPPROTO_UDP, IPV4_LEN, UDP_LEN},
     stats::Reason,
@@ -226,11 +226,17 @@ pub fn classify(node: &NodeView<'_>, frame: &[u8]) -> Class {
         Ok(None) => return Decided(Reason::PassNotIp),
         Err(_) => return Decided(Reason::PassUnparsed),
     };
-    let maybe_vip = |dst: &[u8; 16]| {
-        let bit = vip_filter_bit(dst);
+    let maybe_vip = |dst: [u32; 4]| {
+        let bit = vip_filter_bit_of_words(dst);
         node.services.iter().any(|s| vip_filter_bit(&s.vip) == bit)
     };
-    if parse::certainly_not_for_lb(frame, &l2, &node.addr_v4, &node.addr_v6, maybe_vip) {
+    let own_v4 = u32::from_ne_bytes(node.addr_v4);
+    if parse::certainly_not_for_lb(
+        frame,
+        &l2,
+        (own_v4, crate::addr::words(&node.addr_v6)),
+        maybe_vip,
+    ) {
         return Decided(Reason::PassNotService);
     }
     // As in the program, the addresses are read before the extension headers are walked,

@@ -13,7 +13,7 @@
 use core::mem::{align_of, size_of};
 
 use crate::{
-    addr::{is_v4_mapped, v4_mapped},
+    addr::{aligned_words, from_words, is_v4_mapped, v4_mapped, V4_MAPPED_WORD},
     encap::{Gue, FLAG_CHAINED, FLAG_RETURNED, GUE_FIRST_BYTE, HOP_LIST_TYPE, MAX_HOPS},
     hash::FlowTuple,
     limits::{MAX_EXT_HEADERS, MAX_HEADER_OFFSET},
@@ -86,6 +86,18 @@ pub unsafe trait Frame<'a>: Copy {
     fn read_be16(self, off: usize) -> Option<u16> {
         self.read::<2>(off).map(u16::from_be_bytes)
     }
+
+    /// The `N` words at `from` bytes into `bytes` (a header `at` gave), each in memory
+    /// order (`u32::from_ne_bytes` of its bytes). The XDP frame reads each with one load:
+    /// a byte array's copy or comparison takes a load per byte in BPF.
+    #[inline(always)]
+    fn words<const N: usize, const M: usize>(self, bytes: &'a [u8; M], from: usize) -> [u32; N] {
+        const { assert!(4 * N <= M) };
+        core::array::from_fn(|i| {
+            let at = (from + 4 * i).min(M - 4);
+            u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        })
+    }
 }
 
 // SAFETY: `get` checks the bounds; the bytes live as long as the slice.
@@ -139,17 +151,19 @@ pub fn ethernet<'a, F: Frame<'a>>(f: F) -> Result<Option<L2>, ParseError> {
     })
 }
 
-/// An IP header's facts, with addresses as 16 bytes (see `addr`).
+/// An IP header's facts, with addresses as 16 bytes (see `addr`), first and aligned, so
+/// they are copied and compared as words (`src_words`, `dst_words`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C, align(8))]
 pub struct Ip {
-    pub v6: bool,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub l3_off: usize,
     /// Offset of the transport header (after options / extension headers).
     pub l4_off: usize,
+    pub v6: bool,
     /// The transport protocol (after extension headers).
     pub proto: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     /// An IPv4 fragment (MF set or offset non-zero) or an IPv6 fragment header.
     pub fragment: bool,
     /// The IPv4 header length field was below 5 words.
@@ -158,16 +172,34 @@ pub struct Ip {
 
 impl Ip {
     pub const EMPTY: Ip = Ip {
+        src: [0; 16],
+        dst: [0; 16],
         v6: false,
         l3_off: 0,
         l4_off: 0,
         proto: 0,
-        src: [0; 16],
-        dst: [0; 16],
         fragment: false,
         bad_ihl: false,
     };
+
+    /// `src` in four aligned loads.
+    #[inline(always)]
+    pub fn src_words(&self) -> [u32; 4] {
+        // SAFETY: `src` is the first field of an 8-aligned `repr(C)` struct.
+        unsafe { aligned_words(self.src.as_ptr()) }
+    }
+
+    /// `dst` in four aligned loads.
+    #[inline(always)]
+    pub fn dst_words(&self) -> [u32; 4] {
+        // SAFETY: `dst` is at offset 16 of an 8-aligned `repr(C)` struct.
+        unsafe { aligned_words(self.dst.as_ptr()) }
+    }
 }
+const _: () = assert!(core::mem::offset_of!(Ip, src) == 0);
+const _: () = assert!(core::mem::offset_of!(Ip, dst) == 16);
+// No bigger than Rust's own layout made it: it is on the backend path's stack.
+const _: () = assert!(size_of::<Ip>() == 56);
 
 /// Parses the IP header at `off`, IPv4 or IPv6 as `v6` says, into `out`.
 ///
@@ -238,8 +270,8 @@ fn ipv6<'a, F: Frame<'a>>(f: F, off: usize, out: &mut Ip) -> Result<(), ParseErr
     let mut proto = h[6];
     let mut l4_off = off + IPV6_LEN;
     let mut fragment = false;
-    out.src.copy_from_slice(&h[8..24]);
-    out.dst.copy_from_slice(&h[24..40]);
+    out.src = from_words(f.words::<4, IPV6_LEN>(h, 8));
+    out.dst = from_words(f.words::<4, IPV6_LEN>(h, 24));
     // Bounded walk over extension headers; the verifier needs a fixed trip count.
     for _ in 0..MAX_EXT_HEADERS {
         match proto {
@@ -370,8 +402,8 @@ fn icmp_too_big<'a, F: Frame<'a>>(f: F, ip: &Ip, out: &mut Flow) -> Result<bool,
     }
     let p = f.read::<4>(quoted.l4_off).ok_or(ParseError::Truncated)?;
     // The quoted packet went VIP -> client; the flow is client -> VIP.
-    out.tuple.src = quoted.dst;
-    out.tuple.dst = quoted.src;
+    out.tuple.src = from_words(quoted.dst_words());
+    out.tuple.dst = from_words(quoted.src_words());
     out.tuple.src_port = u16::from_be_bytes([p[2], p[3]]);
     out.tuple.dst_port = u16::from_be_bytes([p[0], p[1]]);
     out.tuple.proto = quoted.proto;
@@ -382,29 +414,27 @@ fn icmp_too_big<'a, F: Frame<'a>>(f: F, ip: &Ip, out: &mut Flow) -> Result<bool,
 // ---- the decisions of the entry point and both paths --------------------------------
 
 /// The fast path for foreign traffic: a well-formed IP header (IPv6 without extension
-/// headers) to an address that is neither this node's (`addr_v4`, `addr_v6`) nor, by
-/// `maybe_vip` (the VIP filter), a VIP. The full path would end such a packet in
+/// headers) to an address that is neither this node's (`own`: its IPv4 address's word
+/// and IPv6 address's words, as `NodeConfig::addr_v4_word` and `addr_v6_words` give
+/// them) nor, by `maybe_vip` (the VIP filter, given the address's words), a VIP. The full path would end such a packet in
 /// `PassNotService` too; it only costs more.
 #[inline(always)]
 pub fn certainly_not_for_lb<'a, F: Frame<'a>>(
     f: F,
     l2: &L2,
-    addr_v4: &[u8; 4],
-    addr_v6: &[u8; 16],
-    maybe_vip: impl FnOnce(&[u8; 16]) -> bool,
+    (own_v4, own_v6): (u32, [u32; 4]),
+    maybe_vip: impl FnOnce([u32; 4]) -> bool,
 ) -> bool {
     let dst = if l2.v6() {
-        let Some(h) = f.read::<8>(l2.l3_off) else {
+        let Some(h) = f.at::<[u8; IPV6_LEN]>(l2.l3_off) else {
             return false;
         };
         let direct = matches!(h[6], IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMPV6);
         if h[0] >> 4 != 6 || !direct {
             return false;
         }
-        let Some(dst) = f.read::<16>(l2.l3_off + 24) else {
-            return false;
-        };
-        if dst == *addr_v6 {
+        let dst = f.words::<4, IPV6_LEN>(h, 24);
+        if dst == own_v6 {
             return false;
         }
         dst
@@ -415,13 +445,13 @@ pub fn certainly_not_for_lb<'a, F: Frame<'a>>(
         if h[0] >> 4 != 4 {
             return false;
         }
-        let dst = [h[16], h[17], h[18], h[19]];
-        if dst == *addr_v4 {
+        let [dst] = f.words::<1, IPV4_LEN>(h, 16);
+        if dst == own_v4 {
             return false;
         }
-        v4_mapped(dst)
+        [0, 0, V4_MAPPED_WORD, dst]
     };
-    !maybe_vip(&dst)
+    !maybe_vip(dst)
 }
 
 /// Whether `ip` is UDP to this node's GUE address (`addr_v4`, `addr_v6`; zero when it has
@@ -484,7 +514,7 @@ pub fn client_flow<'a, F: Frame<'a>>(f: F, ip: &Ip, out: &mut Flow) -> Result<()
     }
     // An ICMP error about a VIP's flow is sent to that VIP (the quoted packet's source);
     // one addressed elsewhere is not lb's to forward.
-    if out.icmp && out.tuple.dst != ip.dst {
+    if out.icmp && out.tuple.dst_words() != ip.dst_words() {
         return Err(NoFlow::NotForLb);
     }
     Ok(())

@@ -65,7 +65,8 @@ fn process(ctx: &XdpContext) -> Verdict {
         Ok(None) => return pass(Reason::PassNotIp),
         Err(_) => return pass(Reason::PassUnparsed),
     };
-    if parse::certainly_not_for_lb(frame, &l2, &node.addr_v4, &node.addr_v6, maps::maybe_vip) {
+    let own = (node.addr_v4_word(), node.addr_v6_words());
+    if parse::certainly_not_for_lb(frame, &l2, own, maps::maybe_vip) {
         return pass(Reason::PassNotService);
     }
     let Some(ip) = IP.get_ptr_mut(0) else {

@@ -8,8 +8,8 @@ use lb_common::{
     hash::FlowHashKey,
     limits::{DEFAULT_BUCKET_SLOTS, MAX_BACKENDS, MAX_SERVICES, MAX_SERVICE_BACKENDS},
     maps::{
-        vip_filter_bit, Backend, Bucket, Counters, NextHopEntry, NodeConfig, ServiceBackendKey,
-        ServiceKey, ServiceValue, VipRefs, VIP_FILTER_WORDS,
+        vip_filter_bit_of_words, Backend, Bucket, Counters, NextHopEntry, NodeConfig,
+        ServiceBackendKey, ServiceKey, ServiceValue, VipRefs, VIP_FILTER_WORDS,
     },
     nexthop_index::{self, NextHopSlot},
     open_index::Probe,
@@ -163,8 +163,8 @@ pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0)
 
 /// False when `addr` is certainly no VIP (its bit in the VIP filter is clear).
 #[inline(always)]
-pub fn maybe_vip(addr: &[u8; 16]) -> bool {
-    let (word, bit) = vip_filter_bit(addr);
+pub fn maybe_vip(addr: [u32; 4]) -> bool {
+    let (word, bit) = vip_filter_bit_of_words(addr);
     VIP_FILTER.get(word).is_some_and(|w| w & bit != 0)
 }
 

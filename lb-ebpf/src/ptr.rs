@@ -27,6 +27,31 @@ unsafe impl<'a> Frame<'a> for Xdp<'a> {
         }
         Some((start + off) as *const u8)
     }
+
+    /// One load a word (`load_word`): LLVM splits an unaligned load into bytes.
+    #[inline(always)]
+    fn words<const N: usize, const M: usize>(self, bytes: &'a [u8; M], from: usize) -> [u32; N] {
+        const { assert!(4 * N <= M) };
+        // Inside the `M` bytes, which the packet holds (`at` checked them).
+        core::array::from_fn(|i| load_word(bytes.as_ptr().wrapping_add((from + 4 * i).min(M - 4))))
+    }
+}
+
+/// The word at `p`, in memory order, with one BPF load whatever its alignment (see
+/// `PacketWords`).
+#[inline(always)]
+fn load_word(p: *const u8) -> u32 {
+    let w: u64;
+    // SAFETY: the caller's bounds check covers the four bytes at `p`.
+    unsafe {
+        core::arch::asm!(
+            "{w} = *(u32 *)({p} + 0)",
+            p = in(reg) p,
+            w = out(reg) w,
+            options(nostack, preserves_flags, readonly),
+        );
+    }
+    w as u32
 }
 
 /// The frame's length, as an opaque value: with 32-bit ALU instructions LLVM would
@@ -88,18 +113,8 @@ impl<const N: usize> PacketWords<N> {
         if 4 * i + 4 > N {
             return 0;
         }
-        let p = self.0.cast::<u8>().wrapping_add(4 * i);
-        let w: u64;
-        // SAFETY: the word lies inside the `N` bytes `at` checked.
-        unsafe {
-            core::arch::asm!(
-                "{w} = *(u32 *)({p} + 0)",
-                p = in(reg) p,
-                w = out(reg) w,
-                options(nostack, preserves_flags, readonly),
-            );
-        }
-        w as u32
+        // The word lies inside the `N` bytes `at` checked.
+        load_word(self.0.cast::<u8>().wrapping_add(4 * i))
     }
 
     /// Stores `v` big-endian at bytes `off..off + 2`.
