@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use lb_common::hash::FlowHash;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BackendConfig, Protocol, ServiceConfig};
@@ -187,6 +188,9 @@ pub struct Status {
     /// Per-reason packet counts of the data plane (see docs/counters.md).
     pub reasons: Vec<ReasonCount>,
     pub table_rebuilds: u64,
+    /// The flow hash the data plane runs with (`node.flow_hash` as of the last start).
+    #[serde(default)]
+    pub flow_hash: FlowHash,
     /// The load controller, when a service follows load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<crate::load::control::LoadStatus>,

@@ -103,6 +103,11 @@ struct BuildLabels {
     version: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowHashLabels {
+    kind: String,
+}
+
 type Counters<L> = Family<L, Counter>;
 type Gauges<L> = Family<L, Gauge>;
 
@@ -220,6 +225,14 @@ pub fn render(status: &Status, health: &[TargetState], format: Format) -> String
         "The running agent's version",
         Info::new(BuildLabels {
             version: VERSION.to_string(),
+        }),
+    );
+    r.register(
+        "flow_hash",
+        "The flow hash the data plane runs with (node.flow_hash); the same on every LB node \
+         of a site",
+        Info::new(FlowHashLabels {
+            kind: status.flow_hash.name().to_string(),
         }),
     );
 
@@ -629,6 +642,7 @@ mod tests {
         r#"lb_health_checks_total{service="web",backend="10.0.4.2"} 9"#,
         r#"lb_health_check_failures_total{service="web",backend="10.0.4.2"} 4"#,
         r#"lb_health_transitions_total{service="web",backend="10.0.4.2"} 1"#,
+        r#"lb_flow_hash_info{kind="murmur3"} 1"#,
         concat!(
             r#"lb_agent_build_info{version=""#,
             env!("CARGO_PKG_VERSION"),

@@ -899,6 +899,8 @@ impl Agent {
             services,
             reasons,
             table_rebuilds: self.programmer.rebuilds,
+            // The running node settings: a reload leaves them for a restart.
+            flow_hash: self.config.node.flow_hash,
             load,
             fleet: self.fleet.as_ref().map(fleet::Fleet::status),
         }
