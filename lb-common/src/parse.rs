@@ -87,14 +87,17 @@ pub unsafe trait Frame<'a>: Copy {
         self.read::<2>(off).map(u16::from_be_bytes)
     }
 
-    /// The `N` words at `from` bytes into `bytes` (a header `at` gave), each in memory
+    /// The `N` words at `FROM` bytes into `bytes` (a header `at` gave), each in memory
     /// order (`u32::from_ne_bytes` of its bytes). The XDP frame reads each with one load:
     /// a byte array's copy or comparison takes a load per byte in BPF.
     #[inline(always)]
-    fn words<const N: usize, const M: usize>(self, bytes: &'a [u8; M], from: usize) -> [u32; N] {
-        const { assert!(4 * N <= M) };
+    fn words<const FROM: usize, const N: usize, const M: usize>(
+        self,
+        bytes: &'a [u8; M],
+    ) -> [u32; N] {
+        const { assert!(FROM + 4 * N <= M) };
         core::array::from_fn(|i| {
-            let at = (from + 4 * i).min(M - 4);
+            let at = FROM + 4 * i;
             u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
         })
     }
@@ -273,8 +276,8 @@ fn ipv6<'a, F: Frame<'a>>(f: F, off: usize, out: &mut Ip) -> Result<(), ParseErr
     {
         return ipv6_extensions(f, off, out);
     }
-    out.src = from_words(f.words::<4, IPV6_LEN>(h, 8));
-    out.dst = from_words(f.words::<4, IPV6_LEN>(h, 24));
+    out.src = from_words(f.words::<8, 4, IPV6_LEN>(h));
+    out.dst = from_words(f.words::<24, 4, IPV6_LEN>(h));
     out.v6 = true;
     out.l3_off = off;
     out.l4_off = off + IPV6_LEN;
@@ -296,8 +299,8 @@ fn ipv6_extensions<'a, F: Frame<'a>>(f: F, off: usize, out: &mut Ip) -> Result<(
     let mut proto = h[6];
     let mut l4_off = off + IPV6_LEN;
     let mut fragment = false;
-    out.src = from_words(f.words::<4, IPV6_LEN>(h, 8));
-    out.dst = from_words(f.words::<4, IPV6_LEN>(h, 24));
+    out.src = from_words(f.words::<8, 4, IPV6_LEN>(h));
+    out.dst = from_words(f.words::<24, 4, IPV6_LEN>(h));
     // Bounded walk over extension headers; the verifier needs a fixed trip count.
     for _ in 0..MAX_EXT_HEADERS {
         match proto {
@@ -442,7 +445,8 @@ fn icmp_too_big<'a, F: Frame<'a>>(f: F, ip: &Ip, out: &mut Flow) -> Result<bool,
 /// The fast path for foreign traffic: a well-formed IP header (IPv6 without extension
 /// headers) to an address that is neither this node's (`own`: its IPv4 address's word
 /// and IPv6 address's words, as `NodeConfig::addr_v4_word` and `addr_v6_words` give
-/// them) nor, by `maybe_vip` (the VIP filter, given the address's words), a VIP. The full path would end such a packet in
+/// them) nor, by `maybe_vip` (the VIP filter, given the address's words), a VIP. The
+/// full path would end such a packet in
 /// `PassNotService` too; it only costs more.
 #[inline(always)]
 pub fn certainly_not_for_lb<'a, F: Frame<'a>>(
@@ -459,7 +463,7 @@ pub fn certainly_not_for_lb<'a, F: Frame<'a>>(
         if h[0] >> 4 != 6 || !direct {
             return false;
         }
-        let dst = f.words::<4, IPV6_LEN>(h, 24);
+        let dst = f.words::<24, 4, IPV6_LEN>(h);
         if dst == own_v6 {
             return false;
         }
@@ -471,7 +475,7 @@ pub fn certainly_not_for_lb<'a, F: Frame<'a>>(
         if h[0] >> 4 != 4 {
             return false;
         }
-        let [dst] = f.words::<1, IPV4_LEN>(h, 16);
+        let [dst] = f.words::<16, 1, IPV4_LEN>(h);
         if dst == own_v4 {
             return false;
         }

@@ -30,10 +30,13 @@ unsafe impl<'a> Frame<'a> for Xdp<'a> {
 
     /// One load a word (`load_word`): LLVM splits an unaligned load into bytes.
     #[inline(always)]
-    fn words<const N: usize, const M: usize>(self, bytes: &'a [u8; M], from: usize) -> [u32; N] {
-        const { assert!(4 * N <= M) };
+    fn words<const FROM: usize, const N: usize, const M: usize>(
+        self,
+        bytes: &'a [u8; M],
+    ) -> [u32; N] {
+        const { assert!(FROM + 4 * N <= M) };
         // Inside the `M` bytes, which the packet holds (`at` checked them).
-        core::array::from_fn(|i| load_word(bytes.as_ptr().wrapping_add((from + 4 * i).min(M - 4))))
+        core::array::from_fn(|i| load_word(bytes.as_ptr().wrapping_add(FROM + 4 * i)))
     }
 }
 

@@ -333,6 +333,8 @@ impl Agent {
         let dp = self.programmer.dataplane();
         let running = dp.flow_hash_key()?;
         let wanted = FlowHashKey::new(n.flow_hash, n.hash_seed);
+        // A map the agent never wrote is all zero; `v4_head` is zero for one seed in 2^32
+        // only, whose change would go unwarned.
         if dp.adopted() && running.v4_head != 0 && running != wanted {
             warn!(
                 running = FlowHash::from_kind(running.kind).map_or("unknown", FlowHash::name),
