@@ -88,18 +88,25 @@ pub unsafe trait Frame<'a>: Copy {
     }
 
     /// The `N` words at `FROM` bytes into `bytes` (a header `at` gave), each in memory
-    /// order (`u32::from_ne_bytes` of its bytes). The XDP frame reads each with one load:
-    /// a byte array's copy or comparison takes a load per byte in BPF.
+    /// order (`u32::from_ne_bytes` of its bytes): a byte array's copy or comparison takes
+    /// a load per byte in BPF, a word one load (`word`).
     #[inline(always)]
     fn words<const FROM: usize, const N: usize, const M: usize>(
         self,
         bytes: &'a [u8; M],
     ) -> [u32; N] {
         const { assert!(FROM + 4 * N <= M) };
-        core::array::from_fn(|i| {
-            let at = FROM + 4 * i;
-            u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
-        })
+        core::array::from_fn(|i| self.word(bytes, FROM + 4 * i))
+    }
+
+    /// The word at `at` bytes into `bytes`, in memory order; 0 past their end. The XDP
+    /// frame reads it with one load.
+    #[inline(always)]
+    fn word<const M: usize>(self, bytes: &'a [u8; M], at: usize) -> u32 {
+        match bytes.get(at..at + 4) {
+            Some(w) => u32::from_ne_bytes([w[0], w[1], w[2], w[3]]),
+            None => 0,
+        }
     }
 }
 

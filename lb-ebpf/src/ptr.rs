@@ -28,15 +28,14 @@ unsafe impl<'a> Frame<'a> for Xdp<'a> {
         Some((start + off) as *const u8)
     }
 
-    /// One load a word (`load_word`): LLVM splits an unaligned load into bytes.
+    /// One load (`load_word`): LLVM splits an unaligned load into bytes.
     #[inline(always)]
-    fn words<const FROM: usize, const N: usize, const M: usize>(
-        self,
-        bytes: &'a [u8; M],
-    ) -> [u32; N] {
-        const { assert!(FROM + 4 * N <= M) };
+    fn word<const M: usize>(self, bytes: &'a [u8; M], at: usize) -> u32 {
+        if at + 4 > M {
+            return 0;
+        }
         // Inside the `M` bytes, which the packet holds (`at` checked them).
-        core::array::from_fn(|i| load_word(bytes.as_ptr().wrapping_add(FROM + 4 * i)))
+        load_word(bytes.as_ptr().wrapping_add(at))
     }
 }
 
