@@ -10,16 +10,32 @@
 //!
 //! The XDP program reads the socket's fields from `struct tcp_sock` at offsets that differ
 //! between kernels: userspace finds them in the kernel's BTF and hands them over in
-//! `TcpSockOffsets`, a read-only global set when the program loads.
+//! `TcpSockLayout`, a read-only global set when the program loads.
+//!
+//! The program views the socket the lookup returns as a `struct tcp_sock` through a call
+//! that the loader rewrites (`CAST_CALL`): into the kernel's `bpf_rdonly_cast` kfunc,
+//! which the verifier turns into a register move, or, on a kernel without it, into the
+//! `bpf_skc_to_tcp_sock` helper. A helper call costs a call and a return (about 9 ns on
+//! a CPU whose returns go through a mitigation thunk); aya cannot emit a kfunc call.
 
-/// Symbol of the `TcpSockOffsets` global in the XDP object.
-pub const OFFSETS_GLOBAL: &str = "TCP_SOCK_OFFSETS";
+/// Symbol of the `TcpSockLayout` global in the XDP object.
+pub const LAYOUT_GLOBAL: &str = "TCP_SOCK_LAYOUT";
 
-/// Byte offsets in the kernel's `struct tcp_sock` of the `u32` fields the check reads,
-/// `UNKNOWN` for all of them when the kernel's BTF did not tell.
+/// The helper number of the call the loader rewrites: no kernel has a helper of this
+/// number, so an object loaded without the rewrite fails the verifier rather than run.
+pub const CAST_CALL: i32 = 0x6c62_0001;
+
+/// `BPF_FUNC_skc_to_tcp_sock`: the rewrite's target where the kernel has no
+/// `bpf_rdonly_cast`.
+pub const SKC_TO_TCP_SOCK_HELPER: i32 = 137;
+
+/// The kernel's `struct tcp_sock` as the program needs it: its BTF type id (the cast's
+/// argument) and the byte offsets of the `u32` fields the check reads, `UNKNOWN` for all
+/// of them when the kernel's BTF did not tell.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TcpSockOffsets {
+pub struct TcpSockLayout {
+    pub btf_id: u32,
     pub rcv_nxt: u32,
     pub rcv_wup: u32,
     pub rcv_wnd: u32,
@@ -28,13 +44,14 @@ pub struct TcpSockOffsets {
     pub max_window: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<TcpSockOffsets>() == 24);
+const _: () = assert!(core::mem::size_of::<TcpSockLayout>() == 28);
 
-impl TcpSockOffsets {
+impl TcpSockLayout {
     /// An offset no field has: the program then checks the socket's state only.
     pub const UNKNOWN_OFFSET: u32 = u32::MAX;
 
-    pub const UNKNOWN: TcpSockOffsets = TcpSockOffsets {
+    pub const UNKNOWN: TcpSockLayout = TcpSockLayout {
+        btf_id: 0,
         rcv_nxt: Self::UNKNOWN_OFFSET,
         rcv_wup: Self::UNKNOWN_OFFSET,
         rcv_wnd: Self::UNKNOWN_OFFSET,
@@ -53,9 +70,10 @@ impl TcpSockOffsets {
         "max_window",
     ];
 
-    /// From offsets in `FIELDS` order.
-    pub const fn from_array(o: [u32; 6]) -> Self {
-        TcpSockOffsets {
+    /// From the type's BTF id and offsets in `FIELDS` order.
+    pub const fn new(btf_id: u32, o: [u32; 6]) -> Self {
+        TcpSockLayout {
+            btf_id,
             rcv_nxt: o[0],
             rcv_wup: o[1],
             rcv_wnd: o[2],
@@ -127,7 +145,7 @@ pub fn ack_in_window(ack: u32, snd_una: u32, snd_nxt: u32, max_window: u32) -> b
 
 #[cfg(feature = "user")]
 // SAFETY: plain `repr(C)` data, no padding, every bit pattern valid.
-unsafe impl aya::Pod for TcpSockOffsets {}
+unsafe impl aya::Pod for TcpSockLayout {}
 
 #[cfg(test)]
 mod tests {

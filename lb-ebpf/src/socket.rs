@@ -12,8 +12,7 @@ use core::{
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple},
     helpers::generated::{
-        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp, bpf_skc_to_tcp_sock,
-        bpf_tcp_check_syncookie,
+        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
     },
     macros::map,
     maps::PerCpuArray,
@@ -25,7 +24,7 @@ use lb_common::{
     hash::FlowTuple,
     parse::{Flow, Ip},
     proto::{IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, TCP_ACK, TCP_LEN},
-    tcp_window::{ack_in_window, seq_in_window, TcpSockOffsets},
+    tcp_window::{ack_in_window, seq_in_window, TcpSockLayout, CAST_CALL},
 };
 
 use crate::ptr;
@@ -39,11 +38,11 @@ const TCP_CLOSE: u32 = 7;
 const TCP_LISTEN: u32 = 10;
 const TCP_NEW_SYN_RECV: u32 = 12;
 
-/// Where `struct tcp_sock` keeps the fields `tcp_window` reads, in this kernel: set by the
-/// loader from the kernel's BTF. A read-only global, so the verifier knows the values and
-/// checks each field access against the kernel's own type.
+/// This kernel's `struct tcp_sock`: its BTF id and where it keeps the fields `tcp_window`
+/// reads, set by the loader from the kernel's BTF. A read-only global, so the verifier
+/// knows the values and checks each field access against the kernel's own type.
 #[unsafe(no_mangle)]
-static TCP_SOCK_OFFSETS: TcpSockOffsets = TcpSockOffsets::UNKNOWN;
+static TCP_SOCK_LAYOUT: TcpSockLayout = TcpSockLayout::UNKNOWN;
 
 /// The socket lookup's tuple, in a per-CPU value rather than on the stack: inlined in the
 /// entry point, its 36 bytes would join the entry point's frame, which with the ICMP
@@ -110,19 +109,18 @@ pub fn owns(ctx: &XdpContext, flow: &Flow, inner: &Ip) -> bool {
 /// decides. Values are checked as they are read: the frame stays small.
 #[inline(always)]
 fn segment_in_window(ctx: &XdpContext, sk: *mut bpf_sock, flow: &Flow, inner: &Ip) -> bool {
-    let o = addr_of!(TCP_SOCK_OFFSETS);
+    let o = addr_of!(TCP_SOCK_LAYOUT);
     // SAFETY: reads of the loader-set global's fields.
     let offset = |f: *const u32| unsafe { read_volatile(f) } as usize;
     // SAFETY: the address of a field of a static.
-    if offset(unsafe { addr_of!((*o).rcv_nxt) }) == TcpSockOffsets::UNKNOWN_OFFSET as usize {
+    if offset(unsafe { addr_of!((*o).rcv_nxt) }) == TcpSockLayout::UNKNOWN_OFFSET as usize {
         return true;
     }
     let Some(h) = ptr::read::<[u8; 8]>(ctx, inner.l4_off + 4) else {
         return false;
     };
-    // SAFETY: `sk` is a referenced socket from the lookup; the helper gives its
-    // `tcp_sock` or null.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) } as *const u8;
+    // SAFETY: a field of a static.
+    let tp = as_tcp_sock(sk, unsafe { read_volatile(addr_of!((*o).btf_id)) });
     if tp.is_null() {
         return true;
     }
@@ -149,6 +147,31 @@ fn segment_in_window(ctx: &XdpContext, sk: *mut bpf_sock, flow: &Flow, inner: &I
                 field(addr_of!((*o).max_window)),
             )
     }
+}
+
+/// The full TCP socket `sk` (connected, not a request or TIME_WAIT socket) as the
+/// kernel's `struct tcp_sock` of BTF id `btf_id`, for reads: the loader rewrites this call
+/// (`lb_common::tcp_window::CAST_CALL`) into the `bpf_rdonly_cast` kfunc, no call at all
+/// once verified, or the `bpf_skc_to_tcp_sock` helper, which may give null.
+#[inline(always)]
+fn as_tcp_sock(sk: *mut bpf_sock, btf_id: u32) -> *const u8 {
+    let tp: *const u8;
+    // SAFETY: a call of the BPF calling convention: arguments in r1 and r2, the result in
+    // r0, r1 to r5 clobbered; the callee only reads.
+    unsafe {
+        core::arch::asm!(
+            "call {n}",
+            n = const CAST_CALL,
+            inlateout("r1") sk => _,
+            inlateout("r2") u64::from(btf_id) => _,
+            lateout("r0") tp,
+            lateout("r3") _,
+            lateout("r4") _,
+            lateout("r5") _,
+            options(nostack, readonly),
+        );
+    }
+    tp
 }
 
 /// True when the UDP socket `sk` is connected to the source of tuple `t`. The lookup also

@@ -28,7 +28,7 @@ use lb_common::{
     pair_index::{self, PairSlot},
     service_index::{self, ServiceSlot},
     stats::Reason,
-    tcp_window::{self, TcpSockOffsets},
+    tcp_window::{self, TcpSockLayout},
 };
 
 use crate::{
@@ -215,11 +215,11 @@ impl Dataplane {
         }
         // Without the kernel's BTF the program checks a socket's state but not its
         // windows (`lb_common::tcp_window`).
-        let tcp_sock = kernel_btf::tcp_sock_offsets().unwrap_or_else(|e| {
+        let tcp_sock = kernel_btf::tcp_sock_layout().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no struct tcp_sock layout: socket windows unchecked");
-            TcpSockOffsets::UNKNOWN
+            TcpSockLayout::UNKNOWN
         });
-        loader.override_global(tcp_window::OFFSETS_GLOBAL, &tcp_sock, true);
+        loader.override_global(tcp_window::LAYOUT_GLOBAL, &tcp_sock, true);
         let mut ebpf = loader.load(ebpf::object()).map_err(DataplaneError::Load)?;
         load_program(&mut ebpf, ebpf::PROGRAM)?;
         let maps = Maps::take(&mut ebpf)?;

@@ -5,12 +5,11 @@
 //! Only what that needs is parsed: the type section is walked to the named struct and
 //! its members; the format is the kernel's `Documentation/bpf/btf.rst`.
 
-use std::path::Path;
-
-use lb_common::tcp_window::TcpSockOffsets;
+use lb_common::tcp_window::TcpSockLayout;
 
 const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
+const KIND_FUNC: u32 = 12;
 
 /// Why the offsets could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -25,23 +24,41 @@ pub enum BtfError {
     Format,
     #[error("type kind {0} is unknown to this parser")]
     UnknownKind(u32),
-    #[error("struct {0} not found")]
-    NoStruct(String),
+    #[error("{kind} {name} not found")]
+    NotFound { kind: &'static str, name: String },
     #[error("struct {strct} has no byte-aligned member {member}")]
     NoMember { strct: String, member: String },
 }
 
-/// The kernel's `struct tcp_sock` offsets, from the running kernel's BTF.
-pub fn tcp_sock_offsets() -> Result<TcpSockOffsets, BtfError> {
-    let path = Path::new("/sys/kernel/btf/vmlinux");
-    let data = std::fs::read(path).map_err(|source| BtfError::Read {
-        path: path.display().to_string(),
+const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+
+/// The running kernel's BTF.
+fn vmlinux() -> Result<Vec<u8>, BtfError> {
+    std::fs::read(VMLINUX).map_err(|source| BtfError::Read {
+        path: VMLINUX.to_string(),
         source,
-    })?;
-    let offsets = member_offsets(&data, "tcp_sock", &TcpSockOffsets::FIELDS)?;
+    })
+}
+
+/// The kernel's `struct tcp_sock`: BTF id and member offsets, from the running kernel's
+/// BTF.
+pub fn tcp_sock_layout() -> Result<TcpSockLayout, BtfError> {
+    let data = vmlinux()?;
+    let (id, offsets) = member_offsets(&data, "tcp_sock", &TcpSockLayout::FIELDS)?;
     let mut o = [0u32; 6];
     o.copy_from_slice(&offsets);
-    Ok(TcpSockOffsets::from_array(o))
+    Ok(TcpSockLayout::new(id, o))
+}
+
+/// The BTF id of the kernel function `name` (a kfunc's, for a call of it), if the running
+/// kernel has one.
+pub fn kernel_func_id(name: &str) -> Result<Option<u32>, BtfError> {
+    let data = vmlinux()?;
+    match find(&data, KIND_FUNC, name) {
+        Ok((id, _)) => Ok(Some(id)),
+        Err(BtfError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The BTF blob: little-endian words and the string section.
@@ -92,8 +109,38 @@ impl<'a> Blob<'a> {
     }
 }
 
-/// Byte offsets of `members` in the struct named `name` of the BTF blob `data`.
-pub fn member_offsets(data: &[u8], name: &str, members: &[&str]) -> Result<Vec<u32>, BtfError> {
+/// The BTF id of the struct named `name` in the BTF blob `data`, and the byte offsets
+/// of its `members`.
+pub fn member_offsets(
+    data: &[u8],
+    name: &str,
+    members: &[&str],
+) -> Result<(u32, Vec<u32>), BtfError> {
+    let (id, t) = find(data, KIND_STRUCT, name)?;
+    let offsets = members
+        .iter()
+        .map(|m| {
+            t.blob
+                .member(t.members, t.vlen, t.kind_flag, m)?
+                .ok_or_else(|| BtfError::NoMember {
+                    strct: name.into(),
+                    member: (*m).into(),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((id, offsets))
+}
+
+/// A type found in a BTF blob: where its members start, how many, and its kind flag.
+struct Found<'a> {
+    blob: Blob<'a>,
+    members: usize,
+    vlen: usize,
+    kind_flag: bool,
+}
+
+/// The type of kind `kind` (BTF_KIND_*) named `name` in the BTF blob `data`, and its id.
+fn find<'a>(data: &'a [u8], kind: u32, name: &str) -> Result<(u32, Found<'a>), BtfError> {
     let head = Blob { data, strings: 0 };
     let magic = data.get(0..2).ok_or(BtfError::Format)?;
     if u16::from_le_bytes([magic[0], magic[1]]) != MAGIC {
@@ -107,27 +154,34 @@ pub fn member_offsets(data: &[u8], name: &str, members: &[&str]) -> Result<Vec<u
     };
     let types = hdr_len + type_off;
     let mut at = types;
+    // Type ids count from 1 (0 is void), in the order of the type section.
+    let mut id = 1;
     while at < types + type_len {
         let name_off = blob.u32_at(at)?;
         let info = blob.u32_at(at + 4)?;
-        let kind = (info >> 24) & 0x1f;
+        let k = (info >> 24) & 0x1f;
         let vlen = (info & 0xffff) as usize;
         at += 12;
-        if kind == KIND_STRUCT && blob.str_at(name_off)? == name.as_bytes() {
-            return members
-                .iter()
-                .map(|m| {
-                    blob.member(at, vlen, info >> 31 == 1, m)?
-                        .ok_or_else(|| BtfError::NoMember {
-                            strct: name.into(),
-                            member: (*m).into(),
-                        })
-                })
-                .collect();
+        if k == kind && blob.str_at(name_off)? == name.as_bytes() {
+            let found = Found {
+                blob,
+                members: at,
+                vlen,
+                kind_flag: info >> 31 == 1,
+            };
+            return Ok((id, found));
         }
-        at += trailing_len(kind, vlen)?;
+        at += trailing_len(k, vlen)?;
+        id += 1;
     }
-    Err(BtfError::NoStruct(name.into()))
+    Err(BtfError::NotFound {
+        kind: if kind == KIND_FUNC {
+            "function"
+        } else {
+            "struct"
+        },
+        name: name.into(),
+    })
 }
 
 /// Bytes that follow a type's 12-byte common part, by kind (BTF_KIND_*).
@@ -149,15 +203,18 @@ fn trailing_len(kind: u32, vlen: usize) -> Result<usize, BtfError> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
     fn the_running_kernel_has_the_tcp_sock_fields() {
-        if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        if !Path::new(VMLINUX).exists() {
             eprintln!("skipped: no kernel BTF");
             return;
         }
-        let o = tcp_sock_offsets().expect("tcp_sock offsets");
+        let o = tcp_sock_layout().expect("tcp_sock layout");
+        assert!(o.btf_id > 0);
         let all = [
             o.rcv_nxt,
             o.rcv_wup,
