@@ -23,6 +23,12 @@ pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
     a[..12] == V4_MAPPED_PREFIX
 }
 
+/// Whether an address's four words (`words`) hold an IPv4 address.
+#[inline(always)]
+pub fn is_v4_mapped_words(w: [u32; 4]) -> bool {
+    w[0] | w[1] == 0 && w[2] == V4_MAPPED_WORD
+}
+
 /// The IPv4 part of a mapped address.
 #[inline(always)]
 pub const fn v4_part(a: &[u8; 16]) -> [u8; 4] {

@@ -4,10 +4,10 @@
 //! machine, docs/benchmarks.md).
 
 use crate::{
-    hash::fmix32,
+    addr,
     limits::MAX_BACKENDS,
     maps::NextHopEntry,
-    open_index::{self, Slot},
+    open_index::{self, Slot, GOLDEN, MIX},
 };
 
 /// Slots of the index: one per entry at the limit, as `NEXTHOPS_BY_ADDR` has.
@@ -39,22 +39,21 @@ impl Slot for NextHopSlot {
     const SLOTS: u32 = SLOTS;
     const PROBES: u32 = PROBES;
 
-    /// The address as two words: two registers held across a search, where more would be
-    /// spilled to the entry point's frame, which has no room to spare.
     #[inline(always)]
     fn words(a: &[u8; 16]) -> [u64; 2] {
-        let (hi, lo) = a.split_at(8);
-        [
-            u64::from_ne_bytes(hi.try_into().unwrap_or([0; 8])),
-            u64::from_ne_bytes(lo.try_into().unwrap_or([0; 8])),
-        ]
+        pair(addr::words(a))
+    }
+
+    /// Four aligned loads (the slot is 4-aligned, its address first).
+    #[inline(always)]
+    fn key_words(&self) -> [u64; 2] {
+        // SAFETY: `addr` is the first field of a 4-aligned `repr(C)` struct.
+        pair(unsafe { addr::aligned_words(self.addr.as_ptr()) })
     }
 
     #[inline(always)]
     fn home(a: &[u8; 16]) -> u32 {
-        let [hi, lo] = Self::words(a);
-        let fold = |w: u64| (w as u32) ^ ((w >> 32) as u32).rotate_left(16);
-        fmix32(fold(hi) ^ fmix32(fold(lo))) & (SLOTS - 1)
+        home_of(Self::words(a))
     }
 
     fn new(addr: [u8; 16], entry: NextHopEntry, state: u8) -> Self {
@@ -82,10 +81,34 @@ impl Slot for NextHopSlot {
     }
 }
 
-/// Looks `addr` up, reading slots with `slot` (the array's lookup).
+/// An address's words (`addr::words`) as two: two registers held across a search, where
+/// more would be spilled to the entry point's frame, which has no room to spare.
 #[inline(always)]
-pub fn probe<'a>(addr: &[u8; 16], slot: impl Fn(u32) -> Option<&'a NextHopSlot>) -> Probe<'a> {
-    open_index::probe(addr, slot)
+pub fn pair(w: [u32; 4]) -> [u64; 2] {
+    let join = |a: u32, b: u32| {
+        let (a, b) = (a.to_ne_bytes(), b.to_ne_bytes());
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]])
+    };
+    [join(w[0], w[1]), join(w[2], w[3])]
+}
+
+/// The home slot of an address, as `pair` gives it: the top bits of a multiplicative hash,
+/// two multiplications deep (two rounds of `fmix32` were six steps on the backend path).
+/// The addresses are the operator's next hops, not a client's choosing, and a crowded
+/// window only sends a search to `NEXTHOPS_BY_ADDR`.
+#[inline(always)]
+pub fn home_of([hi, lo]: [u64; 2]) -> u32 {
+    let fold = |w: u64| (w as u32) ^ ((w >> 32) as u32).rotate_left(16);
+    let h = (fold(hi) ^ fold(lo).wrapping_mul(GOLDEN)).wrapping_mul(MIX);
+    h >> (32 - SLOTS.trailing_zeros())
+}
+
+/// Looks up the address whose words (`addr::words`) are `w`, reading slots with `slot`
+/// (the array's lookup).
+#[inline(always)]
+pub fn probe<'a>(w: [u32; 4], slot: impl Fn(u32) -> Option<&'a NextHopSlot>) -> Probe<'a> {
+    let want = pair(w);
+    open_index::probe_words::<NextHopSlot>(want, home_of(want), slot)
 }
 
 #[cfg(test)]
@@ -108,13 +131,38 @@ mod tests {
         }
         assert!(per_home.len() > 3000, "{} distinct homes", per_home.len());
         assert!(per_home.values().all(|&n| n <= 6));
+        // IPv6 next hops differing in their last bytes, and in their prefix.
+        for vary in [15, 7] {
+            let mut per_home = HashMap::new();
+            for n in 0..4096u32 {
+                let mut a = [0xfd, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                a[vary - 1..=vary].copy_from_slice(&(n as u16).to_be_bytes());
+                *per_home.entry(NextHopSlot::home(&a)).or_insert(0) += 1;
+            }
+            assert!(
+                per_home.len() > 3000,
+                "{vary}: {} distinct homes",
+                per_home.len()
+            );
+            assert!(per_home.values().all(|&n| n <= 6), "{vary}");
+        }
+    }
+
+    #[test]
+    fn a_slot_reads_its_key_as_the_words_of_a_search() {
+        let a = [0xfd, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+        let s = NextHopSlot::new(a, NextHopEntry::default(), VALID);
+        assert_eq!(s.key_words(), NextHopSlot::words(&a));
     }
 
     #[test]
     fn an_address_is_found_with_its_entry() {
         let a = v4_mapped([10, 2, 0, 7]);
         let mut slots = vec![NextHopSlot::default(); SLOTS as usize];
-        assert_eq!(probe(&a, |i| slots.get(i as usize)), Probe::Absent);
+        assert_eq!(
+            probe(addr::words(&a), |i| slots.get(i as usize)),
+            Probe::Absent
+        );
         let entry = NextHopEntry {
             ifindex: 3,
             mtu: 1500,
@@ -123,10 +171,13 @@ mod tests {
             smac: [2, 0, 0, 0, 0, 2],
         };
         slots[NextHopSlot::home(&a) as usize] = NextHopSlot::new(a, entry, VALID);
-        assert_eq!(probe(&a, |i| slots.get(i as usize)), Probe::Found(&entry));
+        assert_eq!(
+            probe(addr::words(&a), |i| slots.get(i as usize)),
+            Probe::Found(&entry)
+        );
         let other = v4_mapped([10, 2, 0, 8]);
         assert_ne!(
-            probe(&other, |i| slots.get(i as usize)),
+            probe(addr::words(&other), |i| slots.get(i as usize)),
             Probe::Found(&entry)
         );
     }

@@ -21,6 +21,12 @@ pub const VALID: u8 = 1;
 /// Held a key that was removed or moved to another slot; a search goes on past it.
 pub const REMOVED: u8 = 2;
 
+/// Odd constants for the indexes' multiplicative home hashes: 2^32 divided by the golden
+/// ratio, and `fmix32`'s first multiplier, whose products spread every input bit over the
+/// top bits.
+pub const GOLDEN: u32 = 0x9e37_79b1;
+pub const MIX: u32 = 0x85eb_ca6b;
+
 /// A slot type: a key, its value and the state.
 pub trait Slot: Copy {
     type Key: Copy + PartialEq;
@@ -33,6 +39,11 @@ pub trait Slot: Copy {
     const PROBES: u32;
 
     fn words(key: &Self::Key) -> Self::Words;
+    /// The slot's own key as words; a slot type may read them faster than `words`.
+    #[inline(always)]
+    fn key_words(&self) -> Self::Words {
+        Self::words(self.key())
+    }
     /// The key's home slot, below `SLOTS`.
     fn home(key: &Self::Key) -> u32;
     fn new(key: Self::Key, value: Self::Value, state: u8) -> Self;
@@ -64,15 +75,25 @@ pub fn probe<'a, S: Slot + 'a>(
     key: &S::Key,
     slot: impl Fn(u32) -> Option<&'a S>,
 ) -> Probe<'a, S::Value> {
-    let want = S::words(key);
-    for i in window::<S>(key) {
+    probe_words(S::words(key), S::home(key), slot)
+}
+
+/// Looks up the key whose words are `want` and home slot `home` (for a caller that has
+/// the words at hand, not the key).
+#[inline(always)]
+pub fn probe_words<'a, S: Slot + 'a>(
+    want: S::Words,
+    home: u32,
+    slot: impl Fn(u32) -> Option<&'a S>,
+) -> Probe<'a, S::Value> {
+    for i in (0..S::PROBES).map(|i| (home + i) & (S::SLOTS - 1)) {
         let Some(s) = slot(i) else {
             return Probe::Unindexed;
         };
         if s.state() == EMPTY {
             return Probe::Absent;
         }
-        if s.state() == VALID && S::words(s.key()) == want {
+        if s.state() == VALID && s.key_words() == want {
             return Probe::Found(s.value());
         }
     }

@@ -12,6 +12,7 @@
 
 pub use crate::parse::{Flow, Ip, ParseError};
 use crate::{
+    addr,
     encap::{FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_LEN},
     hash::FlowTuple,
     maps::{vip_filter_bit, vip_filter_bit_of_words},
@@ -230,13 +231,8 @@ pub fn classify(node: &NodeView<'_>, frame: &[u8]) -> Class {
         let bit = vip_filter_bit_of_words(dst);
         node.services.iter().any(|s| vip_filter_bit(&s.vip) == bit)
     };
-    let own_v4 = u32::from_ne_bytes(node.addr_v4);
-    if parse::certainly_not_for_lb(
-        frame,
-        &l2,
-        (own_v4, crate::addr::words(&node.addr_v6)),
-        maybe_vip,
-    ) {
+    let own = (u32::from_ne_bytes(node.addr_v4), addr::words(&node.addr_v6));
+    if parse::certainly_not_for_lb(frame, &l2, own, maybe_vip) {
         return Decided(Reason::PassNotService);
     }
     // As in the program, the addresses are read before the extension headers are walked,
@@ -251,8 +247,7 @@ pub fn classify(node: &NodeView<'_>, frame: &[u8]) -> Class {
             Reason::PassUnparsed
         });
     }
-    let (v4, v6) = (&node.addr_v4, &node.addr_v6);
-    if parse::is_gue_to_me(frame, &outer, v4, v6, node.gue_port) {
+    if parse::is_gue_to_me(frame, &outer, own, node.gue_port) {
         return backend(frame, &outer);
     }
     let mut fl = Flow::EMPTY;
@@ -300,7 +295,7 @@ fn backend(f: &[u8], outer: &Ip) -> Class {
             }
         }
     }
-    let step = next_step(outer, hops_left, flags, &next_hop, udp);
+    let step = next_step(outer, hops_left, flags, addr::words(&next_hop), udp);
     Class::Gue(GueFacts {
         inner_v6,
         inner_off,

@@ -13,7 +13,7 @@
 use core::mem::{align_of, size_of};
 
 use crate::{
-    addr::{aligned_words, from_words, is_v4_mapped, v4_mapped, V4_MAPPED_WORD},
+    addr::{aligned_words, from_words, is_v4_mapped_words, v4_mapped, V4_MAPPED_WORD},
     encap::{Gue, FLAG_CHAINED, FLAG_RETURNED, GUE_FIRST_BYTE, HOP_LIST_TYPE, MAX_HOPS},
     hash::FlowTuple,
     limits::{MAX_EXT_HEADERS, MAX_HEADER_OFFSET},
@@ -497,17 +497,17 @@ pub fn certainly_not_for_lb<'a, F: Frame<'a>>(
 pub fn is_gue_to_me<'a, F: Frame<'a>>(
     f: F,
     ip: &Ip,
-    addr_v4: &[u8; 4],
-    addr_v6: &[u8; 16],
+    (own_v4, own_v6): (u32, [u32; 4]),
     gue_port: u16,
 ) -> bool {
     if ip.proto != IPPROTO_UDP || ip.fragment || ip.bad_ihl {
         return false;
     }
+    // An IPv4 header's destination is mapped: its last word is the address.
     let mine = if ip.v6 {
-        *addr_v6 != [0; 16] && ip.dst == *addr_v6
+        own_v6 != [0; 4] && ip.dst_words() == own_v6
     } else {
-        *addr_v4 != [0; 4] && ip.dst == v4_mapped(*addr_v4)
+        own_v4 != 0 && ip.dst_words()[3] == own_v4
     };
     mine && f.read_be16(ip.l4_off + 2) == Some(gue_port)
 }
@@ -594,17 +594,18 @@ pub enum Step {
 }
 
 /// The chain-or-return step for an unclaimed GUE packet of outer header `outer`, hop-list
-/// fields `hops_left`, `flags` and `next_hop`; `udp`: its inner packet is UDP (not an ICMP
-/// error).
+/// fields `hops_left`, `flags` and `next_hop` (as words, `addr::words`); `udp`: its inner
+/// packet is UDP (not an ICMP error).
 #[inline(always)]
-pub fn next_step(outer: &Ip, hops_left: u8, flags: u8, next_hop: &[u8; 16], udp: bool) -> Step {
+pub fn next_step(outer: &Ip, hops_left: u8, flags: u8, next_hop: [u32; 4], udp: bool) -> Step {
+    let dst = outer.dst_words();
     // Pass it on while a hop is left, it is of the outer family and not this node itself.
-    if hops_left > 0 && *next_hop != outer.dst && is_v4_mapped(next_hop) != outer.v6 {
+    if hops_left > 0 && next_hop != dst && is_v4_mapped_words(next_hop) != outer.v6 {
         return Step::PassOn;
     }
     // A UDP packet no socket here owns, passed on by the first hop: a new flow. Back to
     // the first hop, which owns the bucket now.
-    if udp && flags & FLAG_CHAINED != 0 && outer.src != outer.dst {
+    if udp && flags & FLAG_CHAINED != 0 && outer.src_words() != dst {
         return Step::Return;
     }
     Step::Accept
@@ -622,6 +623,7 @@ pub fn step_flags(step: Step, flags: u8) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::words;
 
     #[test]
     fn a_slice_frame_reads_only_within_the_frame_and_the_header_limit() {
@@ -652,19 +654,26 @@ mod tests {
             v4_mapped([10, 0, 0, 1]),
             v4_mapped([10, 0, 0, 3]),
         );
+        let (w_me, w_next) = (words(&me), words(&next));
         let o = outer(false, first, me);
-        assert_eq!(next_step(&o, 1, 0, &next, false), Step::PassOn);
+        assert_eq!(next_step(&o, 1, 0, w_next, false), Step::PassOn);
         // No hop left, the next hop this node itself, or of the other family: no chaining.
-        assert_eq!(next_step(&o, 0, 0, &next, false), Step::Accept);
-        assert_eq!(next_step(&o, 1, 0, &me, false), Step::Accept);
-        assert_eq!(next_step(&o, 1, 0, &[0xfd; 16], false), Step::Accept);
+        assert_eq!(next_step(&o, 0, 0, w_next, false), Step::Accept);
+        assert_eq!(next_step(&o, 1, 0, w_me, false), Step::Accept);
+        assert_eq!(next_step(&o, 1, 0, words(&[0xfd; 16]), false), Step::Accept);
         // An unowned UDP packet passed on by the first hop goes back to it.
-        assert_eq!(next_step(&o, 0, FLAG_CHAINED, &next, true), Step::Return);
-        assert_eq!(next_step(&o, 0, FLAG_CHAINED, &next, false), Step::Accept);
+        assert_eq!(next_step(&o, 0, FLAG_CHAINED, w_next, true), Step::Return);
+        assert_eq!(next_step(&o, 0, FLAG_CHAINED, w_next, false), Step::Accept);
         assert_eq!(
-            next_step(&outer(false, me, me), 0, FLAG_CHAINED, &next, true),
+            next_step(&outer(false, me, me), 0, FLAG_CHAINED, w_next, true),
             Step::Accept
         );
+        // IPv6 outer headers: an IPv6 next hop chains, an IPv4 one does not.
+        let (v6_me, v6_next) = ([0xfd; 16], [0xfe; 16]);
+        let o6 = outer(true, [0xfc; 16], v6_me);
+        assert_eq!(next_step(&o6, 1, 0, words(&v6_next), false), Step::PassOn);
+        assert_eq!(next_step(&o6, 1, 0, words(&v6_me), false), Step::Accept);
+        assert_eq!(next_step(&o6, 1, 0, w_next, false), Step::Accept);
         assert_eq!(step_flags(Step::PassOn, 0), FLAG_CHAINED);
         assert_eq!(
             step_flags(Step::Return, FLAG_CHAINED | 0x01),

@@ -7,7 +7,7 @@ pub use crate::open_index::{EMPTY, REMOVED, VALID};
 use crate::{
     limits::MAX_SERVICES,
     maps::{ServiceKey, ServiceValue},
-    open_index::{self, Slot},
+    open_index::{self, Slot, GOLDEN, MIX},
 };
 
 /// Slots of the index: four per service, so windows stay short.
@@ -104,11 +104,6 @@ pub fn home(key: &ServiceKey) -> u32 {
     let h = (addr ^ w[4].wrapping_mul(GOLDEN)).wrapping_mul(MIX);
     h >> (32 - SLOTS.trailing_zeros())
 }
-
-/// 2^32 divided by the golden ratio, and `fmix32`'s first multiplier: odd constants
-/// whose products spread every input bit over the top bits.
-const GOLDEN: u32 = 0x9e37_79b1;
-const MIX: u32 = 0x85eb_ca6b;
 
 /// The slots a search for `key` may look at, in order.
 #[inline(always)]

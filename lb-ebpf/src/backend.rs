@@ -10,8 +10,7 @@ use lb_common::{
     encap::{
         ipv4_checksum, HopList, FLAG_FORWARD_SYN, FLAG_RETURNED, GUE_HEADER_LEN, GUE_LEN, OUTER_TTL,
     },
-    maps::NO_BACKEND,
-    parse::{self, next_step, step_flags, Flow, Ip, Step},
+    parse::{self, next_step, step_flags, Flow, Frame, Ip, Step},
     proto::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, UDP_LEN},
     stats::Reason,
 };
@@ -40,7 +39,9 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
     let inner_v6 = g.inner_v6();
     let hops_left = g.hops.hops_left;
     let flags = g.hops.flags;
-    let next_hop = g.hops.next_hop;
+    // As words (one load each), read where used: held across the socket question, they
+    // would take stack slots the entry point's frame has no room for.
+    let next_hop = frame.words::<0, 4, 16>(&g.hops.next_hop);
 
     let inner_off = gue_off + GUE_LEN;
     let mut inner = Ip::EMPTY;
@@ -75,7 +76,7 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
             }
         }
     }
-    let step = next_step(outer, hops_left, flags, &next_hop, udp);
+    let step = next_step(outer, hops_left, flags, next_hop, udp);
     if let Some(f) = flow {
         let forward_syn = flags & FLAG_FORWARD_SYN != 0;
         if let Some(reason) = claim(ctx, f, &inner, forward_syn, step == Step::Accept) {
@@ -83,11 +84,7 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
         }
     }
     match step {
-        Step::PassOn => pass_on(ctx, outer, gue_off, &next_hop, step_flags(step, flags)),
-        Step::Return => {
-            let first_hop = outer.src;
-            pass_on(ctx, outer, gue_off, &first_hop, step_flags(step, flags))
-        }
+        Step::PassOn | Step::Return => pass_on(ctx, outer, gue_off, step_flags(step, flags)),
         Step::Accept => accept(ctx, inner_off, inner_v6, Reason::AcceptLastHop),
     }
 }
@@ -137,45 +134,37 @@ fn accept(ctx: &XdpContext, inner_off: usize, inner_v6: bool, reason: Reason) ->
     Verdict::new(xdp_action::XDP_PASS, reason)
 }
 
-/// Sends the packet on to `next_hop` with hop-list flags `flags`: outer destination
-/// rewritten, this node as the source; one hop fewer when chaining (`FLAG_CHAINED`), none
-/// taken when returning to the first hop (`FLAG_RETURNED`). Inlined, as a call costs
-/// about 9 ns here.
+/// Sends the packet on with hop-list flags `flags`: to the hop list's next hop when
+/// chaining (`FLAG_CHAINED`, one hop fewer), back to the first hop, the outer source, when
+/// returning (`FLAG_RETURNED`, no hop taken); outer destination rewritten, this node as
+/// the source. Inlined, as a call costs about 9 ns here.
 #[inline(always)]
-fn pass_on(
-    ctx: &XdpContext,
-    outer: &Ip,
-    gue_off: usize,
-    next_hop: &[u8; 16],
-    flags: u8,
-) -> Verdict {
+fn pass_on(ctx: &XdpContext, outer: &Ip, gue_off: usize, flags: u8) -> Verdict {
     let returning = flags & FLAG_RETURNED != 0;
-    let tot_len = ptr::frame_len(ctx) - outer.l3_off;
-    let mut hop = NextHop::EMPTY;
-    if let Err(r) = forward::lookup(
-        ctx,
-        NO_BACKEND,
-        &outer.dst,
-        next_hop,
-        tot_len as u16,
-        &mut hop,
-    ) {
-        return drop(r);
-    }
     // Opaque: inlined, LLVM derived this pointer from a bounds check of another offset,
     // which the verifier cannot follow.
     let hops_off = core::hint::black_box(gue_off + GUE_HEADER_LEN);
-    if let Some(hops) = ptr::at::<HopList>(ctx, hops_off) {
-        // SAFETY: bounds checked; `handle` saw hops at most MAX_HOPS, and above 0 when
-        // chaining.
-        unsafe {
-            if !returning {
-                (*hops).hops_left -= 1;
-            }
-            (*hops).flags = flags;
-        }
-    } else {
+    let Some(hops) = ptr::at::<HopList>(ctx, hops_off) else {
         return drop(Reason::DropMalformed);
+    };
+    let next_hop = if returning {
+        outer.src_words()
+    } else {
+        // SAFETY: bounds checked by `ptr::at`.
+        Xdp(ctx).words::<0, 4, 16>(unsafe { &(*hops).next_hop })
+    };
+    let tot_len = ptr::frame_len(ctx) - outer.l3_off;
+    let mut hop = NextHop::EMPTY;
+    if let Err(r) = forward::lookup_addr(ctx, &outer.dst, next_hop, tot_len as u16, &mut hop) {
+        return drop(r);
+    }
+    // SAFETY: bounds checked; `handle` saw hops at most MAX_HOPS, and above 0 when
+    // chaining.
+    unsafe {
+        if !returning {
+            (*hops).hops_left -= 1;
+        }
+        (*hops).flags = flags;
     }
     let rewritten = if outer.v6 {
         rewrite_v6(ctx, outer.l3_off, &outer.dst, next_hop)
@@ -202,26 +191,31 @@ fn pass_on(
     }
 }
 
+/// The outer IPv4 header at `off` from `src` to `dst` (as words, `addr::words`: stored
+/// from registers, where bytes would be copied through the stack).
 #[inline(always)]
-fn rewrite_v4(ctx: &XdpContext, off: usize, src: &[u8; 16], dst: &[u8; 16]) -> Option<()> {
+fn rewrite_v4(ctx: &XdpContext, off: usize, src: &[u8; 16], dst: [u32; 4]) -> Option<()> {
     let p = ptr::at::<[u8; IPV4_LEN]>(ctx, off)?;
     // SAFETY: bounds checked by `ptr::at`.
     let h = unsafe { &mut *p };
     h[8] = OUTER_TTL;
     h[12..16].copy_from_slice(&src[12..16]);
-    h[16..20].copy_from_slice(&dst[12..16]);
+    h[16..20].copy_from_slice(&dst[3].to_ne_bytes());
     let sum = ipv4_checksum(h);
     h[10..12].copy_from_slice(&sum.to_be_bytes());
     Some(())
 }
 
+/// As `rewrite_v4`, for an outer IPv6 header.
 #[inline(always)]
-fn rewrite_v6(ctx: &XdpContext, off: usize, src: &[u8; 16], dst: &[u8; 16]) -> Option<()> {
+fn rewrite_v6(ctx: &XdpContext, off: usize, src: &[u8; 16], dst: [u32; 4]) -> Option<()> {
     let p = ptr::at::<[u8; IPV6_LEN]>(ctx, off)?;
     // SAFETY: bounds checked by `ptr::at`.
     let h = unsafe { &mut *p };
     h[7] = OUTER_TTL;
     h[8..24].copy_from_slice(src);
-    h[24..40].copy_from_slice(dst);
+    for (i, w) in dst.iter().enumerate() {
+        h[24 + 4 * i..28 + 4 * i].copy_from_slice(&w.to_ne_bytes());
+    }
     Some(())
 }

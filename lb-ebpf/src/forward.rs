@@ -17,8 +17,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    addr::{aligned_words, copy_to_words, is_v4_mapped, v4_part},
-    maps::{NextHopEntry, NEXTHOP_VALID, NO_BACKEND},
+    addr::{aligned_words, copy_to_words, from_words, is_v4_mapped, v4_part},
+    maps::{NextHopEntry, NEXTHOP_VALID},
     proto::IPPROTO_UDP,
     stats::Reason,
 };
@@ -65,9 +65,8 @@ impl NextHop {
 }
 
 /// The next hop for an outer packet of `tot_len` bytes (from the IP header on) from `src`
-/// to `dst`, into `out`: the agent's entry for backend slot `slot` (or, with
-/// `NO_BACKEND`, for address `dst`), else the kernel's FIB. `Err(DropTooBig)` when the
-/// packet does not fit the egress MTU.
+/// to backend `dst`, into `out`: the agent's entry for the backend's slot `slot`, else the
+/// kernel's FIB. `Err(DropTooBig)` when the packet does not fit the egress MTU.
 #[inline(always)]
 pub fn lookup(
     ctx: &XdpContext,
@@ -77,14 +76,39 @@ pub fn lookup(
     tot_len: u16,
     out: &mut NextHop,
 ) -> Result<(), Reason> {
-    let entry = if slot != NO_BACKEND {
-        NEXTHOPS.get(slot)
-    } else {
-        maps::nexthop_of(dst)
-    };
-    if let Some(e) = entry.filter(|e| e.flags & NEXTHOP_VALID != 0) {
-        return from_entry(e, tot_len, out);
+    match NEXTHOPS.get(slot).filter(|e| e.flags & NEXTHOP_VALID != 0) {
+        Some(e) => from_entry(e, tot_len, out),
+        None => fib_fallback(ctx, src, dst, tot_len, out),
     }
+}
+
+/// As `lookup`, for a next hop known by its address, as words (`addr::words`): the
+/// agent's entry for that address.
+#[inline(always)]
+pub fn lookup_addr(
+    ctx: &XdpContext,
+    src: &[u8; 16],
+    dst: [u32; 4],
+    tot_len: u16,
+    out: &mut NextHop,
+) -> Result<(), Reason> {
+    // One copy of the address as bytes, for the hash map and the FIB alike.
+    let bytes = from_words(dst);
+    match maps::nexthop_of(dst, &bytes).filter(|e| e.flags & NEXTHOP_VALID != 0) {
+        Some(e) => from_entry(e, tot_len, out),
+        None => fib_fallback(ctx, src, &bytes, tot_len, out),
+    }
+}
+
+/// No valid entry of the agent's: the kernel's FIB, counted.
+#[inline(always)]
+fn fib_fallback(
+    ctx: &XdpContext,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    tot_len: u16,
+    out: &mut NextHop,
+) -> Result<(), Reason> {
     maps::count(Reason::FibFallback as u32);
     fib(ctx, src, dst, tot_len, out)
 }

@@ -262,14 +262,16 @@ fn reply_v4(ctx: &XdpContext, l2: &L2, ip: &Ip, mtu: u32) -> Option<()> {
     let sum = ipv4_checksum(&h);
     h[10..12].copy_from_slice(&sum.to_be_bytes());
     let p = ptr::at::<[u8; IPV4_LEN + ICMP_LEN]>(ctx, l2.l3_off)?;
-    let mut out = [0u8; IPV4_LEN + ICMP_LEN];
+    // Written in place, not built on the stack: this function's frame sits on top of the
+    // entry point's, and BPF allows 512 bytes for the two.
+    // SAFETY: bounds checked by `ptr::at`.
+    let out = unsafe { &mut *p };
+    *out = [0; IPV4_LEN + ICMP_LEN];
     out[..IPV4_LEN].copy_from_slice(&h);
     // Destination unreachable, fragmentation needed; next-hop MTU in the last 2 bytes.
     out[IPV4_LEN] = 3;
     out[IPV4_LEN + 1] = 4;
     out[IPV4_LEN + 6..].copy_from_slice(&(mtu as u16).to_be_bytes());
-    // SAFETY: bounds checked by `ptr::at`.
-    unsafe { p.write_unaligned(out) };
     let sum = icmp_sum(ctx, l2.l3_off + IPV4_LEN, 0)?;
     let c = ptr::at::<[u8; 2]>(ctx, l2.l3_off + IPV4_LEN + 2)?;
     // SAFETY: bounds checked by `ptr::at`.
@@ -283,7 +285,10 @@ fn reply_v6(ctx: &XdpContext, l2: &L2, ip: &Ip, mtu: u32) -> Option<()> {
     reshape(ctx, l2, &eth, IPV6_LEN + ICMP_LEN)?;
     let payload = (ICMP_LEN + QUOTE_LEN) as u32;
     let p = ptr::at::<[u8; IPV6_LEN + ICMP_LEN]>(ctx, l2.l3_off)?;
-    let mut out = [0u8; IPV6_LEN + ICMP_LEN];
+    // Written in place, as in `reply_v4`.
+    // SAFETY: bounds checked by `ptr::at`.
+    let out = unsafe { &mut *p };
+    *out = [0; IPV6_LEN + ICMP_LEN];
     out[0] = 0x60;
     out[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
     out[6] = IPPROTO_ICMPV6;
@@ -293,16 +298,15 @@ fn reply_v6(ctx: &XdpContext, l2: &L2, ip: &Ip, mtu: u32) -> Option<()> {
     // Packet too big, with the MTU.
     out[IPV6_LEN] = 2;
     out[IPV6_LEN + 4..].copy_from_slice(&mtu.to_be_bytes());
-    // SAFETY: bounds checked by `ptr::at`.
-    unsafe { p.write_unaligned(out) };
-    // Pseudo-header: source, destination, upper-layer length, next header.
-    let mut pseudo = [0u8; 40];
-    pseudo[..32].copy_from_slice(&out[8..40]);
-    pseudo[32..36].copy_from_slice(&payload.to_be_bytes());
-    pseudo[39] = IPPROTO_ICMPV6;
-    // SAFETY: the helper reads the 40 bytes of the stack array.
-    let seed =
-        unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, pseudo.as_mut_ptr().cast(), 40, 0) };
+    // Pseudo-header: the addresses as the reply carries them, then the upper-layer length
+    // and next header, two 32-bit words added to the seed (ones' complement, as the
+    // helper sums memory).
+    let extra = u64::from(u32::from_ne_bytes(payload.to_be_bytes()))
+        + u64::from(u32::from_ne_bytes([0, 0, 0, IPPROTO_ICMPV6]));
+    let extra = (extra & 0xffff_ffff) + (extra >> 32);
+    let addrs = ptr::at::<[u8; 32]>(ctx, l2.l3_off + 8)?;
+    // SAFETY: the helper reads the bounds-checked bytes.
+    let seed = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, addrs.cast(), 32, extra as u32) };
     if seed < 0 {
         return None;
     }

@@ -89,7 +89,7 @@ fn process(ctx: &XdpContext) -> Verdict {
         return pass(Reason::PassUnparsed);
     }
     let gue_port = u16::from_be(node.gue_port_be);
-    if parse::is_gue_to_me(frame, ip, &node.addr_v4, &node.addr_v6, gue_port) {
+    if parse::is_gue_to_me(frame, ip, own, gue_port) {
         return backend::handle(ctx, ip);
     }
     let v = client::handle(ctx, node, ip);

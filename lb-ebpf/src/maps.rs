@@ -58,11 +58,11 @@ pub static NEXTHOPS_BY_ADDR: HashMap<[u8; 16], NextHopEntry> =
 #[map]
 pub static NEXTHOP_INDEX: Array<NextHopSlot> = Array::with_max_entries(nexthop_index::SLOTS, 0);
 
-/// The next hop for address `addr`: from the index, or from `NEXTHOPS_BY_ADDR` when the
-/// index cannot tell.
+/// The next hop for address `addr`, whose words (`addr::words`) are `w`: from the index,
+/// or from `NEXTHOPS_BY_ADDR` when the index cannot tell.
 #[inline(always)]
-pub fn nexthop_of(addr: &[u8; 16]) -> Option<&'static NextHopEntry> {
-    match nexthop_index::probe(addr, |i| NEXTHOP_INDEX.get(i)) {
+pub fn nexthop_of(w: [u32; 4], addr: &[u8; 16]) -> Option<&'static NextHopEntry> {
+    match nexthop_index::probe(w, |i| NEXTHOP_INDEX.get(i)) {
         Probe::Found(e) => Some(e),
         Probe::Absent => None,
         // SAFETY: the value is only read.

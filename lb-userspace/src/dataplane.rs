@@ -835,9 +835,11 @@ fn zeroed_per_cpu() -> Result<PerCpuValues<Counters>, aya::maps::MapError> {
 /// such a map is pinned as `NAME_VVERSION` (bpffs allows no dots in names), so an agent
 /// never adopts a map laid out for another version. The earlier program keeps the map it
 /// was loaded with until the new one replaces it on the interface.
-const LAYOUT_VERSIONS: [(&str, u32); 2] = [
+const LAYOUT_VERSIONS: [(&str, u32); 3] = [
     // Home slots from a multiplicative hash (`service_index::home`).
     (names::SERVICE_INDEX, 2),
+    // The same for next hops (`nexthop_index::home_of`).
+    (names::NEXTHOP_INDEX, 2),
     // The hash's kind and the `multiply-shift` keys (`hash::FlowHashKey`).
     (names::FLOW_HASH, 2),
 ];
