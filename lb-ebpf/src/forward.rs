@@ -76,10 +76,7 @@ pub fn lookup(
     tot_len: u16,
     out: &mut NextHop,
 ) -> Result<(), Reason> {
-    match NEXTHOPS.get(slot).filter(|e| e.flags & NEXTHOP_VALID != 0) {
-        Some(e) => from_entry(e, tot_len, out),
-        None => fib_fallback(ctx, src, dst, tot_len, out),
-    }
+    resolve(NEXTHOPS.get(slot), ctx, (src, dst), tot_len, out)
 }
 
 /// As `lookup`, for a next hop known by its address, as words (`addr::words`): the
@@ -94,23 +91,28 @@ pub fn lookup_addr(
 ) -> Result<(), Reason> {
     // One copy of the address as bytes, for the hash map and the FIB alike.
     let bytes = from_words(dst);
-    match maps::nexthop_of(dst, &bytes).filter(|e| e.flags & NEXTHOP_VALID != 0) {
-        Some(e) => from_entry(e, tot_len, out),
-        None => fib_fallback(ctx, src, &bytes, tot_len, out),
-    }
+    resolve(
+        maps::nexthop_of(dst, &bytes),
+        ctx,
+        (src, &bytes),
+        tot_len,
+        out,
+    )
 }
 
-/// No valid entry of the agent's: the kernel's FIB, counted.
+/// The agent's `entry` when it is valid, else the kernel's FIB for `(src, dst)`.
 #[inline(always)]
-fn fib_fallback(
+fn resolve(
+    entry: Option<&NextHopEntry>,
     ctx: &XdpContext,
-    src: &[u8; 16],
-    dst: &[u8; 16],
+    (src, dst): (&[u8; 16], &[u8; 16]),
     tot_len: u16,
     out: &mut NextHop,
 ) -> Result<(), Reason> {
-    maps::count(Reason::FibFallback as u32);
-    fib(ctx, src, dst, tot_len, out)
+    match entry.filter(|e| e.flags & NEXTHOP_VALID != 0) {
+        Some(e) => from_entry(e, tot_len, out),
+        None => fib(ctx, src, dst, tot_len, out),
+    }
 }
 
 #[inline(always)]
@@ -127,8 +129,9 @@ fn from_entry(e: &NextHopEntry, tot_len: u16, out: &mut NextHop) -> Result<(), R
     Ok(())
 }
 
-/// `bpf_fib_lookup` for the route and neighbour, which also checks the MTU. Not inlined:
-/// the fallback's work stays out of the callers' frames, and BPF frames are small.
+/// `bpf_fib_lookup` for the route and neighbour, which also checks the MTU; counted as
+/// `fib_fallback`. Not inlined: the fallback's work stays out of the callers' frames, and
+/// BPF frames are small.
 #[inline(never)]
 fn fib(
     ctx: &XdpContext,
@@ -137,6 +140,7 @@ fn fib(
     tot_len: u16,
     out: &mut NextHop,
 ) -> Result<(), Reason> {
+    maps::count(Reason::FibFallback as u32);
     let Some((p, v4)) = fib_params(ctx, tot_len, dst) else {
         return Err(Reason::DropFibMiss);
     };
