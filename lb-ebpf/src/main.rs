@@ -89,6 +89,9 @@ fn process(ctx: &XdpContext) -> Verdict {
         return pass(Reason::PassUnparsed);
     }
     let gue_port = u16::from_be(node.gue_port_be);
+    // Read again, not kept: held across the calls between, the words were spilled to the
+    // stack on every packet's path, foreign traffic's included.
+    let own = (node.addr_v4_word(), node.addr_v6_words());
     if parse::is_gue_to_me(frame, ip, own, gue_port) {
         return backend::handle(ctx, ip);
     }
