@@ -31,7 +31,9 @@ pub const SKC_TO_TCP_SOCK_HELPER: i32 = 137;
 
 /// The kernel's `struct tcp_sock` as the program needs it: its BTF type id (the cast's
 /// argument) and the byte offsets of the `u32` fields the check reads, `UNKNOWN` for all
-/// of them when the kernel's BTF did not tell.
+/// of them when the kernel's BTF did not tell; and, for a listener (`syn_cookies_stale`),
+/// where it keeps the time of its last SYN-queue overflow and its reuseport group
+/// pointer, `UNKNOWN` for both when the BTF did not tell.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpSockLayout {
@@ -42,9 +44,13 @@ pub struct TcpSockLayout {
     pub snd_una: u32,
     pub snd_nxt: u32,
     pub max_window: u32,
+    /// `rx_opt.ts_recent_stamp` (a listener's last SYN-queue overflow, in jiffies).
+    pub overflow_stamp: u32,
+    /// `sk_reuseport_cb` (8 bytes: null when the listener is in no reuseport group).
+    pub reuseport_cb: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<TcpSockLayout>() == 28);
+const _: () = assert!(core::mem::size_of::<TcpSockLayout>() == 36);
 
 impl TcpSockLayout {
     /// An offset no field has: the program then checks the socket's state only.
@@ -58,6 +64,8 @@ impl TcpSockLayout {
         snd_una: Self::UNKNOWN_OFFSET,
         snd_nxt: Self::UNKNOWN_OFFSET,
         max_window: Self::UNKNOWN_OFFSET,
+        overflow_stamp: Self::UNKNOWN_OFFSET,
+        reuseport_cb: Self::UNKNOWN_OFFSET,
     };
 
     /// The `struct tcp_sock` member names, in field order.
@@ -70,7 +78,8 @@ impl TcpSockLayout {
         "max_window",
     ];
 
-    /// From the type's BTF id and offsets in `FIELDS` order.
+    /// From the type's BTF id and offsets in `FIELDS` order; the listener's offsets
+    /// `UNKNOWN` (see `with_listener`).
     pub const fn new(btf_id: u32, o: [u32; 6]) -> Self {
         TcpSockLayout {
             btf_id,
@@ -80,8 +89,36 @@ impl TcpSockLayout {
             snd_una: o[3],
             snd_nxt: o[4],
             max_window: o[5],
+            overflow_stamp: Self::UNKNOWN_OFFSET,
+            reuseport_cb: Self::UNKNOWN_OFFSET,
         }
     }
+
+    /// With the listener's offsets: `rx_opt.ts_recent_stamp` and `sk_reuseport_cb`.
+    pub const fn with_listener(self, overflow_stamp: u32, reuseport_cb: u32) -> Self {
+        TcpSockLayout {
+            overflow_stamp,
+            reuseport_cb,
+            ..self
+        }
+    }
+}
+
+/// How long after a listener's last SYN-queue overflow the kernel still checks an ACK for
+/// a SYN cookie, in jiffies, at the largest `HZ` (1000): `TCP_SYNCOOKIE_VALID`, two
+/// minutes. An ACK to a listener whose last overflow is older (and that is in no reuseport
+/// group, which keeps the time elsewhere) carries no valid cookie: the kernel's own check
+/// (`tcp_synq_no_recent_overflow`, first thing in `bpf_tcp_check_syncookie`) says so, so
+/// the program skips that helper call. A smaller `HZ` makes the real window shorter, and
+/// this one only errs towards asking the helper.
+pub const SYN_COOKIE_WINDOW_JIFFIES: u32 = 2 * 60 * 1000;
+
+/// Whether a listener whose last SYN-queue overflow was at `stamp` (jiffies, as the
+/// kernel's 32-bit `tcp_jiffies32`) may still accept SYN cookies at `now`: false only when
+/// the overflow is older than `SYN_COOKIE_WINDOW_JIFFIES`.
+#[inline(always)]
+pub fn syn_cookies_may_be_valid(stamp: u32, now: u32) -> bool {
+    now.wrapping_sub(stamp) <= SYN_COOKIE_WINDOW_JIFFIES
 }
 
 /// A socket's sequence state, as `struct tcp_sock` holds it.
@@ -183,6 +220,20 @@ mod tests {
         assert!(in_window(&s, 5, 3, true));
         assert!(in_window(&s, u32::MAX - 20, u32::MAX, true));
         assert!(!in_window(&s, u32::MAX - 10 - SEQ_SLACK - 1, 3, true));
+    }
+
+    #[test]
+    fn syn_cookies_are_checked_for_two_minutes_after_an_overflow() {
+        for stamp in [0, 5_000, u32::MAX - 1_000] {
+            assert!(syn_cookies_may_be_valid(stamp, stamp));
+            assert!(syn_cookies_may_be_valid(stamp, stamp.wrapping_add(120_000)));
+            assert!(!syn_cookies_may_be_valid(
+                stamp,
+                stamp.wrapping_add(120_001)
+            ));
+            // Before the stamp is outside, as the kernel's `time_between32` counts it.
+            assert!(!syn_cookies_may_be_valid(stamp, stamp.wrapping_sub(1)));
+        }
     }
 
     #[test]

@@ -12,7 +12,8 @@ use core::{
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_tuple},
     helpers::generated::{
-        bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
+        bpf_jiffies64, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+        bpf_tcp_check_syncookie,
     },
     macros::map,
     maps::PerCpuArray,
@@ -24,7 +25,9 @@ use lb_common::{
     hash::FlowTuple,
     parse::{Flow, Ip},
     proto::{IPPROTO_TCP, IPPROTO_UDP, IPV4_LEN, IPV6_LEN, TCP_ACK, TCP_LEN},
-    tcp_window::{ack_in_window, seq_in_window, TcpSockLayout, CAST_CALL},
+    tcp_window::{
+        ack_in_window, seq_in_window, syn_cookies_may_be_valid, TcpSockLayout, CAST_CALL,
+    },
 };
 
 use crate::ptr;
@@ -77,7 +80,10 @@ pub fn owns(ctx: &XdpContext, flow: &Flow, inner: &Ip) -> bool {
             let state = unsafe { (*sk).state };
             let owned = match state {
                 TCP_LISTEN => {
-                    !flow.icmp && flow.tcp_flags & TCP_ACK != 0 && syncookie_ok(ctx, sk, inner)
+                    !flow.icmp
+                        && flow.tcp_flags & TCP_ACK != 0
+                        && cookies_may_be_valid(sk)
+                        && syncookie_ok(ctx, sk, inner)
                 }
                 TCP_TIME_WAIT | TCP_CLOSE => false,
                 // A handshake in progress (request socket, or a local connect).
@@ -149,7 +155,7 @@ fn segment_in_window(ctx: &XdpContext, sk: *mut bpf_sock, flow: &Flow, inner: &I
     }
 }
 
-/// The full TCP socket `sk` (connected, not a request or TIME_WAIT socket) as the
+/// A full TCP socket `sk` (connected or listening, not a request or TIME_WAIT socket) as the
 /// kernel's `struct tcp_sock` of BTF id `btf_id`, for reads: the loader rewrites this call
 /// (`lb_common::tcp_window::CAST_CALL`) into the `bpf_rdonly_cast` kfunc, no call at all
 /// once verified, or the `bpf_skc_to_tcp_sock` helper, which may give null.
@@ -221,6 +227,41 @@ fn fill(t: &mut bpf_sock_tuple, f: &FlowTuple, v6: bool) -> u32 {
             size_of::<[u32; 3]>() as u32
         }
     }
+}
+
+/// Whether listener `sk` may accept a SYN cookie now: false when its last SYN-queue
+/// overflow is too old (`tcp_window::syn_cookies_may_be_valid`), which spares most ACKs
+/// to a listener the helper's call and return. A listener in a reuseport group keeps the
+/// time elsewhere, and without the offsets the helper decides.
+#[inline(always)]
+fn cookies_may_be_valid(sk: *mut bpf_sock) -> bool {
+    let o = addr_of!(TCP_SOCK_LAYOUT);
+    // SAFETY: reads of the loader-set global's fields.
+    let (stamp_at, group_at, btf_id) = unsafe {
+        (
+            read_volatile(addr_of!((*o).overflow_stamp)),
+            read_volatile(addr_of!((*o).reuseport_cb)),
+            read_volatile(addr_of!((*o).btf_id)),
+        )
+    };
+    if stamp_at == TcpSockLayout::UNKNOWN_OFFSET {
+        return true;
+    }
+    let tp = as_tcp_sock(sk, btf_id);
+    if tp.is_null() {
+        return true;
+    }
+    // SAFETY: offsets of members of `struct tcp_sock` from the kernel's BTF (the verifier
+    // checks both accesses against that type): a pointer and an int.
+    let (group, stamp) = unsafe {
+        (
+            read_volatile(tp.add(group_at as usize).cast::<u64>()),
+            read_volatile(tp.add(stamp_at as usize).cast::<u32>()),
+        )
+    };
+    // SAFETY: plain helper call (the verifier inlines it as a load of `jiffies`).
+    let now = unsafe { bpf_jiffies64() } as u32;
+    group != 0 || syn_cookies_may_be_valid(stamp, now)
 }
 
 /// An ACK to a listener completes a handshake whose SYN was answered with a cookie.

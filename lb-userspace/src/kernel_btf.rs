@@ -41,13 +41,46 @@ fn vmlinux() -> Result<Vec<u8>, BtfError> {
 }
 
 /// The kernel's `struct tcp_sock`: BTF id and member offsets, from the running kernel's
-/// BTF.
+/// BTF. Without the listener's members the layout still serves the window check.
 pub fn tcp_sock_layout() -> Result<TcpSockLayout, BtfError> {
     let data = vmlinux()?;
     let (id, offsets) = member_offsets(&data, "tcp_sock", &TcpSockLayout::FIELDS)?;
     let mut o = [0u32; 6];
     o.copy_from_slice(&offsets);
-    Ok(TcpSockLayout::new(id, o))
+    let layout = TcpSockLayout::new(id, o);
+    let stamp = path_offset(
+        &data,
+        &[
+            ("tcp_sock", "rx_opt"),
+            ("tcp_options_received", "ts_recent_stamp"),
+        ],
+    );
+    // `struct sock` is the first member of the first member of the first member.
+    let reuseport = path_offset(
+        &data,
+        &[
+            ("tcp_sock", "inet_conn"),
+            ("inet_connection_sock", "icsk_inet"),
+            ("inet_sock", "sk"),
+            ("sock", "sk_reuseport_cb"),
+        ],
+    );
+    Ok(match (stamp, reuseport) {
+        (Ok(s), Ok(r)) => layout.with_listener(s, r),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::debug!(error = %e, "no listener layout: every ACK to a listener asks the SYN-cookie helper");
+            layout
+        }
+    })
+}
+
+/// The offset of a member reached through nested structs: `(struct, member)` pairs, each
+/// member of the struct the pair before it names.
+fn path_offset(data: &[u8], path: &[(&str, &str)]) -> Result<u32, BtfError> {
+    path.iter().try_fold(0, |at, (strct, member)| {
+        let (_, o) = member_offsets(data, strct, &[member])?;
+        Ok(at + o[0])
+    })
 }
 
 /// The BTF id of the kernel function `name` (a kfunc's, for a call of it), if the running
@@ -215,6 +248,9 @@ mod tests {
         }
         let o = tcp_sock_layout().expect("tcp_sock layout");
         assert!(o.btf_id > 0);
+        // `rx_opt` follows `struct inet_connection_sock`, which holds `struct sock`.
+        assert!(o.overflow_stamp % 4 == 0 && o.overflow_stamp < 4096);
+        assert!(o.reuseport_cb % 8 == 0 && o.reuseport_cb < o.overflow_stamp);
         let all = [
             o.rcv_nxt,
             o.rcv_wup,
