@@ -249,8 +249,8 @@ mod tests {
         let o = tcp_sock_layout().expect("tcp_sock layout");
         assert!(o.btf_id > 0);
         // `rx_opt` follows `struct inet_connection_sock`, which holds `struct sock`.
-        assert!(o.overflow_stamp % 4 == 0 && o.overflow_stamp < 4096);
-        assert!(o.reuseport_cb % 8 == 0 && o.reuseport_cb < o.overflow_stamp);
+        assert!(o.overflow_stamp.is_multiple_of(4) && o.overflow_stamp < 4096);
+        assert!(o.reuseport_cb.is_multiple_of(8) && o.reuseport_cb < o.overflow_stamp);
         let all = [
             o.rcv_nxt,
             o.rcv_wup,
