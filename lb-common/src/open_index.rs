@@ -55,8 +55,13 @@ pub trait Slot: Copy {
 /// The slots a search for `key` may look at, in order.
 #[inline(always)]
 pub fn window<S: Slot>(key: &S::Key) -> impl Iterator<Item = u32> {
-    let h = S::home(key);
-    (0..S::PROBES).map(move |i| (h + i) & (S::SLOTS - 1))
+    window_at::<S>(S::home(key))
+}
+
+/// The slots a search from home slot `home` may look at, in order.
+#[inline(always)]
+fn window_at<S: Slot>(home: u32) -> impl Iterator<Item = u32> {
+    (0..S::PROBES).map(move |i| (home + i) & (S::SLOTS - 1))
 }
 
 /// What an index says about a key.
@@ -86,7 +91,7 @@ pub fn probe_words<'a, S: Slot + 'a>(
     home: u32,
     slot: impl Fn(u32) -> Option<&'a S>,
 ) -> Probe<'a, S::Value> {
-    for i in (0..S::PROBES).map(|i| (home + i) & (S::SLOTS - 1)) {
+    for i in window_at::<S>(home) {
         let Some(s) = slot(i) else {
             return Probe::Unindexed;
         };
