@@ -125,8 +125,7 @@ fn segment_in_window(ctx: &XdpContext, sk: *mut bpf_sock, flow: &Flow, inner: &I
     let Some(h) = ptr::read::<[u8; 8]>(ctx, inner.l4_off + 4) else {
         return false;
     };
-    // SAFETY: a field of a static.
-    let tp = as_tcp_sock(sk, unsafe { read_volatile(addr_of!((*o).btf_id)) });
+    let tp = as_tcp_sock(sk);
     if tp.is_null() {
         return true;
     }
@@ -156,11 +155,14 @@ fn segment_in_window(ctx: &XdpContext, sk: *mut bpf_sock, flow: &Flow, inner: &I
 }
 
 /// A full TCP socket `sk` (connected or listening, not a request or TIME_WAIT socket) as the
-/// kernel's `struct tcp_sock` of BTF id `btf_id`, for reads: the loader rewrites this call
-/// (`lb_common::tcp_window::CAST_CALL`) into the `bpf_rdonly_cast` kfunc, no call at all
-/// once verified, or the `bpf_skc_to_tcp_sock` helper, which may give null.
+/// kernel's `struct tcp_sock` (its BTF id from `TCP_SOCK_LAYOUT`), for reads: the loader
+/// rewrites this call (`lb_common::tcp_window::CAST_CALL`) into the `bpf_rdonly_cast`
+/// kfunc, no call at all once verified, or the `bpf_skc_to_tcp_sock` helper, which may
+/// give null.
 #[inline(always)]
-fn as_tcp_sock(sk: *mut bpf_sock, btf_id: u32) -> *const u8 {
+fn as_tcp_sock(sk: *mut bpf_sock) -> *const u8 {
+    // SAFETY: a field of the loader-set global.
+    let btf_id = unsafe { read_volatile(addr_of!(TCP_SOCK_LAYOUT.btf_id)) };
     let tp: *const u8;
     // SAFETY: a call of the BPF calling convention: arguments in r1 and r2, the result in
     // r0, r1 to r5 clobbered; the callee only reads.
@@ -237,17 +239,16 @@ fn fill(t: &mut bpf_sock_tuple, f: &FlowTuple, v6: bool) -> u32 {
 fn cookies_may_be_valid(sk: *mut bpf_sock) -> bool {
     let o = addr_of!(TCP_SOCK_LAYOUT);
     // SAFETY: reads of the loader-set global's fields.
-    let (stamp_at, group_at, btf_id) = unsafe {
+    let (stamp_at, group_at) = unsafe {
         (
             read_volatile(addr_of!((*o).overflow_stamp)),
             read_volatile(addr_of!((*o).reuseport_cb)),
-            read_volatile(addr_of!((*o).btf_id)),
         )
     };
     if stamp_at == TcpSockLayout::UNKNOWN_OFFSET {
         return true;
     }
-    let tp = as_tcp_sock(sk, btf_id);
+    let tp = as_tcp_sock(sk);
     if tp.is_null() {
         return true;
     }
