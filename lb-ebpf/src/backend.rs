@@ -4,7 +4,7 @@
 //! accept it when no hop is left.
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
+    bindings::{bpf_sock_tuple, xdp_action}, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
 };
 use lb_common::{
     encap::{
@@ -17,7 +17,6 @@ use lb_common::{
 
 use crate::{
     forward::{self, NextHop},
-    maps,
     ptr::{self, PacketWords, Xdp},
     socket,
     verdict::{drop, Verdict},
@@ -27,7 +26,12 @@ use crate::{
 /// packet here, and the entry point's frame holds this path's locals in the slots of the
 /// client path's.
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
+pub fn handle(
+    ctx: &XdpContext,
+    outer: &Ip,
+    f: &mut Flow,
+    tuple: &mut bpf_sock_tuple,
+) -> Verdict {
     let frame = Xdp(ctx);
     // Opaque: inlined in the entry point, LLVM rebuilt this offset from one of the GUE
     // test's, of a range the verifier cannot follow.
@@ -59,14 +63,6 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
     let mut udp = false;
     let mut flow = None;
     if !inner.fragment {
-        let Some(f) = maps::FLOW.get_ptr_mut(0) else {
-            return drop(Reason::DropMalformed);
-        };
-        // SAFETY: a per-CPU value, only this program run touches it.
-        let f = unsafe {
-            *f = Flow::EMPTY;
-            &mut *f
-        };
         match parse::flow(frame, &inner, f) {
             Err(_) => return drop(Reason::DropMalformed),
             Ok(false) => {}
@@ -79,7 +75,8 @@ pub fn handle(ctx: &XdpContext, outer: &Ip) -> Verdict {
     let step = next_step(outer, hops_left, flags, next_hop, udp);
     if let Some(f) = flow {
         let forward_syn = flags & FLAG_FORWARD_SYN != 0;
-        if let Some(reason) = claim(ctx, f, &inner, forward_syn, step == Step::Accept) {
+        let stays = step == Step::Accept;
+        if let Some(reason) = claim(ctx, f, &inner, tuple, forward_syn, stays) {
             return accept(ctx, inner_off, inner_v6, reason);
         }
     }
@@ -101,13 +98,14 @@ pub fn claim(
     ctx: &XdpContext,
     f: &Flow,
     ip: &Ip,
+    tuple: &mut bpf_sock_tuple,
     forward_syn: bool,
     stays: bool,
 ) -> Option<Reason> {
     if f.is_syn() && !forward_syn {
         return Some(Reason::AcceptSyn);
     }
-    if !stays && socket::owns(ctx, f, ip) {
+    if !stays && socket::owns(ctx, f, ip, tuple) {
         return Some(Reason::AcceptSocket);
     }
     None

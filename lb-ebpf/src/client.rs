@@ -5,7 +5,7 @@
 //! packet goes to the local stack untouched, or on to the previous owner.
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
+    bindings::{bpf_sock_tuple, xdp_action}, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
 };
 use lb_common::{
     addr::{from_words, V4_MAPPED_WORD},
@@ -13,7 +13,7 @@ use lb_common::{
     hash::{bucket_index, outer_source_port},
     limits::{MAX_SERVICES, MAX_TABLE_BITS},
     maps::{Backend, NodeConfig, ServiceKey, BACKEND_PRESENT},
-    parse::{self, Ip, NoFlow},
+    parse::{self, Flow, Ip, NoFlow},
     proto::{ETH_LEN, ETH_P_IP, ETH_P_IPV6},
     stats::Reason,
 };
@@ -31,13 +31,14 @@ use crate::{
 /// this node, the backend path's question (does a local socket own the flow?) is asked
 /// here, in the entry point's frame, where the socket lookup's frames fit.
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip) -> Verdict {
-    let Some(flow) = maps::FLOW.get_ptr_mut(0) else {
-        return pass(Reason::PassNotService);
-    };
-    // SAFETY: a per-CPU value, only this program run touches it; `client_flow` writes
-    // every field before anything reads one.
-    let flow = unsafe { &mut *flow };
+pub fn handle(
+    ctx: &XdpContext,
+    node: &NodeConfig,
+    ip: &Ip,
+    flow: &mut Flow,
+    tuple: &mut bpf_sock_tuple,
+) -> Verdict {
+    // `client_flow` writes every field of `flow` before anything reads one.
     match parse::client_flow(Xdp(ctx), ip, flow) {
         Ok(()) => {}
         Err(NoFlow::Unusable(r)) if maps::is_vip(&ip.dst) => return drop(r),
@@ -77,7 +78,7 @@ pub fn handle(ctx: &XdpContext, node: &NodeConfig, ip: &Ip) -> Verdict {
     // spilled to the stack on every forwarded packet too.
     let pick = Pick::new(hash, svc.id, local, flow.icmp);
     let slots = u64::from(bucket.first) | (u64::from(bucket.second) << 32);
-    if local && crate::backend::claim(ctx, flow, ip, false, false).is_some() {
+    if local && crate::backend::claim(ctx, flow, ip, tuple, false, false).is_some() {
         return delivered(ctx, pick.service());
     }
     forward(ctx, node, ip, slots, pick)

@@ -21,12 +21,7 @@ mod ptr;
 mod socket;
 mod verdict;
 
-use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
-    maps::PerCpuArray,
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     maps::NODE_CONFIGURED,
     parse::{self, Ip},
@@ -34,12 +29,6 @@ use lb_common::{
 };
 use ptr::Xdp;
 use verdict::{pass, Verdict};
-
-/// The IP header's facts of the packet at hand, in a per-CPU value rather than on the
-/// stack: the entry point's frame, which holds both paths, stays small enough for the
-/// frames of the calls on top of it (BPF's 512 bytes for a call chain).
-#[map]
-static IP: PerCpuArray<Ip> = PerCpuArray::with_max_entries(1, 0);
 
 // Inlined into the entry symbol the macro makes: left to LLVM, a body this large became a
 // function of its own, and every packet paid a call (7 to 9 ns).
@@ -69,15 +58,13 @@ fn process(ctx: &XdpContext) -> Verdict {
     if parse::certainly_not_for_lb(frame, &l2, own, maps::maybe_vip) {
         return pass(Reason::PassNotService);
     }
-    let Some(ip) = IP.get_ptr_mut(0) else {
+    let Some(scratch) = maps::SCRATCH.get_ptr_mut(0) else {
         return pass(Reason::PassUnconfigured);
     };
-    // SAFETY: a per-CPU value, only this program run touches it. Reset, as `parse::ip`
-    // may stop before it writes the address read below.
-    let ip = unsafe {
-        *ip = Ip::EMPTY;
-        &mut *ip
-    };
+    // SAFETY: a per-CPU value, only this program run touches it.
+    let maps::Scratch { ip, flow, tuple } = unsafe { &mut *scratch };
+    // Reset, as `parse::ip` may stop before it writes the address read below.
+    *ip = Ip::EMPTY;
     let parsed = parse::ip(frame, l2.l3_off, l2.v6(), ip);
     if parsed.is_err() || !parse::lengths_ok(frame, ip) {
         // The addresses are read before the extension headers: a broken header (or one
@@ -93,9 +80,9 @@ fn process(ctx: &XdpContext) -> Verdict {
     // stack on every packet's path, foreign traffic's included.
     let own = (node.addr_v4_word(), node.addr_v6_words());
     if parse::is_gue_to_me(frame, ip, own, gue_port) {
-        return backend::handle(ctx, ip);
+        return backend::handle(ctx, ip, flow, tuple);
     }
-    let v = client::handle(ctx, node, ip);
+    let v = client::handle(ctx, node, ip, flow, tuple);
     if v.reason_index() == Reason::DropTooBig as u32 {
         return icmp_reply::too_big(ctx, node, &l2, ip);
     }

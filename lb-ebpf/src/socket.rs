@@ -15,8 +15,6 @@ use aya_ebpf::{
         bpf_jiffies64, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
         bpf_tcp_check_syncookie,
     },
-    macros::map,
-    maps::PerCpuArray,
     programs::XdpContext,
     EbpfContext,
 };
@@ -47,25 +45,14 @@ const TCP_NEW_SYN_RECV: u32 = 12;
 #[unsafe(no_mangle)]
 static TCP_SOCK_LAYOUT: TcpSockLayout = TcpSockLayout::UNKNOWN;
 
-/// The socket lookup's tuple, in a per-CPU value rather than on the stack: inlined in the
-/// entry point, its 36 bytes would join the entry point's frame, which with the ICMP
-/// reply's frames on top must stay under BPF's 512 bytes for a call chain.
-#[map]
-static TUPLE: PerCpuArray<bpf_sock_tuple> = PerCpuArray::with_max_entries(1, 0);
-
-/// True when a local socket owns `flow`: for TCP a connected socket (established,
+/// True when a local socket owns `flow` (`t`: the lookup's tuple, a per-CPU value): for TCP a connected socket (established,
 /// handshaking or closing, not TIME_WAIT) whose windows the segment falls in, or a
 /// listener for which the packet carries a valid SYN cookie; for UDP a socket connected
 /// to the flow's source.
 /// Inlined: a call and return cost about 9 ns here.
 #[inline(always)]
-pub fn owns(ctx: &XdpContext, flow: &Flow, inner: &Ip) -> bool {
-    let Some(t) = TUPLE.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: a per-CPU value, only this program run touches it; `fill` writes the
-    // member the size selects whole.
-    let t = unsafe { &mut *t };
+pub fn owns(ctx: &XdpContext, flow: &Flow, inner: &Ip, t: &mut bpf_sock_tuple) -> bool {
+    // `fill` writes the member the size selects whole.
     let size = fill(t, &flow.tuple, inner.v6);
     let ctx_ptr = ctx.as_ptr();
     match flow.tuple.proto {
