@@ -31,9 +31,10 @@ pub const SKC_TO_TCP_SOCK_HELPER: i32 = 137;
 
 /// The kernel's `struct tcp_sock` as the program needs it: its BTF type id (the cast's
 /// argument) and the byte offsets of the `u32` fields the check reads, `UNKNOWN` for all
-/// of them when the kernel's BTF did not tell; and, for a listener (`syn_cookies_stale`),
-/// where it keeps the time of its last SYN-queue overflow and its reuseport group
-/// pointer, `UNKNOWN` for both when the BTF did not tell.
+/// of them when the kernel's BTF did not tell; and, for a listener
+/// (`syn_cookies_may_be_valid`), where it keeps the time of its last SYN-queue overflow,
+/// its reuseport group pointer and where the group keeps that time, `UNKNOWN` when the
+/// BTF did not tell.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpSockLayout {
@@ -48,9 +49,12 @@ pub struct TcpSockLayout {
     pub overflow_stamp: u32,
     /// `sk_reuseport_cb` (8 bytes: null when the listener is in no reuseport group).
     pub reuseport_cb: u32,
+    /// `synq_overflow_ts` of `struct sock_reuseport`: a group's last SYN-queue overflow,
+    /// which the kernel keeps there instead of in each member.
+    pub group_overflow_stamp: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<TcpSockLayout>() == 36);
+const _: () = assert!(core::mem::size_of::<TcpSockLayout>() == 40);
 
 impl TcpSockLayout {
     /// An offset no field has: the program then checks the socket's state only.
@@ -66,6 +70,7 @@ impl TcpSockLayout {
         max_window: Self::UNKNOWN_OFFSET,
         overflow_stamp: Self::UNKNOWN_OFFSET,
         reuseport_cb: Self::UNKNOWN_OFFSET,
+        group_overflow_stamp: Self::UNKNOWN_OFFSET,
     };
 
     /// The `struct tcp_sock` member names, in field order.
@@ -91,6 +96,7 @@ impl TcpSockLayout {
             max_window: o[5],
             overflow_stamp: Self::UNKNOWN_OFFSET,
             reuseport_cb: Self::UNKNOWN_OFFSET,
+            group_overflow_stamp: Self::UNKNOWN_OFFSET,
         }
     }
 
@@ -102,12 +108,20 @@ impl TcpSockLayout {
             ..self
         }
     }
+
+    /// With the reuseport group's offset: `sock_reuseport.synq_overflow_ts`.
+    pub const fn with_group(self, group_overflow_stamp: u32) -> Self {
+        TcpSockLayout {
+            group_overflow_stamp,
+            ..self
+        }
+    }
 }
 
 /// How long after a listener's last SYN-queue overflow the kernel still checks an ACK for
 /// a SYN cookie, in jiffies, at the largest `HZ` (1000): `TCP_SYNCOOKIE_VALID`, two
-/// minutes. An ACK to a listener whose last overflow is older (and that is in no reuseport
-/// group, which keeps the time elsewhere) carries no valid cookie: the kernel's own check
+/// minutes. An ACK to a listener whose last overflow is older (the listener's own, or its
+/// reuseport group's, which the kernel keeps instead) carries no valid cookie: the kernel's own check
 /// (`tcp_synq_no_recent_overflow`, first thing in `bpf_tcp_check_syncookie`) says so, so
 /// the program skips that helper call. A smaller `HZ` makes the real window shorter, and
 /// this one only errs towards asking the helper.

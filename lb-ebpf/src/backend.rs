@@ -4,7 +4,9 @@
 //! accept it when no hop is left.
 
 use aya_ebpf::{
-    bindings::{bpf_sock_tuple, xdp_action}, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
+    bindings::{bpf_sock_tuple, xdp_action},
+    helpers::generated::bpf_xdp_adjust_head,
+    programs::XdpContext,
 };
 use lb_common::{
     encap::{
@@ -26,12 +28,7 @@ use crate::{
 /// packet here, and the entry point's frame holds this path's locals in the slots of the
 /// client path's.
 #[inline(always)]
-pub fn handle(
-    ctx: &XdpContext,
-    outer: &Ip,
-    f: &mut Flow,
-    tuple: &mut bpf_sock_tuple,
-) -> Verdict {
+pub fn handle(ctx: &XdpContext, outer: &Ip, f: &mut Flow, tuple: &mut bpf_sock_tuple) -> Verdict {
     let frame = Xdp(ctx);
     // Opaque: inlined in the entry point, LLVM rebuilt this offset from one of the GUE
     // test's, of a range the verifier cannot follow.

@@ -5,7 +5,9 @@
 //! packet goes to the local stack untouched, or on to the previous owner.
 
 use aya_ebpf::{
-    bindings::{bpf_sock_tuple, xdp_action}, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
+    bindings::{bpf_sock_tuple, xdp_action},
+    helpers::generated::bpf_xdp_adjust_head,
+    programs::XdpContext,
 };
 use lb_common::{
     addr::{from_words, V4_MAPPED_WORD},

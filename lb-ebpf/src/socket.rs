@@ -220,16 +220,17 @@ fn fill(t: &mut bpf_sock_tuple, f: &FlowTuple, v6: bool) -> u32 {
 
 /// Whether listener `sk` may accept a SYN cookie now: false when its last SYN-queue
 /// overflow is too old (`tcp_window::syn_cookies_may_be_valid`), which spares most ACKs
-/// to a listener the helper's call and return. A listener in a reuseport group keeps the
-/// time elsewhere, and without the offsets the helper decides.
+/// to a listener the helper's call and return. A listener in a reuseport group has the
+/// time in the group, as the kernel keeps it there; without the offsets the helper decides.
 #[inline(always)]
 fn cookies_may_be_valid(sk: *mut bpf_sock) -> bool {
     let o = addr_of!(TCP_SOCK_LAYOUT);
     // SAFETY: reads of the loader-set global's fields.
-    let (stamp_at, group_at) = unsafe {
+    let (stamp_at, group_at, group_stamp_at) = unsafe {
         (
             read_volatile(addr_of!((*o).overflow_stamp)),
             read_volatile(addr_of!((*o).reuseport_cb)),
+            read_volatile(addr_of!((*o).group_overflow_stamp)),
         )
     };
     if stamp_at == TcpSockLayout::UNKNOWN_OFFSET {
@@ -241,15 +242,21 @@ fn cookies_may_be_valid(sk: *mut bpf_sock) -> bool {
     }
     // SAFETY: offsets of members of `struct tcp_sock` from the kernel's BTF (the verifier
     // checks both accesses against that type): a pointer and an int.
-    let (group, stamp) = unsafe {
-        (
-            read_volatile(tp.add(group_at as usize).cast::<u64>()),
-            read_volatile(tp.add(stamp_at as usize).cast::<u32>()),
-        )
+    let group = unsafe { read_volatile(tp.add(group_at as usize).cast::<*const u8>()) };
+    let stamp = if group.is_null() {
+        // SAFETY: as above.
+        unsafe { read_volatile(tp.add(stamp_at as usize).cast::<u32>()) }
+    } else if group_stamp_at == TcpSockLayout::UNKNOWN_OFFSET {
+        return true;
+    } else {
+        // SAFETY: the offset of an int member of `struct sock_reuseport` from the
+        // kernel's BTF, in the group the listener points to (the verifier checks the
+        // access against that type).
+        unsafe { read_volatile(group.add(group_stamp_at as usize).cast::<u32>()) }
     };
     // SAFETY: plain helper call (the verifier inlines it as a load of `jiffies`).
     let now = unsafe { bpf_jiffies64() } as u32;
-    group != 0 || syn_cookies_may_be_valid(stamp, now)
+    syn_cookies_may_be_valid(stamp, now)
 }
 
 /// An ACK to a listener completes a handshake whose SYN was answered with a cookie.

@@ -65,13 +65,22 @@ pub fn tcp_sock_layout() -> Result<TcpSockLayout, BtfError> {
             ("sock", "sk_reuseport_cb"),
         ],
     );
-    Ok(match (stamp, reuseport) {
+    let layout = match (stamp, reuseport) {
         (Ok(s), Ok(r)) => layout.with_listener(s, r),
         (Err(e), _) | (_, Err(e)) => {
             tracing::debug!(error = %e, "no listener layout: every ACK to a listener asks the SYN-cookie helper");
-            layout
+            return Ok(layout);
         }
-    })
+    };
+    Ok(
+        match path_offset(&data, &[("sock_reuseport", "synq_overflow_ts")]) {
+            Ok(g) => layout.with_group(g),
+            Err(e) => {
+                tracing::debug!(error = %e, "no reuseport group layout: every ACK to a listener in a group asks the SYN-cookie helper");
+                layout
+            }
+        },
+    )
 }
 
 /// The offset of a member reached through nested structs: `(struct, member)` pairs, each
@@ -251,6 +260,9 @@ mod tests {
         // `rx_opt` follows `struct inet_connection_sock`, which holds `struct sock`.
         assert!(o.overflow_stamp.is_multiple_of(4) && o.overflow_stamp < 4096);
         assert!(o.reuseport_cb.is_multiple_of(8) && o.reuseport_cb < o.overflow_stamp);
+        // After the RCU head (16 bytes) and four 16-bit counts.
+        assert!(o.group_overflow_stamp.is_multiple_of(4));
+        assert!((24..48).contains(&o.group_overflow_stamp));
         let all = [
             o.rcv_nxt,
             o.rcv_wup,

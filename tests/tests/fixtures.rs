@@ -855,6 +855,14 @@ fn backend_cases(socks: &LocalSockets) -> Vec<Case> {
         0,
         Reason::AcceptSocket,
     ));
+    let g = socks.group_cookie;
+    cases.push(accept(
+        "GUE: reuseport listener and an ACK with a valid SYN cookie, accepted",
+        tcp_seq(g.client, g.server, g.seq, g.ack),
+        1,
+        0,
+        Reason::AcceptSocket,
+    ));
     // Segments a local socket must not own: another connection's on the same ports.
     // They go on to the second hop, this node now the outer source, one hop fewer.
     let chained = |name, inner: Vec<u8>| {
@@ -1163,10 +1171,12 @@ struct Segment {
 
 /// Sockets on this node: an established TCP connection to VIP4:80, a connection to it
 /// that the server closed first (its server side in TIME_WAIT), a SYN-cookie handshake
-/// with its listener, and UDP sockets on VIP4:53 and [VIP6]:53 connected to port 5300
-/// of the same address.
+/// with its listener and another with a reuseport group of two listeners on VIP4:81
+/// (which keeps its SYN-queue overflow time in the group, not in the listener), and UDP
+/// sockets on VIP4:53 and [VIP6]:53 connected to port 5300 of the same address.
 struct LocalSockets {
     _listener: TcpListener,
+    _group: [TcpListener; 2],
     _client: TcpStream,
     _server: TcpStream,
     _udp: UdpSocket,
@@ -1174,6 +1184,7 @@ struct LocalSockets {
     est: Segment,
     time_wait: Segment,
     cookie: Segment,
+    group_cookie: Segment,
     udp_port: u16,
 }
 
@@ -1208,6 +1219,11 @@ fn local_sockets() -> Result<LocalSockets> {
     std::thread::sleep(std::time::Duration::from_millis(100));
 
     let cookie = syncookie_handshake(server_addr)?;
+    let group = [
+        reuseport_listener((vip, 81))?,
+        reuseport_listener((vip, 81))?,
+    ];
+    let group_cookie = syncookie_handshake(group[0].local_addr()?)?;
 
     let udp = UdpSocket::bind((vip, 53))?;
     udp.connect((vip, 5300))?;
@@ -1215,6 +1231,7 @@ fn local_sockets() -> Result<LocalSockets> {
     udp6.connect((vip_v6(), 5300))?;
     Ok(LocalSockets {
         _listener: listener,
+        _group: group,
         _client: client,
         _server: server,
         _udp: udp,
@@ -1222,8 +1239,18 @@ fn local_sockets() -> Result<LocalSockets> {
         est,
         time_wait,
         cookie,
+        group_cookie,
         udp_port: 5300,
     })
+}
+
+/// A listener on `addr` with `SO_REUSEPORT`, so that several make a group.
+fn reuseport_listener(addr: (Ipv4Addr, u16)) -> Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_reuse_port(true)?;
+    s.bind(&SocketAddr::from(addr).into())?;
+    s.listen(128)?;
+    Ok(s.into())
 }
 
 /// Sends a SYN from a raw socket to `server`'s listener with SYN cookies forced on, and
