@@ -168,6 +168,43 @@ fn warn_unindexed(key: &ServiceKey) {
 }
 
 /// Map `name` of `ebpf`, taken out of it as a `T`.
+/// The map under any of aya's map types.
+fn map_data(map: &Map) -> &MapData {
+    use Map::*;
+    match map {
+        Array(d)
+        | ArrayOfMaps(d)
+        | BloomFilter(d)
+        | CgroupArray(d)
+        | CgroupStorage(d)
+        | CgrpStorage(d)
+        | CpuMap(d)
+        | DevMap(d)
+        | DevMapHash(d)
+        | HashMap(d)
+        | HashOfMaps(d)
+        | InodeStorage(d)
+        | LpmTrie(d)
+        | LruHashMap(d)
+        | PerCpuArray(d)
+        | PerCpuCgroupStorage(d)
+        | PerCpuHashMap(d)
+        | PerCpuLruHashMap(d)
+        | PerfEventArray(d)
+        | ProgramArray(d)
+        | Queue(d)
+        | ReusePortSockArray(d)
+        | RingBuf(d)
+        | SockHash(d)
+        | SockMap(d)
+        | SkStorage(d)
+        | Stack(d)
+        | StackTraceMap(d)
+        | Unsupported(d)
+        | XskMap(d) => d,
+    }
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
@@ -354,9 +391,12 @@ impl Dataplane {
         &mut self.ebpf
     }
 
-    /// Every map of the object with its name (for its memory, say).
-    pub fn maps(&self) -> impl Iterator<Item = (&'static str, &MapData)> {
-        self.maps.all().into_iter()
+    /// Every map of the object with its name (for its memory, say): the agent's, then
+    /// those the object keeps (per-CPU scratch values, globals, the benchmark's), which
+    /// the kernel holds as long as the program is loaded.
+    pub fn maps(&self) -> impl Iterator<Item = (&str, &MapData)> {
+        let kept = self.ebpf.maps().map(|(name, map)| (name, map_data(map)));
+        self.maps.all().into_iter().chain(kept)
     }
 
     /// The flow hash the program runs with; all zero until `set_node` wrote it.

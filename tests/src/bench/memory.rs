@@ -20,7 +20,7 @@ pub struct MapBytes {
     pub config: &'static str,
     pub bucket_slots: u32,
     /// Bytes of every map, by name, and their sum.
-    pub maps: Vec<(&'static str, u64)>,
+    pub maps: Vec<(String, u64)>,
     pub total: u64,
 }
 
@@ -39,7 +39,7 @@ pub fn measure() -> Result<Vec<MapBytes>> {
         .with_context(|| format!("loading with {bucket_slots} bucket slots"))?;
         let maps = dp
             .maps()
-            .map(|(name, data)| Ok((name, memlock(data, name)?)))
+            .map(|(name, data)| Ok((name.to_string(), memlock(data, name)?)))
             .collect::<Result<Vec<_>>>()?;
         let total = maps.iter().map(|(_, b)| b).sum();
         Ok(MapBytes {

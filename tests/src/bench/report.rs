@@ -77,7 +77,7 @@ pub struct MapBytesRow {
     /// The sum over all maps.
     pub bytes: u64,
     /// Each map's bytes, by name.
-    pub maps: std::collections::BTreeMap<&'static str, u64>,
+    pub maps: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Serialize)]
@@ -204,7 +204,7 @@ impl Report {
                 config: m.config,
                 bucket_slots: m.bucket_slots,
                 bytes: m.total,
-                maps: m.maps.iter().copied().collect(),
+                maps: m.maps.iter().cloned().collect(),
             })
             .collect();
         let control = control
