@@ -4,7 +4,8 @@
 //! moves no bucket; etcd killed and restarted during traffic breaks nothing. Long-lived
 //! TCP connections and UDP sessions run through all of it and none may break. Last, a
 //! majority's verdict takes a backend out everywhere, and a node that dies stops voting
-//! when its lease ends. Load-driven weights run through it: the backends publish their
+//! when its lease ends, and one that comes back with another flow hash seed is flagged.
+//! Load-driven weights run through it: the backends publish their
 //! reports to the store, one LB node leads the loop and every node builds the same tables
 //! from its corrections; the leader killed, another one takes over within the lease.
 
@@ -60,8 +61,8 @@ fn fleet_status(lab: &Lab) -> Value {
     })
 }
 
-/// Waits until every LB node reports, none lags, their digests agree, and their live
-/// tables (read from the maps) are bucket for bucket the same.
+/// Waits until every LB node reports, none lags, their digests and flow hashes agree,
+/// and their live tables (read from the maps) are bucket for bucket the same.
 fn wait_agreement(lab: &Lab, what: &str, timeout: Duration) -> Duration {
     let started = Instant::now();
     loop {
@@ -72,8 +73,15 @@ fn wait_agreement(lab: &Lab, what: &str, timeout: Duration) -> Duration {
             .into_iter()
             .flatten()
             .any(|n| n["lag"] != 0);
+        // Every node reports the one flow hash the lab configures.
+        let hashes = s["flow_hashes"].as_object().cloned().unwrap_or_default();
+        let one_hash = hashes.len() == 1
+            && hashes
+                .values()
+                .all(|n| n.as_array().map(Vec::len) == Some(lab.lb_agents.len()));
         let agree = nodes == lab.lb_agents.len()
             && !lagging
+            && one_hash
             && s["disagree"].as_array().is_some_and(Vec::is_empty);
         if agree {
             let differ = lab.tables_differ().unwrap();
@@ -331,6 +339,55 @@ fn a_fleet_on_one_etcd_agrees_and_survives_its_store() {
         "lb1 killed: its lease ended and its vote with it; b2 back on lb0 and lb2 after {:?}",
         died.elapsed()
     );
+
+    // lb1 comes back with another seed: it would hash flows to other buckets, and the
+    // fleet says so (the flows have ended: such a node breaks connections).
+    let agent = &mut lab.lb_agents[1];
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(&agent.config_path).unwrap()).unwrap();
+    let seed = config["node"]["hash_seed"].as_u64().unwrap_or(0);
+    config["node"]["hash_seed"] = json!(seed + 1);
+    std::fs::write(
+        &agent.config_path,
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    let logged = lab.lb_agents[0].log().len();
+    lab.lb_agents[1].spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        let s = fleet_status(&lab);
+        if s["flow_hashes"].as_object().map_or(0, |h| h.len()) == 2 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no flow hash disagreement: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let odd = format!("seed {}", seed + 1);
+    let lb1: Vec<&str> = s["flow_hashes"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(h, _)| h.ends_with(&odd))
+        .flat_map(|(_, n)| n.as_array().unwrap().iter().filter_map(Value::as_str))
+        .collect();
+    assert_eq!(lb1, ["lb1"], "{s}");
+    let out = fleet(&lab, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("DISAGREEMENT: the nodes hash flows differently"),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lab.lb_agents[0].log()[logged..].contains("nodes hash flows differently") {
+        assert!(
+            Instant::now() < deadline,
+            "lb0 logged no flow hash disagreement"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("lb1 back with another seed: flagged by lb fleet status (exit 3) and in lb0's log");
 }
 
 /// Each LB node's load loop as `lb list --json` shows it: (leader, effective weight and

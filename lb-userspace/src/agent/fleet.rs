@@ -1,6 +1,8 @@
 //! The agent in a fleet (a `fleet` section in its file): services from the store, health
 //! by the fleet's vote, commands written to the store, tables reported back.
 
+use std::collections::BTreeMap;
+
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
@@ -34,6 +36,8 @@ pub struct Fleet {
     seeded: bool,
     /// The load loop's leader, as last read (when this node drives load).
     pub load_leader: Option<String>,
+    /// The live nodes' flow hashes differed when their reports were last read.
+    hashes_differ: bool,
 }
 
 impl Fleet {
@@ -55,6 +59,7 @@ impl Fleet {
                 applied: 0,
                 seeded: false,
                 load_leader: None,
+                hashes_differ: false,
             },
             rx,
         )
@@ -93,10 +98,34 @@ impl Agent {
                 }
                 f.connected = c;
             }
-            Update::Reports(r) => f.state.reports = r,
+            Update::Reports(r) => self.fleet_reports(r),
             Update::State(s) => self.fleet_state(s),
             Update::Load { leader, usage } => self.fleet_load(leader, usage),
         }
+    }
+
+    /// The live nodes' reports: said in the log when their flow hashes come to differ,
+    /// as then a flow's bucket depends on the node the routers pick.
+    fn fleet_reports(&mut self, reports: BTreeMap<String, NodeReport>) {
+        let Some(f) = self.fleet.as_mut() else { return };
+        f.state.reports = reports;
+        let hashes = FleetStatus::of(&f.config.prefix, &f.state).flow_hashes;
+        let differ = hashes.len() > 1;
+        if differ && !f.hashes_differ {
+            let nodes: Vec<String> = hashes
+                .iter()
+                .map(|(h, n)| format!("{h} on {}", n.join(", ")))
+                .collect();
+            warn!(
+                hashes = %nodes.join("; "),
+                "fleet: nodes hash flows differently; a flow that reaches another node goes to \
+                 another backend, and its connection breaks. Set node.flow_hash and \
+                 node.hash_seed alike and restart the odd nodes"
+            );
+        } else if !differ && f.hashes_differ {
+            info!("fleet: every node hashes flows alike again");
+        }
+        f.hashes_differ = differ;
     }
 
     /// A new state of the documents: the services (validated as a file), the health
@@ -158,9 +187,11 @@ impl Agent {
             .collect();
         let Some(f) = self.fleet.as_mut() else { return };
         f.applied = applied;
+        let node = &self.config.node;
         f.link.publish_report(NodeReport {
             revision: applied,
             tables,
+            flow_hash: Some(doc::flow_hash_id(node.flow_hash, node.hash_seed)),
         });
     }
 

@@ -35,8 +35,9 @@ pub enum FleetCmd {
         #[command(flatten)]
         at: Where,
     },
-    /// The live nodes, the revision each applied, its tables' digests and its lag;
-    /// flags services whose tables differ between nodes (exit status 3).
+    /// The live nodes, the revision each applied, its tables' digests, its flow hash and
+    /// its lag; flags services whose tables differ between nodes, and nodes that hash
+    /// flows differently (exit status 3).
     Status {
         #[command(flatten)]
         at: Where,
@@ -94,11 +95,13 @@ pub fn run(cmd: &FleetCmd) -> Result<ExitCode> {
                 } else {
                     print!("{}", status::render(&s));
                 }
-                Ok(if s.disagree.is_empty() && s.max_lag() == 0 {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(EXIT_DISAGREE)
-                })
+                Ok(
+                    if s.disagree.is_empty() && s.max_lag() == 0 && !s.hashes_differ() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_DISAGREE)
+                    },
+                )
             }
         }
     })

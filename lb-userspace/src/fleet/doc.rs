@@ -4,13 +4,14 @@
 //! |---|---|
 //! | `services` | [`ServicesDoc`]: the services, their backends and weights |
 //! | `health/NODE` | [`View`]: NODE's own checks' verdicts, under NODE's lease |
-//! | `tables/NODE` | [`NodeReport`]: the revision NODE applied and its tables' digests, leased |
+//! | `tables/NODE` | [`NodeReport`]: the revision NODE applied, its tables' digests and flow hash, leased |
 //! | `load` | [`LoadDoc`]: the load loop's corrections, written by its leader |
 //! | `controller` | the name of the load loop's leader, under its lease |
 //! | `usage/ADDRESS` | [`Wire`]: backend ADDRESS's utilisation, under its lease |
 
 use std::{collections::BTreeMap, net::IpAddr};
 
+use lb_common::hash::FlowHash;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -46,6 +47,15 @@ pub struct NodeReport {
     pub revision: i64,
     /// Each service's live table digest (as `lb list --json` shows it).
     pub tables: BTreeMap<String, u64>,
+    /// The flow hash its data plane runs with (`flow_hash_id`): nodes that hash alike
+    /// put a flow in the same bucket. Absent from the reports of earlier agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_hash: Option<String>,
+}
+
+/// How a node names its flow hash in its report: the hash and `node.hash_seed`.
+pub fn flow_hash_id(hash: FlowHash, seed: u32) -> String {
+    format!("{} seed {seed}", hash.name())
 }
 
 /// The key of a backend in a [`View`].

@@ -1,5 +1,6 @@
-//! Whether the fleet agrees: every live node's applied revision, lag and table digests,
-//! and the services whose digests differ between nodes (`lb fleet status`, the metrics).
+//! Whether the fleet agrees: every live node's applied revision, lag, table digests and
+//! flow hash, the services whose digests differ between nodes and the nodes of each flow
+//! hash (`lb fleet status`, the metrics).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,6 +20,10 @@ pub struct FleetStatus {
     pub nodes: Vec<NodeRow>,
     /// Services whose table digest is not the same on every live node.
     pub disagree: Vec<String>,
+    /// The live nodes by the flow hash they report (one entry when they agree; nodes
+    /// that report none are left out).
+    #[serde(default)]
+    pub flow_hashes: BTreeMap<String, Vec<String>>,
     /// Set by an agent: its own name, and whether it reaches the store now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub this_node: Option<String>,
@@ -40,6 +45,9 @@ pub struct NodeRow {
     pub health_view: bool,
     /// Each service's table digest on it.
     pub tables: BTreeMap<String, u64>,
+    /// The flow hash it runs with (`fleet::doc::flow_hash_id`), if it reports one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_hash: Option<String>,
 }
 
 impl FleetStatus {
@@ -56,8 +64,18 @@ impl FleetStatus {
                 lag: (newest - r.revision).max(0),
                 health_view: s.views.contains_key(node),
                 tables: r.tables.clone(),
+                flow_hash: r.flow_hash.clone(),
             })
             .collect();
+        let mut flow_hashes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for n in &nodes {
+            if let Some(h) = &n.flow_hash {
+                flow_hashes
+                    .entry(h.clone())
+                    .or_default()
+                    .push(n.node.clone());
+            }
+        }
         let services: BTreeSet<&String> = nodes.iter().flat_map(|n| n.tables.keys()).collect();
         let disagree = services
             .into_iter()
@@ -74,10 +92,16 @@ impl FleetStatus {
             revision: newest,
             nodes,
             disagree,
+            flow_hashes,
             this_node: None,
             connected: false,
             applied: 0,
         }
+    }
+
+    /// Whether live nodes report different flow hashes.
+    pub fn hashes_differ(&self) -> bool {
+        self.flow_hashes.len() > 1
     }
 
     /// The largest lag of any live node.
@@ -94,6 +118,7 @@ pub struct FleetMetrics {
     lag: Gauge,
     nodes: Gauge,
     disagree: Gauge,
+    flow_hashes: Gauge,
 }
 
 impl FleetMetrics {
@@ -125,6 +150,11 @@ impl FleetMetrics {
                 "fleet_disagreeing_services",
                 "Services whose table digest differs between live nodes",
             ),
+            flow_hashes: g(
+                "fleet_flow_hashes",
+                "Distinct flow hashes (node.flow_hash and node.hash_seed) among live nodes: \
+                 1 when they agree",
+            ),
         }
     }
 
@@ -135,6 +165,7 @@ impl FleetMetrics {
         self.lag.set(s.max_lag());
         self.nodes.set(s.nodes.len() as i64);
         self.disagree.set(s.disagree.len() as i64);
+        self.flow_hashes.set(s.flow_hashes.len() as i64);
     }
 }
 
@@ -174,9 +205,21 @@ pub fn render(s: &FleetStatus) -> String {
         }
         out.push('\n');
     }
-    if s.disagree.is_empty() && s.max_lag() == 0 {
-        out.push_str("agreement: every live node has the same tables\n");
+    if s.disagree.is_empty() && s.max_lag() == 0 && !s.hashes_differ() {
+        out.push_str("agreement: every live node has the same tables and flow hash\n");
     } else {
+        if s.hashes_differ() {
+            let each: Vec<String> = s
+                .flow_hashes
+                .iter()
+                .map(|(h, nodes)| format!("{h} on {}", nodes.join(", ")))
+                .collect();
+            out.push_str(&format!(
+                "DISAGREEMENT: the nodes hash flows differently ({}): a flow's backend \
+                 depends on the node it reaches\n",
+                each.join("; ")
+            ));
+        }
         if !s.disagree.is_empty() {
             out.push_str(&format!(
                 "DISAGREEMENT: the tables of {} differ between nodes\n",
@@ -208,6 +251,7 @@ mod tests {
                 NodeReport {
                     revision: rev,
                     tables: [("web".to_string(), digest)].into(),
+                    flow_hash: Some("murmur3 seed 7".into()),
                 },
             );
         }
@@ -228,5 +272,46 @@ mod tests {
         let st = FleetStatus::of("/lb/x", &s);
         assert!(st.disagree.is_empty());
         assert!(render(&st).contains("agreement"), "{}", render(&st));
+    }
+
+    #[test]
+    fn nodes_that_hash_differently_are_named_and_earlier_agents_are_left_out() {
+        let mut s = FleetState::default();
+        for (node, hash) in [
+            ("lb0", Some("murmur3 seed 7")),
+            ("lb1", Some("multiply-shift seed 7")),
+            ("lb2", Some("murmur3 seed 7")),
+            ("lb3", None),
+        ] {
+            s.reports.insert(
+                node.into(),
+                NodeReport {
+                    revision: 1,
+                    tables: [("web".to_string(), 5)].into(),
+                    flow_hash: hash.map(Into::into),
+                },
+            );
+        }
+        let st = FleetStatus::of("/lb/x", &s);
+        assert!(st.disagree.is_empty());
+        assert!(st.hashes_differ());
+        assert_eq!(st.flow_hashes["murmur3 seed 7"], ["lb0", "lb2"]);
+        assert_eq!(st.flow_hashes["multiply-shift seed 7"], ["lb1"]);
+        let text = render(&st);
+        assert!(
+            text.contains(
+                "DISAGREEMENT: the nodes hash flows differently (multiply-shift seed 7 on lb1; \
+                 murmur3 seed 7 on lb0, lb2)"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("agreement:"), "{text}");
+
+        s.reports.get_mut("lb1").unwrap().flow_hash = Some("murmur3 seed 7".into());
+        let st = FleetStatus::of("/lb/x", &s);
+        assert!(!st.hashes_differ());
+        assert!(
+            render(&st).contains("agreement: every live node has the same tables and flow hash")
+        );
     }
 }

@@ -282,6 +282,7 @@ async fn control_plane(cfg: FleetConfig, base: Config) {
         link.publish_report(NodeReport {
             revision: s.revision,
             tables: digests,
+            flow_hash: None,
         });
     }
 }
