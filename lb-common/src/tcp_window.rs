@@ -127,12 +127,19 @@ impl TcpSockLayout {
 /// this one only errs towards asking the helper.
 pub const SYN_COOKIE_WINDOW_JIFFIES: u32 = 2 * 60 * 1000;
 
+/// How far before its stamp the kernel's check still counts an overflow as recent, at the
+/// largest `HZ`: one second. An overflow on another CPU may stamp a later time than the
+/// `now` read here.
+pub const SYN_COOKIE_EARLY_JIFFIES: u32 = 1000;
+
 /// Whether a listener whose last SYN-queue overflow was at `stamp` (jiffies, as the
 /// kernel's 32-bit `tcp_jiffies32`) may still accept SYN cookies at `now`: false only when
-/// the overflow is older than `SYN_COOKIE_WINDOW_JIFFIES`.
+/// `now` is outside the kernel's window, from `SYN_COOKIE_EARLY_JIFFIES` before the stamp
+/// to `SYN_COOKIE_WINDOW_JIFFIES` after it.
 #[inline(always)]
 pub fn syn_cookies_may_be_valid(stamp: u32, now: u32) -> bool {
-    now.wrapping_sub(stamp) <= SYN_COOKIE_WINDOW_JIFFIES
+    let from = stamp.wrapping_sub(SYN_COOKIE_EARLY_JIFFIES);
+    now.wrapping_sub(from) <= SYN_COOKIE_EARLY_JIFFIES + SYN_COOKIE_WINDOW_JIFFIES
 }
 
 /// A socket's sequence state, as `struct tcp_sock` holds it.
@@ -237,7 +244,7 @@ mod tests {
     }
 
     #[test]
-    fn syn_cookies_are_checked_for_two_minutes_after_an_overflow() {
+    fn syn_cookies_are_checked_from_a_second_before_an_overflow_to_two_minutes_after() {
         for stamp in [0, 5_000, u32::MAX - 1_000] {
             assert!(syn_cookies_may_be_valid(stamp, stamp));
             assert!(syn_cookies_may_be_valid(stamp, stamp.wrapping_add(120_000)));
@@ -245,8 +252,10 @@ mod tests {
                 stamp,
                 stamp.wrapping_add(120_001)
             ));
-            // Before the stamp is outside, as the kernel's `time_between32` counts it.
-            assert!(!syn_cookies_may_be_valid(stamp, stamp.wrapping_sub(1)));
+            // Up to a second before the stamp is inside, as the kernel counts it.
+            assert!(syn_cookies_may_be_valid(stamp, stamp.wrapping_sub(1)));
+            assert!(syn_cookies_may_be_valid(stamp, stamp.wrapping_sub(1_000)));
+            assert!(!syn_cookies_may_be_valid(stamp, stamp.wrapping_sub(1_001)));
         }
     }
 

@@ -3,9 +3,12 @@
 //! a time, the load loop's election), watches, and data that survives an etcd killed
 //! and restarted on its disk.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
-use lb::fleet::store::{FleetConfig, Store, StoreError};
+use lb::fleet::{
+    doc::NodeReport,
+    store::{FleetConfig, Store, StoreError},
+};
 use serde_json::{json, Value};
 use tests::{can_run, etcd::Etcd};
 
@@ -86,8 +89,29 @@ fn a_nodes_leased_view_goes_with_it_and_watches_see_it() {
         b.put_leased("health/lb1", &json!({"10.0.0.2": "up"}), &lease_b)
             .await
             .unwrap();
-        let views: BTreeMap<String, Value> = b.list("health").await.unwrap();
+        let views = b.list::<Value>("health").await.unwrap().docs;
         assert_eq!(views.keys().collect::<Vec<_>>(), ["lb0", "lb1"]);
+
+        // A report that does not parse (another version's) costs the reader that report,
+        // not the list.
+        b.put_leased(
+            "tables/lb0",
+            &json!({"revision": 3, "tables": {}}),
+            &lease_b,
+        )
+        .await
+        .unwrap();
+        b.put_leased("tables/lb1", &json!({"revision": 3, "digest": 7}), &lease_b)
+            .await
+            .unwrap();
+        let reports = b.list::<NodeReport>("tables").await.unwrap();
+        assert_eq!(reports.docs.keys().collect::<Vec<_>>(), ["lb0"]);
+        let bad: Vec<&String> = reports.unreadable.keys().collect();
+        assert!(
+            bad.len() == 1 && bad[0].ends_with("/tables/lb1"),
+            "{:?}",
+            reports.unreadable
+        );
 
         let first = watch.next().await.unwrap().unwrap();
         assert_eq!(first[0].name, "health/lb0");
@@ -104,7 +128,7 @@ fn a_nodes_leased_view_goes_with_it_and_watches_see_it() {
             tokio::time::sleep(Duration::from_millis(700)).await;
             lease_a.renew().await.unwrap();
         }
-        assert_eq!(b.list::<Value>("health").await.unwrap().len(), 2);
+        assert_eq!(b.list::<Value>("health").await.unwrap().docs.len(), 2);
         drop(lease_a);
         let gone = tokio::time::timeout(Duration::from_secs(10), async {
             loop {
@@ -120,7 +144,7 @@ fn a_nodes_leased_view_goes_with_it_and_watches_see_it() {
         .await
         .expect("lb0's view outlived its lease");
         assert!(gone.revision > 0);
-        let views: BTreeMap<String, Value> = b.list("health").await.unwrap();
+        let views = b.list::<Value>("health").await.unwrap().docs;
         assert_eq!(views.keys().collect::<Vec<_>>(), ["lb1"]);
         // The holder's lease ended: the next to try holds the key.
         assert_eq!(b.hold("controller", &lb1, &lease_b).await.unwrap(), lb1);

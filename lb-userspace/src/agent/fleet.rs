@@ -11,7 +11,7 @@ use crate::{
     api::{Change, ErrorKind, PlanSummary, Response},
     fleet::{
         doc::{self, FleetState, NodeReport, ServicesDoc},
-        link::{Doc, Link, Update},
+        link::{Doc, Link, Role, Update},
         status::FleetStatus,
         store::FleetConfig,
         vote::{self, Verdict, View},
@@ -42,12 +42,18 @@ pub struct Fleet {
 
 impl Fleet {
     /// Starts the link to the store; `load`: the law's period, when this node drives
-    /// load.
+    /// load; `flow_hash`: this node's (`doc::flow_hash_id`).
     pub fn start(
         config: FleetConfig,
         load: Option<std::time::Duration>,
+        flow_hash: String,
     ) -> (Fleet, mpsc::Receiver<Update>) {
-        let (link, rx) = Link::start(config.clone(), true, load);
+        let role = Role {
+            follow_reports: true,
+            load,
+            flow_hash: Some(flow_hash),
+        };
+        let (link, rx) = Link::start(config.clone(), role);
         (
             Fleet {
                 config,
@@ -98,7 +104,7 @@ impl Agent {
                 }
                 f.connected = c;
             }
-            Update::Reports(r) => self.fleet_reports(r),
+            Update::Reports { reports, hashes } => self.fleet_reports(reports, hashes),
             Update::State(s) => self.fleet_state(s),
             Update::Load { leader, usage } => self.fleet_load(leader, usage),
         }
@@ -106,9 +112,14 @@ impl Agent {
 
     /// The live nodes' reports: said in the log when their flow hashes come to differ,
     /// as then a flow's bucket depends on the node the routers pick.
-    fn fleet_reports(&mut self, reports: BTreeMap<String, NodeReport>) {
+    fn fleet_reports(
+        &mut self,
+        reports: BTreeMap<String, NodeReport>,
+        hashes: BTreeMap<String, String>,
+    ) {
         let Some(f) = self.fleet.as_mut() else { return };
         f.state.reports = reports;
+        f.state.hashes = hashes;
         let hashes = FleetStatus::of(&f.config.prefix, &f.state).flow_hashes;
         let differ = hashes.len() > 1;
         if differ && !f.hashes_differ {
@@ -187,11 +198,9 @@ impl Agent {
             .collect();
         let Some(f) = self.fleet.as_mut() else { return };
         f.applied = applied;
-        let node = &self.config.node;
         f.link.publish_report(NodeReport {
             revision: applied,
             tables,
-            flow_hash: Some(doc::flow_hash_id(node.flow_hash, node.hash_seed)),
         });
     }
 

@@ -126,7 +126,9 @@ pub async fn run(config_path: PathBuf, api_socket: Option<PathBuf>) -> Result<()
             .as_ref()
             .filter(|l| !l.services.is_empty())
             .map(|l| l.gains.period());
-        let (f, rx) = fleet::Fleet::start(fc, load);
+        let n = &agent.config.node;
+        let hash = crate::fleet::doc::flow_hash_id(n.flow_hash, n.hash_seed);
+        let (f, rx) = fleet::Fleet::start(fc, load, hash);
         agent.fleet = Some(f);
         fleet_updates = Some(rx);
     }

@@ -4,7 +4,8 @@
 //! |---|---|
 //! | `services` | [`ServicesDoc`]: the services, their backends and weights |
 //! | `health/NODE` | [`View`]: NODE's own checks' verdicts, under NODE's lease |
-//! | `tables/NODE` | [`NodeReport`]: the revision NODE applied, its tables' digests and flow hash, leased |
+//! | `tables/NODE` | [`NodeReport`]: the revision NODE applied and its tables' digests, leased |
+//! | `hashes/NODE` | the flow hash NODE's data plane runs with ([`flow_hash_id`]), under NODE's lease |
 //! | `load` | [`LoadDoc`]: the load loop's corrections, written by its leader |
 //! | `controller` | the name of the load loop's leader, under its lease |
 //! | `usage/ADDRESS` | [`Wire`]: backend ADDRESS's utilisation, under its lease |
@@ -25,6 +26,8 @@ pub use crate::load::{fleet::LoadDoc, report::Wire};
 pub const SERVICES: &str = "services";
 pub const HEALTH: &str = "health";
 pub const TABLES: &str = "tables";
+/// Polled with the reports, like them not watched.
+pub const HASHES: &str = "hashes";
 /// Watched with the services and views (it sorts between them): the weights are an input
 /// of the tables. The leader's key sorts before, the reports after: neither is watched.
 pub const LOAD: &str = "load";
@@ -47,13 +50,12 @@ pub struct NodeReport {
     pub revision: i64,
     /// Each service's live table digest (as `lb list --json` shows it).
     pub tables: BTreeMap<String, u64>,
-    /// The flow hash its data plane runs with (`flow_hash_id`): nodes that hash alike
-    /// put a flow in the same bucket. Absent from the reports of earlier agents.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flow_hash: Option<String>,
 }
 
-/// How a node names its flow hash in its report: the hash and `node.hash_seed`.
+/// How a node names its flow hash under `hashes/NODE`: the hash and `node.hash_seed`.
+/// Nodes that hash alike put a flow in the same bucket. A key of its own rather than a
+/// field of [`NodeReport`]: agents that do not know it read reports whole, and would
+/// refuse a report with a field they do not know.
 pub fn flow_hash_id(hash: FlowHash, seed: u32) -> String {
     format!("{} seed {seed}", hash.name())
 }
@@ -102,6 +104,8 @@ pub struct FleetState {
     pub views: BTreeMap<String, View>,
     /// The live nodes' reports, by node.
     pub reports: BTreeMap<String, NodeReport>,
+    /// The live nodes' flow hashes (`flow_hash_id`), by node.
+    pub hashes: BTreeMap<String, String>,
     /// The load loop's corrections and the revision that wrote them (0: none yet).
     pub load: Option<LoadDoc>,
     pub load_revision: i64,
@@ -133,6 +137,9 @@ impl FleetState {
                 true
             } else if let Some(node) = c.name.strip_prefix("tables/") {
                 take_doc(&mut self.reports, node, c);
+                false
+            } else if let Some(node) = c.name.strip_prefix("hashes/") {
+                take_doc(&mut self.hashes, node, c);
                 false
             } else {
                 false
@@ -188,6 +195,9 @@ mod tests {
         )));
         assert_eq!((s.revision, s.services_revision), (4, 3));
         assert_eq!(s.reports["lb0"].tables["web"], 7);
+        assert!(!s.take(&change("hashes/lb0", Some(r#""murmur3 seed 7""#), 6)));
+        assert_eq!(s.hashes["lb0"], "murmur3 seed 7");
+        assert_eq!(s.revision, 4);
         let health = health_map(&super::super::vote::effective(&s.views));
         assert_eq!(
             health.get(&("web".to_string(), "10.0.3.2".parse().unwrap())),

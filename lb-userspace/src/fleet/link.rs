@@ -1,10 +1,11 @@
 //! A node's link to the store: a task that reads the fleet's documents, follows the
 //! services and the health views with a watch and hands the agent a new [`FleetState`]
-//! for every revision that changes them; that publishes the node's own view and report
-//! under its lease; and that writes the services for the agent's commands.
+//! for every revision that changes them; that publishes the node's own view, report and
+//! flow hash under its lease; and that writes the services for the agent's commands.
 //!
-//! The other nodes' reports are read every few seconds rather than watched: a fleet of
-//! N nodes would otherwise send every node N reports per change.
+//! The other nodes' reports and flow hashes are read every few seconds rather than
+//! watched: a fleet of N nodes would otherwise send every node N reports per change. A
+//! document that does not parse (another version's) is left out and said once.
 //!
 //! A node that drives load (`load.services`) also stands for the load loop's leader once
 //! a law period and reads the backends' published reports (docs/load.md).
@@ -13,17 +14,20 @@
 //! back, reads everything again (a new lease, its own documents written again). The
 //! agent meanwhile keeps its tables: losing the store freezes changes, not forwarding.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use super::{
     doc::{
-        FleetState, LoadDoc, NodeReport, ServicesDoc, Wire, CONTROLLER, HEALTH, LOAD, SERVICES,
-        TABLES, USAGE,
+        FleetState, LoadDoc, NodeReport, ServicesDoc, Wire, CONTROLLER, HASHES, HEALTH, LOAD,
+        SERVICES, TABLES, USAGE,
     },
-    store::{FleetConfig, Store, StoreError},
+    store::{FleetConfig, Listed, Store, StoreError},
     vote::View,
 };
 use crate::api::{ApiError, ErrorKind};
@@ -40,8 +44,11 @@ const REPORTS_EVERY: Duration = Duration::from_secs(2);
 pub enum Update {
     /// The documents as of a revision that changed the tables' inputs.
     State(FleetState),
-    /// The nodes' reports changed (nothing the tables depend on).
-    Reports(BTreeMap<String, NodeReport>),
+    /// The nodes' reports or flow hashes changed (nothing the tables depend on).
+    Reports {
+        reports: BTreeMap<String, NodeReport>,
+        hashes: BTreeMap<String, String>,
+    },
     /// The store can (true) or cannot (false) be reached.
     Connected(bool),
     /// Once a law period, when this node drives load: the load loop's leader and the
@@ -69,15 +76,21 @@ pub struct Link {
     writes: mpsc::Sender<Write>,
 }
 
+/// What a link does besides following the services and views.
+#[derive(Clone, Debug, Default)]
+pub struct Role {
+    /// Read the other nodes' reports and flow hashes every few seconds too.
+    pub follow_reports: bool,
+    /// The law's period, when this node drives load (it stands for leader).
+    pub load: Option<Duration>,
+    /// This node's flow hash (`doc::flow_hash_id`), published under `hashes/NODE`: set
+    /// for the agent's life, as `node` settings change only with a restart.
+    pub flow_hash: Option<String>,
+}
+
 impl Link {
     /// Starts the link's task (within a tokio runtime); updates arrive on the receiver.
-    /// `follow_reports`: read the other nodes' reports every few seconds too. `load`:
-    /// the law's period, when this node drives load (it stands for leader).
-    pub fn start(
-        config: FleetConfig,
-        follow_reports: bool,
-        load: Option<Duration>,
-    ) -> (Link, mpsc::Receiver<Update>) {
+    pub fn start(config: FleetConfig, role: Role) -> (Link, mpsc::Receiver<Update>) {
         let (updates, rx) = mpsc::channel(1024);
         let (view, view_rx) = watch::channel(None);
         let (report, report_rx) = watch::channel(None);
@@ -89,8 +102,7 @@ impl Link {
                 view: view_rx,
                 report: report_rx,
                 writes: writes_rx,
-                follow_reports,
-                load,
+                role,
             },
         ));
         (
@@ -142,8 +154,7 @@ struct Published {
     view: watch::Receiver<Option<View>>,
     report: watch::Receiver<Option<NodeReport>>,
     writes: mpsc::Receiver<Write>,
-    follow_reports: bool,
-    load: Option<Duration>,
+    role: Role,
 }
 
 async fn run(config: FleetConfig, updates: mpsc::Sender<Update>, mut published: Published) {
@@ -217,6 +228,11 @@ async fn session(
     if let Some(r) = report {
         store.put_leased(&report_key, &r, &lease).await?;
     }
+    if let Some(h) = &published.role.flow_hash {
+        store
+            .put_leased(&format!("{HASHES}/{}", config.node), h, &lease)
+            .await?;
+    }
     // The services and the views ("health/..." sorts before "services", the reports'
     // "tables/..." after).
     let mut watch = store
@@ -235,21 +251,25 @@ async fn session(
     }
     let mut renew = tokio::time::interval(LEASE_TTL / 3);
     let mut reports = tokio::time::interval(REPORTS_EVERY);
-    let mut load = tokio::time::interval(published.load.unwrap_or(REPORTS_EVERY));
+    let mut load = tokio::time::interval(published.role.load.unwrap_or(REPORTS_EVERY));
+    let mut unreadable = Unreadable::default();
     loop {
         tokio::select! {
-            _ = load.tick(), if published.load.is_some() => {
+            _ = load.tick(), if published.role.load.is_some() => {
                 let leader: String = store.hold(CONTROLLER, &config.node, &lease).await?;
-                let usage: BTreeMap<String, Wire> = store.list(USAGE).await?;
+                let usage: BTreeMap<String, Wire> = unreadable.take(USAGE, store.list(USAGE).await?);
                 if updates.send(Update::Load { leader, usage }).await.is_err() {
                     return Ok(());
                 }
             }
-            _ = reports.tick(), if published.follow_reports => {
-                let now: BTreeMap<String, NodeReport> = store.list(TABLES).await?;
-                if now != state.reports {
-                    state.reports = now.clone();
-                    if updates.send(Update::Reports(now)).await.is_err() {
+            _ = reports.tick(), if published.role.follow_reports => {
+                let reports: BTreeMap<String, NodeReport> =
+                    unreadable.take(TABLES, store.list(TABLES).await?);
+                let hashes: BTreeMap<String, String> = unreadable.take(HASHES, store.list(HASHES).await?);
+                if reports != state.reports || hashes != state.hashes {
+                    state.reports = reports.clone();
+                    state.hashes = hashes.clone();
+                    if updates.send(Update::Reports { reports, hashes }).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -299,6 +319,34 @@ async fn session(
     }
 }
 
+/// The listed documents that did not parse, each said once while it stays so.
+#[derive(Default)]
+struct Unreadable(BTreeSet<String>);
+
+impl Unreadable {
+    /// The documents below `dir` that parsed; a warning for each one newly unreadable.
+    fn take<T>(&mut self, dir: &str, listed: Listed<T>) -> BTreeMap<String, T> {
+        for key in self.newly(dir, &listed.unreadable) {
+            let error = &listed.unreadable[&key];
+            warn!(%key, "fleet: ignoring a document that does not parse: {error}");
+        }
+        listed.docs
+    }
+
+    /// Of the unreadable documents of a listing of `dir`, those that were not so at its
+    /// last listing.
+    fn newly(&mut self, dir: &str, unreadable: &BTreeMap<String, String>) -> Vec<String> {
+        let below = format!("/{dir}/");
+        self.0
+            .retain(|k| !k.contains(&below) || unreadable.contains_key(k));
+        unreadable
+            .keys()
+            .filter(|k| self.0.insert((*k).clone()))
+            .cloned()
+            .collect()
+    }
+}
+
 /// Takes in a watch's batch revision by revision: every revision that changes the inputs
 /// is a state of its own, so every node builds its tables through the same sequence of
 /// inputs (and so gets the same second hops). False when the agent is gone.
@@ -320,4 +368,28 @@ async fn follow(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_document_is_said_once_while_it_stays_so() {
+        let mut u = Unreadable::default();
+        let bad = |keys: &[&str]| -> BTreeMap<String, String> {
+            keys.iter()
+                .map(|k| (k.to_string(), "e".to_string()))
+                .collect()
+        };
+        let lb1 = "/lb/x/tables/lb1";
+        assert_eq!(u.newly(TABLES, &bad(&[lb1])), [lb1]);
+        assert!(u.newly(TABLES, &bad(&[lb1])).is_empty());
+        // Another directory's listing leaves it alone.
+        assert!(u.newly(HASHES, &bad(&[])).is_empty());
+        assert!(u.newly(TABLES, &bad(&[lb1])).is_empty());
+        // Readable again, then not: said again.
+        assert!(u.newly(TABLES, &bad(&[])).is_empty());
+        assert_eq!(u.newly(TABLES, &bad(&[lb1])), [lb1]);
+    }
 }

@@ -20,8 +20,8 @@ pub struct FleetStatus {
     pub nodes: Vec<NodeRow>,
     /// Services whose table digest is not the same on every live node.
     pub disagree: Vec<String>,
-    /// The live nodes by the flow hash they report (one entry when they agree; nodes
-    /// that report none are left out).
+    /// The live nodes by the flow hash they publish (one entry when they agree; nodes
+    /// that publish none, agents before the flow hash was published, are left out).
     #[serde(default)]
     pub flow_hashes: BTreeMap<String, Vec<String>>,
     /// Set by an agent: its own name, and whether it reaches the store now.
@@ -45,7 +45,7 @@ pub struct NodeRow {
     pub health_view: bool,
     /// Each service's table digest on it.
     pub tables: BTreeMap<String, u64>,
-    /// The flow hash it runs with (`fleet::doc::flow_hash_id`), if it reports one.
+    /// The flow hash it runs with (`fleet::doc::flow_hash_id`), if it publishes one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow_hash: Option<String>,
 }
@@ -64,7 +64,7 @@ impl FleetStatus {
                 lag: (newest - r.revision).max(0),
                 health_view: s.views.contains_key(node),
                 tables: r.tables.clone(),
-                flow_hash: r.flow_hash.clone(),
+                flow_hash: s.hashes.get(node).cloned(),
             })
             .collect();
         let mut flow_hashes: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -251,7 +251,6 @@ mod tests {
                 NodeReport {
                     revision: rev,
                     tables: [("web".to_string(), digest)].into(),
-                    flow_hash: Some("murmur3 seed 7".into()),
                 },
             );
         }
@@ -275,7 +274,7 @@ mod tests {
     }
 
     #[test]
-    fn nodes_that_hash_differently_are_named_and_earlier_agents_are_left_out() {
+    fn nodes_that_hash_differently_are_named_and_those_that_publish_none_are_left_out() {
         let mut s = FleetState::default();
         for (node, hash) in [
             ("lb0", Some("murmur3 seed 7")),
@@ -288,9 +287,11 @@ mod tests {
                 NodeReport {
                     revision: 1,
                     tables: [("web".to_string(), 5)].into(),
-                    flow_hash: hash.map(Into::into),
                 },
             );
+            if let Some(h) = hash {
+                s.hashes.insert(node.into(), h.into());
+            }
         }
         let st = FleetStatus::of("/lb/x", &s);
         assert!(st.disagree.is_empty());
@@ -307,7 +308,7 @@ mod tests {
         );
         assert!(!text.contains("agreement:"), "{text}");
 
-        s.reports.get_mut("lb1").unwrap().flow_hash = Some("murmur3 seed 7".into());
+        s.hashes.insert("lb1".into(), "murmur3 seed 7".into());
         let st = FleetStatus::of("/lb/x", &s);
         assert!(!st.hashes_differ());
         assert!(

@@ -274,23 +274,29 @@ impl Store {
     }
 
     /// Every document below `dir` (`health`), by the rest of its key (the node's name).
-    pub async fn list<T: DeserializeOwned>(
-        &mut self,
-        dir: &str,
-    ) -> Result<BTreeMap<String, T>, StoreError> {
+    /// One that does not parse (another version's, say) is left out and named, so that
+    /// it costs the reader that document only, not the list.
+    pub async fn list<T: DeserializeOwned>(&mut self, dir: &str) -> Result<Listed<T>, StoreError> {
         let base = self.key(&format!("{dir}/"));
         let resp = self
             .client
             .get(base.as_str(), Some(GetOptions::new().with_prefix()))
             .await?;
-        let mut out = BTreeMap::new();
+        let mut out = Listed {
+            docs: BTreeMap::new(),
+            unreadable: BTreeMap::new(),
+        };
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let value = serde_json::from_slice(kv.value()).map_err(|source| StoreError::Json {
-                key: key.clone(),
-                source,
-            })?;
-            out.insert(key[base.len()..].to_owned(), value);
+            let name = key[base.len()..].to_owned();
+            match serde_json::from_slice(kv.value()) {
+                Ok(v) => {
+                    out.docs.insert(name, v);
+                }
+                Err(e) => {
+                    out.unreadable.insert(key, e.to_string());
+                }
+            }
         }
         Ok(out)
     }
@@ -363,6 +369,15 @@ fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
         key: key.to_owned(),
         source,
     })
+}
+
+/// The documents below a key, and those that did not parse.
+#[derive(Debug)]
+pub struct Listed<T> {
+    /// By the rest of their key.
+    pub docs: BTreeMap<String, T>,
+    /// Full key -> why it did not parse.
+    pub unreadable: BTreeMap<String, String>,
 }
 
 /// A lease of this node's documents.

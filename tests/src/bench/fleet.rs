@@ -17,7 +17,7 @@ use lb::{
     config::Config,
     fleet::{
         doc::{self, NodeReport, ServicesDoc, SERVICES, TABLES},
-        link::{Link, Update},
+        link::{Link, Role, Update},
         store::{FleetConfig, Store},
         vote,
     },
@@ -210,7 +210,7 @@ async fn settled(
         // Under the load of hundreds of control planes a connection may time out: the
         // bench reconnects, as the agents' links do.
         let reports: BTreeMap<String, NodeReport> = match store.list(TABLES).await {
-            Ok(r) => r,
+            Ok(r) => r.docs,
             Err(e) => {
                 eprintln!("bench: fleet: reading the reports: {e}; reconnecting");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -242,7 +242,7 @@ async fn settled(
 /// validated as a file, the health vote, every table built on the previous one, and a
 /// report of the revision with the digests of the tables' first hops.
 async fn control_plane(cfg: FleetConfig, base: Config) {
-    let (link, mut updates) = Link::start(cfg, false, None);
+    let (link, mut updates) = Link::start(cfg, Role::default());
     let mut tables: BTreeMap<String, Vec<Bucket>> = BTreeMap::new();
     while let Some(u) = updates.recv().await {
         let Update::State(s) = u else { continue };
@@ -282,7 +282,6 @@ async fn control_plane(cfg: FleetConfig, base: Config) {
         link.publish_report(NodeReport {
             revision: s.revision,
             tables: digests,
-            flow_hash: None,
         });
     }
 }
