@@ -120,15 +120,11 @@ impl Agent {
         let Some(f) = self.fleet.as_mut() else { return };
         f.state.reports = reports;
         f.state.hashes = hashes;
-        let hashes = FleetStatus::of(&f.config.prefix, &f.state).flow_hashes;
-        let differ = hashes.len() > 1;
+        let status = FleetStatus::of(&f.config.prefix, &f.state);
+        let differ = status.hashes_differ();
         if differ && !f.hashes_differ {
-            let nodes: Vec<String> = hashes
-                .iter()
-                .map(|(h, n)| format!("{h} on {}", n.join(", ")))
-                .collect();
             warn!(
-                hashes = %nodes.join("; "),
+                hashes = %status.hashes_by_node(),
                 "fleet: nodes hash flows differently; a flow that reaches another node goes to \
                  another backend, and its connection breaks. Set node.flow_hash and \
                  node.hash_seed alike and restart the odd nodes"

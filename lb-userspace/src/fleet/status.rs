@@ -104,6 +104,16 @@ impl FleetStatus {
         self.flow_hashes.len() > 1
     }
 
+    /// Each flow hash with its nodes: "murmur3 seed 7 on lb0, lb2; ...".
+    pub fn hashes_by_node(&self) -> String {
+        let each: Vec<String> = self
+            .flow_hashes
+            .iter()
+            .map(|(h, nodes)| format!("{h} on {}", nodes.join(", ")))
+            .collect();
+        each.join("; ")
+    }
+
     /// The largest lag of any live node.
     pub fn max_lag(&self) -> i64 {
         self.nodes.iter().map(|n| n.lag).max().unwrap_or(0)
@@ -209,15 +219,10 @@ pub fn render(s: &FleetStatus) -> String {
         out.push_str("agreement: every live node has the same tables and flow hash\n");
     } else {
         if s.hashes_differ() {
-            let each: Vec<String> = s
-                .flow_hashes
-                .iter()
-                .map(|(h, nodes)| format!("{h} on {}", nodes.join(", ")))
-                .collect();
             out.push_str(&format!(
                 "DISAGREEMENT: the nodes hash flows differently ({}): a flow's backend \
                  depends on the node it reaches\n",
-                each.join("; ")
+                s.hashes_by_node()
             ));
         }
         if !s.disagree.is_empty() {
