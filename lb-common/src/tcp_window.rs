@@ -121,9 +121,9 @@ impl TcpSockLayout {
 /// How long after a listener's last SYN-queue overflow the kernel still checks an ACK for
 /// a SYN cookie, in jiffies, at the largest `HZ` (1000): `TCP_SYNCOOKIE_VALID`, two
 /// minutes. An ACK to a listener whose last overflow is older (the listener's own, or its
-/// reuseport group's, which the kernel keeps instead) carries no valid cookie: the kernel's own check
-/// (`tcp_synq_no_recent_overflow`, first thing in `bpf_tcp_check_syncookie`) says so, so
-/// the program skips that helper call. A smaller `HZ` makes the real window shorter, and
+/// reuseport group's, which the kernel keeps instead) carries no valid cookie: the
+/// kernel's own check (`tcp_synq_no_recent_overflow`, first thing in
+/// `bpf_tcp_check_syncookie`) says so, so the program skips that helper call. A smaller `HZ` makes the real window shorter, and
 /// this one only errs towards asking the helper.
 pub const SYN_COOKIE_WINDOW_JIFFIES: u32 = 2 * 60 * 1000;
 

@@ -167,7 +167,6 @@ fn warn_unindexed(key: &ServiceKey) {
     );
 }
 
-/// Map `name` of `ebpf`, taken out of it as a `T`.
 /// The map under any of aya's map types.
 fn map_data(map: &Map) -> &MapData {
     use Map::*;
@@ -205,6 +204,7 @@ fn map_data(map: &Map) -> &MapData {
     }
 }
 
+/// Map `name` of `ebpf`, taken out of it as a `T`.
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,

@@ -76,7 +76,11 @@ pub fn tcp_sock_layout() -> Result<TcpSockLayout, BtfError> {
         match path_offset(&data, &[("sock_reuseport", "synq_overflow_ts")]) {
             Ok(g) => layout.with_group(g),
             Err(e) => {
-                tracing::debug!(error = %e, "no reuseport group layout: every ACK to a listener in a group asks the SYN-cookie helper");
+                tracing::debug!(
+                    error = %e,
+                    "no reuseport group layout: every ACK to a listener in a group asks the \
+                     SYN-cookie helper"
+                );
                 layout
             }
         },

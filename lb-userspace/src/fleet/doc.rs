@@ -5,7 +5,7 @@
 //! | `services` | [`ServicesDoc`]: the services, their backends and weights |
 //! | `health/NODE` | [`View`]: NODE's own checks' verdicts, under NODE's lease |
 //! | `tables/NODE` | [`NodeReport`]: the revision NODE applied and its tables' digests, leased |
-//! | `hashes/NODE` | the flow hash NODE's data plane runs with ([`flow_hash_id`]), under NODE's lease |
+//! | `hashes/NODE` | the flow hash NODE forwards with ([`flow_hash_id`]), under its lease |
 //! | `load` | [`LoadDoc`]: the load loop's corrections, written by its leader |
 //! | `controller` | the name of the load loop's leader, under its lease |
 //! | `usage/ADDRESS` | [`Wire`]: backend ADDRESS's utilisation, under its lease |

@@ -257,7 +257,8 @@ async fn session(
         tokio::select! {
             _ = load.tick(), if published.role.load.is_some() => {
                 let leader: String = store.hold(CONTROLLER, &config.node, &lease).await?;
-                let usage: BTreeMap<String, Wire> = unreadable.take(USAGE, store.list(USAGE).await?);
+                let usage: BTreeMap<String, Wire> =
+                    unreadable.take(USAGE, store.list(USAGE).await?);
                 if updates.send(Update::Load { leader, usage }).await.is_err() {
                     return Ok(());
                 }
@@ -265,7 +266,8 @@ async fn session(
             _ = reports.tick(), if published.role.follow_reports => {
                 let reports: BTreeMap<String, NodeReport> =
                     unreadable.take(TABLES, store.list(TABLES).await?);
-                let hashes: BTreeMap<String, String> = unreadable.take(HASHES, store.list(HASHES).await?);
+                let hashes: BTreeMap<String, String> =
+                    unreadable.take(HASHES, store.list(HASHES).await?);
                 if reports != state.reports || hashes != state.hashes {
                     state.reports = reports.clone();
                     state.hashes = hashes.clone();
