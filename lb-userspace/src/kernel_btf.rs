@@ -68,7 +68,10 @@ pub fn tcp_sock_layout() -> Result<TcpSockLayout, BtfError> {
     let layout = match (stamp, reuseport) {
         (Ok(s), Ok(r)) => layout.with_listener(s, r),
         (Err(e), _) | (_, Err(e)) => {
-            tracing::debug!(error = %e, "no listener layout: every ACK to a listener asks the SYN-cookie helper");
+            tracing::debug!(
+                error = %e,
+                "no listener layout: every ACK to a listener asks the SYN-cookie helper"
+            );
             return Ok(layout);
         }
     };

@@ -95,13 +95,11 @@ pub fn run(cmd: &FleetCmd) -> Result<ExitCode> {
                 } else {
                     print!("{}", status::render(&s));
                 }
-                Ok(
-                    if s.disagree.is_empty() && s.max_lag() == 0 && !s.hashes_differ() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(EXIT_DISAGREE)
-                    },
-                )
+                Ok(if s.agrees() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EXIT_DISAGREE)
+                })
             }
         }
     })

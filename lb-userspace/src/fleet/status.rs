@@ -99,6 +99,12 @@ impl FleetStatus {
         }
     }
 
+    /// Whether the live nodes agree: the same tables, none lagging, one flow hash (what
+    /// `lb fleet status` exits 0 on).
+    pub fn agrees(&self) -> bool {
+        self.disagree.is_empty() && self.max_lag() == 0 && !self.hashes_differ()
+    }
+
     /// Whether live nodes report different flow hashes.
     pub fn hashes_differ(&self) -> bool {
         self.flow_hashes.len() > 1
@@ -215,7 +221,7 @@ pub fn render(s: &FleetStatus) -> String {
         }
         out.push('\n');
     }
-    if s.disagree.is_empty() && s.max_lag() == 0 && !s.hashes_differ() {
+    if s.agrees() {
         out.push_str("agreement: every live node has the same tables and flow hash\n");
     } else {
         if s.hashes_differ() {
